@@ -1,0 +1,304 @@
+"""Step 3 of the method: capture attention probabilities through diffusers' processor API.
+
+``capture_attention(unet, layers)`` installs a ``CaptureProcessor`` on the chosen layers (every
+other layer keeps its own processor, normally SDPA), yields an ``AttentionStore`` that fills up
+during the forward pass, and restores the original processors on exit, also after an error::
+
+    layers = select_layers(unet, "cross", resolutions=[16, 32], latent_side=64)
+    with capture_attention(unet, layers) as store:
+        unet(z_t, t, encoder_hidden_states=E)
+    maps = store.by_resolution("cross")   # {16: (B, 256, 77), 32: (B, 1024, 77)}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AttentionLayer",
+    "AttentionStore",
+    "CaptureProcessor",
+    "attention_layers",
+    "select_layers",
+    "capture_attention",
+]
+
+KINDS = ("self", "cross")
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of a UNet, named as in ``unet.attn_processors`` without ``.processor``."""
+
+    name: str
+    kind: str  # "self" or "cross"
+    level: int  # downsampling steps below the latent: resolution = latent_side / 2**level
+    heads: int
+
+    def resolution(self, latent_side: int) -> int:
+        return math.ceil(latent_side / 2**self.level)
+
+
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+
+
+def attention_layers(unet) -> list[AttentionLayer]:
+    """Every attention layer of a ``UNet2DConditionModel``, in forward order of its processor dict."""
+    n_down = len(unet.down_blocks)
+    n_up = len(unet.up_blocks)
+    modules = dict(unet.named_modules())
+    layers = []
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        m = _BLOCK.match(name)
+        if m is None:
+            continue
+        if m.group(3):
+            level = n_down - 1
+        elif m.group(1) == "down_blocks":
+            level = int(m.group(2))
+        else:
+            level = n_up - 1 - int(m.group(2))
+        kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
+        layers.append(AttentionLayer(name=name, kind=kind, level=level, heads=int(module.heads)))
+    return layers
+
+
+def select_layers(
+    unet,
+    kind: str,
+    resolutions: Iterable[int] | None = None,
+    latent_side: int | None = None,
+    names: Sequence[str] | None = None,
+) -> list[AttentionLayer]:
+    """Choose layers by kind and latent resolution, or by name (prefixes allowed).
+
+    ``resolutions`` needs ``latent_side`` (the side of the latent the UNet will see).
+    ``names`` may be full layer names or prefixes such as ``"up_blocks.3.attentions.1"``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    layers = [layer for layer in attention_layers(unet) if layer.kind == kind]
+    if names is not None:
+        chosen = []
+        for prefix in names:
+            hits = [layer for layer in layers if layer.name == prefix or layer.name.startswith(prefix + ".")]
+            if not hits:
+                known = sorted({layer.name.split(".transformer_blocks")[0] for layer in layers})
+                raise ValueError(f"no {kind}-attention layer matches {prefix!r}; {kind}-attention layers: {known}")
+            chosen.extend(hit for hit in hits if hit not in chosen)
+        layers = chosen
+    if resolutions is not None:
+        if latent_side is None:
+            raise ValueError("selecting layers by resolution needs latent_side")
+        wanted = set(int(r) for r in resolutions)
+        available = sorted({layer.resolution(latent_side) for layer in layers})
+        missing = sorted(wanted - set(available))
+        if missing:
+            raise ValueError(
+                f"this UNet has no {kind}-attention at resolution(s) {missing} for a {latent_side}x{latent_side} "
+                f"latent; available: {available}"
+            )
+        layers = [layer for layer in layers if layer.resolution(latent_side) in wanted]
+    return layers
+
+
+class AttentionStore:
+    """Attention probabilities captured during forward passes, in float32.
+
+    For every captured layer it keeps the sum of the selected heads' probabilities
+    (``(B, n_query, n_key)``) and how many heads were summed, or every selected head
+    (``(B, heads, n_query, n_key)``) when capture was asked ``per_head=True``.
+    """
+
+    def __init__(self, layers: Sequence[AttentionLayer] = ()):
+        self.layers = {layer.name: layer for layer in layers}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.per_head: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums or name in self.per_head
+
+    def __len__(self) -> int:
+        return len(set(self.sums) | set(self.per_head))
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+        self.per_head.clear()
+
+    def mean(self, name: str) -> torch.Tensor:
+        """Head-mean probabilities of one layer, ``(B, n_query, n_key)``."""
+        if name in self.per_head:
+            return self.per_head[name].mean(1)
+        if name not in self.sums:
+            raise KeyError(f"layer {name!r} was not captured; captured: {sorted(self)}")
+        return self.sums[name] / self.counts[name]
+
+    def heads(self, name: str) -> torch.Tensor:
+        """Per-head probabilities of one layer, ``(B, heads, n_query, n_key)``."""
+        if name not in self.per_head:
+            raise KeyError(f"layer {name!r} has no per-head maps; capture with per_head=True")
+        return self.per_head[name]
+
+    def names(self, kind: str | None = None) -> list[str]:
+        out = [n for n in self.layers if n in self]
+        return [n for n in out if kind is None or self.layers[n].kind == kind]
+
+    def by_resolution(self, kind: str) -> dict[int, torch.Tensor]:
+        """Mean over every captured head of every layer of ``kind``, per resolution ``r``.
+
+        Returns ``{r: (B, r*r, n_key)}``. Layers with different head counts are weighted by the
+        number of heads they contributed, so the result is the mean over all (layer, head) pairs.
+        """
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+        for name in self.names(kind):
+            if name in self.per_head:
+                s, c = self.per_head[name].sum(1), self.per_head[name].shape[1]
+            else:
+                s, c = self.sums[name], self.counts[name]
+            r = math.isqrt(s.shape[-2])
+            sums[r] = s if r not in sums else sums[r] + s
+            counts[r] = counts.get(r, 0) + c
+        return {r: sums[r] / counts[r] for r in sorted(sums)}
+
+    def record(self, name: str, probs: torch.Tensor, per_head: bool, accumulate: bool) -> None:
+        if per_head:
+            value = probs
+            if accumulate and name in self.per_head:
+                value = self.per_head[name] + value
+            self.per_head[name] = value
+            return
+        value, count = probs.sum(1), probs.shape[1]
+        if accumulate and name in self.sums:
+            value, count = self.sums[name] + value, self.counts[name] + count
+        self.sums[name] = value
+        self.counts[name] = count
+
+
+class CaptureProcessor:
+    """An attention processor that computes the softmax explicitly and records it.
+
+    Its output equals ``AttnProcessor2_0``'s (SDPA). Probabilities are computed in float32 for the
+    chosen ``heads`` (all by default); the store receives their sum over heads unless
+    ``per_head``. With ``keep_grad`` the stored maps stay in the autograd graph (for training
+    losses on attention); otherwise they are detached.
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        heads: Sequence[int] | None = None,
+        per_head: bool = False,
+        keep_grad: bool = False,
+        accumulate: bool = False,
+    ):
+        self.store = store
+        self.name = name
+        self.heads = None if heads is None else list(heads)
+        self.per_head = per_head
+        self.keep_grad = keep_grad
+        self.accumulate = accumulate
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        # fp32 scores and softmax: fp16 logits of 4096x4096 self-attention can overflow
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(dim=-1)
+        out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+
+        if self.heads is not None:
+            if max(self.heads) >= attn.heads or min(self.heads) < -attn.heads:
+                raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
+            probs = probs[:, self.heads]
+        self.store.record(self.name, probs if self.keep_grad else probs.detach(), self.per_head, self.accumulate)
+
+        out = attn.to_out[0](out.to(query.dtype))
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def capture_attention(
+    unet,
+    layers: Iterable[AttentionLayer | str],
+    heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    per_head: bool = False,
+    keep_grad: bool = False,
+    accumulate: bool = False,
+):
+    """Capture attention probabilities of ``layers`` while the block runs; yields an ``AttentionStore``.
+
+    ``heads`` is ``None`` (all heads), one list of head indices for every layer, or a mapping
+    from layer name to its list. ``accumulate`` sums over several forward passes (e.g. the steps
+    of a generation) instead of keeping the last one. The UNet's original processors are back
+    in place when the block ends, whether it ends normally or with an exception.
+    """
+    by_name = {layer.name: layer for layer in attention_layers(unet)}
+    chosen = []
+    for layer in layers:
+        name = layer if isinstance(layer, str) else layer.name
+        if name not in by_name:
+            raise ValueError(f"{name!r} is not an attention layer of this UNet")
+        chosen.append(by_name[name])
+    store = AttentionStore(chosen)
+    original = unet.attn_processors
+    replaced = dict(original)
+    for layer in chosen:
+        layer_heads = heads.get(layer.name) if isinstance(heads, Mapping) else heads
+        replaced[layer.name + ".processor"] = CaptureProcessor(
+            store, layer.name, heads=layer_heads, per_head=per_head, keep_grad=keep_grad, accumulate=accumulate
+        )
+    unet.set_attn_processor(replaced)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(original)

@@ -1,0 +1,173 @@
+"""Images in, images out: reading every input users hand us, and mapping results back.
+
+iSeg runs on a square image of the model's native size. ``prepare`` turns any supported input
+into that square (stretched as the reference does, or padded) and records a ``Geometry`` so that
+``to_original`` can put maps back on the original pixel grid exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["MIN_SIDE", "Geometry", "load_image", "prepare", "to_original"]
+
+MIN_SIDE = 8  # one latent cell of an 8x-downsampling VAE
+ASPECT_MODES = ("stretch", "pad")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image sits inside the square the model saw."""
+
+    height: int
+    width: int
+    aspect: str  # "stretch" or "pad"
+
+    @property
+    def side(self) -> int:
+        """Side of the padded square (``pad``), or of the image's longer edge (``stretch``)."""
+        return max(self.height, self.width)
+
+
+def _from_pil(img: Image.Image, name: str) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return np.repeat((arr / top)[..., None], 3, axis=-1).clip(0, 1).astype(np.float32)
+    if img.mode == "F":
+        return _from_array(np.asarray(img, dtype=np.float32), name)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels become white, as most viewers show them
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(canvas, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ValueError(f"{name}: expected an HxW or HxWxC array, got shape {arr.shape}")
+    channels = arr.shape[-1]
+    if channels not in (1, 3, 4):
+        raise ValueError(
+            f"{name}: an image needs 1 (grey), 3 (RGB) or 4 (RGBA) channels, got {channels} "
+            f"(shape {arr.shape}); pass channels last, e.g. HxWx3"
+        )
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name}: the float array contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"{name}: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                "divide by 255 or pass a uint8 array"
+            )
+    else:
+        raise TypeError(f"{name}: unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
+    if channels == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif channels == 4:
+        alpha = arr[..., 3:]
+        arr = arr[..., :3] * alpha + (1.0 - alpha)  # composite on white
+    return arr
+
+
+def load_image(image, name: str | None = None) -> np.ndarray:
+    """Read one image into an ``HxWx3`` float32 array in [0, 1].
+
+    Accepts a PIL image (any mode: L, RGBA, P, 16-bit...), a path, a numpy array (HxW, HxWx1/3/4,
+    uint8, uint16 or float in [0, 1]) or a tensor (CxH xW or HxWxC, C in 1/3/4). EXIF orientation
+    is honoured.
+    """
+    label = name or "image"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        label = name or str(path)
+        if not path.exists():
+            raise FileNotFoundError(f"image file not found: {path}")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not an image file")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arr = _from_pil(img, label)
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(f"cannot read {path} as an image ({err}); is the file corrupt or not an image?") from err
+    elif isinstance(image, Image.Image):
+        arr = _from_pil(image, label)
+    elif isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
+            t = t.float()
+        arr = _from_array(t.numpy(), label)
+    elif isinstance(image, np.ndarray):
+        arr = _from_array(image, label)
+    else:
+        raise TypeError(
+            f"{label}: unsupported image type {type(image).__name__}; "
+            "pass a PIL image, a file path, a numpy array or a torch tensor"
+        )
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"{label} is {w}x{h} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
+    return arr
+
+
+def prepare(arr: np.ndarray, size: int, aspect: str = "stretch", pad_value: float = 0.5) -> tuple[torch.Tensor, Geometry]:
+    """Make the ``(3, size, size)`` float tensor the model sees, and its ``Geometry``.
+
+    ``stretch`` resizes ignoring aspect ratio (the reference); ``pad`` pads the short side at the
+    bottom/right with ``pad_value`` to a square first, so that no object is distorted.
+    """
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
+    h, w = arr.shape[:2]
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    if aspect == "pad" and h != w:
+        side = max(h, w)
+        canvas = torch.full((3, side, side), float(pad_value))
+        canvas[:, :h, :w] = t
+        t = canvas
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return t.clamp(0, 1), Geometry(h, w, aspect)
+
+
+def to_original(maps: torch.Tensor, geometry: Geometry, size: int) -> torch.Tensor:
+    """Resample ``(..., h, w)`` maps of the model's square to the original image's pixels.
+
+    Maps are first upsampled to the processing size ``size`` (as the reference does with 512),
+    then to the original size; with ``pad`` the square is scaled to the padded side and cropped.
+    """
+    lead = maps.shape[:-2]
+    x = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if geometry.aspect == "pad":
+        side = geometry.side
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        x = x[..., : geometry.height, : geometry.width]
+    elif x.shape[-2:] != (geometry.height, geometry.width):
+        x = F.interpolate(x, size=(geometry.height, geometry.width), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, geometry.height, geometry.width)

@@ -1,0 +1,57 @@
+"""Step 6 of the method: from refined class maps to a label map (method.md §6)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BACKGROUND_RULES", "minmax", "maps_to_labels", "power_rule_threshold"]
+
+BACKGROUND_RULES = ("power", "threshold")
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Scale every map of ``(..., C, H, W)`` to [0, 1]; a constant map becomes 0."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, 1), 0)
+
+
+def power_rule_threshold(power: float = 2.0) -> float:
+    """The foreground threshold the power rule implies: the ``m`` where ``(1 - m)**power = m``."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if (1 - mid) ** power > mid:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def maps_to_labels(
+    maps: torch.Tensor,
+    background: str = "power",
+    power: float = 2.0,
+    threshold: float = 0.45,
+) -> torch.Tensor:
+    """Turn ``(..., C, H, W)`` class maps in [0, 1] into ``(..., H, W)`` int64 labels.
+
+    Label 0 is background and ``k`` the k-th class (1-based).
+
+    - ``"power"`` (VOC and Context): background score ``(1 - max_c map_c) ** power``, label =
+      argmax over [background, classes]. With ``power=2`` a pixel is foreground when its best
+      map exceeds about 0.382.
+    - ``"threshold"`` (COCO): maps below ``threshold`` are set to 0, label = 1 + argmax, and pixels
+      whose maps are all 0 are background.
+    """
+    if background not in BACKGROUND_RULES:
+        raise ValueError(f"background must be one of {BACKGROUND_RULES}, got {background!r}")
+    if maps.ndim < 3:
+        raise ValueError(f"maps_to_labels needs (..., C, H, W) maps, got shape {tuple(maps.shape)}")
+    if background == "power":
+        bg = (1 - maps.amax(dim=-3, keepdim=True)).clamp_min(0) ** power
+        return torch.cat([bg, maps], dim=-3).argmax(dim=-3)
+    kept = torch.where(maps >= threshold, maps, torch.zeros_like(maps))
+    labels = kept.argmax(dim=-3) + 1
+    return torch.where(kept.amax(dim=-3) > 0, labels, torch.zeros_like(labels))

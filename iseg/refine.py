@@ -1,0 +1,186 @@
+"""Step 4 and 5 of the method: class maps from cross-attention, Ent-Self and iterative refinement.
+
+Every function here is pure and batched: leading dimensions are carried through, nothing is
+moved between devices and the input dtype is kept (pass float64 to check the formulas exactly).
+Section numbers refer to ``method.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "nrm",
+    "entropy_reduce",
+    "refine",
+    "spatial_normalize",
+    "aggregate_cross_attention",
+    "kl_cluster",
+    "class_maps",
+]
+
+_LOG10_E = 1.0 / math.log(10.0)
+
+
+def nrm(maps: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Shift every map to a minimum of 0, then scale it to sum 1 along ``dim`` (method.md §5).
+
+    ``maps`` is ``(..., n, C)`` by default (pixels along ``dim=-2``). A constant map carries no
+    evidence: it becomes all zeros instead of 0/0.
+    """
+    shifted = maps - maps.amin(dim=dim, keepdim=True)
+    total = shifted.sum(dim=dim, keepdim=True)
+    return torch.where(total > 0, shifted / torch.where(total > 0, total, 1), 0)
+
+
+def entropy_reduce(attn: torch.Tensor, lam: float, clamp_max: float | None = None) -> torch.Tensor:
+    """Ent-Self: the row-stochastic propagation matrix ``P`` of method.md §5, steps 1-4.
+
+    ``attn`` is ``(..., n, n)`` self-attention whose rows are query pixels. Each key column is
+    divided by its maximum over queries, then every positive entry moves by
+    ``lam * log10(e * a)`` (one descent step on the entropy), negatives are clamped to 0
+    (and values above ``clamp_max`` to ``clamp_max``, as the interactive demo does), and rows are
+    normalised to sum 1.
+
+    A row whose entries all fall to 0 (only possible with a large ``lam``) would carry no
+    distribution; it falls back to its ``lam = 0`` row so that ``P`` stays row-stochastic.
+    """
+    if attn.ndim < 2 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"entropy_reduce needs square (..., n, n) attention, got shape {tuple(attn.shape)}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    colmax = attn.amax(dim=-2, keepdim=True)
+    ahat = torch.where(colmax > 0, attn / torch.where(colmax > 0, colmax, 1), 0)
+    positive = ahat > 0
+    # log10(e * a) = log10(e) + log10(a); evaluated only where a > 0, zeros stay zero.
+    step = lam * (_LOG10_E + torch.log10(torch.where(positive, ahat, 1)))
+    reduced = torch.where(positive, ahat + step, 0).clamp(min=0)
+    if clamp_max is not None:
+        reduced = reduced.clamp(max=clamp_max)
+    rows = reduced.sum(dim=-1, keepdim=True)
+    fallback = ahat / ahat.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(ahat.dtype).tiny)
+    return torch.where(rows > 0, reduced / torch.where(rows > 0, rows, 1), fallback)
+
+
+def refine(maps: torch.Tensor, P: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Iterative refinement (method.md §5): ``C0 = nrm(maps)``, ``C(i+1) = nrm(P @ C(i))``.
+
+    ``maps`` is ``(..., n, C)``; ``P`` is ``(..., n, n)`` with rows = query pixels, so every pixel
+    gathers class evidence from the pixels it attends to. Returns ``(..., iterations + 1, n, C)``:
+    index 0 is ``nrm(maps)``, index i the maps after i propagation steps.
+    """
+    if iterations < 0 or int(iterations) != iterations:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    if P.shape[-1] != P.shape[-2] or P.shape[-1] != maps.shape[-2]:
+        raise ValueError(
+            f"refine needs maps (..., n, C) and P (..., n, n) with the same n; "
+            f"got maps {tuple(maps.shape)} and P {tuple(P.shape)}"
+        )
+    current = nrm(maps)
+    steps = [current]
+    for _ in range(int(iterations)):
+        current = nrm(P @ current)
+        steps.append(current)
+    return torch.stack(steps, dim=-3)
+
+
+def spatial_normalize(maps: torch.Tensor) -> torch.Tensor:
+    """Scale every token map of ``(..., n, T)`` to sum 1 over its ``n`` pixels (method.md §4)."""
+    total = maps.sum(dim=-2, keepdim=True)
+    return maps / total.clamp_min(torch.finfo(maps.dtype).tiny)
+
+
+def aggregate_cross_attention(
+    cross: Mapping[int, torch.Tensor],
+    weights: Mapping[int, float],
+    size: int,
+) -> torch.Tensor:
+    """Combine head-averaged cross-attention of several resolutions into ``X`` (method.md §4).
+
+    ``cross[r]`` is ``(B, r*r, T)`` (query pixels by tokens). Each token map is normalised to sum
+    1 over space, upsampled bilinearly to ``size x size`` (``align_corners=False``) and the
+    resolutions are mixed with ``weights[r]``. Returns ``(B, size*size, T)``.
+    """
+    missing = sorted(set(weights) - set(cross))
+    if missing:
+        raise ValueError(f"no cross-attention was captured at resolution(s) {missing}; captured: {sorted(cross)}")
+    total = None
+    for r, w in weights.items():
+        a = cross[r]
+        batch, n, tokens = a.shape
+        if n != r * r:
+            raise ValueError(f"cross-attention at r={r} must have {r * r} query pixels, got {n}")
+        grid = spatial_normalize(a).transpose(1, 2).reshape(batch, tokens, r, r)
+        if r != size:
+            grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+        term = w * grid.reshape(batch, tokens, size * size).transpose(1, 2)
+        total = term if total is None else total + term
+    return total
+
+
+def _grid_seeds(size: int, count: int = 6) -> torch.Tensor:
+    # The reference seeds a 6x6 grid with step 11 on a 64x64 map; scale the step to other sizes.
+    step = max(1, (size * 11) // 64)
+    coords = [min(i * step, size - 1) for i in range(count)]
+    return torch.tensor([y * size + x for y in coords for x in coords])
+
+
+def _symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    # p: (B, n, T), q: (B, K, T), both strictly positive distributions -> (B, n, K)
+    logp, logq = p.log(), q.log()
+    self_p = (p * logp).sum(-1, keepdim=True)
+    self_q = (q * logq).sum(-1).unsqueeze(-2)
+    cross_pq = p @ logq.transpose(-1, -2)
+    cross_qp = logp @ q.transpose(-1, -2)
+    return 0.5 * (self_p - cross_pq + self_q - cross_qp)
+
+
+def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """The optional clustering step of method.md §4.
+
+    k-means on the pixel vectors of ``x`` (``(B, n, T)``, ``n`` a square) with the symmetric KL
+    divergence, seeded on a regular 6x6 grid of pixels, ``rounds`` rounds; returns ``x`` with every
+    pixel's vector replaced by the mean vector of its cluster. For the divergence each vector is
+    normalised to a distribution (with a tiny floor so that logs stay finite).
+    """
+    batch, n, tokens = x.shape
+    size = math.isqrt(n)
+    if size * size != n:
+        raise ValueError(f"kl_cluster needs a square map, got {n} pixels")
+    seed_idx = _grid_seeds(size) if seeds is None else torch.as_tensor(seeds)
+    seed_idx = seed_idx.to(x.device)
+    eps = torch.finfo(x.dtype).eps
+    dist = x.clamp_min(0) + eps
+    dist = dist / dist.sum(-1, keepdim=True)
+    k = seed_idx.numel()
+    centers = dist[:, seed_idx, :]
+    assign = torch.zeros(batch, n, dtype=torch.long, device=x.device)
+    for _ in range(rounds):
+        assign = _symmetric_kl(dist, centers).argmin(-1)
+        onehot = F.one_hot(assign, k).to(x.dtype)  # (B, n, K)
+        counts = onehot.sum(1)  # (B, K)
+        sums = onehot.transpose(1, 2) @ dist
+        means = sums / counts.clamp_min(1).unsqueeze(-1)
+        # an empty cluster keeps its previous centre
+        centers = torch.where(counts.unsqueeze(-1) > 0, means, centers)
+        centers = centers / centers.sum(-1, keepdim=True)
+    onehot = F.one_hot(assign, k).to(x.dtype)
+    counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)
+    cluster_means = (onehot.transpose(1, 2) @ x) / counts
+    return onehot @ cluster_means
+
+
+def class_maps(x: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``M[:, c]`` = mean of ``x[:, tokens of c]``: ``(B, n, T)`` -> ``(B, n, C)`` (method.md §4)."""
+    if len(spans) == 0:
+        raise ValueError("class_maps needs at least one class span")
+    columns = []
+    for span in spans:
+        if len(span) == 0:
+            raise ValueError("every class needs at least one token position")
+        columns.append(x[..., list(span)].mean(-1))
+    return torch.stack(columns, dim=-1)

@@ -1,0 +1,387 @@
+"""The segmenter: one noisy forward pass per image, then Cat-Cross maps, Ent-Self and refinement.
+
+    pipe = iseg.load_pipeline("shapes")
+    seg = iseg.ISeg(pipe)
+    result = seg.segment("cat.png", ["cat", "dog"])
+    result.labels            # (H, W) int, 0 = background, k = k-th class
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import refine as R
+from .capture import AttentionLayer, capture_attention, select_layers
+from .images import Geometry, load_image, prepare, to_original
+from .masks import maps_to_labels, minmax
+from .presets import Settings, make_settings
+from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
+
+__all__ = ["ISeg", "SegmentationResult"]
+
+# Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent (method.md §3).
+REFERENCE_CROSS = {
+    2: ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1",
+        "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"),
+    1: ("down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"),
+}
+REFERENCE_SELF = ("up_blocks.3.attentions.1",)
+# Head positions of the reference VOC runs on the axis made by concatenating the heads of the
+# layers above, in that order. They only mean something on SD 2.1-base.
+REFERENCE_VOC_HEADS = {
+    1: (22, 5, 21, 13, 8, 27, 28, 6, 25),
+    2: (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93, 51,
+        58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32),
+}
+SD2_HEADS = {0: 5, 1: 10, 2: 20}  # heads per layer at each level on SD 2.x
+REFERENCE_SELF_HEADS = (1, 2)
+
+
+@dataclass
+class SegmentationResult:
+    """What ``ISeg.segment`` returns for one image."""
+
+    labels: np.ndarray  # (H, W) int64 at the original size; 0 = background, k = classes[k-1]
+    classes: tuple[str, ...]
+    maps: np.ndarray  # (iterations + 1, C, h, w) refined class maps on the attention grid
+    initial: np.ndarray  # (C, h, w) Cat-Cross class maps M before any normalisation
+    prompt: str
+    token_spans: tuple[tuple[int, ...], ...]
+    image: np.ndarray  # (H, W, 3) uint8, the input as read
+    settings: Settings
+    geometry: Geometry
+    size: int  # side of the square the model saw
+    self_attention: np.ndarray | None = None  # (n, n) when return_self_attention=True
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return self.maps.shape[0] - 1
+
+    def scores(self, iteration: int = -1) -> np.ndarray:
+        """``(C, H, W)`` class maps of one iteration at the original size, min-max normalised."""
+        maps = torch.from_numpy(self.maps[iteration])
+        return minmax(to_original(maps, self.geometry, self.size)).numpy()
+
+    def labels_at(self, iteration: int) -> np.ndarray:
+        """The label map after ``iteration`` refinement steps (0 = raw Cat-Cross maps)."""
+        s = self.settings
+        scores = torch.from_numpy(self.scores(iteration))
+        return maps_to_labels(scores, s.background, s.bg_power, s.threshold).numpy()
+
+    def mask(self, name: str) -> np.ndarray:
+        """Boolean mask of one class at the original size."""
+        if name not in self.classes:
+            raise ValueError(f"{name!r} is not one of this result's classes {list(self.classes)}")
+        return self.labels == self.classes.index(name) + 1
+
+    def overlay(self, alpha: float = 0.5, iteration: int | None = None):
+        """The image with the label map drawn over it, as a PIL image."""
+        from .viz import overlay
+
+        labels = self.labels if iteration is None else self.labels_at(iteration)
+        return overlay(self.image, labels, alpha=alpha)
+
+    def show(self, **kwargs):
+        """Plot image, overlay and per-class maps with matplotlib."""
+        from .viz import show_result
+
+        return show_result(self, **kwargs)
+
+
+def _as_list(images):
+    if isinstance(images, (list, tuple)):
+        return list(images), True
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), True
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] > 1:
+        return list(images), True
+    return [images], False
+
+
+class ISeg:
+    """Training-free segmentation with a Stable-Diffusion-style pipeline (the iSeg method).
+
+    ``ISeg(pipe, preset=None, **overrides)``: ``preset`` names one of ``iseg.PRESETS``
+    (``wsss-voc``, ``wsss-coco``, ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, and
+    presets of shipped models such as ``shapes``); overrides are any ``Settings`` field. Without a
+    preset, a shipped model's own preset is used, else the reference defaults.
+    """
+
+    def __init__(self, pipe, preset: str | None = None, **overrides):
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if getattr(pipe, part, None) is None:
+                raise TypeError(f"the pipeline has no {part}; iSeg needs a Stable-Diffusion-style pipeline")
+        self.pipe = pipe
+        if preset is None:
+            preset = getattr(pipe, "iseg_default_preset", None)
+        self.preset = preset
+        self.settings = make_settings(preset, **overrides)
+        self._embeddings: dict[tuple[int, ...], torch.Tensor] = {}
+        self._plans: dict[tuple, dict] = {}
+
+    # -- model facts ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def image_size(self, settings: Settings | None = None) -> int:
+        s = settings or self.settings
+        if s.image_size is not None:
+            return s.image_size
+        sample = self.pipe.unet.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * self.vae_scale
+
+    def with_settings(self, **overrides) -> Settings:
+        return make_settings(None, base=self.settings, **overrides) if overrides else self.settings
+
+    # -- prompts -------------------------------------------------------------------------------
+    def prompt_for(self, classes: Sequence[str], settings: Settings | None = None) -> Prompt:
+        s = settings or self.settings
+        names = check_class_names(classes)
+        text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words)
+        return make_prompt(self.pipe.tokenizer, text, names)
+
+    def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
+        """Cat-Cross text embedding ``(1, window, dim)``; the encoder's output is cached per prompt."""
+        key = prompt.input_ids
+        if key not in self._embeddings:
+            self._embeddings[key] = encode_prompt(self.pipe.text_encoder, key, self.pipe.text_encoder.device)
+        return cat_cross(self._embeddings[key], prompt.spans, gamma).to(self.device, self.pipe.unet.dtype)
+
+    # -- which layers to read ------------------------------------------------------------------
+    def plan(self, latent_side: int, settings: Settings | None = None) -> dict:
+        """Which layers and heads the settings read for a latent of ``latent_side``."""
+        s = settings or self.settings
+        key = (latent_side, s.cross_weights and tuple(sorted(s.cross_weights.items())), str(s.cross_layers),
+               str(s.cross_heads), s.self_resolution, str(s.self_layers), str(s.self_heads))
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(latent_side, s)
+        return self._plans[key]
+
+    def _make_plan(self, latent_side: int, s: Settings) -> dict:
+        unet = self.pipe.unet
+        weights = dict(s.cross_weights) if s.cross_weights is not None else {latent_side // 4: 0.7, latent_side // 2: 0.3}
+        weights = {int(r): float(w) for r, w in weights.items() if w != 0}
+        cross: dict[int, list[AttentionLayer]] = {}
+        reference_used = True
+        for r in weights:
+            if isinstance(s.cross_layers, tuple | list):
+                cross[r] = select_layers(unet, "cross", [r], latent_side, names=s.cross_layers)
+                reference_used = False
+                continue
+            level = round(math.log2(latent_side / r)) if r > 0 else -1
+            everything = select_layers(unet, "cross", [r], latent_side)
+            names = REFERENCE_CROSS.get(level)
+            ref = None
+            if s.cross_layers == "auto" and names and latent_side / 2**level == r:
+                try:
+                    ref = select_layers(unet, "cross", [r], latent_side, names=names)
+                except ValueError:
+                    ref = None
+            cross[r] = ref if ref is not None else everything
+            reference_used = reference_used and ref is not None
+        cross_heads = self._cross_heads(s, cross, latent_side, reference_used)
+
+        self_r = s.self_resolution or latent_side
+        if isinstance(s.self_layers, tuple | list):
+            self_layers = select_layers(unet, "self", [self_r], latent_side, names=s.self_layers)
+        else:
+            self_layers = select_layers(unet, "self", [self_r], latent_side)
+            if s.self_layers == "auto" and self_r == latent_side:
+                try:
+                    self_layers = select_layers(unet, "self", [self_r], latent_side, names=REFERENCE_SELF)
+                except ValueError:
+                    pass
+        self_heads = s.self_heads
+        if self_heads == "reference":
+            sd2 = [layer.name for layer in self_layers] == [n + ".transformer_blocks.0.attn1" for n in REFERENCE_SELF]
+            sd2 = sd2 and all(layer.heads == SD2_HEADS[0] for layer in self_layers)
+            self_heads = REFERENCE_SELF_HEADS if sd2 else None
+        heads = dict(cross_heads)
+        if self_heads is not None:
+            heads.update({layer.name: tuple(self_heads) for layer in self_layers})
+        for layer in self_layers:
+            for h in heads.get(layer.name, ()):
+                if not -layer.heads <= h < layer.heads:
+                    raise ValueError(f"self_heads {tuple(self_heads)} out of range: {layer.name} has {layer.heads} heads")
+        return {"weights": weights, "cross": cross, "self": self_layers, "self_resolution": self_r, "heads": heads}
+
+    def _cross_heads(self, s: Settings, cross, latent_side: int, reference_used: bool) -> dict[str, tuple[int, ...]]:
+        spec = s.cross_heads
+        if spec is None:
+            return {}
+        if spec == "reference-voc":
+            levels = {r: round(math.log2(latent_side / r)) for r in cross}
+            ok = reference_used and all(
+                level in REFERENCE_VOC_HEADS and all(layer.heads == SD2_HEADS[level] for layer in cross[r])
+                for r, level in levels.items()
+            )
+            if not ok:
+                warnings.warn("cross_heads='reference-voc' only applies to SD 2.1-base; averaging all heads instead",
+                              stacklevel=4)
+                return {}
+            spec = {r: REFERENCE_VOC_HEADS[level] for r, level in levels.items()}
+        out: dict[str, list[int]] = {}
+        for r, positions in spec.items():
+            r = int(r)
+            if r not in cross:
+                raise ValueError(f"cross_heads names resolution {r}, which cross_weights does not read ({sorted(cross)})")
+            layers = cross[r]
+            offsets, total = [], 0
+            for layer in layers:
+                offsets.append(total)
+                total += layer.heads
+            for p in positions:
+                if not 0 <= p < total:
+                    raise ValueError(f"cross head position {p} out of range: r={r} has {total} heads over {len(layers)} layers")
+                i = max(k for k, o in enumerate(offsets) if o <= p)
+                out.setdefault(layers[i].name, []).append(p - offsets[i])
+        # a layer none of whose heads is chosen is not read at all
+        for r in spec:
+            cross[int(r)] = [layer for layer in cross[int(r)] if layer.name in out]
+        return {name: tuple(h) for name, h in out.items()}
+
+    # -- the forward pass ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean latents ``z0`` of ``(B, 3, S, S)`` images in [0, 1] (method.md §1)."""
+        vae = self.pipe.vae
+        x = (2 * pixels - 1).to(self.device, vae.dtype)
+        z0 = vae.encode(x).latent_dist.mean
+        return z0 * vae.config.scaling_factor
+
+    def noisy_latents(self, z0: torch.Tensor, settings: Settings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z_t`` with noise drawn from ``seed`` afresh for every image, so batches equal single calls."""
+        s = settings or self.settings
+        noise = torch.stack([
+            torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
+            for _ in range(z0.shape[0])
+        ]).to(z0.device, z0.dtype)
+        t = torch.full((z0.shape[0],), s.timestep, dtype=torch.long, device=z0.device)
+        return self.pipe.scheduler.add_noise(z0, noise, t), t
+
+    @torch.no_grad()
+    def attend(self, pixels: torch.Tensor, embeddings: torch.Tensor, settings: Settings | None = None,
+               self_attention: bool = True):
+        """One noisy UNet forward pass; returns ``({r: cross (B, r*r, T)}, self (B, n, n) or None)``."""
+        s = settings or self.settings
+        z0 = self.encode_images(pixels)
+        latent_side = z0.shape[-1]
+        plan = self.plan(latent_side, s)
+        layers = [layer for group in plan["cross"].values() for layer in group]
+        if self_attention:
+            layers += plan["self"]
+        z_t, t = self.noisy_latents(z0, s)
+        with capture_attention(self.pipe.unet, layers, heads=plan["heads"]) as store:
+            self.pipe.unet(z_t, t, encoder_hidden_states=embeddings, return_dict=False)
+        cross = store.by_resolution("cross")
+        attn_self = store.by_resolution("self").get(plan["self_resolution"]) if self_attention else None
+        store.clear()
+        return cross, attn_self
+
+    # -- the method ----------------------------------------------------------------------------
+    def segment(self, images, classes, progress: bool | None = None, **overrides):
+        """Segment one image or a list of images into ``classes``.
+
+        ``classes`` is one list of names for every image, or one list per image. Returns a
+        ``SegmentationResult`` for one image, a list of them for a list of images. ``overrides``
+        change any setting for this call only.
+        """
+        s = self.with_settings(**overrides)
+        items, many = _as_list(images)
+        if not items:
+            raise ValueError("no images given")
+        per_image = self._classes_per_image(classes, len(items), many)
+        size = self.image_size(s)
+        if size % self.vae_scale:
+            raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
+        prompts = [self.prompt_for(c, s) for c in per_image]
+        results = []
+        show = progress if progress is not None else len(items) > s.batch_size
+        bar = tqdm(total=len(items), desc="iseg", unit="img", disable=not show)
+        for start in range(0, len(items), s.batch_size):
+            chunk = range(start, min(start + s.batch_size, len(items)))
+            results.extend(self._segment_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
+                                               names=[_name_of(items[i], i) for i in chunk]))
+            bar.update(len(chunk))
+        bar.close()
+        return results if many else results[0]
+
+    @staticmethod
+    def _classes_per_image(classes, count: int, many: bool) -> list[tuple[str, ...]]:
+        if isinstance(classes, str):
+            raise TypeError(f"classes must be a list of names, not one string {classes!r}; e.g. ['cat', 'dog']")
+        classes = list(classes)
+        if classes and all(isinstance(c, (list, tuple)) for c in classes):
+            if len(classes) != count:
+                raise ValueError(f"got {len(classes)} class lists for {count} images; give one list per image or one for all")
+            return [check_class_names(c) for c in classes]
+        return [check_class_names(classes)] * count
+
+    def _segment_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names):
+        t0 = time.perf_counter()
+        arrays = [load_image(item, name) for item, name in zip(items, names)]
+        prepared = [prepare(a, size, s.aspect) for a in arrays]
+        pixels = torch.stack([p[0] for p in prepared])
+        embeddings = torch.cat([self.embedding(p, s.gamma) for p in prompts])
+        t1 = time.perf_counter()
+        cross, attn_self = self.attend(pixels, embeddings, s)
+        t2 = time.perf_counter()
+        plan = self.plan(size // self.vae_scale, s)
+        grid = plan["self_resolution"]
+        x = R.aggregate_cross_attention(cross, plan["weights"], grid)
+        if s.clustering:
+            x = R.kl_cluster(x, rounds=s.cluster_rounds)
+        P = R.entropy_reduce(attn_self, s.lam, s.clamp_max)
+        out = []
+        for b, (prompt, arr, (_, geometry)) in enumerate(zip(prompts, arrays, prepared)):
+            m = R.class_maps(x[b], prompt.spans)  # (n, C)
+            steps = R.refine(m, P[b], s.iterations)  # (N+1, n, C)
+            maps = steps.transpose(-1, -2).reshape(s.iterations + 1, len(prompt.classes), grid, grid)
+            scores = minmax(to_original(maps[-1], geometry, size))
+            labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold)
+            out.append(SegmentationResult(
+                labels=labels.cpu().numpy(),
+                classes=prompt.classes,
+                maps=maps.float().cpu().numpy(),
+                initial=m.transpose(0, 1).reshape(-1, grid, grid).float().cpu().numpy(),
+                prompt=prompt.text,
+                token_spans=prompt.spans,
+                image=(arr * 255).round().astype(np.uint8),
+                settings=s,
+                geometry=geometry,
+                size=size,
+                self_attention=attn_self[b].cpu().numpy() if s.return_self_attention else None,
+            ))
+        t3 = time.perf_counter()
+        per = 1.0 / len(items)
+        for r in out:
+            r.timing = {"prepare_s": (t1 - t0) * per, "forward_s": (t2 - t1) * per, "refine_s": (t3 - t2) * per,
+                        "total_s": (t3 - t0) * per, "batch": len(items)}
+        return out
+
+    def __repr__(self) -> str:
+        name = getattr(self.pipe, "iseg_model_name", type(self.pipe).__name__)
+        return f"ISeg(model={name!r}, preset={self.preset!r}, iterations={self.settings.iterations}, lam={self.settings.lam})"
+
+
+def _name_of(item, index: int) -> str:
+    if isinstance(item, (str, Path)):
+        return str(item)
+    return f"image {index}"
+

@@ -1,0 +1,119 @@
+"""Pictures of what iSeg computes: palettes, overlays, heat maps, per-iteration grids, GIFs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "save_gif", "show_result"]
+
+
+def palette(count: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour palette, ``(count, 3)`` uint8: 0 black, 1 dark red, 2 green, ..., 255 cream."""
+    out = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out[i] = (r, g, b)
+    return out[:count]
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """``(H, W)`` labels to an ``(H, W, 3)`` uint8 picture in the VOC palette."""
+    return palette()[np.asarray(labels).astype(np.int64) % 256]
+
+
+def label_png(labels: np.ndarray) -> Image.Image:
+    """A palette ("P" mode) PNG image whose pixel values are the labels, as VOC stores masks."""
+    labels = np.asarray(labels)
+    if labels.min() < 0 or labels.max() > 255:
+        raise ValueError(f"palette PNGs hold labels 0..255, got {labels.min()}..{labels.max()}")
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(palette().reshape(-1).tolist())
+    return img
+
+
+def _rgb_uint8(image) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return arr[..., :3]
+
+
+def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with coloured labels blended over every non-background pixel."""
+    base = _rgb_uint8(image).astype(np.float32)
+    labels = np.asarray(labels)
+    if labels.shape != base.shape[:2]:
+        raise ValueError(f"labels {labels.shape} and image {base.shape[:2]} differ in size")
+    colour = colorize(labels).astype(np.float32)
+    fg = (labels > 0)[..., None]
+    out = np.where(fg, (1 - alpha) * base + alpha * colour, base)
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "jet") -> np.ndarray:
+    """A map scaled to [0, 1] and coloured, ``(H, W, 3)`` uint8, optionally resized (nearest)."""
+    import matplotlib
+
+    v = np.asarray(values, dtype=np.float64)
+    span = v.max() - v.min()
+    v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
+    rgb = (matplotlib.colormaps[cmap](v)[..., :3] * 255).round().astype(np.uint8)
+    if size is not None:
+        rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
+    return rgb
+
+
+def iteration_frames(result, alpha: float = 0.5, iterations: Sequence[int] | None = None) -> list[Image.Image]:
+    """One overlay per refinement iteration of a ``SegmentationResult``, each captioned."""
+    from PIL import ImageDraw
+
+    steps = range(result.iterations + 1) if iterations is None else iterations
+    frames = []
+    for i in steps:
+        frame = result.overlay(alpha=alpha, iteration=i)
+        ImageDraw.Draw(frame).text((2, 1), f"iter {i}", fill=(255, 255, 255))
+        frames.append(frame)
+    return frames
+
+
+def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 250, min_side: int = 128) -> Path:
+    """Write frames as a looping GIF (small images are enlarged so they are visible)."""
+    if not frames:
+        raise ValueError("no frames to write")
+    w, h = frames[0].size
+    scale = max(1, -(-min_side // min(w, h)))
+    frames = [f.resize((w * scale, h * scale), Image.NEAREST) for f in frames]
+    path = Path(path)
+    frames[0].save(path, save_all=True, append_images=list(frames[1:]), duration=duration_ms, loop=0)
+    return path
+
+
+def show_result(result, iterations: Sequence[int] | None = None, figsize_per: float = 2.4):
+    """Image, overlay and each class's final map in one matplotlib figure; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    scores = result.scores()
+    panels = 2 + len(result.classes)
+    fig, axes = plt.subplots(1, panels, figsize=(figsize_per * panels, figsize_per))
+    axes[0].imshow(result.image)
+    axes[0].set_title("image")
+    axes[1].imshow(result.overlay())
+    axes[1].set_title("labels")
+    for ax, name, s in zip(axes[2:], result.classes, scores):
+        ax.imshow(s, cmap="jet", vmin=0, vmax=1)
+        ax.set_title(name)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,102 @@
+"""Tiny Stable-Diffusion-shaped pipelines built from configs, for tests that must run on a CPU.
+
+The tokenizer is the real CLIP BPE tokenizer (vocabulary from OpenAI's MIT-licensed
+``bpe_simple_vocab_16e6.txt.gz``, see ``tests/data/clip_bpe/LICENSE``), so multi-token class names
+split exactly as they do in Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+BPE = DATA / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _byte_alphabet() -> list[str]:
+    # CLIP's byte-level alphabet: printable bytes stand for themselves, the others are shifted
+    # above 255; the vocabulary lists the printable ones first, in this order.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def write_clip_vocab(folder: Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of the CLIP tokenizer into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(BPE, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_dir() -> Path:
+    import tempfile
+
+    return write_clip_vocab(Path(tempfile.mkdtemp(prefix="iseg-clip-")))
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    d = clip_tokenizer_dir()
+    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(m.split()) for m in (d / "merges.txt").read_text(encoding="utf-8").split("\n")[1:-1]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_components(seed: int = 0, sd_layout: bool = True):
+    """VAE (x2 down), CLIP text encoder (hidden 32) and a UNet on a 16x16 latent (32x32 images).
+
+    With ``sd_layout`` the UNet has SD's block structure (4 levels, 2 layers per block), so the
+    reference layer names of method.md exist; otherwise a 2-level UNet with other names.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    if sd_layout:
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=4, cross_attention_dim=32, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), norm_num_groups=4, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler)
+
+
+def tiny_pipeline(seed: int = 0, sd_layout: bool = True):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components(seed, sd_layout), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")
