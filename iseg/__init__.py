@@ -5,11 +5,19 @@
     result = iseg.ISeg(pipe).segment(image, ["circle", "star"])
 """
 
-from .capture import AttentionLayer, AttentionStore, CaptureProcessor, attention_layers, capture_attention, select_layers
+from .capture import (
+    AttentionLayer,
+    AttentionStore,
+    CaptureProcessor,
+    attention_layers,
+    capture_attention,
+    select_layers,
+)
 from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_pipeline, register_model, shipped_models
 from .presets import PRESETS, Settings, make_settings, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
 from .segmenter import ISeg, SegmentationResult
+from . import shapes  # noqa: E402,F401  registers the shipped shapes model and its preset
 
 __version__ = "0.1.0"
 

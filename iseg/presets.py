@@ -26,6 +26,7 @@ class Settings:
     # §2 prompt and Cat-Cross
     gamma: float = 1.6
     prompt_prefix: str = "a photograph of"
+    prompt_joiner: str = " and "
     extra_words: tuple[str, ...] = ("other object", "background")
     background_words: tuple[str, ...] = VOC_BACKGROUND
     # §3 which attention to read

@@ -69,14 +69,15 @@ def build_prompt(
     prefix: str = "a photograph of",
     extra: Sequence[str] = ("other object", "background"),
     background_words: Sequence[str] = VOC_BACKGROUND,
+    joiner: str = " and ",
 ) -> str:
     """The reference prompt: ``prefix`` + classes and ``extra`` joined by "and", then background words.
 
     ``build_prompt(["cat", "dog"])`` gives "a photograph of cat and dog and other object and
-    background, ground, land, ...".
+    background, ground, land, ...". ``joiner`` goes between names (the shapes model uses " and a ").
     """
     names = check_class_names(classes)
-    text = " and ".join([*names, *extra])
+    text = joiner.join([*names, *extra])
     if prefix:
         text = f"{prefix} {text}"
     if background_words:

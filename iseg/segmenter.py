@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from .masks import maps_to_labels, minmax
 from .presets import Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
 
-__all__ = ["ISeg", "SegmentationResult"]
+__all__ = ["ISeg", "Observation", "SegmentationResult"]
 
 # Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent (method.md §3).
 REFERENCE_CROSS = {
@@ -98,6 +98,22 @@ class SegmentationResult:
         return show_result(self, **kwargs)
 
 
+@dataclass
+class Observation:
+    """What one noisy forward pass gives for one image; ``ISeg.decode`` turns it into masks."""
+
+    cross: dict[int, torch.Tensor]  # {r: (r*r, T)} head-mean cross-attention
+    self_attention: torch.Tensor  # (n, n) head-mean self-attention, rows = query pixels
+    prompt: Prompt
+    image: np.ndarray  # (H, W, 3) uint8
+    geometry: Geometry
+    size: int
+    grid: int  # side of the self-attention grid
+    weights: dict[int, float]
+    settings: Settings
+    forward_s: float = 0.0
+
+
 def _as_list(images):
     if isinstance(images, (list, tuple)):
         return list(images), True
@@ -153,7 +169,7 @@ class ISeg:
     def prompt_for(self, classes: Sequence[str], settings: Settings | None = None) -> Prompt:
         s = settings or self.settings
         names = check_class_names(classes)
-        text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words)
+        text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
         return make_prompt(self.pipe.tokenizer, text, names)
 
     def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
@@ -295,12 +311,12 @@ class ISeg:
         return cross, attn_self
 
     # -- the method ----------------------------------------------------------------------------
-    def segment(self, images, classes, progress: bool | None = None, **overrides):
-        """Segment one image or a list of images into ``classes``.
+    def observe(self, images, classes, progress: bool | None = None, **overrides) -> list[Observation]:
+        """Run the noisy forward pass on every image and keep what the method reads from it.
 
-        ``classes`` is one list of names for every image, or one list per image. Returns a
-        ``SegmentationResult`` for one image, a list of them for a list of images. ``overrides``
-        change any setting for this call only.
+        Returns one ``Observation`` per image (cross-attention per resolution, the self-attention,
+        the prompt). ``decode`` turns it into a result for any post-forward settings, so sliders on
+        ``lam``, ``iterations`` or the background rule never re-run the UNet.
         """
         s = self.with_settings(**overrides)
         items, many = _as_list(images)
@@ -311,15 +327,26 @@ class ISeg:
         if size % self.vae_scale:
             raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
         prompts = [self.prompt_for(c, s) for c in per_image]
-        results = []
+        out = []
         show = progress if progress is not None else len(items) > s.batch_size
-        bar = tqdm(total=len(items), desc="iseg", unit="img", disable=not show)
-        for start in range(0, len(items), s.batch_size):
-            chunk = range(start, min(start + s.batch_size, len(items)))
-            results.extend(self._segment_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
+        with tqdm(total=len(items), desc="iseg", unit="img", disable=not show) as bar:
+            for start in range(0, len(items), s.batch_size):
+                chunk = range(start, min(start + s.batch_size, len(items)))
+                out.extend(self._observe_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
                                                names=[_name_of(items[i], i) for i in chunk]))
-            bar.update(len(chunk))
-        bar.close()
+                bar.update(len(chunk))
+        return out
+
+    def segment(self, images, classes, progress: bool | None = None, **overrides):
+        """Segment one image or a list of images into ``classes``.
+
+        ``classes`` is one list of names for every image, or one list per image. Returns a
+        ``SegmentationResult`` for one image, a list of them for a list of images. ``overrides``
+        change any setting for this call only.
+        """
+        many = _as_list(images)[1]
+        observations = self.observe(images, classes, progress=progress, **overrides)
+        results = [self.decode(o, **overrides) for o in observations]
         return results if many else results[0]
 
     @staticmethod
@@ -333,47 +360,66 @@ class ISeg:
             return [check_class_names(c) for c in classes]
         return [check_class_names(classes)] * count
 
-    def _segment_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names):
+    def _observe_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names) -> list[Observation]:
         t0 = time.perf_counter()
         arrays = [load_image(item, name) for item, name in zip(items, names)]
         prepared = [prepare(a, size, s.aspect) for a in arrays]
         pixels = torch.stack([p[0] for p in prepared])
         embeddings = torch.cat([self.embedding(p, s.gamma) for p in prompts])
-        t1 = time.perf_counter()
         cross, attn_self = self.attend(pixels, embeddings, s)
-        t2 = time.perf_counter()
         plan = self.plan(size // self.vae_scale, s)
-        grid = plan["self_resolution"]
-        x = R.aggregate_cross_attention(cross, plan["weights"], grid)
-        if s.clustering:
-            x = R.kl_cluster(x, rounds=s.cluster_rounds)
-        P = R.entropy_reduce(attn_self, s.lam, s.clamp_max)
-        out = []
-        for b, (prompt, arr, (_, geometry)) in enumerate(zip(prompts, arrays, prepared)):
-            m = R.class_maps(x[b], prompt.spans)  # (n, C)
-            steps = R.refine(m, P[b], s.iterations)  # (N+1, n, C)
-            maps = steps.transpose(-1, -2).reshape(s.iterations + 1, len(prompt.classes), grid, grid)
-            scores = minmax(to_original(maps[-1], geometry, size))
-            labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold)
-            out.append(SegmentationResult(
-                labels=labels.cpu().numpy(),
-                classes=prompt.classes,
-                maps=maps.float().cpu().numpy(),
-                initial=m.transpose(0, 1).reshape(-1, grid, grid).float().cpu().numpy(),
-                prompt=prompt.text,
-                token_spans=prompt.spans,
+        per = (time.perf_counter() - t0) / len(items)
+        return [
+            Observation(
+                cross={r: a[b] for r, a in cross.items()},
+                self_attention=attn_self[b],
+                prompt=prompt,
                 image=(arr * 255).round().astype(np.uint8),
-                settings=s,
                 geometry=geometry,
                 size=size,
-                self_attention=attn_self[b].cpu().numpy() if s.return_self_attention else None,
-            ))
-        t3 = time.perf_counter()
-        per = 1.0 / len(items)
-        for r in out:
-            r.timing = {"prepare_s": (t1 - t0) * per, "forward_s": (t2 - t1) * per, "refine_s": (t3 - t2) * per,
-                        "total_s": (t3 - t0) * per, "batch": len(items)}
-        return out
+                grid=plan["self_resolution"],
+                weights=plan["weights"],
+                settings=s,
+                forward_s=per,
+            )
+            for b, (prompt, arr, (_, geometry)) in enumerate(zip(prompts, arrays, prepared))
+        ]
+
+    def decode(self, obs: Observation, **overrides) -> SegmentationResult:
+        """From one ``Observation`` to a ``SegmentationResult``: method.md §4 to §6.
+
+        Only settings that act after the forward pass matter here (clustering, ``cross_weights``
+        among the captured resolutions, ``lam``, ``iterations``, ``clamp_max``, the background rule).
+        """
+        s = make_settings(None, base=obs.settings, **overrides) if overrides else obs.settings
+        t0 = time.perf_counter()
+        weights = obs.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
+        grid = obs.grid
+        x = R.aggregate_cross_attention({r: a[None] for r, a in obs.cross.items()}, weights, grid)
+        if s.clustering:
+            x = R.kl_cluster(x, rounds=s.cluster_rounds)
+        m = R.class_maps(x[0], obs.prompt.spans)  # (n, C)
+        P = R.entropy_reduce(obs.self_attention, s.lam, s.clamp_max)
+        steps = R.refine(m, P, s.iterations)  # (N+1, n, C)
+        classes = len(obs.prompt.classes)
+        maps = steps.transpose(-1, -2).reshape(s.iterations + 1, classes, grid, grid)
+        scores = minmax(to_original(maps[-1], obs.geometry, obs.size))
+        labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold)
+        refine_s = time.perf_counter() - t0
+        return SegmentationResult(
+            labels=labels.cpu().numpy(),
+            classes=obs.prompt.classes,
+            maps=maps.float().cpu().numpy(),
+            initial=m.transpose(0, 1).reshape(classes, grid, grid).float().cpu().numpy(),
+            prompt=obs.prompt.text,
+            token_spans=obs.prompt.spans,
+            image=obs.image,
+            settings=s,
+            geometry=obs.geometry,
+            size=obs.size,
+            self_attention=obs.self_attention.cpu().numpy() if s.return_self_attention else None,
+            timing={"forward_s": obs.forward_s, "refine_s": refine_s, "total_s": obs.forward_s + refine_s},
+        )
 
     def __repr__(self) -> str:
         name = getattr(self.pipe, "iseg_model_name", type(self.pipe).__name__)

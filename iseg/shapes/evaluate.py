@@ -1,0 +1,186 @@
+"""Measure iSeg on the shapes world: mIoU over (timestep, lam, iterations), word binding, grouping.
+
+    python -m iseg.shapes.evaluate --split val --count 500 --timesteps 100 200 --out val.json
+
+- mIoU: background included, confusion matrix over every pixel of the set, averaged over classes
+  present in the ground truth (method.md §8, the reference convention).
+- class discrimination: over (image, class) pairs of images with 2+ objects, the share where the
+  raw cross-attention class map is higher on average over its own object than over the image's
+  other objects (0.5 = chance).
+- grouping ratio: the self-attention mass an object pixel puts inside its own object, divided by
+  the object's share of the image (1.0 = uniform attention); and the rows' entropy as a share of
+  the maximum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..metrics import confusion, iou_per_class, miou
+from .world import CLASSES, SPLITS, sample
+
+__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "main"]
+
+NUM_LABELS = len(CLASSES) + 1
+
+
+def to_dataset_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Map labels of a result (k = k-th given class) to shapes-world labels (k = CLASSES[k-1])."""
+    lut = np.array([0] + [CLASSES.index(c) + 1 for c in classes], dtype=np.int64)
+    return lut[labels]
+
+
+def _seeds(split: str, count: int, offset: int = 0) -> list[int]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    r = SPLITS[split]
+    return list(r[offset : offset + count])
+
+
+def binding_stats(obs, result, gt: np.ndarray) -> dict:
+    """Discrimination pairs and grouping figures of one image (see the module docstring)."""
+    out = {"disc_hits": 0, "disc_pairs": 0, "group_ratio_sum": 0.0, "group_pixels": 0, "entropy_sum": 0.0, "rows": 0}
+    present = [c for c in result.classes if (gt == CLASSES.index(c) + 1).any()]
+    if len(present) >= 2:
+        scores = result.scores(0)
+        for c in present:
+            own = gt == CLASSES.index(c) + 1
+            others = (gt > 0) & ~own
+            m = scores[result.classes.index(c)]
+            out["disc_hits"] += int(m[own].mean() > m[others].mean())
+            out["disc_pairs"] += 1
+    attn = obs.self_attention.double().cpu()
+    n = attn.shape[-1]
+    side = math.isqrt(n)
+    ent = -(attn.clamp_min(1e-30).log() * attn).sum(-1) / math.log(n)
+    out["entropy_sum"] += float(ent.sum())
+    out["rows"] += n
+    gt_t = torch.from_numpy(gt.astype(np.int64))
+    for label in np.unique(gt):
+        if label == 0:
+            continue
+        frac = F.adaptive_avg_pool2d((gt_t == int(label)).double()[None, None], side).flatten()  # (n,)
+        share = float(frac.sum() / n)
+        rows = frac >= 0.5
+        if share <= 0 or not rows.any():
+            continue
+        mass = attn[rows] @ frac
+        out["group_ratio_sum"] += float((mass / share).sum())
+        out["group_pixels"] += int(rows.sum())
+    return out
+
+
+def evaluate(
+    seg,
+    split: str = "test",
+    count: int = 500,
+    timesteps: Sequence[int] = (100,),
+    lams: Sequence[float] = (0.0, 0.015, 0.1),
+    iterations: Sequence[int] = (0, 1, 2, 5, 10, 20),
+    offset: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """mIoU for every (timestep, lam, N) and binding figures, on ``count`` images of ``split``."""
+    seeds = _seeds(split, count, offset)
+    samples = [sample(s) for s in seeds]
+    max_n = max(iterations)
+    report = {"split": split, "count": len(seeds), "first_seed": seeds[0], "convention": "present",
+              "settings": {k: v for k, v in overrides.items()}, "timesteps": {}}
+    t0 = time.perf_counter()
+    for t in timesteps:
+        hists = {(lam, n): np.zeros((NUM_LABELS, NUM_LABELS), np.int64) for lam in lams for n in iterations}
+        stats = {}
+        bar = tqdm(total=len(samples), desc=f"eval t={t}", disable=not progress)
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            obs = seg.observe([s.image for s in chunk], [list(s.classes) for s in chunk], progress=False,
+                              timestep=t, **overrides)
+            for o, s in zip(obs, chunk):
+                for li, lam in enumerate(lams):
+                    result = seg.decode(o, lam=lam, iterations=max_n, **overrides)
+                    for n in iterations:
+                        pred = to_dataset_labels(result.labels_at(n), result.classes)
+                        hists[(lam, n)] += confusion(pred, s.mask, NUM_LABELS)
+                    if li == 0:
+                        for k, v in binding_stats(o, result, s.mask).items():
+                            stats[k] = stats.get(k, 0) + v
+            bar.update(len(chunk))
+        bar.close()
+        table = {str(lam): {str(n): round(100 * miou(hists[(lam, n)]), 2) for n in iterations} for lam in lams}
+        per_class = {str(lam): {str(n): [round(100 * float(x), 2) for x in iou_per_class(hists[(lam, n)])]
+                                for n in iterations} for lam in lams}
+        report["timesteps"][str(t)] = {
+            "miou": table,
+            "iou_per_class": per_class,
+            "discrimination": stats["disc_hits"] / max(1, stats["disc_pairs"]),
+            "discrimination_pairs": stats["disc_pairs"],
+            "grouping_ratio": stats["group_ratio_sum"] / max(1, stats["group_pixels"]),
+            "self_entropy": stats["entropy_sum"] / max(1, stats["rows"]),
+        }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """A markdown table of mIoU by (timestep, lam) rows and iteration columns."""
+    lines = []
+    for t, r in report["timesteps"].items():
+        its = list(next(iter(r["miou"].values())))
+        lines.append(f"t = {t}: discrimination {r['discrimination']:.3f}, grouping ratio {r['grouping_ratio']:.2f}, "
+                     f"self-attention entropy {100 * r['self_entropy']:.1f}% of max")
+        lines.append("")
+        lines.append("| lam | " + " | ".join(f"N={n}" for n in its) + " |")
+        lines.append("|---|" + "---|" * len(its))
+        for lam, row in r["miou"].items():
+            lines.append(f"| {lam} | " + " | ".join(f"{row[n]:.1f}" for n in its) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from ..loading import load_pipeline
+    from ..segmenter import ISeg
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes")
+    p.add_argument("--split", default="val", choices=sorted(SPLITS))
+    p.add_argument("--count", type=int, default=500)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--timesteps", type=int, nargs="+", default=[100])
+    p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.015, 0.1])
+    p.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if "cross_weights" in overrides:
+        overrides["cross_weights"] = {int(k): float(v) for k, v in overrides["cross_weights"].items()}
+    seg = ISeg(load_pipeline(args.model, device="cpu"))
+    report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset, **overrides)
+    report["model"] = args.model
+    text = format_table(report)
+    print(text)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

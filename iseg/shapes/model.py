@@ -1,0 +1,97 @@
+"""Architecture of the shapes model: diffusers/transformers components built from small configs.
+
+The layout is Stable Diffusion's in miniature, so method.md applies unchanged: a KL autoencoder
+(64x64 RGB -> 16x16x4 latent), a CLIP text encoder with a word-level CLIP tokenizer, and a
+``UNet2DConditionModel`` with self- and cross-attention at 16x16 and 8x8.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .world import SIZE, vocabulary
+
+__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "make_vae", "make_text_encoder", "make_unet", "make_scheduler",
+           "count_parameters"]
+
+MAX_LENGTH = 24  # tokens; the longest caption has 13 with its start and end tokens
+EXTRA_WORDS = ("background", "other", "object", "an", "the", "of", "photo")
+
+
+def make_tokenizer(max_length: int = MAX_LENGTH):
+    """A CLIP tokenizer in which every word of the shapes world is exactly one token.
+
+    A byte-level BPE is trained on the word list until every word is merged into one token; the
+    resulting vocabulary and merges are loaded into ``transformers.CLIPTokenizer`` so the model
+    folder has the same tokenizer class and files as Stable Diffusion. Unknown words fall apart
+    into byte tokens rather than failing.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    words = sorted(set(vocabulary()) | set(EXTRA_WORDS))
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        continuing_subword_prefix="",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    bpe.train_from_iterator(words, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
+    tok = CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+    for w in words:
+        if len(tok(w, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"word {w!r} is not a single token")
+    return tok
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=SIZE,
+        scaling_factor=1.0,  # set from the latents' spread after the VAE is trained
+    )
+
+
+def make_text_encoder(vocab_size: int, max_length: int = MAX_LENGTH):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def make_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,389 @@
+"""Train the shapes model from scratch: ``python -m iseg.shapes.train --out data/models/shapes``.
+
+Stages (each resumable from ``--workdir/checkpoint.pt``):
+1. data: ``--images`` training samples of the shapes world, rendered once (in parallel);
+2. vae: the autoencoder on pixels (MSE + a small KL term); latents = posterior means;
+3. unet: UNet and text encoder with the epsilon-prediction loss, 10% caption dropout, colour
+   words dropped from 30% of captions, and two auxiliary attention losses that stand in for the
+   word-region binding Stable Diffusion learned from billions of images (``--ground``,
+   ``--group``; both only for t < 600):
+   - grounding: for every class word and its colour word, 1 - the share of the token's spatially
+     normalised cross-attention inside its object, plus 0.2 x a BCE between the max-normalised
+     map and the object mask, on every cross-attention layer;
+   - grouping: for every query pixel of the 16x16 self-attention, 1 - the attention mass inside
+     its own group (its object, or the background), every group of an image weighted equally.
+The trained pipeline is written in diffusers layout (fp16 weights) to ``--out``.
+iSeg itself stays training-free: nothing is trained at segmentation time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..capture import attention_layers, capture_attention
+from .model import MAX_LENGTH, count_parameters, make_scheduler, make_text_encoder, make_tokenizer, make_unet, make_vae
+from .world import CLASSES, SIZE, SPLITS, caption_for, sample
+
+MAX_OBJECTS = 3
+
+
+# -- data ----------------------------------------------------------------------------------------
+def _render(seeds):
+    images = np.zeros((len(seeds), SIZE, SIZE, 3), np.uint8)
+    masks = np.zeros((len(seeds), SIZE, SIZE), np.uint8)
+    info = []
+    for i, s in enumerate(seeds):
+        x = sample(int(s))
+        images[i] = np.asarray(x.image)
+        masks[i] = x.mask
+        info.append((x.classes, x.colors))
+    return images, masks, info
+
+
+def render_dataset(count: int, workers: int, first_seed: int = SPLITS["train"].start):
+    """Render ``count`` training samples; returns images, masks and (classes, colours) per image."""
+    seeds = np.arange(first_seed, first_seed + count)
+    chunks = np.array_split(seeds, max(1, min(len(seeds) // 500, workers * 8)))
+    parts = []
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(tqdm(pool.map(_render, chunks), total=len(chunks), desc="render", unit="chunk"))
+    else:
+        parts = [_render(c) for c in tqdm(chunks, desc="render", unit="chunk")]
+    images = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    info = [i for p in parts for i in p[2]]
+    return images, masks, info
+
+
+def tokenize_captions(tokenizer, info, with_colors: bool):
+    """Token ids ``(N, L)`` and, per token, which object (1..3) it names (0: none)."""
+    texts = [caption_for(c, col if with_colors else None) for c, col in info]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    owner = torch.zeros_like(ids)
+    for n, (classes, _) in enumerate(info):
+        pos = 1  # after the start token; captions are "a [colour] shape and a [colour] shape ..."
+        for k in range(len(classes)):
+            words = 3 if with_colors else 2
+            for j in range(1, words):  # colour and shape words, not "a"
+                owner[n, pos + j] = k + 1
+            pos += words + 1  # the words and "and"
+    return ids, owner
+
+
+def object_masks(masks: torch.Tensor, info) -> torch.Tensor:
+    """``(N, 3, H, W)`` uint8 masks of each caption object (zeros where an image has fewer)."""
+    labels = torch.zeros(len(info), MAX_OBJECTS, dtype=torch.uint8)
+    for n, (classes, _) in enumerate(info):
+        for k, c in enumerate(classes):
+            labels[n, k] = CLASSES.index(c) + 1
+    return ((masks[:, None] == labels[:, :, None, None]) & (labels[:, :, None, None] > 0)).to(torch.uint8)
+
+
+# -- attention losses ----------------------------------------------------------------------------
+def grounding_loss(cross: dict[str, torch.Tensor], owner: torch.Tensor, objects: torch.Tensor, valid: torch.Tensor):
+    """Token-to-object binding loss, averaged over layers and the owned tokens of valid samples.
+
+    ``cross[name]`` is ``(B, n, L)`` head-mean attention; ``owner`` ``(B, L)``; ``objects``
+    ``(B, 3, H, W)`` float; ``valid`` ``(B,)`` bool.
+    """
+    onehot = F.one_hot(owner, MAX_OBJECTS + 1)[..., 1:].float()  # (B, L, 3)
+    tokens = onehot.sum(-1) * valid[:, None].float()  # (B, L) which tokens count
+    if tokens.sum() == 0:
+        return next(iter(cross.values())).sum() * 0
+    losses = []
+    for a in cross.values():
+        r = math.isqrt(a.shape[1])
+        m = F.adaptive_avg_pool2d(objects, r).flatten(2)  # (B, 3, n) object fraction per cell
+        target = torch.einsum("bkn,blk->bln", m, onehot)  # (B, L, n) the owned object's mask
+        a_t = a.transpose(1, 2)  # (B, L, n)
+        share = (a_t / a_t.sum(-1, keepdim=True).clamp_min(1e-8) * target).sum(-1)
+        peak = (a_t / a_t.amax(-1, keepdim=True).clamp_min(1e-8)).clamp(1e-4, 1 - 1e-4)
+        tgt = target.clamp(0, 1)  # written out: F.binary_cross_entropy refuses to run under autocast
+        bce = -(tgt * peak.float().log() + (1 - tgt) * (1 - peak.float()).log()).mean(-1)
+        per_token = (1 - share) + 0.2 * bce
+        losses.append((per_token * tokens).sum() / tokens.sum())
+    return torch.stack(losses).mean()
+
+
+def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: torch.Tensor):
+    """Self-attention grouping loss: every pixel should attend inside its own object (or background)."""
+    if valid.sum() == 0:
+        return next(iter(selfs.values())).sum() * 0
+    losses = []
+    for a in selfs.values():
+        r = math.isqrt(a.shape[1])
+        m = F.adaptive_avg_pool2d(objects, r).flatten(2)  # (B, 3, n)
+        groups = torch.cat([(1 - m.sum(1, keepdim=True)).clamp_min(0), m], 1)  # (B, 4, n) background first
+        mass = a @ groups.transpose(1, 2)  # (B, n, 4): attention mass of each query inside each group
+        miss = (1 - mass).transpose(1, 2)  # (B, 4, n)
+        weight = groups.sum(-1)  # (B, 4) group sizes
+        per_group = (groups * miss).sum(-1) / weight.clamp_min(1e-6)
+        present = (weight > 0.5).float() * valid[:, None].float()
+        losses.append((per_group * present).sum() / present.sum().clamp_min(1))
+    return torch.stack(losses).mean()
+
+
+# -- training ------------------------------------------------------------------------------------
+def _save(path: Path, state: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _log(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_vae(vae, images, args, device, ckpt, log_path, state):
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    if state.get("vae_opt"):
+        opt.load_state_dict(state["vae_opt"])
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    start = state.get("vae_step", 0)
+    for _ in range(start):  # replay the sampler so a resumed run sees the same batches
+        torch.randint(0, len(images), (args.vae_batch,), generator=gen)
+    bar = tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps)
+    vae.train()
+    for step in bar:
+        idx = torch.randint(0, len(images), (args.vae_batch,), generator=gen)
+        x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / (x[0].numel())
+        loss = mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+            _log(log_path, {"stage": "vae", "step": step, "mse": mse.item(), "kl": kl.item(), "time": time.time()})
+        if (step + 1) % args.save_every == 0:
+            state.update(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step + 1)
+            _save(ckpt, state)
+    state.update(vae=vae.state_dict(), vae_opt=None, vae_step=args.vae_steps)
+    _save(ckpt, state)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=512):
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out)
+
+
+def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
+               deadline=None):
+    scheduler = make_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    if state.get("unet_opt"):
+        opt.load_state_dict(state["unet_opt"])
+    ema = state.get("ema") or {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    ema = {k: v.to(device) for k, v in ema.items()}
+    alphas = scheduler.alphas_cumprod.to(device)
+    cross_layers = [layer for layer in attention_layers(unet) if layer.kind == "cross"]
+    self_layers = [layer for layer in attention_layers(unet) if layer.kind == "self" and layer.level == 0]
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")["input_ids"][0]
+    (ids_c, own_c), (ids_n, own_n) = captions
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    start = state.get("unet_step", 0)
+    for _ in range(start):
+        _draw(gen, len(latents), args.batch_size)
+    use_amp = device.type == "cuda"
+    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
+    unet.train()
+    text_encoder.train()
+    for step in bar:
+        idx, t, colour_drop, cap_drop, noise_seed = _draw(gen, len(latents), args.batch_size)
+        idx, colour_drop, cap_drop = idx.to(latents.device), colour_drop.to(latents.device), cap_drop.to(latents.device)
+        z0 = latents[idx].to(device)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
+        t = t.to(device)
+        ab = alphas[t].view(-1, 1, 1, 1)
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        ids = torch.where(colour_drop[:, None], ids_n[idx], ids_c[idx])
+        owner = torch.where(colour_drop[:, None], own_n[idx], own_c[idx])
+        ids = torch.where(cap_drop[:, None], empty[None].to(ids.device), ids).to(device)
+        owner = torch.where(cap_drop[:, None], torch.zeros_like(owner), owner).to(device)
+        obj = objects[idx].to(device).float()
+        valid = (~cap_drop).to(device) & (t < args.attn_loss_max_t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with capture_attention(unet, cross_layers + self_layers, keep_grad=True) as store:
+                emb = text_encoder(ids)[0]
+                pred = unet(z_t, t, encoder_hidden_states=emb).sample
+            mse = F.mse_loss(pred.float(), noise)
+            cross = {n: store.mean(n) for n in store.names("cross")}
+            selfs = {n: store.mean(n) for n in store.names("self")}
+            ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
+            group = grouping_loss(selfs, obj, valid) if args.group > 0 else mse * 0
+            loss = mse + args.ground * ground + args.group * group
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+        if step % 50 == 0 or step == args.unet_steps - 1:
+            rec = {"stage": "unet", "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
+                   "group": group.item(), "time": time.time()}
+            bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}")
+            _log(log_path, rec)
+        if deadline is not None and time.time() > deadline:
+            print(f"time limit reached after {step + 1} UNet steps")
+            args.unet_steps = step + 1
+            break
+        if (step + 1) % args.save_every == 0:
+            state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), unet_opt=opt.state_dict(),
+                         ema={k: v.cpu() for k, v in ema.items()}, unet_step=step + 1)
+            _save(ckpt, state)
+    state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), unet_opt=opt.state_dict(),
+                 ema={k: v.cpu() for k, v in ema.items()}, unet_step=args.unet_steps)
+    _save(ckpt, state)
+    unet.eval()
+    text_encoder.eval()
+    return ema
+
+
+def _draw(gen, n, batch):
+    idx = torch.randint(0, n, (batch,), generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    colour_drop = torch.rand(batch, generator=gen) < 0.3
+    cap_drop = torch.rand(batch, generator=gen) < 0.1
+    noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    return idx, t, colour_drop, cap_drop, noise_seed
+
+
+def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, dtype=torch.float16):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to("cpu", dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+
+
+def _load_init(folder: Path, vae, text_encoder, unet):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
+    vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers layout)")
+    p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--vae-steps", type=int, default=3000)
+    p.add_argument("--vae-batch", type=int, default=64)
+    p.add_argument("--vae-lr", type=float, default=5e-4)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ground", type=float, default=0.3, help="weight of the grounding loss (0: off)")
+    p.add_argument("--group", type=float, default=0.3, help="weight of the grouping loss (0: off)")
+    p.add_argument("--attn-loss-max-t", type=int, default=600)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from the weights of an existing model folder (fine-tuning); its VAE is kept as is")
+    p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workdir = args.workdir or args.out.with_name(args.out.name + ".work")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
+    torch.manual_seed(args.seed)
+    t_start = time.time()
+    state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.exists() else {}
+    if not state:
+        log_path.unlink(missing_ok=True)
+    state.setdefault("args", vars(args) | {"out": str(args.out), "workdir": str(workdir)})
+    state.setdefault("elapsed", 0.0)
+
+    images, masks, info = render_dataset(args.images, args.workers)
+    images, masks = torch.from_numpy(images), torch.from_numpy(masks)
+    tokenizer = make_tokenizer(MAX_LENGTH)
+    vae, text_encoder, unet = make_vae(), make_text_encoder(len(tokenizer)), make_unet()
+    if args.init is not None and not state:
+        _load_init(args.init, vae, text_encoder, unet)
+        state.update(vae=vae.state_dict(), vae_step=args.vae_steps, init=str(args.init))
+    for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        if state.get(name):
+            module.load_state_dict(state[name])
+    vae.to(device)
+    train_vae(vae, images, args, device, ckpt, log_path, state)
+    latents = encode_all(vae, images, device)
+    scale = float(vae.config.scaling_factor) if args.init is not None else float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    objects = object_masks(masks, info)
+    captions = (tokenize_captions(tokenizer, info, True), tokenize_captions(tokenizer, info, False))
+    unet.to(device)
+    text_encoder.to(device)
+    if device.type == "cuda":  # the whole training set fits on the GPU; no host copies per step
+        latents, objects = latents.to(device), objects.to(device)
+        captions = tuple(tuple(x.to(device) for x in pair) for pair in captions)
+    deadline = t_start + args.time_limit if args.time_limit else None
+    ema = train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline)
+    unet.load_state_dict({k: v.to(unet.dtype) for k, v in ema.items()})
+    elapsed = state["elapsed"] + time.time() - t_start
+    state["elapsed"] = elapsed
+    _save(ckpt, state)
+    write_pipeline(args.out, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+    info_out = {
+        "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+        "images": args.images, "ground": args.ground, "group": args.group, "seed": args.seed,
+        "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
+        "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
+        "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
+                       "unet": count_parameters(unet)},
+    }
+    (args.out / "training.json").write_text(json.dumps(info_out, indent=2))
+    print(json.dumps(info_out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

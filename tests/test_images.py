@@ -1,0 +1,79 @@
+"""Reading every kind of image input, and mapping maps back to the original pixels."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iseg.images import load_image, prepare, to_original
+
+
+def test_modes_are_converted():
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    rgb[..., 0] = 255
+    assert load_image(Image.fromarray(rgb)).shape == (10, 12, 3)
+    grey = load_image(Image.fromarray(np.full((10, 12), 128, np.uint8)))
+    assert np.allclose(grey, 128 / 255)
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 3] = 0  # fully transparent -> white
+    assert np.allclose(load_image(Image.fromarray(rgba, "RGBA")), 1.0)
+    pal = Image.fromarray(rgb).convert("P")
+    assert np.allclose(load_image(pal)[..., 0], 1.0)
+    deep = Image.fromarray(np.full((10, 12), 65535, np.uint16))
+    assert np.allclose(load_image(deep), 1.0)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert load_image(path).shape == (20, 10, 3)
+
+
+def test_arrays_and_tensors():
+    assert load_image(np.full((9, 9), 0.5, np.float32)).shape == (9, 9, 3)
+    assert np.allclose(load_image(np.full((9, 9, 3), 65535, np.uint16)), 1.0)
+    t = torch.zeros(3, 9, 11)
+    t[1] = 1.0
+    arr = load_image(t)
+    assert arr.shape == (9, 11, 3) and np.allclose(arr[..., 1], 1.0)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [(np.zeros((1, 1, 3), np.uint8), ValueError, "1x1"),
+     (np.full((9, 9, 3), np.nan, np.float32), ValueError, "NaN"),
+     (np.zeros((9, 9, 5), np.uint8), ValueError, "5"),
+     (np.full((9, 9, 3), 200.0), ValueError, r"\[0, 1\]"),
+     ({"not": "an image"}, TypeError, "unsupported")],
+)
+def test_bad_inputs(bad, error, match):
+    with pytest.raises(error, match=match):
+        load_image(bad)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_image(broken)
+
+
+@pytest.mark.parametrize("aspect", ["stretch", "pad"])
+def test_maps_come_back_to_the_original_pixels(aspect):
+    h, w = 30, 60
+    arr = np.zeros((h, w, 3), np.float32)
+    arr[:, : w // 2] = 1.0  # left half white
+    x, geometry = prepare(arr, 32, aspect)
+    assert x.shape == (3, 32, 32)
+    # a map that marks the white pixels as the model sees them must map back onto the left half
+    white = (x[0] > 0.5).float()
+    back = to_original(white[None], geometry, 32)[0]
+    assert back.shape == (h, w)
+    assert (back[:, : w // 2 - 2] > 0.5).all() and (back[:, w // 2 + 2 :] < 0.5).all()
+    if aspect == "pad":
+        assert torch.allclose(x[:, 18:, :], torch.tensor(0.5))  # the padding sits below the image

@@ -1,0 +1,150 @@
+"""The pure functions of method.md §4-§5 against hand-computed cases, in float64."""
+
+import math
+
+import pytest
+import torch
+
+from iseg import refine as R
+
+LOG10 = math.log10
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_nrm_hand_case_and_constant_column():
+    m = t([[5.0, 2.0], [1.0, 2.0], [3.0, 2.0]])
+    out = R.nrm(m)
+    assert torch.allclose(out[:, 0], t([4 / 6, 0.0, 2 / 6]), atol=1e-12)
+    assert torch.equal(out[:, 1], t([0.0, 0.0, 0.0]))  # a constant map carries no evidence
+
+
+def test_entropy_reduce_hand_case():
+    A = t([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25], [0.0, 0.2, 0.8]])
+    lam = 0.1
+    # column maxima 0.5, 0.5, 0.8 -> Ahat
+    ahat = [[1.0, 1.0, 0.0], [0.5, 1.0, 0.3125], [0.0, 0.4, 1.0]]
+    step = [[a + lam * LOG10(math.e * a) if a > 0 else 0.0 for a in row] for row in ahat]
+    expected = [[v / sum(row) for v in row] for row in step]
+    P = R.entropy_reduce(A, lam)
+    assert torch.allclose(P, t(expected), atol=1e-12)
+    assert P[0, 2] == 0 and P[2, 0] == 0  # zeros stay zero
+
+
+def test_entropy_reduce_clamps_negative_and_max():
+    A = t([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    lam = 1.0
+    colmax = [0.9, 0.8, 0.6]
+    ahat = [[A[q, k].item() / colmax[k] for k in range(3)] for q in range(3)]
+    step = [[max(0.0, a + lam * LOG10(math.e * a)) for a in row] for row in ahat]
+    assert min(min(r) for r in step) == 0.0  # the case really exercises the clamp at 0
+    expected = [[v / sum(row) for v in row] for row in step]
+    assert torch.allclose(R.entropy_reduce(A, lam), t(expected), atol=1e-12)
+    capped = [[min(v, 1.0) for v in row] for row in step]
+    expected_cap = [[v / sum(row) for v in row] for row in capped]
+    assert torch.allclose(R.entropy_reduce(A, lam, clamp_max=1.0), t(expected_cap), atol=1e-12)
+
+
+def test_entropy_reduce_rows_sum_to_one_batched():
+    g = torch.Generator().manual_seed(0)
+    A = torch.rand(2, 3, 16, 16, generator=g, dtype=torch.float64).softmax(-1)
+    for lam in (0.0, 0.015, 0.1, 5.0):
+        P = R.entropy_reduce(A, lam)
+        assert P.shape == A.shape
+        assert torch.allclose(P.sum(-1), torch.ones(2, 3, 16, dtype=torch.float64), atol=1e-12)
+        assert (P >= 0).all()
+
+
+def test_entropy_reduce_keeps_dtype_and_rejects_bad_input():
+    A = torch.rand(4, 4).softmax(-1)
+    assert R.entropy_reduce(A, 0.1).dtype == torch.float32
+    with pytest.raises(ValueError, match="square"):
+        R.entropy_reduce(torch.rand(3, 4), 0.1)
+    with pytest.raises(ValueError, match="lam"):
+        R.entropy_reduce(A, -1)
+
+
+def test_refine_identity_keeps_maps():
+    m = torch.rand(2, 9, 3, dtype=torch.float64)
+    steps = R.refine(m, torch.eye(9, dtype=torch.float64).expand(2, 9, 9), 4)
+    assert steps.shape == (2, 5, 9, 3)
+    for i in range(5):
+        assert torch.allclose(steps[:, i], R.nrm(m), atol=1e-12)
+
+
+def test_refine_block_diagonal_keeps_mass_in_blocks():
+    P = torch.zeros(6, 6, dtype=torch.float64)
+    P[:3, :3] = 1 / 3
+    P[3:, 3:] = 1 / 3
+    m = t([[1.0], [0.0], [0.0], [0.0], [0.0], [0.5]])
+    steps = R.refine(m, P, 3)
+    # after one step every pixel of a block holds its block's mean; the min-shift leaves only block 1
+    assert torch.allclose(steps[1, :3, 0], t([1 / 3] * 3), atol=1e-12)
+    assert torch.allclose(steps[1, 3:, 0], t([0.0] * 3), atol=1e-12)
+    assert torch.allclose(steps[3], steps[1], atol=1e-12)
+
+
+def test_refine_orientation_rows_are_queries():
+    # pixel 0 attends only to pixel 2: P @ C makes pixel 0 take pixel 2's evidence
+    P = t([[0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    m = t([[5.0], [1.0], [3.0]])
+    steps = R.refine(m, P, 1)
+    assert torch.allclose(steps[0, :, 0], t([2 / 3, 0, 1 / 3]), atol=1e-12)
+    assert torch.allclose(steps[1, :, 0], t([0.5, 0.0, 0.5]), atol=1e-12)  # P.T @ C would give [0, 0, 1]
+
+
+def test_refine_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="iterations"):
+        R.refine(torch.rand(4, 2), torch.eye(4), -1)
+    with pytest.raises(ValueError, match="same n"):
+        R.refine(torch.rand(4, 2), torch.eye(5), 1)
+
+
+def test_aggregate_cross_attention_normalises_upsamples_and_mixes():
+    # r=1 map: one pixel; r=2 map: token 0 only at the top-left pixel
+    a1 = t([[[2.0, 4.0]]])  # (B=1, n=1, T=2)
+    a2 = t([[[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])  # (1, 4, 2)
+    x = R.aggregate_cross_attention({1: a1, 2: a2}, {1: 0.5, 2: 0.25}, size=2)
+    assert x.shape == (1, 4, 2)
+    # r=1 normalises to 1 and upsamples to a constant 1; r=2 normalises token 0 to [1,0,0,0], token 1 to 1/4
+    assert torch.allclose(x[0, :, 0], t([0.75, 0.5, 0.5, 0.5]), atol=1e-12)
+    assert torch.allclose(x[0, :, 1], t([0.5625] * 4), atol=1e-12)
+    with pytest.raises(ValueError, match="resolution"):
+        R.aggregate_cross_attention({2: a2}, {4: 1.0}, size=2)
+
+
+def test_kl_cluster_outputs_are_means_of_their_clusters():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 256, 5, generator=g, dtype=torch.float64)
+    out = R.kl_cluster(x)
+    for b in range(2):
+        groups = {}
+        for i in range(256):
+            groups.setdefault(tuple(out[b, i].tolist()), []).append(i)
+        assert 1 < len(groups) <= 36  # at most one cluster per seed of the 6x6 grid
+        for members in groups.values():
+            assert torch.allclose(out[b, members[0]], x[b, members].mean(0), atol=1e-12)
+
+
+def test_class_maps_average_token_columns():
+    x = t([[[1.0, 2.0, 3.0, 4.0], [0.0, 2.0, 4.0, 6.0]]])  # (1, n=2, T=4)
+    m = R.class_maps(x, [(1,), (2, 3)])
+    assert torch.allclose(m, t([[[2.0, 3.5], [2.0, 5.0]]]), atol=1e-12)
+    with pytest.raises(ValueError):
+        R.class_maps(x, [])
+
+
+def test_kl_cluster_merges_a_pixel_into_the_nearest_seed():
+    # 12x12: seeds sit on even coordinates; the left half is one vector except one odd pixel that
+    # no seed holds, so that pixel can only join a left-half cluster and takes that cluster's mean
+    side = 12
+    x = torch.zeros(1, side * side, 2, dtype=torch.float64)
+    for i in range(side * side):
+        x[0, i] = t([0.9, 0.1]) if (i % side) < side // 2 else t([0.2, 0.8])
+    x[0, side + 1] = t([0.85, 0.15])
+    out = R.kl_cluster(x, rounds=1)
+    odd = out[0, side + 1]
+    assert odd[0] > 0.85 and odd[0] < 0.9  # a mean of the odd pixel and left pixels
+    assert torch.allclose(out[0, side - 1], t([0.2, 0.8]), atol=1e-12)  # right half untouched
