@@ -5,6 +5,7 @@
     result = iseg.ISeg(pipe).segment(image, ["circle", "star"])
 """
 
+from . import shapes  # noqa: E402,F401  registers the shipped shapes model and its preset
 from .capture import (
     AttentionLayer,
     AttentionStore,
@@ -17,7 +18,6 @@ from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_pipeline, regis
 from .presets import PRESETS, Settings, make_settings, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
 from .segmenter import ISeg, SegmentationResult
-from . import shapes  # noqa: E402,F401  registers the shipped shapes model and its preset
 
 __version__ = "0.1.0"
 

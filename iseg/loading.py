@@ -76,14 +76,22 @@ def _unavailable(model: str, reason: str) -> ModelNotAvailableError:
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlog
 
-    return StableDiffusionPipeline.from_pretrained(
-        source,
-        torch_dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=local_only,
-    )
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # keep notebooks free of per-component progress bars and notices
+    dlog.disable_progress_bar()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local_only,
+        )
+    finally:
+        dlog.set_verbosity(level)
+        dlog.enable_progress_bar()
 
 
 def _offline() -> bool:

@@ -17,13 +17,13 @@ def _inputs(pipe, batch=2, seed=0):
 def test_layers_are_found_by_kind_and_resolution(tiny_pipe):
     unet = tiny_pipe.unet
     cross16 = select_layers(unet, "cross", [16], latent_side=16)
-    assert [l.name.split(".transformer")[0] for l in cross16] == [
+    assert [layer.name.split(".transformer")[0] for layer in cross16] == [
         "down_blocks.0.attentions.0", "down_blocks.0.attentions.1",
         "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.2"]
-    assert all(l.kind == "cross" and l.resolution(16) == 16 for l in cross16)
-    assert {l.resolution(16) for l in select_layers(unet, "self", [4, 8], 16)} == {4, 8}
+    assert all(layer.kind == "cross" and layer.resolution(16) == 16 for layer in cross16)
+    assert {layer.resolution(16) for layer in select_layers(unet, "self", [4, 8], 16)} == {4, 8}
     named = select_layers(unet, "self", names=["up_blocks.3.attentions.1"])
-    assert [l.name for l in named] == ["up_blocks.3.attentions.1.transformer_blocks.0.attn1"]
+    assert [layer.name for layer in named] == ["up_blocks.3.attentions.1.transformer_blocks.0.attn1"]
     with pytest.raises(ValueError, match="no self-attention layer matches"):
         select_layers(unet, "self", names=["up_blocks.9"])
     with pytest.raises(ValueError, match="resolution"):

@@ -95,8 +95,8 @@ def test_decode_reuses_the_forward_pass(tiny_pipe):
 def test_other_unet_layouts_use_all_layers_at_the_resolutions(tiny_pipe_small):
     seg = ISeg(tiny_pipe_small, iterations=2, cross_weights={8: 1.0})
     plan = seg.plan(16)
-    assert [l.level for l in plan["cross"][8]] == [1, 1, 1, 1]  # down, mid and two up layers at 8x8
-    assert {l.resolution(16) for l in plan["self"]} == {16}
+    assert [layer.level for layer in plan["cross"][8]] == [1, 1, 1, 1]  # down, mid and two up layers at 8x8
+    assert {layer.resolution(16) for layer in plan["self"]} == {16}
     r = seg.segment(_image(), ["cat"])
     assert r.maps.shape == (3, 1, 16, 16)
 
