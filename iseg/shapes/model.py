@@ -8,28 +8,47 @@ The layout is Stable Diffusion's in miniature, so method.md applies unchanged: a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
 from .world import SIZE, vocabulary
 
-__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "make_vae", "make_text_encoder", "make_unet", "make_scheduler",
+__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet", "make_scheduler",
            "count_parameters"]
 
 MAX_LENGTH = 24  # tokens; the longest caption has 13 with its start and end tokens
 EXTRA_WORDS = ("background", "other", "object", "an", "the", "of", "photo")
 
 
-def make_tokenizer(max_length: int = MAX_LENGTH):
-    """A CLIP tokenizer in which every word of the shapes world is exactly one token.
+_VOCAB_DIR = Path(__file__).parent / "vocab"
 
-    A byte-level BPE is trained on the word list until every word is merged into one token; the
-    resulting vocabulary and merges are loaded into ``transformers.CLIPTokenizer`` so the model
-    folder has the same tokenizer class and files as Stable Diffusion. Unknown words fall apart
-    into byte tokens rather than failing.
+
+def make_tokenizer(max_length: int = MAX_LENGTH):
+    """The shapes model's CLIP tokenizer, in which every word of the shapes world is one token.
+
+    Its vocabulary and merges live in ``iseg/shapes/vocab`` (made once by ``build_word_bpe``), so
+    every training run and the shipped model agree on token ids.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab = json.loads((_VOCAB_DIR / "vocab.json").read_text(encoding="utf-8"))
+    lines = (_VOCAB_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    for w in sorted(set(vocabulary()) | set(EXTRA_WORDS)):
+        if len(tok(w, add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"word {w!r} is not a single token; rebuild iseg/shapes/vocab with build_word_bpe()")
+    return tok
+
+
+def build_word_bpe(folder: Path = _VOCAB_DIR) -> None:
+    """Train a byte-level BPE on the word list until every word is one token; write its files.
+
+    The byte alphabet is kept, so unknown words fall apart into byte tokens rather than failing.
+    (Tie-breaking in the trainer is not stable across runs, which is why the result is stored.)
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
 
     words = sorted(set(vocabulary()) | set(EXTRA_WORDS))
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
@@ -45,12 +64,10 @@ def make_tokenizer(max_length: int = MAX_LENGTH):
     )
     bpe.train_from_iterator(words, trainer)
     model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-    tok = CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
-    for w in words:
-        if len(tok(w, add_special_tokens=False)["input_ids"]) != 1:
-            raise RuntimeError(f"word {w!r} is not a single token")
-    return tok
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def make_vae():

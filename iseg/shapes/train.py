@@ -184,7 +184,7 @@ def train_vae(vae, images, args, device, ckpt, log_path, state):
 @torch.no_grad()
 def encode_all(vae, images, device, batch=512):
     out = []
-    for i in range(0, len(images), batch):
+    for i in tqdm(range(0, len(images), batch), desc="encode", unit="batch"):
         x = images[i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         out.append(vae.encode(x).latent_dist.mean.float().cpu())
     return torch.cat(out)
@@ -346,7 +346,7 @@ def main(argv=None):
     images, masks = torch.from_numpy(images), torch.from_numpy(masks)
     tokenizer = make_tokenizer(MAX_LENGTH)
     vae, text_encoder, unet = make_vae(), make_text_encoder(len(tokenizer)), make_unet()
-    if args.init is not None and not state:
+    if args.init is not None and "unet" not in state:
         _load_init(args.init, vae, text_encoder, unet)
         state.update(vae=vae.state_dict(), vae_step=args.vae_steps, init=str(args.init))
     for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
