@@ -77,10 +77,12 @@ def _unavailable(model: str, reason: str) -> ModelNotAvailableError:
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
 
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # keep notebooks free of per-component progress bars and notices
     dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
     try:
         return StableDiffusionPipeline.from_pretrained(
             source,
@@ -92,6 +94,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
     finally:
         dlog.set_verbosity(level)
         dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
 
 
 def _offline() -> bool:

@@ -26,7 +26,7 @@ from .masks import maps_to_labels, minmax
 from .presets import Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
 
-__all__ = ["ISeg", "Observation", "SegmentationResult"]
+__all__ = ["ISeg", "Observation", "SegmentationResult", "Trace"]
 
 # Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent (method.md §3).
 REFERENCE_CROSS = {
@@ -112,6 +112,33 @@ class Observation:
     weights: dict[int, float]
     settings: Settings
     forward_s: float = 0.0
+
+
+@dataclass
+class Trace:
+    """Every captured attention layer of one forward pass, with the prompt that produced it."""
+
+    store: object  # AttentionStore
+    prompt: Prompt
+    image: np.ndarray
+    geometry: Geometry
+    size: int
+    latent_side: int
+    settings: Settings
+
+    def layers(self, kind: str | None = None):
+        return [self.store.layers[n] for n in self.store.names(kind)]
+
+    def token_map(self, name: str, token: int, head: int | None = None) -> np.ndarray:
+        """``(r, r)`` cross-attention of one layer to one token position (head mean or one head)."""
+        a = self.store.mean(name) if head is None else self.store.heads(name)[:, head]
+        r = math.isqrt(a.shape[-2])
+        return a[0, :, token].reshape(r, r).cpu().numpy()
+
+    def class_map(self, name: str, cls: str, head: int | None = None) -> np.ndarray:
+        """Mean over a class's tokens of ``token_map``."""
+        span = self.prompt.spans[self.prompt.classes.index(cls)]
+        return np.mean([self.token_map(name, i, head) for i in span], axis=0)
 
 
 def _as_list(images):
@@ -309,6 +336,27 @@ class ISeg:
         attn_self = store.by_resolution("self").get(plan["self_resolution"]) if self_attention else None
         store.clear()
         return cross, attn_self
+
+    @torch.no_grad()
+    def trace(self, image, classes, kind: str | None = None, per_head: bool = True, **overrides) -> Trace:
+        """One forward pass with every attention layer (of ``kind``, or all) captured per head.
+
+        For looking inside the model (the notebooks); ``segment`` reads only the layers it needs.
+        """
+        from .capture import attention_layers
+
+        s = self.with_settings(**overrides)
+        size = self.image_size(s)
+        prompt = self.prompt_for(check_class_names(classes), s)
+        arr = load_image(image)
+        pixels, geometry = prepare(arr, size, s.aspect)
+        z0 = self.encode_images(pixels[None])
+        z_t, t = self.noisy_latents(z0, s)
+        layers = [layer for layer in attention_layers(self.pipe.unet) if kind is None or layer.kind == kind]
+        with capture_attention(self.pipe.unet, layers, per_head=per_head) as store:
+            self.pipe.unet(z_t, t, encoder_hidden_states=self.embedding(prompt, s.gamma), return_dict=False)
+        return Trace(store=store, prompt=prompt, image=(arr * 255).round().astype(np.uint8), geometry=geometry,
+                     size=size, latent_side=z0.shape[-1], settings=s)
 
     # -- the method ----------------------------------------------------------------------------
     def observe(self, images, classes, progress: bool | None = None, **overrides) -> list[Observation]:

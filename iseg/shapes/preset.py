@@ -9,7 +9,8 @@ SHAPES_PRESET = dict(
     clustering=False,
     gamma=1.6,
     timestep=100,
-    lam=0.015,
+    lam=0.0,
     iterations=10,
+    bg_power=0.35,
     batch_size=32,
 )

@@ -290,14 +290,18 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, dtype=torch.fl
     pipe.to(torch.float32)
 
 
-def _load_init(folder: Path, vae, text_encoder, unet):
+def _load_init(folder: Path, vae, text_encoder, unet, parts=("vae", "text_encoder", "unet")):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    if "vae" not in parts:
+        raise ValueError("--init always keeps the VAE of the folder it starts from (the latents depend on it)")
     vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
     vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
-    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict())
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
+    if "text_encoder" in parts:
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict())
+    if "unet" in parts:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
 
 
 def main(argv=None):
@@ -325,6 +329,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights of an existing model folder (fine-tuning); its VAE is kept as is")
+    p.add_argument("--init-parts", default="vae,text_encoder,unet",
+                   help="which parts --init loads (e.g. 'vae' to train a new UNet on the same autoencoder)")
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
     args = p.parse_args(argv)
 
@@ -347,7 +353,7 @@ def main(argv=None):
     tokenizer = make_tokenizer(MAX_LENGTH)
     vae, text_encoder, unet = make_vae(), make_text_encoder(len(tokenizer)), make_unet()
     if args.init is not None and "unet" not in state:
-        _load_init(args.init, vae, text_encoder, unet)
+        _load_init(args.init, vae, text_encoder, unet, parts=set(args.init_parts.split(",")))
         state.update(vae=vae.state_dict(), vae_step=args.vae_steps, init=str(args.init))
     for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         if state.get(name):

@@ -1,0 +1,247 @@
+"""Interactive views for the notebooks: a matplotlib figure plus ``update(**values)``.
+
+Every view draws once when built and redraws in place when ``update`` is called, so a slider, a
+dropdown or a mouse click only has to call ``update``; tests call it directly and check that the
+figure's data changed. ``view.widget()`` returns the ipywidgets controls wired to ``update``.
+The forward pass is cached: sliders that act after it (``lam``, ``iterations``, a clicked pixel)
+never re-run the UNet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .refine import entropy_reduce
+from .viz import overlay
+
+__all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "row_entropy"]
+
+
+def row_entropy(attn) -> np.ndarray:
+    """Entropy of every row of an ``(n, n)`` attention, as a share of the maximum ``log n``."""
+    import torch
+
+    a = torch.as_tensor(attn, dtype=torch.float64)
+    h = -(a * a.clamp_min(1e-30).log()).sum(-1) / math.log(a.shape[-1])
+    return h.numpy()
+
+
+def _figure(panels: int, size: float = 2.6):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(size * panels, size), squeeze=False)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig, list(axes[0])
+
+
+class _View:
+    def widget(self):
+        """ipywidgets controls that call ``update``; display it next to ``self.fig``."""
+        import ipywidgets as w
+
+        return w.interactive(self.update, **self.controls())
+
+    def _redraw(self):
+        self.fig.canvas.draw_idle()
+
+
+class CrossAttentionView(_View):
+    """Cross-attention of one token, at one resolution, averaged over layers, for one head or all."""
+
+    def __init__(self, seg, image, classes, timestep: int | None = None):
+        self.seg, self.image, self.classes = seg, image, list(classes)
+        self._traces = {}
+        self.timestep = timestep if timestep is not None else seg.settings.timestep
+        trace = self._trace(self.timestep)
+        self.tokens = self._token_names(trace)
+        self.resolutions = sorted({layer.resolution(trace.latent_side) for layer in trace.layers("cross")})
+        self.fig, (self.ax_img, self.ax_map) = _figure(2)
+        self.ax_img.imshow(trace.image)
+        self.ax_img.set_title("image")
+        self.state = dict(token=self.tokens[0][1], resolution=self.resolutions[-1], head=-1, timestep=self.timestep)
+        self.im = self.ax_map.imshow(self.map(**self.state), cmap="jet")
+        self.update()
+
+    def _trace(self, timestep):
+        if timestep not in self._traces:
+            self._traces[timestep] = self.seg.trace(self.image, self.classes, kind="cross", timestep=timestep)
+        return self._traces[timestep]
+
+    def _token_names(self, trace):
+        ids = trace.prompt.input_ids
+        tok = self.seg.pipe.tokenizer
+        end = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)
+        names = tok.convert_ids_to_tokens(list(ids[: end + 1]))
+        return [(f"{i}: {n.replace('</w>', '')}", i) for i, n in enumerate(names)]
+
+    def map(self, token: int, resolution: int, head: int = -1, timestep: int | None = None) -> np.ndarray:
+        """Mean over the layers at ``resolution`` of the token's map (``head=-1``: all heads)."""
+        trace = self._trace(self.timestep if timestep is None else timestep)
+        layers = [layer for layer in trace.layers("cross") if layer.resolution(trace.latent_side) == resolution]
+        maps = [trace.token_map(layer.name, token, None if head < 0 else min(head, layer.heads - 1)) for layer in layers]
+        return np.mean(maps, axis=0)
+
+    def update(self, token: int | None = None, resolution: int | None = None, head: int | None = None,
+               timestep: int | None = None):
+        for key, value in dict(token=token, resolution=resolution, head=head, timestep=timestep).items():
+            if value is not None:
+                self.state[key] = value
+        m = self.map(**self.state)
+        self.im.set_data(m)
+        self.im.set_clim(m.min(), m.max())
+        name = dict((i, n) for n, i in self.tokens).get(self.state["token"], "?")
+        head = "mean of heads" if self.state["head"] < 0 else f"head {self.state['head']}"
+        self.ax_map.set_title(f"{name} | r={self.state['resolution']} | {head} | t={self.state['timestep']}", fontsize=8)
+        self._redraw()
+        return m
+
+    def controls(self):
+        import ipywidgets as w
+
+        heads = max(layer.heads for layer in self._trace(self.timestep).layers("cross"))
+        return dict(token=w.Dropdown(options=self.tokens, value=self.state["token"]),
+                    resolution=w.Dropdown(options=self.resolutions, value=self.state["resolution"]),
+                    head=w.IntSlider(min=-1, max=heads - 1, value=-1, description="head (-1 mean)"),
+                    timestep=w.IntSlider(min=0, max=950, step=50, value=self.timestep))
+
+
+class SelfAttentionView(_View):
+    """Click a pixel: its self-attention row, the same row after Ent-Self, and the entropy map."""
+
+    def __init__(self, seg, image, classes, lam: float | None = None):
+        self.obs = seg.observe(image, classes)[0]
+        self.attn = self.obs.self_attention.double()
+        self.side = self.obs.grid
+        self.lam = seg.settings.lam if lam is None else lam
+        self.pixel = (self.side // 2, self.side // 2)
+        self.fig, axes = _figure(4)
+        self.ax_img, self.ax_row, self.ax_p, self.ax_ent = axes
+        self.ax_img.imshow(self.obs.image)
+        self.marker = self.ax_img.plot([], [], "w+", markersize=12, mew=2)[0]
+        self.im_row = self.ax_row.imshow(np.zeros((self.side, self.side)), cmap="jet")
+        self.im_p = self.ax_p.imshow(np.zeros((self.side, self.side)), cmap="jet")
+        self.ax_ent.imshow(row_entropy(self.attn).reshape(self.side, self.side), cmap="magma")
+        self.ax_ent.set_title("row entropy / max", fontsize=8)
+        self.fig.canvas.mpl_connect("button_press_event", self.on_click)
+        self.update()
+
+    def rows(self, y: int, x: int, lam: float):
+        q = y * self.side + x
+        P = entropy_reduce(self.attn, lam)
+        return (self.attn[q].reshape(self.side, self.side).numpy(), P[q].reshape(self.side, self.side).numpy())
+
+    def update(self, y: int | None = None, x: int | None = None, lam: float | None = None):
+        if y is not None or x is not None:
+            self.pixel = (self.pixel[0] if y is None else y, self.pixel[1] if x is None else x)
+        if lam is not None:
+            self.lam = lam
+        row, p = self.rows(*self.pixel, self.lam)
+        for im, data in ((self.im_row, row), (self.im_p, p)):
+            im.set_data(data)
+            im.set_clim(data.min(), data.max())
+        h, w = self.obs.image.shape[:2]
+        y, x = self.pixel
+        self.marker.set_data([(x + 0.5) * w / self.side], [(y + 0.5) * h / self.side])
+        self.ax_row.set_title(f"attention of pixel {self.pixel}", fontsize=8)
+        self.ax_p.set_title(f"after Ent-Self, lam={self.lam:g}", fontsize=8)
+        self._redraw()
+        return row, p
+
+    def on_click(self, event):
+        """Mouse handler (ipympl): a click on the image selects that pixel's row."""
+        if event.inaxes is not self.ax_img or event.xdata is None:
+            return
+        h, w = self.obs.image.shape[:2]
+        y = int(np.clip(event.ydata * self.side / h, 0, self.side - 1))
+        x = int(np.clip(event.xdata * self.side / w, 0, self.side - 1))
+        self.update(y=y, x=x)
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(y=w.IntSlider(min=0, max=self.side - 1, value=self.pixel[0]),
+                    x=w.IntSlider(min=0, max=self.side - 1, value=self.pixel[1]),
+                    lam=w.FloatLogSlider(value=max(self.lam, 1e-3), base=10, min=-3, max=0.5, step=0.1))
+
+
+class RefinementView(_View):
+    """The label overlay and one class's map after N refinement steps, for any lam."""
+
+    def __init__(self, seg, image, classes, max_iterations: int = 20):
+        self.seg = seg
+        self.obs = seg.observe(image, classes)[0]
+        self.max_iterations = max_iterations
+        self.state = dict(iterations=seg.settings.iterations, lam=seg.settings.lam, cls=self.obs.prompt.classes[0])
+        self._results = {}
+        self.fig, (self.ax_over, self.ax_map) = _figure(2, 3.0)
+        self.im_over = self.ax_over.imshow(self.obs.image)
+        self.im_map = self.ax_map.imshow(np.zeros((8, 8)), cmap="jet", vmin=0, vmax=1)
+        self.update()
+
+    def result(self, lam: float):
+        if lam not in self._results:
+            self._results[lam] = self.seg.decode(self.obs, lam=lam, iterations=self.max_iterations)
+        return self._results[lam]
+
+    def update(self, iterations: int | None = None, lam: float | None = None, cls: str | None = None):
+        for key, value in dict(iterations=iterations, lam=lam, cls=cls).items():
+            if value is not None:
+                self.state[key] = value
+        r = self.result(self.state["lam"])
+        n = min(self.state["iterations"], self.max_iterations)
+        labels = r.labels_at(n)
+        picture = np.asarray(overlay(r.image, labels))
+        self.im_over.set_data(picture)
+        score = r.scores(n)[r.classes.index(self.state["cls"])]
+        self.im_map.set_data(score)
+        self.ax_over.set_title(f"labels after {n} iteration(s)", fontsize=9)
+        self.ax_map.set_title(f"{self.state['cls']}, lam={self.state['lam']:g}", fontsize=9)
+        self._redraw()
+        return labels
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(iterations=w.IntSlider(min=0, max=self.max_iterations, value=self.state["iterations"]),
+                    lam=w.FloatSlider(min=0, max=0.5, step=0.005, value=self.state["lam"], readout_format=".3f"),
+                    cls=w.Dropdown(options=list(self.obs.prompt.classes), value=self.state["cls"]))
+
+
+class GammaView(_View):
+    """Cat-Cross: the raw cross-attention class maps and labels for any gamma (one forward pass each)."""
+
+    def __init__(self, seg, image, classes, gamma: float | None = None):
+        self.seg, self.image, self.classes = seg, image, list(classes)
+        self.gamma = seg.settings.gamma if gamma is None else gamma
+        self.fig, axes = _figure(len(self.classes) + 1)
+        self.ax_labels, self.ax_maps = axes[0], axes[1:]
+        first = self.segment(self.gamma)
+        self.im_labels = self.ax_labels.imshow(first.overlay())
+        self.im_maps = [ax.imshow(s, cmap="jet", vmin=0, vmax=1) for ax, s in zip(self.ax_maps, first.scores(0))]
+        for ax, c in zip(self.ax_maps, self.classes):
+            ax.set_title(c, fontsize=9)
+        self.update()
+
+    def segment(self, gamma: float):
+        return self.seg.segment(self.image, self.classes, gamma=gamma, iterations=0)
+
+    def update(self, gamma: float | None = None):
+        if gamma is not None:
+            self.gamma = gamma
+        r = self.segment(self.gamma)
+        self.im_labels.set_data(np.asarray(r.overlay()))
+        self.ax_labels.set_title(f"raw labels, gamma={self.gamma:g}", fontsize=9)
+        for im, s in zip(self.im_maps, r.scores(0)):
+            im.set_data(s)
+        self._redraw()
+        return r
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(gamma=w.FloatSlider(min=0.5, max=3.0, step=0.1, value=self.gamma))

@@ -1,0 +1,424 @@
+"""Write the course notebooks from the cell lists below (run from the repository root).
+
+    python tools/make_notebooks.py && python tools/strip_outputs.py --execute
+
+Keeping the source here makes review easy; the .ipynb files are what users open and CI runs.
+Cells whose first line is ``# NBVAL_CHECK_OUTPUT`` print deterministic numbers that nbval compares.
+"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).resolve().parent.parent / "notebooks"
+
+SETUP = '''MODEL = "auto"   # "auto": SD 2.1-base when its weights and a GPU are here, else the shapes model
+
+import matplotlib.pyplot as plt
+import numpy as np
+import iseg
+from iseg.examples import example
+
+pipe = iseg.load_pipeline(MODEL)
+seg = iseg.ISeg(pipe)
+print("model:", pipe.iseg_model_name, "| preset:", seg.preset, "| device:", pipe.device)'''
+
+
+def md(text):
+    return nbf.v4.new_markdown_cell(text.strip())
+
+
+def code(text):
+    return nbf.v4.new_code_cell(text.strip())
+
+
+NOTEBOOKS = {
+    "00_quickstart": [
+        md("""
+# 00 · Quickstart: a mask from one noisy forward pass
+
+**You will learn** how to segment an image into named classes with three lines of `iseg`, how
+to look at the result, and how the mask changes over iSeg's refinement iterations.
+
+**You need** nothing else: without Stable Diffusion weights the notebook uses the shapes model that
+ships with `iseg` and runs on a CPU in seconds. Set `MODEL` to a hub id or a local folder to use
+Stable Diffusion instead; every cell runs unchanged.
+"""),
+        code(SETUP),
+        md("An example image and the names of the classes in it (for the shapes model: a test-split image)."),
+        code("""
+image, classes = example(pipe, 0)
+print(classes)
+plt.figure(figsize=(3, 3)); plt.imshow(image); plt.axis("off"); plt.show()
+"""),
+        md("""
+`segment` runs the whole method: Cat-Cross prompt, one noisy UNet pass, cross-attention class maps,
+Ent-Self, refinement, labels. `labels` is an integer map at the image's size: 0 is background,
+`k` is the k-th class you gave.
+"""),
+        code("""
+result = seg.segment(image, classes)
+print(result.prompt)
+print("labels:", {0: "background", **{i + 1: c for i, c in enumerate(result.classes)}})
+fig = result.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+for k, name in enumerate(result.classes, start=1):
+    print(f"{name:>8}: {(result.labels == k).mean():.3f} of the pixels")
+"""),
+        md("""
+The result keeps every refinement step (`result.maps`, one map per class per iteration). Here is
+the mask after each iteration as an animation, like the paper's figures; the GIF is written to
+`outputs/` and shown inline.
+"""),
+        code("""
+from pathlib import Path
+from IPython.display import Image as ShowImage
+from iseg.viz import iteration_frames, save_gif
+
+Path("outputs").mkdir(exist_ok=True)
+gif = save_gif(iteration_frames(result), "outputs/quickstart.gif", min_side=192)
+ShowImage(filename=str(gif))
+"""),
+        md("""
+**Play with it**: pick another example image and its classes. Change `index` or give your own
+image path and class names.
+"""),
+        code("""
+import ipywidgets as w
+
+def show_example(index=1):
+    img, names = example(pipe, index)
+    return seg.segment(img, names).show()
+
+w.interact(show_example, index=w.IntSlider(min=0, max=20, value=1));
+"""),
+    ],
+    "01_cross_attention": [
+        md("""
+# 01 · Cross-attention: where each word looks
+
+**You will learn** what cross-attention maps are, how they differ between resolutions, layers and
+heads, and how the diffusion timestep changes them.
+
+**You need** the shapes model (default) or Stable Diffusion. `seg.trace` runs one noisy forward
+pass and keeps every cross-attention layer, head by head, through diffusers' attention-processor
+API (the UNet's own processors are restored afterwards).
+"""),
+        code(SETUP),
+        code("""
+image, classes = example(pipe, 2)
+trace = seg.trace(image, classes, kind="cross")
+print(trace.prompt.text)
+for layer in trace.layers("cross"):
+    print(f"{layer.name:55s} r={layer.resolution(trace.latent_side):3d} heads={layer.heads}")
+"""),
+        md("Each class word's map, averaged over heads, in every cross-attention layer:"),
+        code("""
+layers = trace.layers("cross")
+fig, axes = plt.subplots(len(classes), len(layers) + 1, figsize=(1.6 * (len(layers) + 1), 1.7 * len(classes)), squeeze=False)
+for row, cls in enumerate(classes):
+    axes[row, 0].imshow(trace.image); axes[row, 0].set_ylabel(cls)
+    for col, layer in enumerate(layers, start=1):
+        axes[row, col].imshow(trace.class_map(layer.name, cls), cmap="jet")
+        axes[row, col].set_title(f"r={layer.resolution(trace.latent_side)}", fontsize=7)
+for ax in axes.ravel(): ax.set_xticks([]); ax.set_yticks([])
+plt.tight_layout(); plt.show()
+"""),
+        md("""
+Low resolutions are coarse but decide *which* object a word refers to; high resolutions are
+sharper but noisier. iSeg mixes resolutions (`cross_weights`) before refining. Heads differ too:
+"""),
+        code("""
+layer = max(layers, key=lambda l: (l.resolution(trace.latent_side), l.name))
+cls = classes[0]
+fig, axes = plt.subplots(1, layer.heads, figsize=(1.8 * layer.heads, 1.9))
+for h, ax in enumerate(np.atleast_1d(axes)):
+    ax.imshow(trace.class_map(layer.name, cls, head=h), cmap="jet"); ax.set_title(f"head {h}", fontsize=8); ax.axis("off")
+plt.suptitle(f"'{cls}' in {layer.name.split('.transformer')[0]}", fontsize=9); plt.tight_layout(); plt.show()
+"""),
+        md("""
+**The timestep.** iSeg adds noise for one timestep `t` (100 of 1000 by default) before the forward
+pass. With little noise the image dominates; with a lot the maps blur.
+"""),
+        code("""
+from iseg.explore import CrossAttentionView
+
+view = CrossAttentionView(seg, image, classes)
+token = trace.prompt.spans[0][0]
+fig, axes = plt.subplots(1, 4, figsize=(8, 2.1))
+for ax, t in zip(axes, [50, 100, 400, 800]):
+    ax.imshow(view.map(token=token, resolution=view.resolutions[-1], timestep=t), cmap="jet"); ax.set_title(f"t={t}", fontsize=9); ax.axis("off")
+plt.tight_layout(); plt.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+# how concentrated the first class's map is (share of its mass on the top 10% of pixels), per timestep
+for t in [50, 100, 400, 800]:
+    m = view.map(token=token, resolution=view.resolutions[-1], timestep=t).ravel()
+    top = np.sort(m)[::-1][: max(1, m.size // 10)].sum() / m.sum()
+    print(f"t={t:4d}: {top:.2f}")
+"""),
+        md("**Play with it**: token, resolution, head (-1 = mean of heads) and timestep."),
+        code("""
+view.update(token=token)
+display(view.fig.canvas if hasattr(view.fig.canvas, "toolbar_visible") else view.fig)
+view.widget()
+"""),
+    ],
+    "02_self_attention_and_entropy": [
+        md("""
+# 02 · Self-attention and Ent-Self
+
+**You will learn** what a row of self-attention shows (the pixels a query pixel looks at), how
+spread out those rows are (their entropy), and what iSeg's entropy-reduced self-attention
+(Ent-Self, method.md §5) does to them.
+
+**You need** the shapes model (default) or Stable Diffusion. Click a pixel of the image in the
+interactive figure at the end (ipympl); in a static render, use the sliders.
+"""),
+        code(SETUP),
+        code("""
+image, classes = example(pipe, 3)
+obs = seg.observe(image, classes)[0]       # one forward pass; everything below reuses it
+A = obs.self_attention.double()
+side = obs.grid
+print("self-attention", tuple(A.shape), "on a", side, "x", side, "grid; rows sum to", float(A.sum(-1).mean()))
+"""),
+        md("One row is a map over the image: where the pixel at the centre of the grid looks."),
+        code("""
+from iseg.explore import row_entropy
+y, x = side // 2, side // 2
+fig, axes = plt.subplots(1, 2, figsize=(5, 2.5))
+axes[0].imshow(obs.image); axes[0].plot([(x + .5) * obs.image.shape[1] / side], [(y + .5) * obs.image.shape[0] / side], "w+", ms=12, mew=2)
+axes[1].imshow(A[y * side + x].reshape(side, side), cmap="jet"); axes[1].set_title(f"row of pixel ({y}, {x})")
+for ax in axes: ax.axis("off")
+plt.show()
+"""),
+        md("""
+**Entropy of every row**, as a share of the maximum (a uniform row). Low entropy: the pixel looks at
+a few pixels, usually its own object. iSeg relies on rows that group an object's pixels.
+"""),
+        code("""
+H = row_entropy(A)
+plt.figure(figsize=(3, 3)); plt.imshow(H.reshape(side, side), cmap="magma"); plt.colorbar(shrink=.8); plt.axis("off"); plt.title("row entropy / max"); plt.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+print(f"mean row entropy: {H.mean():.3f} of the maximum")
+"""),
+        md("""
+**Ent-Self** (`iseg.refine.entropy_reduce`): divide every column by its maximum, move every entry
+by `lam * log10(e * a)` (one gradient step that lowers entropy: weak affinities go negative),
+clamp at 0 and normalise rows. The larger `lam`, the sparser the rows:
+"""),
+        code("""
+from iseg.refine import entropy_reduce
+q = y * side + x
+lams = [0.0, 0.015, 0.1, 0.5]
+fig, axes = plt.subplots(1, len(lams), figsize=(2.2 * len(lams), 2.3))
+for ax, lam in zip(axes, lams):
+    P = entropy_reduce(A, lam)
+    ax.imshow(P[q].reshape(side, side), cmap="jet"); ax.set_title(f"lam={lam}: H={row_entropy(P).mean():.2f}", fontsize=8); ax.axis("off")
+plt.tight_layout(); plt.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+for lam in lams:
+    print(f"lam={lam:<6}: mean row entropy {row_entropy(entropy_reduce(A, lam)).mean():.3f}, zero entries {(entropy_reduce(A, lam) == 0).double().mean():.3f}")
+"""),
+        md("""
+Why it helps: refinement multiplies the class maps by `P` again and again. Rows that spread over
+the whole image would smear every class over the background; sparse rows keep evidence inside
+objects. **Play with it**: click a pixel (ipympl) or use the sliders.
+"""),
+        code("""
+%matplotlib widget
+from iseg.explore import SelfAttentionView
+view = SelfAttentionView(seg, image, classes)
+view.widget()
+"""),
+    ],
+    "03_iterative_refinement": [
+        md("""
+# 03 · Iterative refinement
+
+**You will learn** how iSeg propagates class maps through the entropy-reduced self-attention,
+`C(i+1) = nrm(P @ C(i))`, what the masks look like after each iteration, and how the number of
+iterations changes the mIoU on a batch of shapes images with ground truth.
+
+**You need** the shapes model for the measured part (it has exact ground-truth masks).
+"""),
+        code(SETUP),
+        code("""
+image, classes = example(pipe, 4)
+result = seg.segment(image, classes, iterations=10)
+print(classes, "| maps:", result.maps.shape, "(iterations + 1, classes, h, w)")
+"""),
+        md("Every iteration's labels (top) and the first class's map (bottom):"),
+        code("""
+steps = [0, 1, 2, 5, 10]
+fig, axes = plt.subplots(2, len(steps), figsize=(2 * len(steps), 4.2))
+for col, n in enumerate(steps):
+    axes[0, col].imshow(result.overlay(iteration=n)); axes[0, col].set_title(f"N={n}", fontsize=9)
+    axes[1, col].imshow(result.scores(n)[0], cmap="jet", vmin=0, vmax=1)
+for ax in axes.ravel(): ax.axis("off")
+plt.tight_layout(); plt.show()
+"""),
+        md("The same as an animation (written to `outputs/`):"),
+        code("""
+from pathlib import Path
+from IPython.display import Image as ShowImage
+from iseg.viz import iteration_frames, save_gif
+Path("outputs").mkdir(exist_ok=True)
+ShowImage(filename=str(save_gif(iteration_frames(result), "outputs/refinement.gif", min_side=192)))
+"""),
+        md("""
+**Measured**: mIoU (background included) against the number of iterations on 40 validation images
+of the shapes world, with the model's preset. `iterations=0` is the raw Cat-Cross cross-attention.
+"""),
+        code("""
+from iseg.shapes.evaluate import evaluate
+if pipe.iseg_model_name == "shapes":
+    its = [0, 1, 2, 3, 5, 10, 20]
+    report = evaluate(seg, "val", 40, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=its, progress=False)
+    curve = report["timesteps"][str(seg.settings.timestep)]["miou"][str(seg.settings.lam)]
+    plt.figure(figsize=(4, 2.6)); plt.plot(its, [curve[str(n)] for n in its], "o-"); plt.xlabel("iterations N"); plt.ylabel("mIoU (%)"); plt.grid(alpha=.3); plt.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+if pipe.iseg_model_name == "shapes":
+    print({n: round(curve[str(n)]) for n in its})
+"""),
+        md("**Play with it**: iterations, `lam` and the class whose map is shown. No slider re-runs the UNet."),
+        code("""
+from iseg.explore import RefinementView
+view = RefinementView(seg, image, classes)
+view.widget()
+"""),
+    ],
+    "04_category_enhancement": [
+        md("""
+# 04 · Category enhancement (Cat-Cross)
+
+**You will learn** what Cat-Cross does: after the text encoder, the embedding vectors of the class
+tokens are multiplied by `gamma` (1.6 by default), so every cross-attention layer attends more to
+the class words than to the rest of the prompt. You will see the maps with and without it and
+measure mIoU against `gamma`.
+
+**You need** the shapes model for the measured part.
+"""),
+        code(SETUP),
+        code("""
+image, classes = example(pipe, 5)
+off = seg.segment(image, classes, gamma=1.0, iterations=0)
+on = seg.segment(image, classes, gamma=1.6, iterations=0)
+fig, axes = plt.subplots(2, len(classes) + 1, figsize=(2.1 * (len(classes) + 1), 4.3), squeeze=False)
+for row, (r, name) in enumerate([(off, "gamma=1.0"), (on, "gamma=1.6")]):
+    axes[row, 0].imshow(r.overlay()); axes[row, 0].set_title(name, fontsize=9)
+    for col, s in enumerate(r.scores(0), start=1):
+        axes[row, col].imshow(s, cmap="jet", vmin=0, vmax=1); axes[row, col].set_title(r.classes[col - 1], fontsize=9)
+for ax in axes.ravel(): ax.axis("off")
+plt.tight_layout(); plt.show()
+"""),
+        md("""
+The embeddings really change only at the class positions (`iseg.prompts.cat_cross`):
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+from iseg.prompts import cat_cross
+prompt = seg.prompt_for(classes)
+E = seg.embedding(prompt, 1.0)
+scaled = cat_cross(E, prompt.spans, 1.6)
+changed = (scaled != E).any(-1)[0].nonzero().ravel().tolist()
+print("class token positions:", [list(s) for s in prompt.spans], "| changed rows:", changed)
+"""),
+        md("**Measured**: mIoU against `gamma` on 40 validation images, raw (N=0) and refined (the preset's N)."),
+        code("""
+from iseg.shapes.evaluate import evaluate
+if pipe.iseg_model_name == "shapes":
+    gammas = [1.0, 1.3, 1.6, 2.0, 2.5]
+    n = seg.settings.iterations
+    rows = []
+    for g in gammas:
+        rep = evaluate(seg, "val", 40, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=[0, n], progress=False, gamma=g)
+        rows.append(rep["timesteps"][str(seg.settings.timestep)]["miou"][str(seg.settings.lam)])
+    plt.figure(figsize=(4, 2.6))
+    plt.plot(gammas, [r["0"] for r in rows], "o-", label="raw (N=0)"); plt.plot(gammas, [r[str(n)] for r in rows], "o-", label=f"refined (N={n})")
+    plt.xlabel("gamma"); plt.ylabel("mIoU (%)"); plt.legend(); plt.grid(alpha=.3); plt.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+if pipe.iseg_model_name == "shapes":
+    print({g: (round(r["0"]), round(r[str(n)])) for g, r in zip(gammas, rows)})
+"""),
+        md("**Play with it**: each `gamma` runs one forward pass (fast with the shapes model)."),
+        code("""
+from iseg.explore import GammaView
+view = GammaView(seg, image, classes)
+view.widget()
+"""),
+    ],
+    "05_generated_images": [
+        md("""
+# 05 · Masks for generated images
+
+**You will learn** how to generate an image with the same pipeline and then segment the words of
+its own prompt in it: training-free masks for synthetic data.
+
+**You need** the shapes model (64x64 images, a second on a CPU) or Stable Diffusion on a GPU.
+"""),
+        code(SETUP),
+        code("""
+import torch
+if pipe.iseg_model_name == "shapes":
+    classes = ["star", "circle"]
+    prompt = "a red star and a blue circle"
+else:
+    classes = ["dog", "ball"]
+    prompt = "a photograph of a dog playing with a ball on the grass"
+generator = torch.Generator("cpu").manual_seed(0)
+image = pipe(prompt, num_inference_steps=30, guidance_scale=4.0, generator=generator).images[0]
+plt.figure(figsize=(3, 3)); plt.imshow(image); plt.axis("off"); plt.title(prompt, fontsize=9); plt.show()
+"""),
+        md("Now segment the classes named in the prompt in the generated image:"),
+        code("""
+result = seg.segment(image, classes)
+fig = result.show()
+"""),
+        code("""
+# NBVAL_CHECK_OUTPUT
+print(image.size, sorted(set(np.unique(result.labels).tolist()) - {0}))
+"""),
+        md("""
+**Play with it**: write a prompt and the classes to segment (comma-separated). Each click generates
+with a fixed seed and segments.
+"""),
+        code("""
+import ipywidgets as w
+
+def generate_and_segment(prompt=prompt, classes=", ".join(classes), seed=0):
+    g = torch.Generator("cpu").manual_seed(seed)
+    img = pipe(prompt, num_inference_steps=30, guidance_scale=4.0, generator=g).images[0]
+    return seg.segment(img, [c.strip() for c in classes.split(",") if c.strip()]).show()
+
+w.interact_manual(generate_and_segment, seed=w.IntSlider(min=0, max=50, value=1));
+"""),
+    ],
+}
+
+
+def main():
+    HERE.mkdir(exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        nb = nbf.v4.new_notebook()
+        nb.cells = cells
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.metadata["language_info"] = {"name": "python"}
+        nbf.write(nb, HERE / f"{name}.ipynb")
+        print("wrote", name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Execute the notebooks and keep only the outputs nbval compares (cells marked NBVAL_CHECK_OUTPUT).
+
+    python tools/strip_outputs.py --execute     # run every notebook, then strip
+    python tools/strip_outputs.py               # strip only
+
+Outputs policy: notebooks are committed without figures or widgets (small files, clean diffs);
+the few cells that print deterministic numbers keep their text output so that CI (nbval) checks it.
+"""
+
+import argparse
+from pathlib import Path
+
+import nbformat as nbf
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+MARK = "# NBVAL_CHECK_OUTPUT"
+
+
+def strip(nb):
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        if cell.source.startswith(MARK):
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"]
+        else:
+            cell.outputs = []
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--execute", action="store_true")
+    p.add_argument("names", nargs="*")
+    args = p.parse_args()
+    paths = [NOTEBOOKS / f"{n}.ipynb" for n in args.names] or sorted(NOTEBOOKS.glob("*.ipynb"))
+    for path in paths:
+        nb = nbf.read(path, as_version=4)
+        if args.execute:
+            from nbclient import NotebookClient
+
+            NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        nbf.write(strip(nb), path)
+        print("stripped", path.name)
+
+
+if __name__ == "__main__":
+    main()
