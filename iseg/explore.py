@@ -16,7 +16,8 @@ import numpy as np
 from .refine import entropy_reduce
 from .viz import overlay
 
-__all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "row_entropy"]
+__all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "GenerationView",
+           "generate", "row_entropy"]
 
 
 def row_entropy(attn) -> np.ndarray:
@@ -245,3 +246,82 @@ class GammaView(_View):
         import ipywidgets as w
 
         return dict(gamma=w.FloatSlider(min=0.5, max=3.0, step=0.1, value=self.gamma))
+
+
+class ExampleView(_View):
+    """Segment the ``index``-th example image for the model at hand (``iseg.examples.example``)."""
+
+    def __init__(self, seg, index: int = 0):
+        self.seg, self.index = seg, index
+        self.fig, (self.ax_img, self.ax_over) = _figure(2, 3.0)
+        self.im_img = self.ax_img.imshow(np.zeros((8, 8, 3)))
+        self.im_over = self.ax_over.imshow(np.zeros((8, 8, 3)))
+        self.update()
+
+    def update(self, index: int | None = None):
+        from .examples import example
+
+        if index is not None:
+            self.index = index
+        image, classes = example(self.seg.pipe, self.index)
+        r = self.seg.segment(image, classes)
+        self.im_img.set_data(r.image)
+        self.im_over.set_data(np.asarray(r.overlay()))
+        for im in (self.im_img, self.im_over):
+            im.set_extent((-0.5, r.image.shape[1] - 0.5, r.image.shape[0] - 0.5, -0.5))
+        self.ax_img.set_title(f"example {self.index}", fontsize=9)
+        self.ax_over.set_title(", ".join(r.classes), fontsize=9)
+        self._redraw()
+        return r
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(index=w.IntSlider(min=0, max=30, value=self.index))
+
+
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 30, guidance: float = 4.0):
+    """One image from the pipeline, seeded on the CPU so it is the same on every device."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=g).images[0]
+
+
+class GenerationView(_View):
+    """Generate an image from a prompt, then segment the given words in it."""
+
+    def __init__(self, seg, prompt: str, classes, seed: int = 0, steps: int = 30):
+        self.seg, self.steps = seg, steps
+        self.state = dict(prompt=prompt, classes=", ".join(classes), seed=seed)
+        self.fig, (self.ax_img, self.ax_over) = _figure(2, 3.0)
+        self.im_img = self.ax_img.imshow(np.zeros((8, 8, 3)))
+        self.im_over = self.ax_over.imshow(np.zeros((8, 8, 3)))
+        self.update()
+
+    def update(self, prompt: str | None = None, classes: str | None = None, seed: int | None = None):
+        for key, value in dict(prompt=prompt, classes=classes, seed=seed).items():
+            if value is not None:
+                self.state[key] = value
+        image = generate(self.seg.pipe, self.state["prompt"], self.state["seed"], self.steps)
+        names = [c.strip() for c in self.state["classes"].split(",") if c.strip()]
+        r = self.seg.segment(image, names)
+        self.im_img.set_data(np.asarray(image))
+        self.im_over.set_data(np.asarray(r.overlay()))
+        for im in (self.im_img, self.im_over):
+            im.set_extent((-0.5, image.size[0] - 0.5, image.size[1] - 0.5, -0.5))
+        self.ax_img.set_title(self.state["prompt"], fontsize=8)
+        self.ax_over.set_title(", ".join(r.classes), fontsize=8)
+        self._redraw()
+        return r
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(prompt=w.Text(value=self.state["prompt"]), classes=w.Text(value=self.state["classes"]),
+                    seed=w.IntSlider(min=0, max=50, value=self.state["seed"]))
+
+    def widget(self):
+        import ipywidgets as w
+
+        return w.interactive(self.update, {"manual": True}, **self.controls())

@@ -61,8 +61,9 @@ def test_every_shapes_word_is_one_token(shapes_pipe):
         assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1
 
 
-# Measured with the shipped model and its preset on test seeds 2,000,000-2,000,049 (model card).
-REGRESSION_FLOOR = {"refined": 0.0, "raw": 0.0}
+# Measured with the shipped model and its preset on test seeds 2,000,000-2,000,049: raw 38.8,
+# refined (N=10) 83.0 mIoU, discrimination 0.984. The floor sits 5 points under.
+REGRESSION_FLOOR = {"refined": 78.0}
 
 
 def test_refinement_beats_raw_cross_attention_on_50_test_images(shapes_pipe):

@@ -65,7 +65,7 @@ fig = result.show()
         code("""
 # NBVAL_CHECK_OUTPUT
 for k, name in enumerate(result.classes, start=1):
-    print(f"{name:>8}: {(result.labels == k).mean():.3f} of the pixels")
+    print(f"{name:>8}: {(result.labels == k).mean():.2f} of the pixels")
 """),
         md("""
 The result keeps every refinement step (`result.maps`, one map per class per iteration). Here is
@@ -86,13 +86,9 @@ ShowImage(filename=str(gif))
 image path and class names.
 """),
         code("""
-import ipywidgets as w
-
-def show_example(index=1):
-    img, names = example(pipe, index)
-    return seg.segment(img, names).show()
-
-w.interact(show_example, index=w.IntSlider(min=0, max=20, value=1));
+from iseg.explore import ExampleView
+view = ExampleView(seg, index=1)
+view.widget()
 """),
     ],
     "01_cross_attention": [
@@ -158,7 +154,7 @@ plt.tight_layout(); plt.show()
 for t in [50, 100, 400, 800]:
     m = view.map(token=token, resolution=view.resolutions[-1], timestep=t).ravel()
     top = np.sort(m)[::-1][: max(1, m.size // 10)].sum() / m.sum()
-    print(f"t={t:4d}: {top:.2f}")
+    print(f"t={t:4d}: {top:.1f}")
 """),
         md("**Play with it**: token, resolution, head (-1 = mean of heads) and timestep."),
         code("""
@@ -206,7 +202,7 @@ plt.figure(figsize=(3, 3)); plt.imshow(H.reshape(side, side), cmap="magma"); plt
 """),
         code("""
 # NBVAL_CHECK_OUTPUT
-print(f"mean row entropy: {H.mean():.3f} of the maximum")
+print(f"mean row entropy: {H.mean():.2f} of the maximum")
 """),
         md("""
 **Ent-Self** (`iseg.refine.entropy_reduce`): divide every column by its maximum, move every entry
@@ -226,7 +222,8 @@ plt.tight_layout(); plt.show()
         code("""
 # NBVAL_CHECK_OUTPUT
 for lam in lams:
-    print(f"lam={lam:<6}: mean row entropy {row_entropy(entropy_reduce(A, lam)).mean():.3f}, zero entries {(entropy_reduce(A, lam) == 0).double().mean():.3f}")
+    P = entropy_reduce(A, lam)
+    print(f"lam={lam:<6}: mean row entropy {row_entropy(P).mean():.2f}, zero entries {(P == 0).double().mean():.2f}")
 """),
         md("""
 Why it helps: refinement multiplies the class maps by `P` again and again. Rows that spread over
@@ -371,15 +368,14 @@ its own prompt in it: training-free masks for synthetic data.
 """),
         code(SETUP),
         code("""
-import torch
 if pipe.iseg_model_name == "shapes":
     classes = ["star", "circle"]
     prompt = "a red star and a blue circle"
 else:
     classes = ["dog", "ball"]
     prompt = "a photograph of a dog playing with a ball on the grass"
-generator = torch.Generator("cpu").manual_seed(0)
-image = pipe(prompt, num_inference_steps=30, guidance_scale=4.0, generator=generator).images[0]
+from iseg.explore import generate
+image = generate(pipe, prompt, seed=0)   # a seeded pipeline call: 30 DDIM steps, guidance 4
 plt.figure(figsize=(3, 3)); plt.imshow(image); plt.axis("off"); plt.title(prompt, fontsize=9); plt.show()
 """),
         md("Now segment the classes named in the prompt in the generated image:"),
@@ -396,14 +392,9 @@ print(image.size, sorted(set(np.unique(result.labels).tolist()) - {0}))
 with a fixed seed and segments.
 """),
         code("""
-import ipywidgets as w
-
-def generate_and_segment(prompt=prompt, classes=", ".join(classes), seed=0):
-    g = torch.Generator("cpu").manual_seed(seed)
-    img = pipe(prompt, num_inference_steps=30, guidance_scale=4.0, generator=g).images[0]
-    return seg.segment(img, [c.strip() for c in classes.split(",") if c.strip()]).show()
-
-w.interact_manual(generate_and_segment, seed=w.IntSlider(min=0, max=50, value=1));
+from iseg.explore import GenerationView
+view = GenerationView(seg, prompt, classes, seed=1)
+view.widget()
 """),
     ],
 }

@@ -17,12 +17,17 @@ MARK = "# NBVAL_CHECK_OUTPUT"
 
 
 def strip(nb):
+    count = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
+        count += 1
         cell.execution_count = None
         if cell.source.startswith(MARK):
             cell.outputs = [o for o in cell.outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"]
+            for o in cell.outputs:
+                o.pop("execution_count", None)
+            cell.execution_count = count  # nbval only compares cells that were run
         else:
             cell.outputs = []
         cell.metadata.pop("execution", None)
