@@ -11,4 +11,4 @@ test:  ## unit tests and every notebook (nbval)
 	$(PYTHON) -m pytest
 
 lint:
-	$(PYTHON) -m ruff check iseg tests bench
+	$(PYTHON) -m ruff check iseg tests tools

@@ -47,7 +47,7 @@ Stable Diffusion instead; every cell runs unchanged.
         code(SETUP),
         md("An example image and the names of the classes in it (for the shapes model: a test-split image)."),
         code("""
-image, classes = example(pipe, 0)
+image, classes = example(pipe, 8)
 print(classes)
 plt.figure(figsize=(3, 3)); plt.imshow(image); plt.axis("off"); plt.show()
 """),

@@ -162,6 +162,8 @@ def main(argv=None):
     p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.015, 0.1])
     p.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
+    p.add_argument("--random-init", action="store_true",
+                   help="replace the UNet and text encoder by randomly initialised ones (seed 0): the untrained baseline")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     overrides = {}
@@ -173,9 +175,18 @@ def main(argv=None):
             overrides[key] = value
     if "cross_weights" in overrides:
         overrides["cross_weights"] = {int(k): float(v) for k, v in overrides["cross_weights"].items()}
-    seg = ISeg(load_pipeline(args.model, device="cpu"))
+    pipe = load_pipeline(args.model, device="cpu")
+    if args.random_init:
+        import torch
+
+        from .model import make_text_encoder, make_unet
+
+        torch.manual_seed(0)
+        pipe.unet.load_state_dict(make_unet().state_dict())
+        pipe.text_encoder.load_state_dict(make_text_encoder(len(pipe.tokenizer)).state_dict())
+    seg = ISeg(pipe, preset="shapes")
     report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset, **overrides)
-    report["model"] = args.model
+    report["model"] = args.model + (" (random init)" if args.random_init else "")
     text = format_table(report)
     print(text)
     if args.out:
