@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "save_gif", "show_result"]
+__all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "iteration_grid", "save_gif",
+           "show_result"]
 
 
 def palette(count: int = 256) -> np.ndarray:
@@ -85,6 +86,24 @@ def iteration_frames(result, alpha: float = 0.5, iterations: Sequence[int] | Non
         ImageDraw.Draw(frame).text((2, 1), f"iter {i}", fill=(255, 255, 255))
         frames.append(frame)
     return frames
+
+
+def iteration_grid(result, steps: Sequence[int] = (0, 1, 2, 5, 10), cls: int = 0, size: float = 2.0):
+    """A figure: labels after each of ``steps`` iterations (top) and class ``cls``'s map (bottom)."""
+    import matplotlib.pyplot as plt
+
+    steps = [n for n in steps if n <= result.iterations]
+    fig, axes = plt.subplots(2, len(steps), figsize=(size * len(steps), 2.1 * size), squeeze=False)
+    for col, n in enumerate(steps):
+        axes[0, col].imshow(result.overlay(iteration=n))
+        axes[0, col].set_title(f"N={n}", fontsize=9)
+        axes[1, col].imshow(result.scores(n)[cls], cmap="jet", vmin=0, vmax=1)
+    axes[1, 0].set_ylabel(result.classes[cls])
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 250, min_side: int = 128) -> Path:

@@ -157,3 +157,27 @@ def test_fp16_capture_gives_no_nans(tiny_pipe):
     pipe = copy.deepcopy(tiny_pipe).to(torch.bfloat16)
     r = ISeg(pipe, iterations=2).segment(_image(), ["cat", "dog"])
     assert np.isfinite(r.maps).all() and np.isfinite(r.initial).all()
+
+
+def test_result_pictures(tiny_pipe, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from iseg.viz import iteration_frames, iteration_grid, label_png, save_gif
+
+    r = ISeg(tiny_pipe, iterations=3).segment(_image(), ["cat", "dog"])
+    over = r.overlay()
+    assert over.size == (50, 40)
+    fg = r.labels > 0
+    base = (r.image.astype(int))
+    assert np.array_equal(np.asarray(over)[~fg], base[~fg])  # background pixels untouched
+    png = label_png(r.labels)
+    assert png.mode == "P" and np.array_equal(np.asarray(png), r.labels)
+    frames = iteration_frames(r)
+    assert len(frames) == 4
+    gif = save_gif(frames, tmp_path / "a.gif")
+    assert Image.open(gif).n_frames == 4
+    fig = iteration_grid(r, steps=[0, 1, 3, 7])
+    assert len(fig.axes) == 6  # steps beyond the computed iterations are dropped

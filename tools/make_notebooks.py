@@ -255,13 +255,8 @@ print(classes, "| maps:", result.maps.shape, "(iterations + 1, classes, h, w)")
 """),
         md("Every iteration's labels (top) and the first class's map (bottom):"),
         code("""
-steps = [0, 1, 2, 5, 10]
-fig, axes = plt.subplots(2, len(steps), figsize=(2 * len(steps), 4.2))
-for col, n in enumerate(steps):
-    axes[0, col].imshow(result.overlay(iteration=n)); axes[0, col].set_title(f"N={n}", fontsize=9)
-    axes[1, col].imshow(result.scores(n)[0], cmap="jet", vmin=0, vmax=1)
-for ax in axes.ravel(): ax.axis("off")
-plt.tight_layout(); plt.show()
+from iseg.viz import iteration_grid
+fig = iteration_grid(result, steps=[0, 1, 2, 5, 10])
 """),
         md("The same as an animation (written to `outputs/`):"),
         code("""
