@@ -171,6 +171,7 @@ class ISeg:
         self.settings = make_settings(preset, **overrides)
         self._embeddings: dict[tuple[int, ...], torch.Tensor] = {}
         self._plans: dict[tuple, dict] = {}
+        self._prompt_cache: dict = {}  # forward passes kept for interactive prompts
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -468,6 +469,16 @@ class ISeg:
             self_attention=obs.self_attention.cpu().numpy() if s.return_self_attention else None,
             timing={"forward_s": obs.forward_s, "refine_s": refine_s, "total_s": obs.forward_s + refine_s},
         )
+
+    def segment_prompt(self, image, *, points=None, line=None, box=None, text=None, **overrides):
+        """Segment what the user points at, strokes, boxes or describes (method.md §7).
+
+        See ``iseg.interactive.segment_prompt``; the image's forward pass is cached, so further
+        points, lines and boxes on the same image do not run the UNet again.
+        """
+        from .interactive import segment_prompt
+
+        return segment_prompt(self, image, points=points, line=line, box=box, text=text, **overrides)
 
     def __repr__(self) -> str:
         name = getattr(self.pipe, "iseg_model_name", type(self.pipe).__name__)

@@ -1,0 +1,201 @@
+"""Interactive prompts (method.md §7): segment what a user points at, strokes, boxes or describes.
+
+One forward pass per image is cached; every further point, line or box on the same image reuses
+its self-attention and costs only the refinement (a text prompt needs the cross-attention of its
+own words, so a new description runs the UNet once more).
+
+    seg = iseg.ISeg(iseg.load_pipeline("shapes"))
+    r = seg.segment_prompt(image, points=[(30, 40)])       # (x, y) in image pixels
+    r.mask                                                  # (H, W) bool
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import refine as R
+from .images import Geometry, load_image, to_original
+from .presets import PRESETS, Settings
+from .prompts import Prompt, make_prompt
+
+__all__ = ["PromptResult", "point_cells", "line_cells", "box_cells", "segment_prompt"]
+
+KINDS = ("points", "line", "box", "text")
+
+
+@dataclass
+class PromptResult:
+    """What ``ISeg.segment_prompt`` returns."""
+
+    mask: np.ndarray  # (H, W) bool at the image's size
+    score: np.ndarray  # (H, W) float in [0, 1], the final map the mask thresholds
+    maps: np.ndarray  # (iterations + 1, h, w) combined map after each refinement step
+    initial: np.ndarray  # (h, w) the initial map on the attention grid (columns averaged)
+    kind: str
+    image: np.ndarray  # (H, W, 3) uint8
+    settings: Settings
+
+    def overlay(self, alpha: float = 0.5):
+        from .viz import overlay
+
+        return overlay(self.image, self.mask.astype(np.int64), alpha=alpha)
+
+
+def _grid_side(geometry: Geometry) -> tuple[float, float]:
+    """Image pixels per unit of the square the model saw, along y and x."""
+    if geometry.aspect == "pad":
+        return float(geometry.side), float(geometry.side)
+    return float(geometry.height), float(geometry.width)
+
+
+def _check_xy(p, geometry: Geometry, what: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in p)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an (x, y) pair of pixel coordinates, got {p!r}") from None
+    if not (0 <= x < geometry.width and 0 <= y < geometry.height) or not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"{what} {p!r} lies outside the {geometry.width}x{geometry.height} image "
+                         f"(x must be in [0, {geometry.width}), y in [0, {geometry.height}))")
+    return x, y
+
+
+def _cell(x: float, y: float, geometry: Geometry, side: int) -> int:
+    span_y, span_x = _grid_side(geometry)
+    return min(side - 1, int(side * y / span_y)) * side + min(side - 1, int(side * x / span_x))
+
+
+def point_cells(points, geometry: Geometry, side: int) -> list[int]:
+    """Grid cell of every point, ``(x, y)`` pairs in image pixels (one column each)."""
+    if points is None or len(points) == 0:
+        raise ValueError("points is empty; give at least one (x, y) pair")
+    if len(points) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) for v in points):
+        points = [points]  # one bare (x, y) pair
+    return [_cell(*_check_xy(p, geometry, f"point {i}"), geometry, side) for i, p in enumerate(points)]
+
+
+def line_cells(line, geometry: Geometry, side: int) -> list[int]:
+    """Every distinct grid cell a stroke through ``line``'s (x, y) points passes, in order."""
+    if line is None or len(line) == 0:
+        raise ValueError("the line is empty; give the stroke as a list of (x, y) points")
+    pts = [_check_xy(p, geometry, f"line point {i}") for i, p in enumerate(line)]
+    span_y, span_x = _grid_side(geometry)
+    step = 0.25 * min(span_x, span_y) / side  # a quarter of a cell: no cell is skipped
+    cells: list[int] = []
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
+        count = max(1, int(math.ceil(math.hypot(x1 - x0, y1 - y0) / step)))
+        for k in range(count + 1):
+            t = k / count
+            c = _cell(x0 + t * (x1 - x0), y0 + t * (y1 - y0), geometry, side)
+            if c not in cells:
+                cells.append(c)
+    return cells
+
+
+def box_cells(box, geometry: Geometry, side: int) -> np.ndarray:
+    """``(side*side,)`` 0/1 map of the cells inside ``box = (x0, y0, x1, y1)`` (image pixels)."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}") from None
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"degenerate box {box!r}: needs x1 > x0 and y1 > y0")
+    _check_xy((x0, y0), geometry, "box corner")
+    _check_xy((min(x1, geometry.width) - 1e-6, min(y1, geometry.height) - 1e-6), geometry, "box corner")
+    if x1 > geometry.width or y1 > geometry.height:
+        raise ValueError(f"box {box!r} reaches outside the {geometry.width}x{geometry.height} image")
+    span_y, span_x = _grid_side(geometry)
+    r0, r1 = int(side * y0 / span_y), min(side - 1, int(math.ceil(side * y1 / span_y)) - 1)
+    c0, c1 = int(side * x0 / span_x), min(side - 1, int(math.ceil(side * x1 / span_x)) - 1)
+    grid = np.zeros((side, side), np.float32)
+    grid[r0 : max(r0, r1) + 1, c0 : max(c0, c1) + 1] = 1
+    return grid.reshape(-1)
+
+
+def _descriptions(text) -> list[str]:
+    parts = [text] if isinstance(text, str) else list(text)
+    out = [" ".join(p.split()) for item in parts for p in str(item).split(";")]
+    out = [p for p in out if p]
+    if not out:
+        raise ValueError("the text prompt is empty; describe what to segment, several descriptions separated by ';'")
+    return out
+
+
+def _empty_prompt(tokenizer) -> Prompt:
+    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
+    return Prompt(text="", classes=(), input_ids=tuple(ids), spans=())
+
+
+def _observation(seg, arr: np.ndarray, prompt: Prompt, s: Settings, need_text: bool):
+    digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape)
+    forward_key = (digest, s.image_size, s.aspect, s.timestep, s.seed, s.gamma)
+    cache = seg._prompt_cache
+    if not need_text:  # any pass over this image has the self-attention we need
+        for key, obs in cache.items():
+            if key[0] == forward_key:
+                return obs
+    key = (forward_key, prompt.input_ids)
+    if key not in cache:
+        size = seg.image_size(s)
+        cache[key] = seg._observe_batch([arr], [prompt], s, size, names=["image"])[0]
+        while len(cache) > 16:  # keep the last few images only
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
+    """Segment one object from points, a line, a box or text descriptions (exactly one kind).
+
+    Coordinates are ``(x, y)`` in image pixels; ``box`` is ``(x0, y0, x1, y1)``. Several points
+    (or descriptions separated by ';') are combined. Refinement uses the ``interactive`` preset's
+    ``lam``, ``iterations``, ``clamp_max`` and ``threshold`` unless overridden.
+    """
+    given = {k: v for k, v in dict(points=points, line=line, box=box, text=text).items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one kind of prompt ({', '.join(KINDS)}); got {sorted(given) or 'none'}")
+    kind, value = next(iter(given.items()))
+    interactive = {k: PRESETS["interactive"][k] for k in ("lam", "iterations", "clamp_max", "threshold", "clustering")}
+    s = seg.with_settings(**{**interactive, **overrides})
+    arr = load_image(image)
+    tok = seg.pipe.tokenizer
+    if kind == "text":
+        descriptions = _descriptions(value)
+        prompt = make_prompt(tok, ", ".join(descriptions), descriptions)
+    else:
+        prompt = _empty_prompt(tok)
+    obs = _observation(seg, arr, prompt, s, need_text=kind == "text")
+    side, geometry = obs.grid, obs.geometry
+    n = side * side
+    device = obs.self_attention.device
+    if kind == "text":
+        x = R.aggregate_cross_attention({r: a[None] for r, a in obs.cross.items()}, obs.weights, side)[0]
+        cols = R.class_maps(x, prompt.spans)  # (n, K)
+        lo, hi = cols.amin(0, keepdim=True), cols.amax(0, keepdim=True)
+        cols = (cols - lo) / (hi - lo).clamp_min(torch.finfo(cols.dtype).tiny)
+    elif kind == "box":
+        cols = torch.from_numpy(box_cells(value, geometry, side)).to(device)[:, None]
+    else:
+        cells = point_cells(value, geometry, side) if kind == "points" else line_cells(value, geometry, side)
+        cols = torch.zeros(n, len(cells), device=device)
+        cols[cells, torch.arange(len(cells))] = 1
+    P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
+    steps = R.refine(cols.float(), P, s.iterations)  # (N+1, n, K)
+    steps = steps / steps.amax(-2, keepdim=True).clamp_min(torch.finfo(steps.dtype).tiny)
+    combined = steps.mean(-1)
+    combined = combined / combined.amax(-1, keepdim=True).clamp_min(torch.finfo(combined.dtype).tiny)
+    maps = combined.reshape(-1, side, side)
+    score = to_original(maps[-1], geometry, obs.size).clamp(0, 1)
+    initial = cols.float().mean(-1).reshape(side, side)
+    return PromptResult(
+        mask=(score > s.threshold).cpu().numpy(),
+        score=score.cpu().numpy(),
+        maps=maps.cpu().numpy(),
+        initial=initial.cpu().numpy(),
+        kind=kind,
+        image=obs.image,
+        settings=s,
+    )
