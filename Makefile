@@ -12,3 +12,6 @@ test:  ## unit tests and every notebook (nbval)
 
 lint:
 	$(PYTHON) -m ruff check iseg tests tools
+
+app:  ## the interactive notebook as a standalone web app (http://localhost:8866)
+	$(PYTHON) -m voila notebooks/06_interactive.ipynb --no-browser --port 8866

@@ -57,6 +57,7 @@ class PromptWidget:
 
         with plt.ioff():
             self.fig, self.ax = plt.subplots(figsize=(4, 4))
+        self.fig.subplots_adjust(0, 0, 1, 1)  # the image fills the canvas: canvas pixels map linearly to image pixels
         self.ax.set_xticks([])
         self.ax.set_yticks([])
         self.image_artist = self.ax.imshow(np.zeros((8, 8, 3)))
