@@ -203,8 +203,12 @@ class ISeg:
     def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
         """Cat-Cross text embedding ``(1, window, dim)``; the encoder's output is cached per prompt."""
         key = prompt.input_ids
-        if key not in self._embeddings:
+        if key in self._embeddings:
+            self._embeddings[key] = self._embeddings.pop(key)  # most recently used last
+        else:
             self._embeddings[key] = encode_prompt(self.pipe.text_encoder, key, self.pipe.text_encoder.device)
+            while len(self._embeddings) > 256:  # a dataset run has one prompt per class set
+                self._embeddings.pop(next(iter(self._embeddings)))
         return cat_cross(self._embeddings[key], prompt.spans, gamma).to(self.device, self.pipe.unet.dtype)
 
     # -- which layers to read ------------------------------------------------------------------
@@ -368,10 +372,10 @@ class ISeg:
         ``lam``, ``iterations`` or the background rule never re-run the UNet.
         """
         s = self.with_settings(**overrides)
-        items, many = _as_list(images)
+        items = _as_list(images)[0]
         if not items:
             raise ValueError("no images given")
-        per_image = self._classes_per_image(classes, len(items), many)
+        per_image = self._classes_per_image(classes, len(items))
         size = self.image_size(s)
         if size % self.vae_scale:
             raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
@@ -399,7 +403,7 @@ class ISeg:
         return results if many else results[0]
 
     @staticmethod
-    def _classes_per_image(classes, count: int, many: bool) -> list[tuple[str, ...]]:
+    def _classes_per_image(classes, count: int) -> list[tuple[str, ...]]:
         if isinstance(classes, str):
             raise TypeError(f"classes must be a list of names, not one string {classes!r}; e.g. ['cat', 'dog']")
         classes = list(classes)
