@@ -1,0 +1,167 @@
+"""Speed and memory of a segmentation against its hardware floor: ``python -m iseg.bench``.
+
+    python -m iseg.bench --model shapes --batch-sizes 1 8 16
+    python -m iseg.bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
+
+For every batch size it measures (median of ``--repeats`` after one warm-up, same process):
+VAE encode (posterior mean), UNet forward with SDPA everywhere, the full ``segment`` per image,
+the refinement alone, and peak memory (CUDA max allocated, or the process's peak RSS on a CPU).
+The ratio ``segment / (VAE encode + UNet SDPA)`` says how close a segmentation comes to the two
+passes it cannot avoid. Timing does not depend on the weights, so the SD architecture is built
+from its configuration with random weights when the real ones are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["sd21_base_architecture", "run_bench", "main"]
+
+
+def sd21_base_architecture(device, dtype):
+    """A pipeline with SD 2.1-base's architecture and random weights (no download)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .shapes.model import make_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+        use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+    ))
+    # timing does not depend on the vocabulary: the shapes word tokenizer with SD's 77-token window
+    tokenizer = make_tokenizer(max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device, dtype)
+    pipe.iseg_model_name = "sd21-base architecture (random weights)"
+    pipe.iseg_default_preset = None
+    return pipe
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return peak_kb / 1024
+
+
+def run_bench(seg, batch_sizes, repeats: int = 5, classes=("circle", "star")) -> list[dict]:
+    """Measure every step at each batch size; one row per batch size."""
+    return [_bench_batch(seg, b, repeats, list(classes)) for b in batch_sizes]
+
+
+@torch.no_grad()
+def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
+    from . import refine as R
+
+    pipe = seg.pipe
+    device = pipe.unet.device
+    size = seg.image_size()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(b)]
+    pixels = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+    prompt = seg.prompt_for(classes)
+    emb = seg.embedding(prompt, seg.settings.gamma).expand(b, -1, -1).contiguous()
+    z0 = seg.encode_images(pixels)
+    z_t, t = seg.noisy_latents(z0)
+    vae_s = _timed(lambda: seg.encode_images(pixels), device, repeats)
+    unet_s = _timed(lambda: pipe.unet(z_t, t, encoder_hidden_states=emb, return_dict=False), device, repeats)
+    segment_s = _timed(lambda: seg.segment(images, classes, progress=False), device, repeats)
+    n = seg.plan(z0.shape[-1])["self_resolution"] ** 2
+    attn = torch.rand(b, n, n, device=device).softmax(-1)
+    maps = torch.rand(b, n, len(classes), device=device)
+    refine_s = _timed(lambda: R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations),
+                      device, repeats)
+    return {
+        "batch": b, "vae_encode_ms": 1000 * vae_s / b, "unet_sdpa_ms": 1000 * unet_s / b,
+        "segment_ms": 1000 * segment_s / b, "refine_ms": 1000 * refine_s / b,
+        "ratio": segment_s / (vae_s + unet_s), "images_per_s": b / segment_s, "peak_memory_mb": _peak_memory_mb(device),
+    }
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = "| batch | VAE encode ms/img | UNet SDPA ms/img | segment ms/img | refine ms/img | segment / (VAE + UNet) | images/s | peak MB |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['vae_encode_ms']:.1f} | {r['unet_sdpa_ms']:.1f} | {r['segment_ms']:.1f} | "
+                     f"{r['refine_ms']:.2f} | {r['ratio']:.2f} | {r['images_per_s']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    from .loading import load_pipeline, resolve_device
+    from .segmenter import ISeg
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes", help="shapes, sd21-arch (random weights) or anything load_pipeline takes")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_pipeline(args.model, device, dtype)
+    seg = ISeg(pipe) if args.model != "sd21-arch" else ISeg(pipe, preset="wsss-voc", clustering=False)
+    rows = run_bench(seg, args.batch_sizes, args.repeats)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    report = {"model": pipe.iseg_model_name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
+              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats, "rows": rows}
+    print(f"{report['model']} on {hardware}, {dtype}, {seg.image_size()}x{seg.image_size()}, median of {args.repeats}")
+    print(format_rows(rows))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
