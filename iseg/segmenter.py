@@ -253,7 +253,7 @@ class ISeg:
             if s.self_layers == "auto" and self_r == latent_side:
                 try:
                     self_layers = select_layers(unet, "self", [self_r], latent_side, names=REFERENCE_SELF)
-                except ValueError:
+                except ValueError:  # not an SD-shaped UNet: every self-attention layer at that resolution
                     pass
         self_heads = s.self_heads
         if self_heads == "reference":
