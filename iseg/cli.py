@@ -18,28 +18,6 @@ from tqdm.auto import tqdm
 __all__ = ["main"]
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(items) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = _parse_value(value)
-    if isinstance(out.get("cross_weights"), dict):
-        out["cross_weights"] = {int(k): float(v) for k, v in out["cross_weights"].items()}
-    for key in ("background_words", "extra_words", "self_heads"):
-        if isinstance(out.get(key), list):
-            out[key] = tuple(out[key])
-    return out
-
-
 def _classes_for(images: list[Path], classes: str | None, classes_file: Path | None) -> list[list[str]]:
     if (classes is None) == (classes_file is None):
         raise SystemExit("give the class names with --classes a,b,c or --classes-file FILE.json (one of the two)")
@@ -58,6 +36,7 @@ def _classes_for(images: list[Path], classes: str | None, classes_file: Path | N
 
 def segment_command(args) -> int:
     from . import ISeg, load_pipeline
+    from .presets import parse_overrides
     from .viz import iteration_frames, label_png, save_gif
 
     images = [Path(p) for p in args.images]
@@ -65,7 +44,7 @@ def segment_command(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, device=args.device)
-    seg = ISeg(pipe, preset=args.preset, **_overrides(args.set))
+    seg = ISeg(pipe, preset=args.preset, **parse_overrides(args.set))
     print(f"iseg: {seg}", file=sys.stderr)
     for path, names in tqdm(list(zip(images, per_image)), desc="segment", unit="img"):
         t0 = time.perf_counter()

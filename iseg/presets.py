@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from .prompts import COCO_BACKGROUND, VOC_BACKGROUND
 
-__all__ = ["Settings", "PRESETS", "register_preset", "make_settings"]
+__all__ = ["Settings", "PRESETS", "register_preset", "make_settings", "parse_overrides"]
 
 
 @dataclass(frozen=True)
@@ -143,3 +143,28 @@ def _validate(s: Settings) -> None:
         need(s.cross_heads == "reference-voc", f"cross_heads must be None, 'reference-voc' or {{r: positions}}, got {s.cross_heads!r}")
     if isinstance(s.self_heads, str):
         need(s.self_heads == "reference", f"self_heads must be None, 'reference' or a list of heads, got {s.self_heads!r}")
+
+
+def parse_overrides(items) -> dict:
+    """``["lam=0.1", "cross_weights={\"16\": 1}"]`` (command-line ``--set``) -> setting overrides.
+
+    Values are read as JSON where they parse, else kept as strings; lists become tuples and the
+    keys of ``cross_weights`` become integer resolutions.
+    """
+    import json
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    if isinstance(out.get("cross_weights"), dict):
+        out["cross_weights"] = {int(k): float(v) for k, v in out["cross_weights"].items()}
+    for key, value in out.items():
+        if isinstance(value, list):
+            out[key] = tuple(value)
+    return out

@@ -181,3 +181,15 @@ def test_result_pictures(tiny_pipe, tmp_path):
     assert Image.open(gif).n_frames == 4
     fig = iteration_grid(r, steps=[0, 1, 3, 7])
     assert len(fig.axes) == 6  # steps beyond the computed iterations are dropped
+
+
+def test_parse_overrides_from_the_command_line():
+    from iseg.presets import parse_overrides
+
+    out = parse_overrides(["lam=0.1", "iterations=5", 'cross_weights={"16": 0.3, "8": 0.7}', "background=threshold",
+                           'background_words=["sky", "sea"]'])
+    assert out == {"lam": 0.1, "iterations": 5, "cross_weights": {16: 0.3, 8: 0.7}, "background": "threshold",
+                   "background_words": ("sky", "sea")}
+    assert make_settings(**out).background_words == ("sky", "sea")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["lam"])

@@ -151,6 +151,7 @@ def format_table(report: dict) -> str:
 
 def main(argv=None):
     from ..loading import load_pipeline
+    from ..presets import parse_overrides
     from ..segmenter import ISeg
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,15 +167,7 @@ def main(argv=None):
                    help="replace the UNet and text encoder by randomly initialised ones (seed 0): the untrained baseline")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    if "cross_weights" in overrides:
-        overrides["cross_weights"] = {int(k): float(v) for k, v in overrides["cross_weights"].items()}
+    overrides = parse_overrides(args.set)
     pipe = load_pipeline(args.model, device="cpu")
     if args.random_init:
         import torch
