@@ -193,3 +193,31 @@ def test_parse_overrides_from_the_command_line():
     assert make_settings(**out).background_words == ("sky", "sea")
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["lam"])
+
+
+def test_reading_only_the_planned_layers_equals_capturing_everything(tiny_pipe):
+    # The fast path captures only the layers the settings read and averages heads inside the
+    # processor; the plain path captures every layer head by head. Same maps and labels.
+    from iseg import refine as R
+    from iseg.images import load_image, prepare, to_original
+    from iseg.masks import maps_to_labels, minmax
+
+    seg = ISeg(tiny_pipe, iterations=3, clustering=False)
+    image, classes = _image(5), ["cat", "dog"]
+    fast = seg.segment(image, classes)
+    trace = seg.trace(image, classes, per_head=True)
+    plan = seg.plan(trace.latent_side)
+    cross = {}
+    for r, layers in plan["cross"].items():
+        heads = torch.cat([trace.store.heads(layer.name) for layer in layers], dim=1)  # (1, all heads, n, T)
+        cross[r] = heads.mean(1)
+    self_heads = torch.cat([trace.store.heads(layer.name) for layer in plan["self"]], dim=1).mean(1)
+    x = R.aggregate_cross_attention(cross, plan["weights"], plan["self_resolution"])
+    m = R.class_maps(x[0], trace.prompt.spans)
+    steps = R.refine(m, R.entropy_reduce(self_heads[0], seg.settings.lam), 3)
+    side = plan["self_resolution"]
+    maps = steps.transpose(-1, -2).reshape(4, 2, side, side)
+    geometry = prepare(load_image(image), seg.image_size(), "stretch")[1]
+    labels = maps_to_labels(minmax(to_original(maps[-1], geometry, seg.image_size())), "power")
+    assert np.allclose(maps.numpy(), fast.maps, atol=1e-4)
+    assert np.array_equal(labels.numpy(), fast.labels)
