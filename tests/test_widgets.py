@@ -75,3 +75,19 @@ def test_text_and_sliders(widget):
     widget.text.value = ""
     assert widget.run() is None  # nothing to segment yet
     assert widget.show().children
+
+
+def test_upload_replaces_the_image(widget):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, format="PNG")
+    widget._on_upload({"new": ({"name": "red.png", "content": memoryview(buf.getvalue())},)})
+    assert widget.array.shape == (30, 40, 3) and widget.result is None
+    assert np.asarray(widget.image_artist.get_array()).shape == (30, 40, 3)
+    widget.mode.value = "point"
+    widget.on_press(_event(widget, 20, 15))
+    assert widget.result.mask.shape == (30, 40)
+    widget.set_image(widget.sample.image)  # leave the shared widget as the other tests expect
