@@ -172,16 +172,20 @@ class AttentionStore:
         return {r: sums[r] / counts[r] for r in sorted(sums)}
 
     def record(self, name: str, probs: torch.Tensor, per_head: bool, accumulate: bool) -> None:
+        """Store ``(B, heads, n_query, n_key)`` probabilities, per head or as their sum."""
         if per_head:
             value = probs
             if accumulate and name in self.per_head:
                 value = self.per_head[name] + value
             self.per_head[name] = value
             return
-        value, count = probs.sum(1), probs.shape[1]
+        self.record_sum(name, probs.sum(1), probs.shape[1], accumulate)
+
+    def record_sum(self, name: str, total: torch.Tensor, count: int, accumulate: bool) -> None:
+        """Store the sum ``(B, n_query, n_key)`` of ``count`` heads' probabilities."""
         if accumulate and name in self.sums:
-            value, count = self.sums[name] + value, self.counts[name] + count
-        self.sums[name] = value
+            total, count = self.sums[name] + total, self.counts[name] + count
+        self.sums[name] = total
         self.counts[name] = count
 
 
@@ -209,6 +213,14 @@ class CaptureProcessor:
         self.per_head = per_head
         self.keep_grad = keep_grad
         self.accumulate = accumulate
+
+    @staticmethod
+    def _probs(attn, query, key, attention_mask):
+        # fp32 scores and softmax: fp16 logits of 4096x4096 self-attention can overflow
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        return scores.softmax(dim=-1)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -244,18 +256,28 @@ class CaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # fp32 scores and softmax: fp16 logits of 4096x4096 self-attention can overflow
-        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(dim=-1)
-        out = (probs.to(value.dtype) @ value).transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-
-        if self.heads is not None:
-            if max(self.heads) >= attn.heads or min(self.heads) < -attn.heads:
-                raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
-            probs = probs[:, self.heads]
-        self.store.record(self.name, probs if self.keep_grad else probs.detach(), self.per_head, self.accumulate)
+        if self.heads is not None and (max(self.heads) >= attn.heads or min(self.heads) < -attn.heads):
+            raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
+        if self.per_head:
+            probs = self._probs(attn, query, key, attention_mask)
+            out = probs.to(value.dtype) @ value
+            if self.heads is not None:
+                probs = probs[:, self.heads]
+            self.store.record(self.name, probs if self.keep_grad else probs.detach(), True, self.accumulate)
+        else:
+            # one head at a time: the (B, heads, n, n) probabilities of a 4096-pixel layer are never
+            # held at once, only the running sum of the selected heads
+            chosen = set(range(attn.heads)) if self.heads is None else {h % attn.heads for h in self.heads}
+            outs, total = [], None
+            for h in range(attn.heads):
+                mask_h = None if attention_mask is None else attention_mask[:, h : h + 1]
+                p = self._probs(attn, query[:, h : h + 1], key[:, h : h + 1], mask_h)
+                outs.append(p.to(value.dtype) @ value[:, h : h + 1])
+                if h in chosen:
+                    total = p[:, 0] if total is None else total + p[:, 0]
+            out = torch.cat(outs, dim=1)
+            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), len(chosen), self.accumulate)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
 
         out = attn.to_out[0](out.to(query.dtype))
         out = attn.to_out[1](out)

@@ -371,24 +371,7 @@ class ISeg:
         the prompt). ``decode`` turns it into a result for any post-forward settings, so sliders on
         ``lam``, ``iterations`` or the background rule never re-run the UNet.
         """
-        s = self.with_settings(**overrides)
-        items = _as_list(images)[0]
-        if not items:
-            raise ValueError("no images given")
-        per_image = self._classes_per_image(classes, len(items))
-        size = self.image_size(s)
-        if size % self.vae_scale:
-            raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
-        prompts = [self.prompt_for(c, s) for c in per_image]
-        out = []
-        show = progress if progress is not None else len(items) > s.batch_size
-        with tqdm(total=len(items), desc="iseg", unit="img", disable=not show) as bar:
-            for start in range(0, len(items), s.batch_size):
-                chunk = range(start, min(start + s.batch_size, len(items)))
-                out.extend(self._observe_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
-                                               names=[_name_of(items[i], i) for i in chunk]))
-                bar.update(len(chunk))
-        return out
+        return [obs for batch in self._batches(images, classes, progress, overrides) for obs in batch]
 
     def segment(self, images, classes, progress: bool | None = None, **overrides):
         """Segment one image or a list of images into ``classes``.
@@ -398,9 +381,28 @@ class ISeg:
         change any setting for this call only.
         """
         many = _as_list(images)[1]
-        observations = self.observe(images, classes, progress=progress, **overrides)
-        results = [self.decode(o, **overrides) for o in observations]
+        # decode batch by batch: a batch's attention maps are freed before the next forward pass
+        results = [self.decode(o, **overrides) for batch in self._batches(images, classes, progress, overrides)
+                   for o in batch]
         return results if many else results[0]
+
+    def _batches(self, images, classes, progress, overrides):
+        s = self.with_settings(**overrides)
+        items = _as_list(images)[0]
+        if not items:
+            raise ValueError("no images given")
+        per_image = self._classes_per_image(classes, len(items))
+        size = self.image_size(s)
+        if size % self.vae_scale:
+            raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
+        prompts = [self.prompt_for(c, s) for c in per_image]
+        show = progress if progress is not None else len(items) > s.batch_size
+        with tqdm(total=len(items), desc="iseg", unit="img", disable=not show) as bar:
+            for start in range(0, len(items), s.batch_size):
+                chunk = range(start, min(start + s.batch_size, len(items)))
+                yield self._observe_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
+                                          names=[_name_of(items[i], i) for i in chunk])
+                bar.update(len(chunk))
 
     @staticmethod
     def _classes_per_image(classes, count: int) -> list[tuple[str, ...]]:
