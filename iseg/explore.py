@@ -40,6 +40,13 @@ def _figure(panels: int, size: float = 2.6):
     return fig, list(axes[0])
 
 
+def _set_picture(artist, picture) -> None:
+    """Show ``picture`` in an ``AxesImage`` whose size may change (the extent follows it)."""
+    picture = np.asarray(picture)
+    artist.set_data(picture)
+    artist.set_extent((-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5))
+
+
 class _View:
     def widget(self):
         """ipywidgets controls that call ``update``; display it next to ``self.fig``."""
@@ -265,10 +272,8 @@ class ExampleView(_View):
             self.index = index
         image, classes = example(self.seg.pipe, self.index)
         r = self.seg.segment(image, classes)
-        self.im_img.set_data(r.image)
-        self.im_over.set_data(np.asarray(r.overlay()))
-        for im in (self.im_img, self.im_over):
-            im.set_extent((-0.5, r.image.shape[1] - 0.5, r.image.shape[0] - 0.5, -0.5))
+        _set_picture(self.im_img, r.image)
+        _set_picture(self.im_over, r.overlay())
         self.ax_img.set_title(f"example {self.index}", fontsize=9)
         self.ax_over.set_title(", ".join(r.classes), fontsize=9)
         self._redraw()
@@ -306,10 +311,8 @@ class GenerationView(_View):
         image = generate(self.seg.pipe, self.state["prompt"], self.state["seed"], self.steps)
         names = [c.strip() for c in self.state["classes"].split(",") if c.strip()]
         r = self.seg.segment(image, names)
-        self.im_img.set_data(np.asarray(image))
-        self.im_over.set_data(np.asarray(r.overlay()))
-        for im in (self.im_img, self.im_over):
-            im.set_extent((-0.5, image.size[0] - 0.5, image.size[1] - 0.5, -0.5))
+        _set_picture(self.im_img, image)
+        _set_picture(self.im_over, r.overlay())
         self.ax_img.set_title(self.state["prompt"], fontsize=8)
         self.ax_over.set_title(", ".join(r.classes), fontsize=8)
         self._redraw()

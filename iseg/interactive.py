@@ -20,6 +20,7 @@ import torch
 
 from . import refine as R
 from .images import Geometry, load_image, to_original
+from .masks import minmax
 from .presets import PRESETS, Settings
 from .prompts import Prompt, make_prompt
 
@@ -47,7 +48,7 @@ class PromptResult:
 
 
 def _grid_side(geometry: Geometry) -> tuple[float, float]:
-    """Image pixels per unit of the square the model saw, along y and x."""
+    """How many image pixels the model's square spans along y and x (the padded side with "pad")."""
     if geometry.aspect == "pad":
         return float(geometry.side), float(geometry.side)
     return float(geometry.height), float(geometry.width)
@@ -105,7 +106,6 @@ def box_cells(box, geometry: Geometry, side: int) -> np.ndarray:
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"degenerate box {box!r}: needs x1 > x0 and y1 > y0")
     _check_xy((x0, y0), geometry, "box corner")
-    _check_xy((min(x1, geometry.width) - 1e-6, min(y1, geometry.height) - 1e-6), geometry, "box corner")
     if x1 > geometry.width or y1 > geometry.height:
         raise ValueError(f"box {box!r} reaches outside the {geometry.width}x{geometry.height} image")
     span_y, span_x = _grid_side(geometry)
@@ -174,8 +174,7 @@ def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, *
     if kind == "text":
         x = R.aggregate_cross_attention({r: a[None] for r, a in obs.cross.items()}, obs.weights, side)[0]
         cols = R.class_maps(x, prompt.spans)  # (n, K)
-        lo, hi = cols.amin(0, keepdim=True), cols.amax(0, keepdim=True)
-        cols = (cols - lo) / (hi - lo).clamp_min(torch.finfo(cols.dtype).tiny)
+        cols = minmax(cols.T.reshape(-1, side, side)).reshape(-1, n).T
     elif kind == "box":
         cols = torch.from_numpy(box_cells(value, geometry, side)).to(device)[:, None]
     else:

@@ -15,6 +15,7 @@ import io
 
 import numpy as np
 
+from .explore import _set_picture
 from .images import load_image
 
 __all__ = ["PromptWidget"]
@@ -72,10 +73,8 @@ class PromptWidget:
     def set_image(self, image):
         self.array = (load_image(image) * 255).round().astype(np.uint8)
         h, w = self.array.shape[:2]
-        self.image_artist.set_data(self.array)
-        self.mask_artist.set_data(np.zeros((h, w, 4)))
-        for artist in (self.image_artist, self.mask_artist):
-            artist.set_extent((-0.5, w - 0.5, h - 0.5, -0.5))
+        _set_picture(self.image_artist, self.array)
+        _set_picture(self.mask_artist, np.zeros((h, w, 4)))
         self.ax.set_xlim(-0.5, w - 0.5)
         self.ax.set_ylim(h - 0.5, -0.5)
         self.clear()
