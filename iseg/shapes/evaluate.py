@@ -40,6 +40,10 @@ def to_dataset_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return lut[labels]
 
 
+def _label_order(names) -> list[str]:
+    return [c for c in CLASSES if c in names]
+
+
 def _seeds(split: str, count: int, offset: int = 0) -> list[int]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -105,7 +109,8 @@ def evaluate(
         bar = tqdm(total=len(samples), desc=f"eval t={t}", disable=not progress)
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            obs = seg.observe([s.image for s in chunk], [list(s.classes) for s in chunk], progress=False,
+            # image-level labels in label order, as every dataset reader gives them (iseg.datasets)
+            obs = seg.observe([s.image for s in chunk], [_label_order(s.classes) for s in chunk], progress=False,
                               timestep=t, **overrides)
             for o, s in zip(obs, chunk):
                 for li, lam in enumerate(lams):
