@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "iteration_grid", "save_gif",
-           "show_result"]
+           "show_result", "plot_class_iou", "show_predictions"]
 
 
 def palette(count: int = 256) -> np.ndarray:
@@ -134,5 +134,49 @@ def show_result(result, iterations: Sequence[int] | None = None, figsize_per: fl
         ax.set_title(name)
     for ax in axes:
         ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_iou(metrics: dict, ax=None, title: str | None = None):
+    """Horizontal bars of the per-class IoU in an ``iseg-eval`` metrics dict; classes absent from
+    the ground truth and never predicted (IoU undefined) are left out. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    items = [(name, v) for name, v in metrics["iou_per_class"].items() if v is not None]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 0.25 * len(items) + 0.8))
+    names = [n for n, _ in items][::-1]
+    values = [v for _, v in items][::-1]
+    colours = palette(len(metrics["iou_per_class"]))
+    index = {n: k for k, n in enumerate(metrics["iou_per_class"])}
+    ax.barh(names, values, color=[colours[index[n]] / 255 if index[n] else (0.6, 0.6, 0.6) for n in names])
+    ax.axvline(metrics["miou"], color="k", lw=1, ls="--", label=f"mIoU {metrics['miou']:.1f}")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or f"{metrics['dataset']} {metrics['split']}: per-class IoU", fontsize=9)
+    return ax
+
+
+def show_predictions(dataset, run_dir, ids: Sequence[str], scores: dict | None = None, size: float = 2.0):
+    """Image, ground truth and the saved pseudo-mask (``RUN/masks/<id>.png``) of each id, one row each."""
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    fig, axes = plt.subplots(len(ids), 3, figsize=(3 * size, size * len(ids)), squeeze=False)
+    for row, i in zip(axes, ids):
+        item = dataset.load(i)
+        pred = np.array(Image.open(run_dir / "masks" / f"{i}.png"))
+        gt = np.where(item.label == 255, 0, item.label)
+        row[0].imshow(item.image)
+        row[1].imshow(overlay(item.image, gt))
+        row[2].imshow(overlay(item.image, pred))
+        label = f"{i}" + (f"  mIoU {100 * scores[i]:.0f}" if scores and i in scores else "")
+        row[0].set_title(label, fontsize=8)
+        row[1].set_title("ground truth", fontsize=8)
+        row[2].set_title("prediction", fontsize=8)
+        for ax in row:
+            ax.axis("off")
     fig.tight_layout()
     return fig

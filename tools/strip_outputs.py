@@ -8,12 +8,14 @@ the few cells that print deterministic numbers keep their text output so that CI
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import nbformat as nbf
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 MARK = "# NBVAL_CHECK_OUTPUT"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see conftest.py
 
 
 def strip(nb):
