@@ -22,7 +22,6 @@ counts) and ``results.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -76,41 +75,11 @@ def default_split(dataset: str, task: str) -> str:
 
 # -- image-level labels --------------------------------------------------------------------------
 def read_label_file(path, dataset: SegmentationDataset) -> dict[str, tuple[str, ...]]:
-    """Image-level labels from JSON (``{id: [names]}``) or CSV (``id,name;name`` per row).
+    """Image-level labels from JSON (``{id: [names]}``) or CSV (``id,name;name`` per row), checked
+    against the dataset's classes and returned in its label order (``iseg.labels.read_labels_file``)."""
+    from .labels import read_labels_file
 
-    Every name must be a class of ``dataset``; an unknown name is an error that names the id.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file {path} does not exist")
-    text = path.read_text()
-    table: dict[str, list[str]] = {}
-    if path.suffix.lower() == ".json":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"labels file {path} is not valid JSON: {err}") from None
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"labels file {path} must hold an object {{image id: [class names]}}")
-        table = {str(k): v for k, v in raw.items()}
-    else:
-        for row in csv.reader(text.splitlines()):
-            if not row or row[0].startswith("#") or row[0] in ("id", "image"):
-                continue
-            names = [n for cell in row[1:] for n in cell.split(";")]
-            table[row[0].strip()] = [n.strip() for n in names if n.strip()]
-    out = {}
-    for key, names in table.items():
-        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"labels file {path}: the labels of {key!r} must be a list of class names, got {names!r}")
-        for n in names:
-            try:
-                dataset.class_index(n)
-            except DatasetError as err:
-                raise ValueError(f"labels file {path}, image {key!r}: {err}") from None
-        # dataset order, each class once
-        out[key] = tuple(c for c in dataset.class_names if c in set(names))
-    return out
+    return read_labels_file(path, dataset.class_names)
 
 
 # -- records: one JSON line per image, so a run can resume ---------------------------------------
@@ -153,13 +122,23 @@ def _digest(values) -> str:
 
 
 # -- the evaluation --------------------------------------------------------------------------------
-def _classes_source(task: str, dataset: SegmentationDataset, labels, label_method: str | None):
+def _classes_source(task: str, dataset: SegmentationDataset, labels, label_method: str | None, seg=None, clip=None):
     """``(name, function(items) -> class lists)`` for the task."""
+    from . import labels as L
+
     if task == "wsss":
         if labels is not None or label_method not in (None, "gt"):
             raise ValueError("--task wsss uses the ground-truth image labels; --labels and --label-method are for --task ovs")
         return "gt", lambda items: [it.classes for it in items]
-    if labels is not None:
+    method = label_method or ("file" if labels is not None else None)
+    if method is None:
+        raise ValueError("--task ovs needs image labels: --label-method attention|clip|file (with --labels FILE), "
+                         "or gt for an oracle run")
+    if method == "gt":
+        return "gt-oracle", lambda items: [it.classes for it in items]
+    if method == "file":
+        if labels is None:
+            raise ValueError("--label-method file needs --labels FILE")
         table = read_label_file(labels, dataset) if not isinstance(labels, Mapping) else {
             str(k): tuple(v) for k, v in labels.items()}
 
@@ -170,11 +149,17 @@ def _classes_source(task: str, dataset: SegmentationDataset, labels, label_metho
             return [table[it.id] for it in items]
 
         return "file", from_table
-    if label_method == "gt":
-        return "gt", lambda items: [it.classes for it in items]
-    if label_method is None:
-        raise ValueError("--task ovs needs image labels: give --labels FILE (or --label-method gt for an oracle run)")
-    raise ValueError(f"unknown label method {label_method!r}")
+    if labels is not None:
+        raise ValueError(f"--labels is for --label-method file, not {method!r}")
+    vocabulary = list(dataset.class_names)
+    if method == "attention":
+        if seg is None:
+            raise ValueError("label method 'attention' needs the segmenter")
+        return "attention", lambda items: L.predict_labels([it.image for it in items], vocabulary, "attention", seg=seg)
+    if method == "clip":
+        tagger = clip if isinstance(clip, L.ClipTagger) else L.load_clip(clip or L.DEFAULT_CLIP)
+        return "clip", lambda items: tagger([it.image for it in items], vocabulary)
+    raise ValueError(f"unknown label method {method!r}; methods: attention, clip, file, gt")
 
 
 def evaluate_dataset(
@@ -190,13 +175,16 @@ def evaluate_dataset(
     state=None,
     model_name: str | None = None,
     classes_source: tuple[str, Callable] | None = None,
+    clip=None,
 ) -> dict:
     """Run ``seg`` over ``dataset`` and return the metrics (also written to ``out`` when given).
 
     ``state`` is an ``accelerate.PartialState`` (or anything with ``process_index``,
     ``num_processes``, ``is_main_process`` and ``wait_for_everyone``); None means one process.
-    Settings are ``seg.settings``. ``classes_source`` replaces the label source (used by label
-    predictors): ``(name, function(items) -> class lists)``.
+    Settings are ``seg.settings``. For ``ovs`` the classes of each image come from ``labels`` (a
+    file or a mapping), or ``label_method``: ``attention``, ``clip`` (``clip``: a ``ClipTagger`` or
+    a model id), ``file`` or ``gt`` (an oracle). ``classes_source`` replaces all of these:
+    ``(name, function(items) -> class lists)``.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -205,7 +193,7 @@ def evaluate_dataset(
     ids = list(dataset.ids[:limit] if limit is not None else dataset.ids)
     if not ids:
         raise DatasetError(f"{dataset.name}: no images to evaluate")
-    source_name, classes_for = classes_source or _classes_source(task, dataset, labels, label_method)
+    source_name, classes_for = classes_source or _classes_source(task, dataset, labels, label_method, seg, clip)
     settings = seg.settings
     save_masks = (task == "wsss") if save_masks is None else save_masks
     num_labels = dataset.num_labels
@@ -351,7 +339,7 @@ def _metrics(records: dict, dataset, manifest: dict, settings: Settings, wall: f
             "seconds_per_image": round(float(np.mean([r["seconds"] for r in records.values()])), 5),
         },
     })
-    if manifest["label_source"] != "gt":
+    if manifest["label_source"] not in ("gt", "gt-oracle"):
         tp = sum(len(set(r["classes"]) & set(r["gt_classes"])) for r in records.values())
         predicted = sum(len(r["classes"]) for r in records.values())
         actual = sum(len(r["gt_classes"]) for r in records.values())
@@ -398,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--labels", type=Path, default=None, help="image-level labels for --task ovs (JSON or CSV)")
-    p.add_argument("--label-method", default=None, help="for --task ovs without --labels: gt (oracle)")
+    p.add_argument("--label-method", choices=["attention", "clip", "file", "gt"], default=None,
+                   help="how --task ovs finds each image's classes (default: file with --labels, else clip when "
+                        "its weights are here, else attention); gt is an oracle")
+    p.add_argument("--clip-model", default=None, help="CLIP hub id or folder for --label-method clip "
+                   "(default openai/clip-vit-base-patch16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--out", type=Path, required=True, help="run folder: metrics.json, results.md, masks/, records/")
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=None,
@@ -439,15 +431,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     _barrier(state)
     device = args.device or (state.device if state.distributed_type.name != "NO" else None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(model, device=device, dtype=dtype, verbose=state.is_main_process)
+    from .loading import ModelNotAvailableError
+
+    try:
+        pipe = load_pipeline(model, device=device, dtype=dtype, verbose=state.is_main_process)
+    except ModelNotAvailableError as err:
+        raise SystemExit(f"iseg-eval: {err}") from None
     seg = ISeg(pipe, preset=preset, **overrides)
     if state.is_main_process:
         print(f"iseg-eval: {args.task} on {dataset} with {seg}", file=sys.stderr)
+    label_method = args.label_method
+    if args.task == "ovs" and label_method is None and args.labels is None:
+        from .labels import DEFAULT_CLIP, clip_available
+
+        label_method = "clip" if clip_available(args.clip_model or DEFAULT_CLIP) else "attention"
+        if state.is_main_process:
+            print(f"iseg-eval: image labels from --label-method {label_method}", file=sys.stderr)
     try:
-        metrics = evaluate_dataset(seg, dataset, args.task, args.out, labels=args.labels, label_method=args.label_method,
+        metrics = evaluate_dataset(seg, dataset, args.task, args.out, labels=args.labels, label_method=label_method,
                                    limit=args.limit, save_masks=args.save_masks, progress=not args.no_progress,
-                                   state=state, model_name=model)
-    except (RunMismatchError, DatasetError, ValueError, FileNotFoundError) as err:
+                                   state=state, model_name=model, clip=args.clip_model)
+    except (RunMismatchError, DatasetError, ValueError, FileNotFoundError, ModelNotAvailableError) as err:
         raise SystemExit(f"iseg-eval: {err}") from None
     if state.is_main_process:
         print(format_results(metrics))

@@ -373,14 +373,25 @@ class ISeg:
         """
         return [obs for batch in self._batches(images, classes, progress, overrides) for obs in batch]
 
-    def segment(self, images, classes, progress: bool | None = None, **overrides):
+    def segment(self, images, classes=None, progress: bool | None = None, *, vocabulary=None,
+                label_method: str = "attention", **overrides):
         """Segment one image or a list of images into ``classes``.
 
-        ``classes`` is one list of names for every image, or one list per image. Returns a
-        ``SegmentationResult`` for one image, a list of them for a list of images. ``overrides``
-        change any setting for this call only.
+        ``classes`` is one list of names for every image, or one list per image. Without
+        ``classes``, give a ``vocabulary``: the classes of every image are first predicted from it
+        with ``iseg.labels.predict_labels(method=label_method)`` (``attention`` or ``clip``), which
+        is open-vocabulary segmentation. Returns a ``SegmentationResult`` for one image, a list of
+        them for a list of images. ``overrides`` change any setting for this call only.
         """
         many = _as_list(images)[1]
+        if classes is None:
+            if vocabulary is None:
+                raise TypeError("give the classes to segment (classes=[...]) or a vocabulary to predict them from")
+            from .labels import predict_labels
+
+            classes = predict_labels(_as_list(images)[0], vocabulary, label_method, seg=self, **overrides)
+        elif vocabulary is not None:
+            raise TypeError("give classes or a vocabulary, not both")
         # decode batch by batch: a batch's attention maps are freed before the next forward pass
         results = [self.decode(o, **overrides) for batch in self._batches(images, classes, progress, overrides)
                    for o in batch]
