@@ -36,7 +36,7 @@ from .prompts import PromptTooLongError, check_class_names
 
 __all__ = [
     "METHODS", "AttentionThresholds", "ATTENTION_DEFAULTS", "chunk_vocabulary", "attention_evidence",
-    "select_by_evidence", "choose_thresholds", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
+    "select_by_evidence", "choose_thresholds", "attention_thresholds", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
     "read_labels_file", "predict_labels", "label_scores",
 ]
 
@@ -57,7 +57,8 @@ class AttentionThresholds:
 ATTENTION_DEFAULTS = {None: AttentionThresholds()}
 
 
-def _thresholds_for(seg) -> AttentionThresholds:
+def attention_thresholds(seg) -> AttentionThresholds:
+    """The attention thresholds for ``seg``'s model: its own where it ships them, else the generic ones."""
     if "shapes" not in ATTENTION_DEFAULTS:
         from .shapes.preset import LABEL_THRESHOLDS
 
@@ -371,7 +372,7 @@ def predict_labels(images, vocabulary: Sequence[str], method: str = "attention",
     if method == "attention":
         if seg is None:
             raise ValueError("method='attention' needs seg=ISeg(pipe)")
-        th = thresholds or _thresholds_for(seg)
+        th = thresholds or attention_thresholds(seg)
         return [select_by_evidence(ev, th) for ev in attention_evidence(seg, items, vocabulary, progress, **overrides)]
     if method == "clip":
         tagger = clip if isinstance(clip, ClipTagger) else load_clip(clip or DEFAULT_CLIP)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "iteration_grid", "save_gif",
-           "show_result", "plot_class_iou", "show_predictions"]
+           "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
 
 
 def palette(count: int = 256) -> np.ndarray:
@@ -180,3 +180,27 @@ def show_predictions(dataset, run_dir, ids: Sequence[str], scores: dict | None =
             ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def plot_label_evidence(evidence: dict, truth: Sequence[str] = (), chosen: Sequence[str] = (), thresholds=None, ax=None):
+    """One image's evidence from ``iseg.labels.attention_evidence``: pixel share (bars) and relative
+    peak (dots) per class; true classes in bold, chosen ones marked with a star. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    names = list(evidence)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.6 * len(names) + 1.5, 2.4))
+    x = np.arange(len(names))
+    ax.bar(x, [evidence[c]["share"] for c in names], color="tab:blue", alpha=0.7, label="pixel share")
+    ax2 = ax.twinx()
+    ax2.plot(x, [evidence[c]["relative_peak"] for c in names], "o", color="tab:red", label="relative peak")
+    ax2.set_ylim(0, 1.05)
+    if thresholds is not None:
+        ax.axhline(thresholds.min_share, color="tab:blue", lw=0.8, ls="--")
+        ax2.axhline(thresholds.min_peak, color="tab:red", lw=0.8, ls="--")
+    ax.set_xticks(x, [("* " if c in chosen else "") + c for c in names], rotation=45, ha="right", fontsize=8)
+    for tick, c in zip(ax.get_xticklabels(), names):
+        tick.set_fontweight("bold" if c in truth else "normal")
+    ax.set_ylabel("pixel share", fontsize=8)
+    ax2.set_ylabel("peak / best peak", fontsize=8)
+    return ax
