@@ -1,5 +1,7 @@
 """The shapes world generator, the shipped model, its regression floor, and the training script."""
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -82,13 +84,14 @@ def test_refinement_beats_raw_cross_attention_on_50_test_images(shapes_pipe):
 def test_training_script_writes_a_loadable_folder(tmp_path):
     out = tmp_path / "tiny-shapes"
     cmd = [sys.executable, "-m", "iseg.shapes.train", "--out", str(out), "--images", "64", "--workers", "1",
-           "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--batch-size", "4", "--device", "cpu"]
+           "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--batch-size", "4", "--device", "cpu",
+           "--vocab", "0.3"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "training.json"):
         assert (out / part).exists(), part
-    log = (tmp_path / "tiny-shapes.work" / "loss.jsonl").read_text().splitlines()
-    assert any('"stage": "unet"' in line for line in log)
+    log = [json.loads(line) for line in (tmp_path / "tiny-shapes.work" / "loss.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "unet" and r["vocab"] > 0 for r in log)
     pipe = iseg.load_pipeline(str(out), device="cpu")
     r = iseg.ISeg(pipe, preset="shapes", iterations=2).segment(sample(5).image, list(sample(5).classes))
     assert r.labels.shape == (64, 64)
@@ -117,3 +120,45 @@ def test_non_editable_install_finds_the_shipped_model(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target))
+
+
+def test_vocabulary_prompts_list_present_and_some_absent_classes():
+    import torch
+
+    from iseg.shapes.model import MAX_LENGTH, make_tokenizer
+    from iseg.shapes.train import vocabulary_prompts
+
+    tok = make_tokenizer(MAX_LENGTH)
+    labels = torch.zeros(50, len(CLASSES), dtype=torch.bool)
+    for b in range(50):
+        labels[b, b % 6] = True
+        labels[b, (b * 7 + 1) % 6] = True
+    ids, pos = vocabulary_prompts(tok, labels, torch.Generator().manual_seed(0))
+    word = {k: tok.convert_tokens_to_ids(tok.tokenize(c))[0] for k, c in enumerate(CLASSES)}
+    for b in range(50):
+        listed = (pos[b] >= 0).nonzero().flatten().tolist()
+        assert set(labels[b].nonzero().flatten().tolist()) < set(listed)  # present ones and at least one absent
+        for k in listed:
+            assert ids[b, pos[b, k]].item() == word[k]
+        assert sorted(pos[b, listed].tolist()) == [2 + 3 * j for j in range(len(listed))]
+
+
+def test_vocabulary_loss_by_hand():
+    import torch
+
+    from iseg.shapes.train import vocabulary_loss
+
+    # a 2x2 map, tokens 0..4; class 0 at token 2 fills the left column, class 1 (absent) at token 3
+    masks = torch.zeros(1, 2, 2, 2)
+    masks[0, 0, :, 0] = 1
+    pos = torch.tensor([[2, 3]])
+    good = torch.zeros(1, 4, 5)
+    good[0, :, 0] = 0.5
+    good[0, [0, 2], 2] = 0.5  # left pixels (row-major 0 and 2) attend to their class word
+    good[0, [1, 3], 1] = 0.5
+    bad = good.clone()
+    bad[0, [0, 2], 2], bad[0, [0, 2], 3] = 0.1, 0.4  # the absent word takes most of the left pixels
+    lg, lb = vocabulary_loss({"x": good}, pos, masks), vocabulary_loss({"x": bad}, pos, masks)
+    assert lg.item() == pytest.approx(-math.log(1.0), abs=1e-4)  # right word only, absent word gets nothing
+    # cross-entropy -log(0.1/0.5) plus the absent share 0.8/1.0
+    assert lb.item() == pytest.approx(-math.log(0.2) + 0.8, abs=1e-4)

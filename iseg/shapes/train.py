@@ -137,6 +137,56 @@ def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: 
     return torch.stack(losses).mean()
 
 
+def vocabulary_prompts(tokenizer, labels: torch.Tensor, gen: torch.Generator):
+    """Prompts that list classes as label prediction does ("a circle and a star and a heart"):
+    every class present in the image plus a random non-empty set of absent ones, in random order.
+
+    ``labels`` is ``(B, K)`` bool (class k present). Returns token ids ``(B, L)`` and the position
+    of each class's word ``(B, K)`` (-1 where the class is not in the prompt).
+    """
+    texts, positions = [], torch.full(labels.shape, -1, dtype=torch.long)
+    for b, present in enumerate(labels.tolist()):
+        absent = [k for k, p in enumerate(present) if not p]
+        keep = [k for k, p in enumerate(present) if p]
+        if absent:
+            count = int(torch.randint(1, len(absent) + 1, (1,), generator=gen))
+            order = torch.randperm(len(absent), generator=gen)[:count].tolist()
+            keep += [absent[i] for i in order]
+        keep = [keep[i] for i in torch.randperm(len(keep), generator=gen).tolist()]
+        texts.append(caption_for([CLASSES[k] for k in keep]))
+        for j, k in enumerate(keep):
+            positions[b, k] = 2 + 3 * j  # start token, then "a shape and" per class
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")["input_ids"]
+    return ids, positions
+
+
+def vocabulary_loss(cross: dict[str, torch.Tensor], positions: torch.Tensor, class_masks: torch.Tensor):
+    """Make a class word win its own pixels against the other listed classes, and absent classes
+    draw no attention: the behaviour label prediction reads (``iseg.labels``).
+
+    ``cross[name]`` ``(B, n, L)``; ``positions`` ``(B, K)`` token of each class (-1: not listed);
+    ``class_masks`` ``(B, K, H, W)`` float. Per layer: cross-entropy, at object pixels, of the
+    attention renormalised over the listed class words against the pixel's class fractions, plus
+    the share of the listed words' attention that goes to absent ones.
+    """
+    listed = positions >= 0  # (B, K)
+    index = positions.clamp_min(0)
+    losses = []
+    for a in cross.values():
+        r = math.isqrt(a.shape[1])
+        p = torch.gather(a, 2, index[:, None, :].expand(-1, a.shape[1], -1)).float() * listed[:, None].float()  # (B, n, K)
+        q = p / p.sum(-1, keepdim=True).clamp_min(1e-8)
+        frac = F.adaptive_avg_pool2d(class_masks, r).flatten(2).transpose(1, 2)  # (B, n, K)
+        on_object = frac.sum(-1)  # (B, n)
+        ce = -(frac * q.clamp_min(1e-6).log()).sum(-1)
+        ce = (ce * on_object).sum() / on_object.sum().clamp_min(1e-6)
+        present = (class_masks.flatten(2).amax(-1) > 0).float() * listed.float()  # (B, K)
+        absent_share = (p * (listed.float() - present)[:, None]).sum((1, 2)) / p.sum((1, 2)).clamp_min(1e-8)
+        losses.append(ce + absent_share.mean())
+    return torch.stack(losses).mean()
+
+
 # -- training ------------------------------------------------------------------------------------
 def _save(path: Path, state: dict):
     tmp = path.with_suffix(".tmp")
@@ -191,7 +241,7 @@ def encode_all(vae, images, device, batch=512):
 
 
 def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
-               deadline=None):
+               deadline=None, labels=None):
     scheduler = make_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -205,6 +255,10 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")["input_ids"][0]
     (ids_c, own_c), (ids_n, own_n) = captions
     gen = torch.Generator().manual_seed(args.seed + 2)
+    vocab_gen = torch.Generator().manual_seed(args.seed + 3)
+    vocab = getattr(args, "vocab", 0.0)
+    if vocab > 0 and labels is None:
+        raise ValueError("the vocabulary loss needs the label maps of the training images")
     start = state.get("unet_step", 0)
     for _ in range(start):
         _draw(gen, len(latents), args.batch_size)
@@ -235,7 +289,17 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
             group = grouping_loss(selfs, obj, valid) if args.group > 0 else mse * 0
-            loss = mse + args.ground * ground + args.group * group
+            vloss = mse * 0
+            sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)]
+            if vocab > 0 and len(sub) and valid.any():
+                # a second pass of the same noisy latents under a class-list prompt (attention only)
+                lab = labels[idx.to(labels.device)[sub.cpu()]].to(device).long()  # (b, H, W)
+                masks = F.one_hot(lab, len(CLASSES) + 1)[..., 1:].permute(0, 3, 1, 2).float()  # (b, K, H, W)
+                v_ids, v_pos = vocabulary_prompts(tokenizer, masks.flatten(2).amax(-1) > 0, vocab_gen)
+                with capture_attention(unet, cross_layers, keep_grad=True) as vstore:
+                    unet(z_t[sub], t[sub], encoder_hidden_states=text_encoder(v_ids.to(device))[0])
+                vloss = vocabulary_loss({n: vstore.mean(n) for n in vstore.names("cross")}, v_pos.to(device), masks)
+            loss = mse + args.ground * ground + args.group * group + vocab * vloss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,8 +314,9 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
                     ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
         if step % 50 == 0 or step == args.unet_steps - 1:
             rec = {"stage": "unet", "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
-                   "group": group.item(), "time": time.time()}
-            bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}")
+                   "group": group.item(), "vocab": vloss.item(), "time": time.time()}
+            bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}",
+                            vocab=f"{rec['vocab']:.3f}")
             _log(log_path, rec)
         if deadline is not None and time.time() > deadline:
             print(f"time limit reached after {step + 1} UNet steps")
@@ -322,6 +387,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ground", type=float, default=0.3, help="weight of the grounding loss (0: off)")
     p.add_argument("--group", type=float, default=0.3, help="weight of the grouping loss (0: off)")
+    p.add_argument("--vocab", type=float, default=0.0,
+                   help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--attn-loss-max-t", type=int, default=600)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -372,7 +439,8 @@ def main(argv=None):
         latents, objects = latents.to(device), objects.to(device)
         captions = tuple(tuple(x.to(device) for x in pair) for pair in captions)
     deadline = t_start + args.time_limit if args.time_limit else None
-    ema = train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline)
+    ema = train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
+                     labels=masks if args.vocab > 0 else None)
     unet.load_state_dict({k: v.to(unet.dtype) for k, v in ema.items()})
     elapsed = state["elapsed"] + time.time() - t_start
     state["elapsed"] = elapsed
@@ -381,7 +449,7 @@ def main(argv=None):
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
         "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
-        "images": args.images, "ground": args.ground, "group": args.group, "seed": args.seed,
+        "images": args.images, "ground": args.ground, "group": args.group, "vocab": args.vocab, "seed": args.seed,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
@@ -410,9 +478,9 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
         axes[0].set_yscale("log")
     axes[0].set_title("VAE reconstruction MSE", fontsize=9)
-    for key, label in (("mse", "epsilon MSE"), ("ground", "grounding"), ("group", "grouping")):
-        if unet and any(r[key] for r in unet):
-            axes[1].plot([r["step"] for r in unet], [r[key] for r in unet], lw=1, label=label)
+    for key, label in (("mse", "epsilon MSE"), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary")):
+        if unet and any(r.get(key) for r in unet):
+            axes[1].plot([r["step"] for r in unet], [r.get(key, float("nan")) for r in unet], lw=1, label=label)
     axes[1].set_yscale("log")
     axes[1].set_title("UNet + text encoder", fontsize=9)
     axes[1].legend(fontsize=7)
