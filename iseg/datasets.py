@@ -134,6 +134,28 @@ def _read_list(path: Path, dataset: str) -> list[str]:
     return ids
 
 
+def _pascal_root(root, year_folder: str) -> Path:
+    """``root`` itself, or its ``VOCxxxx`` / ``VOCdevkit/VOCxxxx`` folder, whichever holds JPEGImages."""
+    root = Path(root).expanduser()
+    for candidate in (root, root / year_folder, root / "VOCdevkit" / year_folder):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    return root
+
+
+class _FlatPascal:
+    """Path helpers of the VOC-style layouts: ``JPEGImages/<id>.jpg`` and ``<labels>/<id>.png``."""
+
+    _images: Path
+    _labels: Path
+
+    def image_path(self, id: str) -> Path:
+        return self._images / f"{id}.jpg"
+
+    def label_path(self, id: str) -> Path:
+        return self._labels / f"{id}.png"
+
+
 class SegmentationDataset:
     """Base class: subclasses set ``name``, ``class_names``, ``ids`` and the two path functions."""
 
@@ -194,18 +216,14 @@ class SegmentationDataset:
         return f"{type(self).__name__}(split={self.split!r}, images={len(self)}, classes={len(self.class_names)})"
 
 
-class VOCDataset(SegmentationDataset):
+class VOCDataset(_FlatPascal, SegmentationDataset):
     """PASCAL VOC 2012 (20 classes + background)."""
 
     name = "voc"
     class_names = VOC_CLASSES
 
     def __init__(self, root, split: str = "train", annotations: str = "auto"):
-        root = Path(root).expanduser()
-        for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
-            if (candidate / "JPEGImages").is_dir():
-                root = candidate
-                break
+        root = _pascal_root(root, "VOC2012")
         self.root, self.split = root, split
         self._images = _need_dir(root / "JPEGImages", "voc", "give --root the VOC2012 folder of VOCdevkit")
         if annotations == "auto":
@@ -218,39 +236,23 @@ class VOCDataset(SegmentationDataset):
                                "trainval; train_aug with SegmentationAug)")
         self.ids = _read_list(found, "voc")
 
-    def image_path(self, id: str) -> Path:
-        return self._images / f"{id}.jpg"
 
-    def label_path(self, id: str) -> Path:
-        return self._labels / f"{id}.png"
-
-
-class ContextDataset(SegmentationDataset):
+class ContextDataset(_FlatPascal, SegmentationDataset):
     """PASCAL Context (59 classes + background) on VOC2010 images."""
 
     name = "context"
     class_names = CONTEXT_CLASSES
 
     def __init__(self, root, split: str = "val"):
-        root = Path(root).expanduser()
-        for candidate in (root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"):
-            if (candidate / "JPEGImages").is_dir():
-                root = candidate
-                break
+        root = _pascal_root(root, "VOC2010")
         self.root, self.split = root, split
         self._images = _need_dir(root / "JPEGImages", "context", "give --root the VOC2010 folder of VOCdevkit")
         self._labels = _need_dir(root / "SegmentationClassContext", "context",
                                  "59-class labels, 0 = background, from the standard PASCAL Context conversion")
         self.ids = _read_list(root / "ImageSets" / "SegmentationContext" / f"{split}.txt", "context")
 
-    def image_path(self, id: str) -> Path:
-        return self._images / f"{id}.jpg"
 
-    def label_path(self, id: str) -> Path:
-        return self._labels / f"{id}.png"
-
-
-class COCOObjectDataset(SegmentationDataset):
+class COCOObjectDataset(_FlatPascal, SegmentationDataset):
     """COCO-Object as the paper uses it: COCO 2014 images, per-image class PNGs (80 classes + background)."""
 
     name = "coco-object"
@@ -275,12 +277,6 @@ class COCOObjectDataset(SegmentationDataset):
             self.ids = sorted(p.stem for p in self._labels.glob("*.png"))
             if not self.ids:
                 raise DatasetError(f"coco-object: no label PNGs in {self._labels}")
-
-    def image_path(self, id: str) -> Path:
-        return self._images / f"{id}.jpg"
-
-    def label_path(self, id: str) -> Path:
-        return self._labels / f"{id}.png"
 
 
 class COCOObject164kDataset(SegmentationDataset):

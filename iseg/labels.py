@@ -400,13 +400,14 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="Attention label prediction on the shapes world: choose thresholds "
                                 "on a split and/or score fixed thresholds.")
+    p.add_argument("--model", default="shapes", help="the shapes model or a folder trained like it")
     p.add_argument("--split", default="val", choices=sorted(SPLITS))
     p.add_argument("--count", type=int, default=500)
     p.add_argument("--min-share", type=float, default=None, help="score these thresholds instead of choosing")
     p.add_argument("--min-peak", type=float, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the evidence and scores as JSON")
     args = p.parse_args(argv)
-    seg = ISeg(load_pipeline("shapes", device="cpu", verbose=False))
+    seg = ISeg(load_pipeline(args.model, device="cpu", verbose=False), preset="shapes")
     recs = [sample(s) for s in SPLITS[args.split][: args.count]]
     truth = [[c for c in CLASSES if c in r.classes] for r in recs]
     evidence = attention_evidence(seg, [r.image for r in recs], CLASSES, progress=True)
