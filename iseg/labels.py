@@ -5,7 +5,9 @@
 - ``"attention"``: training-free, no extra model. The vocabulary goes into as few prompts as the
   77-token window allows; every prompt is segmented as usual (one forward pass, Cat-Cross,
   refinement, labels), and a class is kept when it wins at least ``min_share`` of the image's
-  pixels and its raw cross-attention peak is at least ``min_peak`` times the strongest class's.
+  pixels (foreground in the refined segmentation, and more raw cross-attention there than the
+  prompt's other classes) and its raw cross-attention peak is at least ``min_peak`` times the
+  strongest class's.
   The thresholds of the shapes model were chosen on its validation split
   (``python -m iseg.labels --split val``); other models use the generic defaults below.
 - ``"clip"``: a CLIP model through transformers (default ``openai/clip-vit-base-patch16``); image
@@ -36,7 +38,7 @@ from .prompts import PromptTooLongError, check_class_names
 
 __all__ = [
     "METHODS", "AttentionThresholds", "ATTENTION_DEFAULTS", "chunk_vocabulary", "attention_evidence",
-    "select_by_evidence", "choose_thresholds", "attention_thresholds", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
+    "select_by_evidence", "choose_thresholds", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
     "read_labels_file", "predict_labels", "label_scores",
 ]
 
@@ -92,16 +94,35 @@ def chunk_vocabulary(seg, vocabulary: Sequence[str], **overrides) -> list[tuple[
     return chunks
 
 
+def raw_class_maps(obs) -> torch.Tensor:
+    """``(C, g, g)`` head-mean cross-attention probability of each class's tokens on the
+    self-attention grid, the resolutions mixed with the observation's weights. Unlike the maps the
+    method refines, these are not normalised per class, so classes can be compared."""
+    import torch.nn.functional as F
+
+    total = float(sum(obs.weights.values())) or 1.0
+    mixed = 0
+    for r, w in obs.weights.items():
+        a = obs.cross[r].float()  # (r*r, T)
+        probs = torch.stack([a[:, list(span)].mean(1) for span in obs.prompt.spans]).reshape(-1, 1, r, r)
+        if r != obs.grid:
+            probs = F.interpolate(probs, size=(obs.grid, obs.grid), mode="bilinear", align_corners=False)
+        mixed = mixed + (w / total) * probs[:, 0]
+    return mixed
+
+
 def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = False, **overrides) -> list[dict]:
     """Per image, ``{class: {"share": ..., "peak": ..., "relative_peak": ...}}`` for the vocabulary.
 
-    ``share``: fraction of the image's pixels the class wins in its prompt's segmentation;
-    ``peak``: the highest head-mean cross-attention probability of its tokens over the image (the
-    resolutions mixed with the settings' weights), before any normalisation, so classes compare;
-    ``relative_peak``: ``peak`` over the image's highest class peak.
+    Each prompt (``chunk_vocabulary``) is segmented as usual. ``share``: the fraction of the
+    image's pixels that the refined segmentation calls foreground and where this class draws the
+    most raw cross-attention among its prompt's classes (evidence against background and against
+    the other classes); ``peak``: the class's highest raw cross-attention probability
+    (``raw_class_maps``); ``relative_peak``: ``peak`` over the image's highest class peak.
     """
     from tqdm.auto import tqdm
 
+    from .images import to_original
     from .segmenter import _as_list
 
     items = _as_list(images)[0]
@@ -113,12 +134,12 @@ def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = 
             for start in range(0, len(items), batch):
                 part = items[start : start + batch]
                 for k, obs in enumerate(seg.observe(part, list(chunk), progress=False, **overrides)):
-                    result = seg.decode(obs)
-                    total = float(sum(obs.weights.values())) or 1.0
+                    foreground = torch.from_numpy(seg.decode(obs).labels > 0)
+                    raw = raw_class_maps(obs)
+                    winner = to_original(raw, obs.geometry, obs.size).argmax(0)
                     for c, name in enumerate(chunk):
-                        span = list(obs.prompt.spans[c])
-                        peak = sum(w * float(obs.cross[r][:, span].mean(1).max()) for r, w in obs.weights.items()) / total
-                        evidence[start + k][name] = {"share": float((result.labels == c + 1).mean()), "peak": peak}
+                        evidence[start + k][name] = {"share": float(((winner == c) & foreground).float().mean()),
+                                                     "peak": float(raw[c].max())}
                 bar.update(len(part))
     for ev in evidence:
         top = max(v["peak"] for v in ev.values()) or 1.0

@@ -66,19 +66,31 @@ def test_label_scores_and_threshold_search_by_hand():
 
 
 def test_attention_evidence_matches_the_observation(shapes_seg):
+    import torch.nn.functional as F
+
+    from iseg.images import to_original
+
     rec = sample(SPLITS["val"][3])
     ev = L.attention_evidence(shapes_seg, [rec.image], CLASSES)[0]
     assert list(ev) == list(CLASSES)
     assert max(v["relative_peak"] for v in ev.values()) == 1.0
-    assert sum(v["share"] for v in ev.values()) <= 1.0 + 1e-9
     obs = shapes_seg.observe(rec.image, list(CLASSES))[0]
-    result = shapes_seg.decode(obs)
+    foreground = shapes_seg.decode(obs).labels > 0
+    assert sum(v["share"] for v in ev.values()) == pytest.approx(foreground.mean(), abs=1e-9)
+    # the raw map of "star" by hand: mean over its tokens, 8x8 upsampled, mixed with the preset weights
     k = CLASSES.index("star")
     span = list(obs.prompt.spans[k])
     w = obs.weights
-    peak = sum(w[r] * float(obs.cross[r][:, span].mean(1).max()) for r in w) / sum(w.values())
-    assert ev["star"]["peak"] == pytest.approx(peak, rel=1e-6)
-    assert ev["star"]["share"] == pytest.approx(float((result.labels == k + 1).mean()))
+    by_hand = 0
+    for r in w:
+        m = obs.cross[r][:, span].mean(1).reshape(1, 1, r, r)
+        m = F.interpolate(m, size=(obs.grid, obs.grid), mode="bilinear", align_corners=False) if r != obs.grid else m
+        by_hand = by_hand + w[r] / sum(w.values()) * m[0, 0]
+    raw = L.raw_class_maps(obs)
+    np.testing.assert_allclose(raw[k].numpy(), by_hand.numpy(), rtol=1e-5)
+    assert ev["star"]["peak"] == pytest.approx(float(by_hand.max()), rel=1e-5)
+    winner = to_original(raw, obs.geometry, obs.size).argmax(0).numpy()
+    assert ev["star"]["share"] == pytest.approx(float(((winner == k) & foreground).mean()))
 
 
 def test_attention_prediction_is_deterministic_and_segment_uses_it(shapes_seg):
