@@ -614,12 +614,13 @@ for t, c in zip(truth, chosen):
 print({k: round(v, 3) for k, v in L.label_scores(chosen, truth).items()})
 """),
         md("""
-On the shapes model this evidence is weak: on 500 test images label F1 is 0.54 (precision 0.42,
-recall 0.74; the model card has the numbers). The model was trained to put a caption's words on
-their objects, and it does that well when the words are right (class discrimination 0.99), but a
-word that is *not* in the image still lands on some object. Stable Diffusion, trained on billions
-of captions, behaves differently; that is why the paper's open-vocabulary runs use a separate
-CLIP tagger.
+On 500 shapes test images this gives label F1 0.96 (precision 0.965, recall 0.960; the model
+card has the numbers). It took a change to the model: the first version of the shapes model put
+a caption's words on their objects well (class discrimination 0.99), but a word that is *not* in
+the image still landed on some object, and label F1 was 0.54. Version 2 was fine-tuned with a
+"vocabulary" loss that teaches what Stable Diffusion learned from billions of captions: a word
+without its object draws little attention. iSeg itself stays training-free. The paper's
+open-vocabulary runs use a separate CLIP tagger instead (below).
 
 **Step 3: segment with the predicted classes.** `segment(image, vocabulary=...)` does both steps.
 Wrong labels cost mask quality: compare with the true classes.
