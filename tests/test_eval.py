@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from fake_datasets import make_coco164k, make_voc
+from fake_datasets import make_coco164k, make_coco2014, make_context, make_voc
 from PIL import Image
 
 import iseg
@@ -66,6 +66,23 @@ def test_command_end_to_end_on_a_fake_voc_folder(tmp_path, tiny_folder):
     assert m["miou"] == pytest.approx(100 * miou(hist), abs=1e-3)
     assert m["miou_defined"] == pytest.approx(100 * miou(hist, "defined"), abs=1e-3)
     assert "| mIoU (classes present in the ground truth) |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name,make,sub", [("context", make_context, "VOCdevkit/VOC2010"),
+                                           ("coco-object", make_coco2014, "")])
+def test_command_end_to_end_on_fake_context_and_coco_folders(tmp_path, tiny_folder, name, make, sub):
+    ids = make(tmp_path / "data", SEEDS[:3])
+    out = tmp_path / "run"
+    ev.main(["--dataset", name, "--root", str(tmp_path / "data" / sub), "--model", str(tiny_folder), "--device", "cpu",
+             "--out", str(out), "--no-progress", "--iterations", "2", "--clustering", "false"])
+    m = json.loads((out / "metrics.json").read_text())
+    ds = open_dataset(name, tmp_path / "data" / sub, "val")
+    assert m["dataset"] == name and m["counts"]["images"] == 3 and set(ds.ids) == set(ids)
+    assert list(m["iou_per_class"])[1:] == list(ds.class_names)
+    assert m["preset"] == ev.default_preset(name, "wsss")
+    gt = np.concatenate([ds.label(i).ravel() for i in ds.ids])
+    assert m["counts"]["pixels"] == int((gt != 255).sum())
+    assert sorted(p.stem for p in (out / "masks").glob("*.png")) == sorted(ids)
 
 
 def test_ovs_with_a_labels_file_reports_label_precision_and_recall(tmp_path, tiny_folder):
