@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .metrics import IGNORE
+from .shapes.world import CLASSES as SHAPES_CLASSES
 
 __all__ = [
     "VOC_CLASSES", "CONTEXT_CLASSES", "COCO_CLASSES", "DatasetError", "Item", "SegmentationDataset",
@@ -203,6 +204,11 @@ class SegmentationDataset:
                                f"{label.shape[1]}x{label.shape[0]}")
         return Item(id=id, image=image, label=label, classes=self.classes_in(label))
 
+    def to_dataset_labels(self, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+        """Labels of a segmentation result (k = ``classes[k-1]``) as this dataset's labels (uint8)."""
+        lut = np.array([0] + [self.class_index(c) for c in classes], np.uint8)
+        return lut[labels]
+
     def class_index(self, name: str) -> int:
         """Label value of a class name (1-based), with a hint for near misses."""
         try:
@@ -309,13 +315,13 @@ class ShapesDataset(SegmentationDataset):
     """The shapes world (``iseg.shapes``): ``count`` images of a split, made on the fly."""
 
     name = "shapes"
+    class_names = tuple(SHAPES_CLASSES)
 
     def __init__(self, root=None, split: str = "test", count: int | None = None):
-        from .shapes import CLASSES, SPLITS
+        from .shapes import SPLITS
 
         if split not in SPLITS:
             raise DatasetError(f"shapes: split must be one of {sorted(SPLITS)}, got {split!r}")
-        self.class_names = tuple(CLASSES)
         self.root, self.split = None, split
         seeds = SPLITS[split]
         # 10,000 per split unless asked; the full training range is a million seeds
@@ -357,8 +363,4 @@ def open_dataset(name: str, root=None, split: str | None = None, **options) -> S
 
 def class_names_of(name: str) -> Sequence[str]:
     """The class-name table of a dataset (without background)."""
-    if name == "shapes":
-        from .shapes import CLASSES
-
-        return tuple(CLASSES)
     return DATASETS[name].class_names

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .datasets import DATASETS, DatasetError, SegmentationDataset, open_dataset
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, parse_overrides
+from .viz import label_png
 
 __all__ = [
     "DEFAULT_PRESETS", "default_preset", "default_model", "read_label_file", "evaluate_dataset", "load_records",
@@ -193,6 +194,8 @@ def evaluate_dataset(
     ids = list(dataset.ids[:limit] if limit is not None else dataset.ids)
     if not ids:
         raise DatasetError(f"{dataset.name}: no images to evaluate")
+    if out is None and world > 1:
+        raise ValueError("several processes need --out: their histograms are summed from the records there")
     source_name, classes_for = classes_source or _classes_source(task, dataset, labels, label_method, seg, clip)
     settings = seg.settings
     save_masks = (task == "wsss") if save_masks is None else save_masks
@@ -223,7 +226,7 @@ def evaluate_dataset(
         _barrier(state)
         if main_process and not previous.is_file():
             previous.write_text(json.dumps(manifest, indent=1))
-        done = {i: r for i, r in load_records(out).items()}
+        done = load_records(out)
     batch_size = settings.batch_size
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     mine = [b for k, b in enumerate(batches) if k % world == rank]
@@ -232,7 +235,6 @@ def evaluate_dataset(
     hist = np.zeros((num_labels, num_labels), np.int64)
     for i in (i for b in mine if b not in todo for i in b):
         hist += _dense(done[i]["hist"], num_labels)
-    lut_cache: dict[tuple[str, ...], np.ndarray] = {}
     record_file = None
     if out is not None:
         record_file = (out / "records" / f"part-{rank:03d}-{os.getpid()}-{time.time_ns()}.jsonl").open("a")
@@ -252,10 +254,7 @@ def evaluate_dataset(
                 results = seg.segment([items[k].image for k in with_classes], [list(per_image[k]) for k in with_classes],
                                       progress=False)
                 for k, res in zip(with_classes, results):
-                    key = per_image[k]
-                    if key not in lut_cache:
-                        lut_cache[key] = np.array([0] + [dataset.class_index(c) for c in key], np.uint8)
-                    preds[k] = lut_cache[key][res.labels]
+                    preds[k] = dataset.to_dataset_labels(res.labels, per_image[k])
             lines = []
             seconds = (time.perf_counter() - t0) / len(items)
             for k, item in enumerate(items):
@@ -265,8 +264,6 @@ def evaluate_dataset(
                 h = confusion(pred, item.label, num_labels)
                 hist += h
                 if save_masks and out is not None:
-                    from .viz import label_png
-
                     label_png(pred).save(out / "masks" / f"{item.id}.png")
                 rec = {"id": item.id, "hist": _sparse(h), "classes": list(per_image[k]),
                        "gt_classes": list(item.classes), "seconds": round(seconds, 5)}
@@ -286,10 +283,7 @@ def evaluate_dataset(
             record_file.close()
     wall = time.perf_counter() - t_start
     if out is None:
-        if world > 1:
-            raise ValueError("several processes need --out: their histograms are summed from the records there")
-        records = {i: done[i] for i in ids}
-        return _metrics(records, dataset, manifest, settings, wall, computed, world)
+        return _metrics({i: done[i] for i in ids}, dataset, manifest, wall, computed, world)
     _barrier(state)
     metrics = None
     if main_process:
@@ -297,7 +291,7 @@ def evaluate_dataset(
         missing = [i for i in ids if i not in records]
         if missing:
             raise RuntimeError(f"{len(missing)} images have no record after the run (e.g. {missing[:3]})")
-        metrics = _metrics(records, dataset, manifest, settings, wall, computed, world)
+        metrics = _metrics(records, dataset, manifest, wall, computed, world)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (out / "results.md").write_text(format_results(metrics))
     _barrier(state)
@@ -311,7 +305,7 @@ def _barrier(state) -> None:
         state.wait_for_everyone()
 
 
-def _metrics(records: dict, dataset, manifest: dict, settings: Settings, wall: float, computed: int, world: int) -> dict:
+def _metrics(records: dict, dataset, manifest: dict, wall: float, computed: int, world: int) -> dict:
     n = dataset.num_labels
     hist = np.zeros((n, n), np.int64)
     for rec in records.values():
@@ -340,14 +334,10 @@ def _metrics(records: dict, dataset, manifest: dict, settings: Settings, wall: f
         },
     })
     if manifest["label_source"] not in ("gt", "gt-oracle"):
-        tp = sum(len(set(r["classes"]) & set(r["gt_classes"])) for r in records.values())
-        predicted = sum(len(r["classes"]) for r in records.values())
-        actual = sum(len(r["gt_classes"]) for r in records.values())
-        precision = tp / predicted if predicted else float("nan")
-        recall = tp / actual if actual else float("nan")
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-        out["labels"] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                         "predicted": predicted, "ground_truth": actual, "correct": tp}
+        from .labels import label_scores
+
+        scores = label_scores([r["classes"] for r in records.values()], [r["gt_classes"] for r in records.values()])
+        out["labels"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
     return out
 
 

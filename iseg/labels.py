@@ -37,7 +37,7 @@ import torch
 from .prompts import PromptTooLongError, check_class_names
 
 __all__ = [
-    "METHODS", "AttentionThresholds", "ATTENTION_DEFAULTS", "chunk_vocabulary", "attention_evidence",
+    "METHODS", "AttentionThresholds", "chunk_vocabulary", "attention_evidence",
     "select_by_evidence", "choose_thresholds", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
     "read_labels_file", "predict_labels", "label_scores",
 ]
@@ -55,18 +55,14 @@ class AttentionThresholds:
     min_labels: int = 1
 
 
-# generic defaults, and the ones chosen on the shapes validation split (python -m iseg.labels)
-ATTENTION_DEFAULTS = {None: AttentionThresholds()}
-
-
 def attention_thresholds(seg) -> AttentionThresholds:
-    """The attention thresholds for ``seg``'s model: its own where it ships them, else the generic ones."""
-    if "shapes" not in ATTENTION_DEFAULTS:
+    """The attention thresholds for ``seg``'s model: the shapes model's own (chosen on its
+    validation split, ``python -m iseg.labels``), else the generic defaults."""
+    if getattr(seg.pipe, "iseg_default_preset", None) == "shapes":
         from .shapes.preset import LABEL_THRESHOLDS
 
-        ATTENTION_DEFAULTS["shapes"] = AttentionThresholds(**LABEL_THRESHOLDS)
-    name = getattr(seg.pipe, "iseg_default_preset", None)
-    return ATTENTION_DEFAULTS.get(name, ATTENTION_DEFAULTS[None])
+        return AttentionThresholds(**LABEL_THRESHOLDS)
+    return AttentionThresholds()
 
 
 # -- attention ---------------------------------------------------------------------------------

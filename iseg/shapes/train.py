@@ -290,8 +290,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
             group = grouping_loss(selfs, obj, valid) if args.group > 0 else mse * 0
             vloss = mse * 0
-            sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)]
-            if vocab > 0 and len(sub) and valid.any():
+            sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)] if vocab > 0 else valid[:0]
+            if len(sub):
                 # a second pass of the same noisy latents under a class-list prompt (attention only)
                 lab = labels[idx.to(labels.device)[sub.cpu()]].to(device).long()  # (b, H, W)
                 masks = F.one_hot(lab, len(CLASSES) + 1)[..., 1:].permute(0, 3, 1, 2).float()  # (b, K, H, W)
