@@ -2,6 +2,7 @@
 
     python -m iseg.bench --model shapes --batch-sizes 1 8 16
     python -m iseg.bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
+    python -m iseg.bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
 
 For every batch size it measures (median of ``--repeats`` after one warm-up, same process):
 VAE encode (posterior mean), UNet forward with SDPA everywhere, the full ``segment`` per image,
@@ -115,14 +116,25 @@ def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
     vae_s = _timed(lambda: seg.encode_images(pixels), device, repeats)
     unet_s = _timed(lambda: pipe.unet(z_t, t, encoder_hidden_states=emb, return_dict=False), device, repeats)
     segment_s = _timed(lambda: seg.segment(images, classes, progress=False), device, repeats)
+    results = seg.segment(images, classes, progress=False)
+    if not all(np.isfinite(r.maps).all() for r in results):  # fp16 must never produce NaNs
+        raise RuntimeError(f"non-finite class maps at batch {b} in {pipe.unet.dtype}")
     n = seg.plan(z0.shape[-1])["self_resolution"] ** 2
     attn = torch.rand(b, n, n, device=device).softmax(-1)
     maps = torch.rand(b, n, len(classes), device=device)
     refine_s = _timed(lambda: R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations),
                       device, repeats)
+    # the same refinement in bfloat16: its time and its largest deviation from float32
+    exact = R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations)
+    attn16, maps16 = attn.bfloat16(), maps.bfloat16()
+    refine16_s = _timed(lambda: R.refine(maps16, R.entropy_reduce(attn16, seg.settings.lam), seg.settings.iterations),
+                        device, repeats)
+    approx = R.refine(maps16, R.entropy_reduce(attn16, seg.settings.lam), seg.settings.iterations).float()
+    rel_err = float(((approx - exact).abs().amax() / exact.abs().amax()).cpu())
     return {
         "batch": b, "vae_encode_ms": 1000 * vae_s / b, "unet_sdpa_ms": 1000 * unet_s / b,
         "segment_ms": 1000 * segment_s / b, "refine_ms": 1000 * refine_s / b,
+        "refine_bf16_ms": 1000 * refine16_s / b, "refine_bf16_rel_err": rel_err,
         "ratio": segment_s / (vae_s + unet_s), "images_per_s": b / segment_s, "peak_memory_mb": _peak_memory_mb(device),
     }
 
@@ -146,20 +158,50 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "cuda-graph", "torch"],
+                   help="forward-pass variants to measure, one table each")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'torch' variant")
+    p.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     pipe = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_pipeline(args.model, device, dtype)
     seg = ISeg(pipe) if args.model != "sd21-arch" else ISeg(pipe, preset="wsss-voc", clustering=False)
-    rows = run_bench(seg, args.batch_sizes, args.repeats)
+    if args.offload_text_encoder:
+        seg.offload_text_encoder()
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     report = {"model": pipe.iseg_model_name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
-              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats, "rows": rows}
+              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats, "rows": [],
+              "errors": {}}
     print(f"{report['model']} on {hardware}, {dtype}, {seg.image_size()}x{seg.image_size()}, median of {args.repeats}")
-    print(format_rows(rows))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+    for variant in args.compile:
+        # one variant or batch size failing (CUDA graphs on an unusual pipeline, memory) must not
+        # cost the other figures of the run
+        kwargs = {"mode": args.compile_mode} if variant == "torch" and args.compile_mode else {}
+        rows = []
+        try:
+            seg.compile(None if variant == "none" else variant, **kwargs)
+            for b in args.batch_sizes:
+                try:
+                    rows.append({"variant": variant, "text_encoder": "cpu" if args.offload_text_encoder else "resident",
+                                 **_bench_batch(seg, b, args.repeats, ["circle", "star"])})
+                except Exception as exc:  # noqa: BLE001 - reported in the output and the JSON
+                    report["errors"][f"{variant}, batch {b}"] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            report["errors"][variant] = f"{type(exc).__name__}: {exc}"
+        finally:
+            seg.compile(None)
+        report["rows"].extend(rows)
+        print(f"forward: {variant}, text encoder {'on the CPU' if args.offload_text_encoder else 'resident'}")
+        print(format_rows(rows))
+        for where, err in report["errors"].items():
+            if where.startswith(variant):
+                print(f"  failed ({where}): {err}")
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+    if report["errors"]:
+        return 1
     return 0
 
 

@@ -221,3 +221,67 @@ def test_reading_only_the_planned_layers_equals_capturing_everything(tiny_pipe):
     labels = maps_to_labels(minmax(to_original(maps[-1], geometry, seg.image_size())), "power")
     assert np.allclose(maps.numpy(), fast.maps, atol=1e-4)
     assert np.array_equal(labels.numpy(), fast.labels)
+
+
+def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(tiny_pipe):
+    # torch.compile around the capture (aot_eager: the same graph machinery as inductor without a
+    # C++ toolchain) must not change a single map, and switching back restores the processors.
+    seg = ISeg(tiny_pipe, iterations=3, clustering=False)
+    images, classes = [_image(5), _image(6)], ["cat", "dog"]
+    plain = seg.segment(images, classes)
+    before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    seg.compile("torch", backend="aot_eager")
+    try:
+        fast = seg.segment(images, classes)
+        again = seg.segment(images, classes)  # the compiled module is reused, the store refilled
+        assert any(type(p).__name__ == "CaptureProcessor" for p in tiny_pipe.unet.attn_processors.values())
+    finally:
+        seg.compile(None)
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    for p, f, a in zip(plain, fast, again):
+        assert np.allclose(p.maps, f.maps, atol=1e-4)
+        assert np.array_equal(p.labels, f.labels)
+        assert np.array_equal(f.labels, a.labels)
+
+
+def test_cuda_graphs_on_a_cpu_pipeline_are_refused_with_the_alternative(tiny_pipe):
+    seg = ISeg(tiny_pipe)
+    with pytest.raises(RuntimeError, match="CUDA graphs need .*seg.compile\\('torch'\\)"):
+        seg.compile("cuda-graph")
+    with pytest.raises(ValueError, match="unknown compile method 'fast'"):
+        seg.compile("fast")
+    assert seg._fast is None
+
+
+def test_offloaded_text_encoder_gives_the_same_embedding(tiny_pipe_small):
+    import copy
+
+    pipe = copy.deepcopy(tiny_pipe_small)
+    pipe.text_encoder.to(torch.float64)  # as if it lived on the GPU in another precision
+    seg = ISeg(pipe)
+    prompt = seg.prompt_for(["cat"])
+    seg.offload_text_encoder()
+    assert pipe.text_encoder.device.type == "cpu" and pipe.text_encoder.dtype == torch.float32
+    reference = ISeg(tiny_pipe_small).embedding(prompt, 1.6)
+    got = seg.embedding(prompt, 1.6)
+    assert got.dtype == pipe.unet.dtype and torch.allclose(got, reference, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
+def test_cuda_graph_replays_give_the_plain_maps_for_new_images(tiny_pipe):
+    # The graph is recorded on the first call; later calls only copy new inputs in and replay.
+    # Every replay must give the maps the plain path gives for *those* images.
+    import copy
+
+    pipe = copy.deepcopy(tiny_pipe).to("cuda")
+    seg = ISeg(pipe, iterations=3, clustering=False)
+    batches = [[_image(5), _image(6)], [_image(7), _image(8)], [_image(9), _image(5)]]
+    plain = [seg.segment(b, ["cat", "dog"]) for b in batches]
+    seg.compile("cuda-graph")
+    graphed = [seg.segment(b, ["cat", "dog"]) for b in batches]
+    seg.compile(None)
+    for ps, gs in zip(plain, graphed):
+        for p, g in zip(ps, gs):
+            assert np.allclose(p.maps, g.maps, atol=1e-4)
+            assert np.array_equal(p.labels, g.labels)
+    assert not np.allclose(graphed[0][0].maps, graphed[1][0].maps)  # new inputs really went in

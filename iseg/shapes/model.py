@@ -1,8 +1,9 @@
 """Architecture of the shapes model: diffusers/transformers components built from small configs.
 
 The layout is Stable Diffusion's in miniature, so method.md applies unchanged: a KL autoencoder
-(64x64 RGB -> 16x16x4 latent), a CLIP text encoder with a word-level CLIP tokenizer, and a
-``UNet2DConditionModel`` with self- and cross-attention at 16x16 and 8x8.
+(64x64 RGB -> 16x16x4 latent, or 32x32x4), a CLIP text encoder with a word-level CLIP tokenizer,
+and a ``UNet2DConditionModel`` with self- and cross-attention at every level (16x16 and 8x8, or
+32x32, 16x16 and 8x8).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .world import SIZE, vocabulary
 
-__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet", "make_scheduler",
+__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet", "make_scheduler", "inner_unet_weights", "LATENT_SIDES",
            "count_parameters"]
 
 MAX_LENGTH = 24  # tokens; the longest caption has 13 with its start and end tokens
@@ -70,13 +71,24 @@ def build_word_bpe(folder: Path = _VOCAB_DIR) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def make_vae():
+LATENT_SIDES = (16, 32)
+
+
+def _check_latent_side(latent_side: int) -> None:
+    if latent_side not in LATENT_SIDES:
+        raise ValueError(f"latent_side must be one of {LATENT_SIDES}, got {latent_side!r}")
+
+
+def make_vae(latent_side: int = 16):
+    """64x64 RGB -> ``latent_side`` x ``latent_side`` x 4 (16: three blocks; 32: two blocks)."""
     from diffusers import AutoencoderKL
 
+    _check_latent_side(latent_side)
+    channels = (32, 64, 64) if latent_side == 16 else (32, 64)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=SIZE,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=16, sample_size=SIZE,
         scaling_factor=1.0,  # set from the latents' spread after the VAE is trained
     )
 
@@ -90,15 +102,40 @@ def make_text_encoder(vocab_size: int, max_length: int = MAX_LENGTH):
     ))
 
 
-def make_unet():
+def make_unet(latent_side: int = 16):
+    """Self- and cross-attention at every level: 16x16 and 8x8 (latent 16), or 32x32, 16x16 and 8x8
+    (latent 32; its two inner levels have the latent-16 model's widths, see ``inner_unet_weights``)."""
     from diffusers import UNet2DConditionModel
 
+    _check_latent_side(latent_side)
+    channels = (64, 128) if latent_side == 16 else (32, 64, 128)
     return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=latent_side, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=channels, norm_num_groups=16, cross_attention_dim=64, attention_head_dim=4,
+        time_embedding_dim=256,  # the latent-16 model's width (4 x 64), kept so its weights can seed a latent-32 one
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels),
     )
+
+
+def inner_unet_weights(small: dict, large: torch.nn.Module) -> dict:
+    """Weights of a latent-16 UNet placed on the two inner levels of a latent-32 one.
+
+    Its down block i becomes down block i + 1, up blocks keep their index (counted from the
+    coarsest), the middle block and time embedding are shared; only tensors whose shapes agree
+    are taken. Returns the state dict to load with ``strict=False``.
+    """
+    target = large.state_dict()
+    out = {}
+    for key, value in small.items():
+        if key.startswith("down_blocks."):
+            i, rest = key[len("down_blocks."):].split(".", 1)
+            key = f"down_blocks.{int(i) + 1}.{rest}"
+        elif not key.startswith(("up_blocks.", "mid_block.", "time_embedding.")):
+            continue  # conv_in, conv_out and their norms belong to the new outer level
+        if key in target and target[key].shape == value.shape:
+            out[key] = value
+    return out
 
 
 def make_scheduler():

@@ -33,7 +33,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..capture import attention_layers, capture_attention
-from .model import MAX_LENGTH, count_parameters, make_scheduler, make_text_encoder, make_tokenizer, make_unet, make_vae
+from .model import (
+    LATENT_SIDES,
+    MAX_LENGTH,
+    count_parameters,
+    inner_unet_weights,
+    make_scheduler,
+    make_text_encoder,
+    make_tokenizer,
+    make_unet,
+    make_vae,
+)
 from .world import CLASSES, SIZE, SPLITS, caption_for, sample
 
 MAX_OBJECTS = 3
@@ -119,8 +129,14 @@ def grounding_loss(cross: dict[str, torch.Tensor], owner: torch.Tensor, objects:
     return torch.stack(losses).mean()
 
 
-def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: torch.Tensor):
-    """Self-attention grouping loss: every pixel should attend inside its own object (or background)."""
+def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: torch.Tensor, hard: bool = False):
+    """Self-attention grouping loss: every pixel should attend inside its own object (or background).
+
+    Groups are the objects' (and the background's) area fractions per attention cell, or with
+    ``hard`` each cell belongs wholly to the group covering most of it. Hard groups ask for a
+    block-diagonal attention: a boundary cell then attends to one group only, so propagating
+    class maps along it does not leak across the boundary at every iteration.
+    """
     if valid.sum() == 0:
         return next(iter(selfs.values())).sum() * 0
     losses = []
@@ -128,6 +144,8 @@ def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: 
         r = math.isqrt(a.shape[1])
         m = F.adaptive_avg_pool2d(objects, r).flatten(2)  # (B, 3, n)
         groups = torch.cat([(1 - m.sum(1, keepdim=True)).clamp_min(0), m], 1)  # (B, 4, n) background first
+        if hard:
+            groups = F.one_hot(groups.argmax(1), groups.shape[1]).transpose(1, 2).to(groups.dtype)
         mass = a @ groups.transpose(1, 2)  # (B, n, 4): attention mass of each query inside each group
         miss = (1 - mass).transpose(1, 2)  # (B, 4, n)
         weight = groups.sum(-1)  # (B, 4) group sizes
@@ -288,7 +306,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
             cross = {n: store.mean(n) for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
-            group = grouping_loss(selfs, obj, valid) if args.group > 0 else mse * 0
+            group = grouping_loss(selfs, obj, valid, hard=getattr(args, "group_target", "soft") == "hard") \
+                if args.group > 0 else mse * 0
             vloss = mse * 0
             sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)] if vocab > 0 else valid[:0]
             if len(sub):
@@ -355,18 +374,32 @@ def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, dtype=torch.fl
     pipe.to(torch.float32)
 
 
+INIT_PARTS = ("vae", "text_encoder", "unet", "unet-inner")
+
+
 def _load_init(folder: Path, vae, text_encoder, unet, parts=("vae", "text_encoder", "unet")):
+    """Load parts of an existing model folder. ``unet-inner`` puts a latent-16 UNet on the inner
+    levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    if "vae" not in parts:
-        raise ValueError("--init always keeps the VAE of the folder it starts from (the latents depend on it)")
-    vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
-    vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
+    unknown = set(parts) - set(INIT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
+    if "unet" in parts and "vae" not in parts:
+        raise ValueError("--init-parts unet needs the folder's VAE too (the UNet was trained on its latents)")
+    if "vae" in parts:
+        vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
+        vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
     if "text_encoder" in parts:
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict())
     if "unet" in parts:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
+    if "unet-inner" in parts:
+        small = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict()
+        weights = inner_unet_weights(small, unet)
+        unet.load_state_dict(weights, strict=False)
+        print(f"--init unet-inner: {len(weights)} of {len(unet.state_dict())} UNet tensors taken from {folder}")
 
 
 def main(argv=None):
@@ -387,6 +420,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--ground", type=float, default=0.3, help="weight of the grounding loss (0: off)")
     p.add_argument("--group", type=float, default=0.3, help="weight of the grouping loss (0: off)")
+    p.add_argument("--group-target", default="soft", choices=["soft", "hard"],
+                   help="grouping loss groups: area fractions per cell (soft) or the majority group per cell (hard)")
     p.add_argument("--vocab", type=float, default=0.0,
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--attn-loss-max-t", type=int, default=600)
@@ -398,6 +433,8 @@ def main(argv=None):
                    help="start from the weights of an existing model folder (fine-tuning); its VAE is kept as is")
     p.add_argument("--init-parts", default="vae,text_encoder,unet",
                    help="which parts --init loads (e.g. 'vae' to train a new UNet on the same autoencoder)")
+    p.add_argument("--latent-side", type=int, default=16, choices=LATENT_SIDES,
+                   help="latent grid: 16 (VAE /4, attention at 16x16 and 8x8) or 32 (VAE /2, attention at 32, 16, 8)")
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
     args = p.parse_args(argv)
 
@@ -418,17 +455,20 @@ def main(argv=None):
     images, masks, info = render_dataset(args.images, args.workers)
     images, masks = torch.from_numpy(images), torch.from_numpy(masks)
     tokenizer = make_tokenizer(MAX_LENGTH)
-    vae, text_encoder, unet = make_vae(), make_text_encoder(len(tokenizer)), make_unet()
+    vae, text_encoder, unet = make_vae(args.latent_side), make_text_encoder(len(tokenizer)), make_unet(args.latent_side)
+    init_parts = set(args.init_parts.split(",")) if args.init is not None else set()
     if args.init is not None and "unet" not in state:
-        _load_init(args.init, vae, text_encoder, unet, parts=set(args.init_parts.split(",")))
-        state.update(vae=vae.state_dict(), vae_step=args.vae_steps, init=str(args.init))
+        _load_init(args.init, vae, text_encoder, unet, parts=init_parts)
+        state.update(init=str(args.init))
+        if "vae" in init_parts:
+            state.update(vae=vae.state_dict(), vae_step=args.vae_steps)
     for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
         if state.get(name):
             module.load_state_dict(state[name])
     vae.to(device)
     train_vae(vae, images, args, device, ckpt, log_path, state)
     latents = encode_all(vae, images, device)
-    scale = float(vae.config.scaling_factor) if args.init is not None else float(1.0 / latents.std())
+    scale = float(vae.config.scaling_factor) if "vae" in init_parts else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     objects = object_masks(masks, info)
@@ -449,7 +489,7 @@ def main(argv=None):
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
         "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
-        "images": args.images, "ground": args.ground, "group": args.group, "vocab": args.vocab, "seed": args.seed,
+        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "seed": args.seed,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
