@@ -198,6 +198,9 @@ class CaptureProcessor:
     losses on attention); otherwise they are detached.
     """
 
+    # float32 probabilities of all heads held at once at most; larger layers go one head at a time
+    ALL_HEADS_BYTES = 64 * 2**20
+
     def __init__(
         self,
         store: AttentionStore,
@@ -264,6 +267,13 @@ class CaptureProcessor:
             if self.heads is not None:
                 probs = probs[:, self.heads]
             self.store.record(self.name, probs if self.keep_grad else probs.detach(), True, self.accumulate)
+        elif batch_size * attn.heads * query.shape[-2] * key.shape[-2] * 4 <= self.ALL_HEADS_BYTES:
+            # small maps (every cross-attention layer): all heads in one product, fewer kernel launches
+            probs = self._probs(attn, query, key, attention_mask)
+            out = probs.to(value.dtype) @ value
+            chosen = probs if self.heads is None else probs[:, sorted({h % attn.heads for h in self.heads})]
+            total = chosen.sum(1)
+            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), chosen.shape[1], self.accumulate)
         else:
             # one head at a time: the (B, heads, n, n) probabilities of a 4096-pixel layer are never
             # held at once, only the running sum of the selected heads

@@ -429,8 +429,8 @@ class ISeg:
         elif vocabulary is not None:
             raise TypeError("give classes or a vocabulary, not both")
         # decode batch by batch: a batch's attention maps are freed before the next forward pass
-        results = [self.decode(o, **overrides) for batch in self._batches(images, classes, progress, overrides)
-                   for o in batch]
+        results = [r for batch in self._batches(images, classes, progress, overrides)
+                   for r in self.decode_batch(batch, **overrides)]
         return results if many else results[0]
 
     def _batches(self, images, classes, progress, overrides):
@@ -493,35 +493,67 @@ class ISeg:
         Only settings that act after the forward pass matter here (clustering, ``cross_weights``
         among the captured resolutions, ``lam``, ``iterations``, ``clamp_max``, the background rule).
         """
-        s = make_settings(None, base=obs.settings, **overrides) if overrides else obs.settings
+        return self.decode_batch([obs], **overrides)[0]
+
+    # self-attention matrices refined together at most (bytes of float32), so that a batch of
+    # 4096-pixel maps does not multiply the memory the refinement needs
+    _DECODE_BYTES = 512 * 2**20
+
+    def decode_batch(self, observations: Sequence[Observation], **overrides) -> list[SegmentationResult]:
+        """``decode`` for several observations: those that share settings, class count, attention
+        grid and image geometry are refined as one batch, with one copy to the host per batch."""
+        groups: dict[tuple, list[int]] = {}
+        settings = {}
+        for i, obs in enumerate(observations):
+            key = id(obs.settings)
+            if key not in settings:
+                settings[key] = make_settings(None, base=obs.settings, **overrides) if overrides else obs.settings
+            groups.setdefault((key, len(obs.prompt.classes), obs.grid, obs.geometry, obs.size), []).append(i)
+        results: list[SegmentationResult | None] = [None] * len(observations)
+        for (key, _, grid, _, _), members in groups.items():
+            chunk = max(1, self._DECODE_BYTES // (4 * grid**4))
+            for start in range(0, len(members), chunk):
+                part = members[start : start + chunk]
+                for i, result in zip(part, self._decode_group([observations[i] for i in part], settings[key])):
+                    results[i] = result
+        return results
+
+    def _decode_group(self, group: list[Observation], s: Settings) -> list[SegmentationResult]:
         t0 = time.perf_counter()
-        weights = obs.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
-        grid = obs.grid
-        x = R.aggregate_cross_attention({r: a[None] for r, a in obs.cross.items()}, weights, grid)
+        first = group[0]
+        weights = first.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
+        grid, classes, count = first.grid, len(first.prompt.classes), len(group)
+        cross = {r: torch.stack([o.cross[r] for o in group]) for r in weights if r in first.cross}
+        x = R.aggregate_cross_attention(cross, weights, grid)  # (B, n, T)
         if s.clustering:
             x = R.kl_cluster(x, rounds=s.cluster_rounds)
-        m = R.class_maps(x[0], obs.prompt.spans)  # (n, C)
-        P = R.entropy_reduce(obs.self_attention, s.lam, s.clamp_max)
-        steps = R.refine(m, P, s.iterations)  # (N+1, n, C)
-        classes = len(obs.prompt.classes)
-        maps = steps.transpose(-1, -2).reshape(s.iterations + 1, classes, grid, grid)
-        scores = minmax(to_original(maps[-1], obs.geometry, obs.size))
-        labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold)
-        refine_s = time.perf_counter() - t0
-        return SegmentationResult(
-            labels=labels.cpu().numpy(),
-            classes=obs.prompt.classes,
-            maps=maps.float().cpu().numpy(),
-            initial=m.transpose(0, 1).reshape(classes, grid, grid).float().cpu().numpy(),
-            prompt=obs.prompt.text,
-            token_spans=obs.prompt.spans,
-            image=obs.image,
-            settings=s,
-            geometry=obs.geometry,
-            size=obs.size,
-            self_attention=obs.self_attention.cpu().numpy() if s.return_self_attention else None,
-            timing={"forward_s": obs.forward_s, "refine_s": refine_s, "total_s": obs.forward_s + refine_s},
-        )
+        m = torch.stack([R.class_maps(x[b], o.prompt.spans) for b, o in enumerate(group)])  # (B, n, C)
+        P = R.entropy_reduce(torch.stack([o.self_attention for o in group]), s.lam, s.clamp_max)
+        steps = R.refine(m, P, s.iterations)  # (B, N+1, n, C)
+        del P
+        maps = steps.transpose(-1, -2).reshape(count, s.iterations + 1, classes, grid, grid)
+        scores = minmax(to_original(maps[:, -1], first.geometry, first.size))
+        labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold).cpu().numpy()
+        maps_np = maps.float().cpu().numpy()
+        initial = m.transpose(1, 2).reshape(count, classes, grid, grid).float().cpu().numpy()
+        refine_s = (time.perf_counter() - t0) / count
+        return [
+            SegmentationResult(
+                labels=labels[b],
+                classes=obs.prompt.classes,
+                maps=maps_np[b],
+                initial=initial[b],
+                prompt=obs.prompt.text,
+                token_spans=obs.prompt.spans,
+                image=obs.image,
+                settings=s,
+                geometry=obs.geometry,
+                size=obs.size,
+                self_attention=obs.self_attention.cpu().numpy() if s.return_self_attention else None,
+                timing={"forward_s": obs.forward_s, "refine_s": refine_s, "total_s": obs.forward_s + refine_s},
+            )
+            for b, obs in enumerate(group)
+        ]
 
     def segment_prompt(self, image, *, points=None, line=None, box=None, text=None, **overrides):
         """Segment what the user points at, strokes, boxes or describes (method.md §7).
