@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import refine as R
 from .capture import AttentionLayer, capture_attention, select_layers
-from .images import Geometry, load_image, prepare, to_original
+from .images import Geometry, load_image, prepare, read_pixels, to_original
 from .masks import maps_to_labels, minmax
 from .presets import Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
@@ -464,8 +464,8 @@ class ISeg:
 
     def _observe_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names) -> list[Observation]:
         t0 = time.perf_counter()
-        arrays = [load_image(item, name) for item, name in zip(items, names)]
-        prepared = [prepare(a, size, s.aspect) for a in arrays]
+        arrays = [read_pixels(item, name) for item, name in zip(items, names)]
+        prepared = [prepare(a, size, s.aspect, device=self.device) for a in arrays]
         pixels = torch.stack([p[0] for p in prepared])
         embeddings = torch.cat([self.embedding(p, s.gamma) for p in prompts])
         cross, attn_self = self.attend(pixels, embeddings, s)
@@ -476,7 +476,7 @@ class ISeg:
                 cross={r: a[b] for r, a in cross.items()},
                 self_attention=attn_self[b],
                 prompt=prompt,
-                image=(arr * 255).round().astype(np.uint8),
+                image=arr.copy() if arr.dtype == np.uint8 else (arr * 255).round().astype(np.uint8),
                 geometry=geometry,
                 size=size,
                 grid=plan["self_resolution"],

@@ -77,3 +77,20 @@ def test_maps_come_back_to_the_original_pixels(aspect):
     assert (back[:, : w // 2 - 2] > 0.5).all() and (back[:, w // 2 + 2 :] < 0.5).all()
     if aspect == "pad":
         assert torch.allclose(x[:, 18:, :], torch.tensor(0.5))  # the padding sits below the image
+
+
+def test_8_bit_sources_stay_uint8_and_prepare_the_same_pixels():
+    from iseg.images import read_pixels
+
+    rgb = np.random.RandomState(0).randint(0, 256, (20, 30, 3)).astype(np.uint8)
+    for source in (rgb, Image.fromarray(rgb)):
+        arr = read_pixels(source)
+        assert arr.dtype == np.uint8 and np.array_equal(arr, rgb)
+        t, g = prepare(arr, 16)
+        ref, g_ref = prepare(load_image(source), 16)
+        assert g == g_ref and torch.allclose(t, ref, atol=1e-6)
+    grey = read_pixels(Image.fromarray(rgb[..., 0]))
+    assert grey.shape == (20, 30, 3) and np.array_equal(grey[..., 2], rgb[..., 0])
+    assert read_pixels(rgb.astype(np.float32) / 255).dtype == np.float32  # other sources: load_image
+    with pytest.raises(ValueError, match="needs at least"):
+        read_pixels(np.zeros((4, 30, 3), np.uint8))

@@ -177,11 +177,9 @@ def main(argv=None):
     if args.random_init:
         import torch
 
-        from .model import make_text_encoder, make_unet
-
-        torch.manual_seed(0)
-        pipe.unet.load_state_dict(make_unet().state_dict())
-        pipe.text_encoder.load_state_dict(make_text_encoder(len(pipe.tokenizer)).state_dict())
+        torch.manual_seed(0)  # the same architecture as the loaded model, freshly initialised
+        pipe.unet.load_state_dict(type(pipe.unet).from_config(pipe.unet.config).state_dict())
+        pipe.text_encoder.load_state_dict(type(pipe.text_encoder)(pipe.text_encoder.config).state_dict())
     seg = ISeg(pipe, preset="shapes")
     report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset, **overrides)
     report["model"] = args.model + (" (random init)" if args.random_init else "")
