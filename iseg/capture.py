@@ -271,9 +271,12 @@ class CaptureProcessor:
             # small maps (every cross-attention layer): all heads in one product, fewer kernel launches
             probs = self._probs(attn, query, key, attention_mask)
             out = probs.to(value.dtype) @ value
-            chosen = probs if self.heads is None else probs[:, sorted({h % attn.heads for h in self.heads})]
-            total = chosen.sum(1)
-            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), chosen.shape[1], self.accumulate)
+            if self.heads is None:
+                total, count = probs.sum(1), attn.heads
+            else:  # slices, not an index tensor: no host-to-device copy (CUDA graphs forbid one)
+                picked = sorted({h % attn.heads for h in self.heads})
+                total, count = sum(probs[:, h] for h in picked), len(picked)
+            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), count, self.accumulate)
         else:
             # one head at a time: the (B, heads, n, n) probabilities of a 4096-pixel layer are never
             # held at once, only the running sum of the selected heads

@@ -182,5 +182,9 @@ def class_maps(x: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:
     for span in spans:
         if len(span) == 0:
             raise ValueError("every class needs at least one token position")
-        columns.append(x[..., list(span)].mean(-1))
+        span = list(span)
+        if span == list(range(span[0], span[0] + len(span))):  # a slice: no index tensor to copy to the GPU
+            columns.append(x[..., span[0] : span[0] + len(span)].mean(-1))
+        else:
+            columns.append(x[..., span].mean(-1))
     return torch.stack(columns, dim=-1)
