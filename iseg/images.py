@@ -161,7 +161,8 @@ def prepare(arr: np.ndarray, size: int, aspect: str = "stretch", pad_value: floa
     if aspect not in ASPECT_MODES:
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     h, w = arr.shape[:2]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).to(device).permute(2, 0, 1).float()
+    arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)  # torch refuses read-only views
+    t = torch.from_numpy(arr).to(device).permute(2, 0, 1).float()
     if arr.dtype == np.uint8:
         t = t / 255.0
     if aspect == "pad" and h != w:
