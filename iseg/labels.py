@@ -38,7 +38,7 @@ from .prompts import PromptTooLongError, check_class_names
 
 __all__ = [
     "METHODS", "AttentionThresholds", "chunk_vocabulary", "attention_evidence",
-    "select_by_evidence", "choose_thresholds", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
+    "select_by_evidence", "choose_thresholds", "choose_thresholds_by_miou", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
     "read_labels_file", "predict_labels", "label_scores",
 ]
 
@@ -169,19 +169,49 @@ def label_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[st
     return {"precision": precision, "recall": recall, "f1": f1, "correct": tp, "predicted": n_pred, "ground_truth": n_true}
 
 
+def _threshold_grid(evidence: Sequence[Mapping[str, dict]], min_labels: int, shares: int = 100) -> list[AttentionThresholds]:
+    values = np.array([v["share"] for ev in evidence for v in ev.values()])
+    share_grid = np.unique(np.concatenate([[0.0], np.quantile(values, np.linspace(0, 0.99, shares))]))
+    return [AttentionThresholds(float(ms), float(mp), min_labels) for ms in share_grid for mp in np.linspace(0, 1, 41)]
+
+
 def choose_thresholds(evidence: Sequence[Mapping[str, dict]], truth: Sequence[Sequence[str]],
                       min_labels: int = 1) -> tuple[AttentionThresholds, dict]:
     """The (min_share, min_peak) pair with the best label F1 on labelled images (a grid search)."""
-    shares = np.array([v["share"] for ev in evidence for v in ev.values()])
-    share_grid = np.unique(np.concatenate([[0.0], np.quantile(shares, np.linspace(0, 0.99, 100))]))
     best = None
-    for ms in share_grid:
-        for mp in np.linspace(0, 1, 41):
-            th = AttentionThresholds(float(ms), float(mp), min_labels)
-            score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
-            if best is None or score["f1"] > best[1]["f1"]:
-                best = (th, score)
+    for th in _threshold_grid(evidence, min_labels):
+        score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
+        if best is None or score["f1"] > best[1]["f1"]:
+            best = (th, score)
     return best
+
+
+def choose_thresholds_by_miou(evidence: Sequence[Mapping[str, dict]], confusion_of, min_labels: int = 1,
+                              progress: bool = False) -> tuple[AttentionThresholds, float]:
+    """The (min_share, min_peak) pair whose predicted labels give the best open-vocabulary mIoU.
+
+    A wrong label costs a segmentation far more than F1 counts it (a spurious class takes an
+    object's pixels; a missed one loses them), so this searches the same grid as
+    ``choose_thresholds`` for the best mIoU instead. ``confusion_of(i, classes)`` returns image
+    ``i``'s confusion matrix when it is segmented with ``classes``; it is called once per distinct
+    class list an image receives over the grid. Ties go to the first pair of the grid.
+    """
+    from tqdm.auto import tqdm
+
+    from .metrics import miou
+
+    grid = _threshold_grid(evidence, min_labels, shares=25)
+    totals: list = [0] * len(grid)
+    for i, ev in enumerate(tqdm(evidence, desc="thresholds", unit="img", disable=not progress)):
+        seen: dict[tuple[str, ...], np.ndarray] = {}
+        for k, th in enumerate(grid):
+            keep = tuple(select_by_evidence(ev, th))
+            if keep not in seen:
+                seen[keep] = np.asarray(confusion_of(i, list(keep)))
+            totals[k] = totals[k] + seen[keep]
+    scores = [miou(t) for t in totals]
+    k = int(np.argmax(scores))
+    return grid[k], 100 * float(scores[k])
 
 
 # -- CLIP ----------------------------------------------------------------------------------------
@@ -422,13 +452,26 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=500)
     p.add_argument("--min-share", type=float, default=None, help="score these thresholds instead of choosing")
     p.add_argument("--min-peak", type=float, default=None)
+    p.add_argument("--objective", default="f1", choices=["f1", "miou"],
+                   help="choose the thresholds for the best label F1, or for the best open-vocabulary mIoU")
     p.add_argument("--out", type=Path, default=None, help="write the evidence and scores as JSON")
     args = p.parse_args(argv)
     seg = ISeg(load_pipeline(args.model, device="cpu", verbose=False), preset="shapes")
     recs = [sample(s) for s in SPLITS[args.split][: args.count]]
     truth = [[c for c in CLASSES if c in r.classes] for r in recs]
     evidence = attention_evidence(seg, [r.image for r in recs], CLASSES, progress=True)
-    if args.min_share is None:
+    if args.min_share is None and args.objective == "miou":
+        from .metrics import confusion
+        from .shapes.evaluate import NUM_LABELS, to_dataset_labels
+
+        def confusion_of(i, classes):
+            result = seg.segment(recs[i].image, classes)
+            return confusion(to_dataset_labels(result.labels, result.classes), recs[i].mask, NUM_LABELS)
+
+        th, best = choose_thresholds_by_miou(evidence, confusion_of, progress=True)
+        score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
+        print(f"open-vocabulary mIoU at these thresholds: {best:.2f}")
+    elif args.min_share is None:
         th, score = choose_thresholds(evidence, truth)
     else:
         th = AttentionThresholds(args.min_share, args.min_peak if args.min_peak is not None else 0.0)

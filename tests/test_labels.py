@@ -231,3 +231,30 @@ def test_attention_labels_on_50_test_images_stay_above_a_floor(shapes_seg):
     predicted = L.predict_labels([r.image for r in records], CLASSES, "attention", seg=shapes_seg)
     truth = [[c for c in CLASSES if c in r.classes] for r in records]
     assert L.label_scores(predicted, truth)["f1"] >= LABEL_F1_FLOOR
+
+
+def test_thresholds_chosen_for_miou_can_differ_from_those_for_f1():
+    # Two images; "b" is present in neither. Image 0 shows "b" weak evidence (share 0.2, peak
+    # 0.6), image 1 misses "a" with weak evidence. Here a spurious "b" costs the segmentation
+    # much more than a missed "a", so the mIoU choice must drop "b" even at the price of "a".
+    evidence = [
+        {"a": {"share": 0.5, "peak": 1.0, "relative_peak": 1.0}, "b": {"share": 0.2, "peak": 0.6, "relative_peak": 0.6}},
+        {"a": {"share": 0.2, "peak": 0.6, "relative_peak": 0.6}, "c": {"share": 0.5, "peak": 1.0, "relative_peak": 1.0}},
+    ]
+    truth = [["a"], ["a", "c"]]
+    calls = []
+
+    def confusion_of(i, classes):
+        calls.append((i, tuple(classes)))
+        good = np.diag([10, 10, 0, 10])
+        if "b" in classes:  # the spurious class takes every object pixel
+            return np.array([[10, 0, 0, 0], [0, 0, 10, 0], [0, 0, 0, 0], [0, 0, 0, 10]])
+        return good if "a" in classes or i == 0 else np.array([[10, 0, 0, 0], [1, 9, 0, 0], [0, 0, 0, 0], [0, 0, 0, 10]])
+
+    th, best = L.choose_thresholds_by_miou(evidence, confusion_of)
+    picked = [L.select_by_evidence(ev, th) for ev in evidence]
+    assert "b" not in picked[0] and picked[1] == ["c"]
+    assert len(calls) == len(set(calls))  # each distinct class list segmented once
+    f1_th, _ = L.choose_thresholds(evidence, truth)
+    assert [L.select_by_evidence(ev, f1_th) for ev in evidence] != picked
+    assert 0 < best <= 100

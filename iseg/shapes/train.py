@@ -10,8 +10,10 @@ Stages (each resumable from ``--workdir/checkpoint.pt``):
    - grounding: for every class word and its colour word, 1 - the share of the token's spatially
      normalised cross-attention inside its object, plus 0.2 x a BCE between the max-normalised
      map and the object mask, on every cross-attention layer;
-   - grouping: for every query pixel of the 16x16 self-attention, 1 - the attention mass inside
-     its own group (its object, or the background), every group of an image weighted equally.
+   - grouping: for every query pixel of the finest self-attention (the latent's grid), 1 - the
+     attention mass inside its own group (its object, or the background; by area fraction per
+     cell, or with ``--group-target hard`` the group covering most of the cell), every group of
+     an image weighted equally.
 The trained pipeline is written in diffusers layout (fp16 weights) to ``--out``.
 iSeg itself stays training-free: nothing is trained at segmentation time.
 """
