@@ -72,7 +72,7 @@ def test_unet_runs_once_for_several_prompts_on_one_image(shapes_pipe):
         hook.remove()
     assert len(calls) == 1
     assert a.mask.shape == (64, 64) and a.mask.dtype == bool
-    assert a.maps.shape == (51, 16, 16)  # the interactive preset: 50 iterations
+    assert a.maps.shape == (51, 32, 32)  # the interactive preset: 50 iterations, on the 32x32 latent grid
     assert a.mask[first].mean() > 0.5 and c.mask[second].mean() > 0.5  # each prompt selects its own object
     assert b.mask[first].mean() > 0.3 and b.mask[second].mean() > 0.3  # two points: both objects
     assert b.initial.max() == 0.5 and d.initial.sum() > 0

@@ -1,7 +1,7 @@
 """Architecture of the shapes model: diffusers/transformers components built from small configs.
 
 The layout is Stable Diffusion's in miniature, so method.md applies unchanged: a KL autoencoder
-(64x64 RGB -> 16x16x4 latent, or 32x32x4), a CLIP text encoder with a word-level CLIP tokenizer,
+(64x64 RGB -> 16x16x4 latent, or 32x32x4 as shipped), a CLIP text encoder with a word-level CLIP tokenizer,
 and a ``UNet2DConditionModel`` with self- and cross-attention at every level (16x16 and 8x8, or
 32x32, 16x16 and 8x8).
 """
