@@ -220,7 +220,8 @@ class CaptureProcessor:
     @staticmethod
     def _probs(attn, query, key, attention_mask):
         # fp32 scores and softmax: fp16 logits of 4096x4096 self-attention can overflow
-        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+        # (the scale goes on the queries, n x d, rather than on the n x n scores: one pass less)
+        scores = (query.float() * attn.scale) @ key.float().transpose(-1, -2)
         if attention_mask is not None:
             scores = scores + attention_mask.float()
         return scores.softmax(dim=-1)
