@@ -212,3 +212,12 @@ def test_hard_grouping_targets_accept_a_block_diagonal_attention_that_soft_ones_
     obj = (1 * 0 + 0.25 * (1 - 1 / 12)) / 1.25
     bg = (0.75 * (1 - 11 / 12) + 1 * (1 - 11 / 12) * 2) / 2.75
     assert soft.item() == pytest.approx((obj + bg) / 2, abs=1e-6)
+
+
+def test_init_parts_are_checked_before_anything_loads(tmp_path):
+    from iseg.shapes.train import _load_init
+
+    with pytest.raises(ValueError, match="unknown --init-parts \\['unet-outer'\\]"):
+        _load_init(tmp_path, None, None, None, parts={"unet-outer"})
+    with pytest.raises(ValueError, match="needs the folder's VAE"):
+        _load_init(tmp_path, None, None, None, parts={"unet", "text_encoder"})

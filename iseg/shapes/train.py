@@ -432,9 +432,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
     p.add_argument("--init", type=Path, default=None,
-                   help="start from the weights of an existing model folder (fine-tuning); its VAE is kept as is")
+                   help="start from the weights of an existing model folder (fine-tuning)")
     p.add_argument("--init-parts", default="vae,text_encoder,unet",
-                   help="which parts --init loads (e.g. 'vae' to train a new UNet on the same autoencoder)")
+                   help="which parts --init loads, of " + ", ".join(INIT_PARTS) + " (e.g. 'vae' to train a new UNet "
+                        "on the same autoencoder; 'text_encoder,unet-inner' to grow a latent-16 model into a "
+                        "latent-32 one, with a new VAE)")
     p.add_argument("--latent-side", type=int, default=16, choices=LATENT_SIDES,
                    help="latent grid: 16 (VAE /4, attention at 16x16 and 8x8) or 32 (VAE /2, attention at 32, 16, 8)")
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
