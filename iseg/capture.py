@@ -220,8 +220,7 @@ class CaptureProcessor:
     @staticmethod
     def _probs(attn, query, key, attention_mask):
         # fp32 scores and softmax: fp16 logits of 4096x4096 self-attention can overflow
-        # (the scale goes on the queries, n x d, rather than on the n x n scores: one pass less)
-        scores = (query.float() * attn.scale) @ key.float().transpose(-1, -2)
+        scores = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             scores = scores + attention_mask.float()
         return scores.softmax(dim=-1)
