@@ -22,9 +22,17 @@ import torch
 
 from .capture import AttentionLayer, AttentionStore, CaptureProcessor, capture_attention
 
-__all__ = ["GraphedForward", "CompiledForward", "make_fast_forward", "METHODS"]
+__all__ = ["GraphedForward", "CompiledForward", "make_fast_forward", "require_cuda", "METHODS"]
 
 METHODS = ("cuda-graph", "torch")
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"CUDA graphs need the pipeline on a CUDA device, it is on {device}; "
+            "use seg.compile('torch') or the plain path (seg.compile(None)) there"
+        )
 
 
 def _key(layers: Sequence[AttentionLayer], heads) -> tuple:
@@ -40,11 +48,7 @@ class GraphedForward:
         self._graphs: dict[tuple, tuple] = {}
 
     def __call__(self, unet, layers, heads, z_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> AttentionStore:
-        if z_t.device.type != "cuda":
-            raise RuntimeError(
-                f"CUDA graphs need the pipeline on a CUDA device, it is on {z_t.device}; "
-                "use seg.compile('torch') or the plain path (seg.compile(None)) there"
-            )
+        require_cuda(z_t.device)
         key = _key(layers, heads) + (tuple(z_t.shape), tuple(emb.shape), z_t.dtype, emb.dtype, z_t.device)
         if key not in self._graphs:
             self._graphs[key] = self._record(unet, layers, heads, z_t, t, emb)

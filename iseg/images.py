@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MIN_SIDE", "Geometry", "load_image", "read_pixels", "prepare", "to_original"]
+__all__ = ["MIN_SIDE", "Geometry", "load_image", "read_pixels", "to_uint8", "prepare", "to_original"]
 
 MIN_SIDE = 8  # one latent cell of an 8x-downsampling VAE
 ASPECT_MODES = ("stretch", "pad")
@@ -148,6 +148,14 @@ def read_pixels(image, name: str | None = None) -> np.ndarray:
         h, w = arr.shape[:2]
         raise ValueError(f"{name or 'image'} is {w}x{h} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
     return arr
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """An 8-bit copy of an image array: uint8 as it is, floats in [0, 1] scaled and rounded."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint8:
+        return arr.copy()
+    return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
 
 
 def prepare(arr: np.ndarray, size: int, aspect: str = "stretch", pad_value: float = 0.5,

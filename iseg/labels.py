@@ -96,11 +96,13 @@ def raw_class_maps(obs) -> torch.Tensor:
     method refines, these are not normalised per class, so classes can be compared."""
     import torch.nn.functional as F
 
+    from .refine import class_maps
+
     total = float(sum(obs.weights.values())) or 1.0
     mixed = 0
     for r, w in obs.weights.items():
         a = obs.cross[r].float()  # (r*r, T)
-        probs = torch.stack([a[:, list(span)].mean(1) for span in obs.prompt.spans]).reshape(-1, 1, r, r)
+        probs = class_maps(a, obs.prompt.spans).T.reshape(-1, 1, r, r)
         if r != obs.grid:
             probs = F.interpolate(probs, size=(obs.grid, obs.grid), mode="bilinear", align_corners=False)
         mixed = mixed + (w / total) * probs[:, 0]
@@ -129,8 +131,9 @@ def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = 
         for chunk in chunks:
             for start in range(0, len(items), batch):
                 part = items[start : start + batch]
-                for k, obs in enumerate(seg.observe(part, list(chunk), progress=False, **overrides)):
-                    foreground = torch.from_numpy(seg.decode(obs).labels > 0)
+                observed = seg.observe(part, list(chunk), progress=False, **overrides)
+                for k, (obs, result) in enumerate(zip(observed, seg.decode_batch(observed))):
+                    foreground = torch.from_numpy(result.labels > 0)
                     raw = raw_class_maps(obs)
                     winner = to_original(raw, obs.geometry, obs.size).argmax(0)
                     for c, name in enumerate(chunk):
@@ -263,11 +266,13 @@ class ClipTagger:
     @torch.no_grad()
     def probabilities(self, images, vocabulary: Sequence[str]) -> np.ndarray:
         """``(N, C)`` softmax over the vocabulary of CLIP's scaled cosine similarities."""
-        from .images import load_image
+        from PIL import Image
+
+        from .images import read_pixels, to_uint8
         from .segmenter import _as_list
 
         items = _as_list(images)[0]
-        pil = [_to_pil(load_image(i)) for i in items]
+        pil = [Image.fromarray(to_uint8(read_pixels(i))) for i in items]
         pixels = self.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device, self.model.dtype)
         img = _unit(_features(self.model.get_image_features(pixel_values=pixels))).float()
         logits = self.model.logit_scale.exp().float() * img @ self.text_features(vocabulary).float().T
@@ -292,12 +297,6 @@ def _features(out) -> torch.Tensor:
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _to_pil(arr: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
 
 
 def load_clip(model: str | os.PathLike = DEFAULT_CLIP, device=None, **options) -> ClipTagger:

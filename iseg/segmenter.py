@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import refine as R
 from .capture import AttentionLayer, capture_attention, select_layers
-from .images import Geometry, load_image, prepare, read_pixels, to_original
+from .images import Geometry, load_image, prepare, read_pixels, to_original, to_uint8
 from .masks import maps_to_labels, minmax
 from .presets import Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
@@ -223,12 +223,11 @@ class ISeg:
         ``torch.compile(unet, **compile_kwargs)`` with the capture processors installed (e.g.
         ``mode="max-autotune-no-cudagraphs"``); the first call compiles. ``None``: the plain path.
         """
-        from .fast import make_fast_forward
+        from .fast import make_fast_forward, require_cuda
 
         fast = None if method is None else make_fast_forward(method, **compile_kwargs)
-        if method == "cuda-graph" and self.device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need the pipeline on a CUDA device, it is on {self.device}; "
-                               "use seg.compile('torch') or no compilation on a CPU")
+        if method == "cuda-graph":
+            require_cuda(self.device)  # refused now, not at the first segment call
         if self._fast is not None:
             self._fast.release(self.pipe.unet)
         self._fast = fast
@@ -398,7 +397,7 @@ class ISeg:
         layers = [layer for layer in attention_layers(self.pipe.unet) if kind is None or layer.kind == kind]
         with capture_attention(self.pipe.unet, layers, per_head=per_head) as store:
             self.pipe.unet(z_t, t, encoder_hidden_states=self.embedding(prompt, s.gamma), return_dict=False)
-        return Trace(store=store, prompt=prompt, image=(arr * 255).round().astype(np.uint8), geometry=geometry,
+        return Trace(store=store, prompt=prompt, image=to_uint8(arr), geometry=geometry,
                      size=size, latent_side=z0.shape[-1], settings=s)
 
     # -- the method ----------------------------------------------------------------------------
@@ -478,7 +477,7 @@ class ISeg:
                 cross={r: a[b] for r, a in cross.items()},
                 self_attention=attn_self[b],
                 prompt=prompt,
-                image=arr.copy() if arr.dtype == np.uint8 else (arr * 255).round().astype(np.uint8),
+                image=to_uint8(arr),
                 geometry=geometry,
                 size=size,
                 grid=plan["self_resolution"],

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .images import to_uint8
+
 __all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "iteration_grid", "save_gif",
            "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
 
@@ -44,7 +46,7 @@ def label_png(labels: np.ndarray) -> Image.Image:
 def _rgb_uint8(image) -> np.ndarray:
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        arr = to_uint8(arr)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     return arr[..., :3]

@@ -16,7 +16,7 @@ import io
 import numpy as np
 
 from .explore import _set_picture
-from .images import load_image
+from .images import read_pixels, to_uint8
 
 __all__ = ["PromptWidget"]
 
@@ -71,7 +71,7 @@ class PromptWidget:
 
     # -- state ---------------------------------------------------------------------------------
     def set_image(self, image):
-        self.array = (load_image(image) * 255).round().astype(np.uint8)
+        self.array = to_uint8(read_pixels(image))
         h, w = self.array.shape[:2]
         _set_picture(self.image_artist, self.array)
         _set_picture(self.mask_artist, np.zeros((h, w, 4)))

@@ -94,3 +94,13 @@ def test_8_bit_sources_stay_uint8_and_prepare_the_same_pixels():
     assert read_pixels(rgb.astype(np.float32) / 255).dtype == np.float32  # other sources: load_image
     with pytest.raises(ValueError, match="needs at least"):
         read_pixels(np.zeros((4, 30, 3), np.uint8))
+
+
+def test_to_uint8_rounds_floats_and_copies_bytes():
+    from iseg.images import to_uint8
+
+    u8 = np.array([[[0, 128, 255]]], np.uint8)
+    out = to_uint8(u8)
+    assert out.dtype == np.uint8 and np.array_equal(out, u8) and out is not u8
+    assert np.array_equal(to_uint8(np.array([[[0.0, 0.5, 1.0]]])), [[[0, 128, 255]]])  # 127.5 rounds to even: 128
+    assert np.array_equal(to_uint8(np.array([[[-0.2, 1.3, 0.2]]])), [[[0, 255, 51]]])  # clipped first
