@@ -118,6 +118,15 @@ class CrossAttentionView(_View):
                     timestep=w.IntSlider(min=0, max=950, step=50, value=self.timestep))
 
 
+def lam_slider(value: float):
+    """A log-scale slider for Ent-Self's ``lam``: the presets use values from 0.002 to 100."""
+    import ipywidgets as w
+
+    low, high = -3, 2  # powers of ten; the slider cannot reach 0, so 0 starts at its lowest value
+    return w.FloatLogSlider(value=min(max(value, 10.0**low), 10.0**high), base=10, min=low, max=high, step=0.1,
+                            readout_format=".3g")
+
+
 class SelfAttentionView(_View):
     """Click a pixel: its self-attention row, the same row after Ent-Self, and the entropy map."""
 
@@ -174,7 +183,7 @@ class SelfAttentionView(_View):
 
         return dict(y=w.IntSlider(min=0, max=self.side - 1, value=self.pixel[0]),
                     x=w.IntSlider(min=0, max=self.side - 1, value=self.pixel[1]),
-                    lam=w.FloatLogSlider(value=max(self.lam, 1e-3), base=10, min=-3, max=0.5, step=0.1))
+                    lam=lam_slider(self.lam))
 
 
 class RefinementView(_View):
@@ -216,7 +225,7 @@ class RefinementView(_View):
         import ipywidgets as w
 
         return dict(iterations=w.IntSlider(min=0, max=self.max_iterations, value=self.state["iterations"]),
-                    lam=w.FloatSlider(min=0, max=0.5, step=0.005, value=self.state["lam"], readout_format=".3f"),
+                    lam=lam_slider(self.state["lam"]),
                     cls=w.Dropdown(options=list(self.obs.prompt.classes), value=self.state["cls"]))
 
 

@@ -82,3 +82,12 @@ def test_generation_view_seed(seg):  # notebook 05
     before = _data(view.im_img)
     view.update(seed=3)
     assert not np.array_equal(before, _data(view.im_img))
+
+
+def test_lam_slider_keeps_every_preset_value():
+    from iseg.presets import PRESETS
+
+    pytest.importorskip("ipywidgets")
+    for lam in [p["lam"] for p in PRESETS.values() if "lam" in p] + [30.0, 0.002]:
+        assert explore.lam_slider(lam).value == pytest.approx(lam)
+    assert explore.lam_slider(0.0).value == pytest.approx(1e-3)  # a log slider cannot show 0: its lowest value

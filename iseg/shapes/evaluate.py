@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..masks import maps_to_labels
 from ..metrics import confusion, iou_per_class, miou
 from .world import CLASSES, SPLITS, sample
 
-__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "main"]
+__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "main"]
 
 NUM_LABELS = len(CLASSES) + 1
 
@@ -94,9 +95,14 @@ def evaluate(
     offset: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    bg_powers: Sequence[float] = (),
     **overrides,
 ) -> dict:
-    """mIoU for every (timestep, lam, N) and binding figures, on ``count`` images of ``split``."""
+    """mIoU for every (timestep, lam, N) and binding figures, on ``count`` images of ``split``.
+
+    With ``bg_powers``, also every (bg_power, lam, N) under the power background rule, from the
+    same forward pass and refinement (``miou_by_bg_power``): how the preset's label rule is chosen.
+    """
     seeds = _seeds(split, count, offset)
     samples = [sample(s) for s in seeds]
     max_n = max(iterations)
@@ -105,6 +111,8 @@ def evaluate(
     t0 = time.perf_counter()
     for t in timesteps:
         hists = {(lam, n): np.zeros((NUM_LABELS, NUM_LABELS), np.int64) for lam in lams for n in iterations}
+        by_power = {(p, lam, n): np.zeros((NUM_LABELS, NUM_LABELS), np.int64)
+                    for p in bg_powers for lam in lams for n in iterations}
         stats = {}
         bar = tqdm(total=len(samples), desc=f"eval t={t}", disable=not progress)
         for start in range(0, len(samples), batch_size):
@@ -118,6 +126,11 @@ def evaluate(
                     for n in iterations:
                         pred = to_dataset_labels(result.labels_at(n), result.classes)
                         hists[(lam, n)] += confusion(pred, s.mask, NUM_LABELS)
+                        if bg_powers:
+                            scores = torch.from_numpy(result.scores(n))
+                            for p in bg_powers:
+                                pred = to_dataset_labels(maps_to_labels(scores, "power", p).numpy(), result.classes)
+                                by_power[(p, lam, n)] += confusion(pred, s.mask, NUM_LABELS)
                     if li == 0:
                         for k, v in binding_stats(o, result, s.mask).items():
                             stats[k] = stats.get(k, 0) + v
@@ -134,6 +147,10 @@ def evaluate(
             "grouping_ratio": stats["group_ratio_sum"] / max(1, stats["group_pixels"]),
             "self_entropy": stats["entropy_sum"] / max(1, stats["rows"]),
         }
+        if bg_powers:
+            report["timesteps"][str(t)]["miou_by_bg_power"] = {
+                str(p): {str(lam): {str(n): round(100 * miou(by_power[(p, lam, n)]), 3) for n in iterations}
+                         for lam in lams} for p in bg_powers}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -151,7 +168,42 @@ def format_table(report: dict) -> str:
         for lam, row in r["miou"].items():
             lines.append(f"| {lam} | " + " | ".join(f"{row[n]:.1f}" for n in its) + " |")
         lines.append("")
+        if "miou_by_bg_power" in r:
+            lines.append("| bg_power | lam | " + " | ".join(f"N={n}" for n in its) + " |")
+            lines.append("|---|---|" + "---|" * len(its))
+            for p, by_lam in r["miou_by_bg_power"].items():
+                for lam, row in by_lam.items():
+                    lines.append(f"| {p} | {lam} | " + " | ".join(f"{row[n]:.2f}" for n in its) + " |")
+            lines.append("")
     return "\n".join(lines)
+
+
+def choose_label_rule(tables: Sequence[dict], min_iterations: int = 5, max_iterations: int = 10,
+                      tolerance: float = 0.005) -> dict:
+    """The shapes preset's rule for (bg_power, lam, N), applied to validation tables.
+
+    ``tables``: one ``miou_by_bg_power`` table (``{bg_power: {lam: {N: mIoU}}}``, every N from 0 up)
+    per validation set. A setting is admissible at N when, on every set, mIoU falls by at most
+    ``tolerance`` from each N to the next between 0 and N (the shapes-world issue: iterations
+    must not hurt up to the preset's N). Among admissible ones, the highest mean mIoU at N wins,
+    compared to two decimals; ties go to the smaller lam, then the smaller N.
+    """
+    best = None
+    for p, by_lam in tables[0].items():
+        for lam in by_lam:
+            rows = [{int(n): v for n, v in t[p][lam].items()} for t in tables]
+            for n in range(min_iterations, max_iterations + 1):
+                if not all(all(k in row for k in range(n + 1)) for row in rows):
+                    break
+                if any(row[k + 1] < row[k] - tolerance for row in rows for k in range(n)):
+                    break
+                mean = sum(row[n] for row in rows) / len(rows)
+                key = (round(mean, 2), -float(lam), -n)
+                if best is None or key > best[0]:
+                    best = (key, dict(bg_power=float(p), lam=float(lam), iterations=n, miou=round(mean, 3)))
+    if best is None:
+        raise ValueError(f"no setting keeps mIoU from falling through N = {min_iterations} on every table")
+    return best[1]
 
 
 def main(argv=None):
@@ -167,11 +219,22 @@ def main(argv=None):
     p.add_argument("--timesteps", type=int, nargs="+", default=[100])
     p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.015, 0.1])
     p.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20])
+    p.add_argument("--bg-powers", type=float, nargs="*", default=[],
+                   help="also tabulate mIoU under the power background rule with each of these powers")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
     p.add_argument("--random-init", action="store_true",
                    help="replace the UNet and text encoder by randomly initialised ones (seed 0): the untrained baseline")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--choose", type=Path, nargs="+", metavar="REPORT",
+                   help="instead of evaluating: apply choose_label_rule to these reports (made with --bg-powers "
+                        "and every N from 0) and print the chosen bg_power, lam and N")
     args = p.parse_args(argv)
+    if args.choose:
+        reports = [json.loads(path.read_text()) for path in args.choose]
+        for t in reports[0]["timesteps"]:
+            tables = [r["timesteps"][t]["miou_by_bg_power"] for r in reports]
+            print(f"t = {t}:", json.dumps(choose_label_rule(tables)))
+        return
     overrides = parse_overrides(args.set)
     pipe = load_pipeline(args.model, device="cpu")
     if args.random_init:
@@ -181,7 +244,8 @@ def main(argv=None):
         pipe.unet.load_state_dict(type(pipe.unet).from_config(pipe.unet.config).state_dict())
         pipe.text_encoder.load_state_dict(type(pipe.text_encoder)(pipe.text_encoder.config).state_dict())
     seg = ISeg(pipe, preset="shapes")
-    report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset, **overrides)
+    report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset,
+                      bg_powers=args.bg_powers, **overrides)
     report["model"] = args.model + (" (random init)" if args.random_init else "")
     text = format_table(report)
     print(text)
