@@ -257,3 +257,16 @@ def test_evaluate_tabulates_bg_powers_and_the_rule_reads_it_back(shapes_pipe, tm
     path.write_text(json.dumps({"timesteps": {"100": {"miou_by_bg_power": _table({0.2: {3.0: [1, 2, 3, 4, 5, 6]}})}}}))
     evaluate_main(["--choose", str(path)])
     assert json.loads(capsys.readouterr().out.split(":", 1)[1]) == dict(bg_power=0.2, lam=3.0, iterations=5, miou=6.0)
+
+
+def test_the_shipped_preset_is_what_the_rule_picks_from_the_shipped_validation_tables():
+    from iseg.shapes.preset import SHAPES_PRESET
+
+    folder = iseg.loading.shipped_models()["shapes"]
+    reports = [json.loads((folder / f"preset-validation-{s}.json").read_text()) for s in "ab"]
+    assert [r["split"] for r in reports] == ["val", "val"] and [r["count"] for r in reports] == [500, 1000]
+    assert reports[1]["first_seed"] == reports[0]["first_seed"] + 500  # two disjoint sets
+    t = str(SHAPES_PRESET["timestep"])
+    chosen = choose_label_rule([r["timesteps"][t]["miou_by_bg_power"] for r in reports])
+    assert (chosen["bg_power"], chosen["lam"], chosen["iterations"]) == (
+        SHAPES_PRESET["bg_power"], SHAPES_PRESET["lam"], SHAPES_PRESET["iterations"])

@@ -179,14 +179,16 @@ def format_table(report: dict) -> str:
 
 
 def choose_label_rule(tables: Sequence[dict], min_iterations: int = 5, max_iterations: int = 10,
-                      tolerance: float = 0.005) -> dict:
+                      tolerance: float = 0.0) -> dict:
     """The shapes preset's rule for (bg_power, lam, N), applied to validation tables.
 
     ``tables``: one ``miou_by_bg_power`` table (``{bg_power: {lam: {N: mIoU}}}``, every N from 0 up)
     per validation set. A setting is admissible at N when, on every set, mIoU falls by at most
     ``tolerance`` from each N to the next between 0 and N (the shapes-world issue: iterations
-    must not hurt up to the preset's N). Among admissible ones, the highest mean mIoU at N wins,
-    compared to two decimals; ties go to the smaller lam, then the smaller N.
+    must not hurt up to the preset's N). The default allows no fall at all: a curve that already
+    dips on validation, however little, is a coin flip on images it has not seen. Among
+    admissible ones, the highest mean mIoU at N wins, compared to two decimals; ties go to the
+    smaller lam, then the smaller N.
     """
     best = None
     for p, by_lam in tables[0].items():
