@@ -666,6 +666,11 @@ iseg-eval --task ovs --dataset shapes --label-method attention --limit 500 --out
 }
 
 
+def cell_id(notebook: str, index: int) -> str:
+    """A stable cell id (nbformat makes random ones), so regenerating a notebook changes only what changed."""
+    return f"{notebook.split('_')[0]}-{index:02d}"
+
+
 def main():
     import sys
 
@@ -676,6 +681,8 @@ def main():
             continue
         nb = nbf.v4.new_notebook()
         nb.cells = cells
+        for i, cell in enumerate(nb.cells):
+            cell.id = cell_id(name, i)
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nb.metadata["language_info"] = {"name": "python"}
         nbf.write(nb, HERE / f"{name}.ipynb")
