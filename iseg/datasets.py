@@ -204,19 +204,21 @@ class SegmentationDataset:
                                f"{label.shape[1]}x{label.shape[0]}")
         return Item(id=id, image=image, label=label, classes=self.classes_in(label))
 
-    def to_dataset_labels(self, labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-        """Labels of a segmentation result (k = ``classes[k-1]``) as this dataset's labels (uint8)."""
-        lut = np.array([0] + [self.class_index(c) for c in classes], np.uint8)
+    @classmethod
+    def to_dataset_labels(cls, labels: np.ndarray, classes: Sequence[str], dtype=np.uint8) -> np.ndarray:
+        """Labels of a segmentation result (k = ``classes[k-1]``) as this dataset's labels."""
+        lut = np.array([0] + [cls.class_index(c) for c in classes], dtype)
         return lut[labels]
 
-    def class_index(self, name: str) -> int:
+    @classmethod
+    def class_index(cls, name: str) -> int:
         """Label value of a class name (1-based), with a hint for near misses."""
         try:
-            return self.class_names.index(name) + 1
+            return cls.class_names.index(name) + 1
         except ValueError:
-            close = difflib.get_close_matches(name, self.class_names, n=1)
+            close = difflib.get_close_matches(name, cls.class_names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DatasetError(f"{name!r} is not a {self.name} class{hint}; classes: {', '.join(self.class_names)}") from None
+            raise DatasetError(f"{name!r} is not a {cls.name} class{hint}; classes: {', '.join(cls.class_names)}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(split={self.split!r}, images={len(self)}, classes={len(self.class_names)})"

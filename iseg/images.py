@@ -128,6 +128,10 @@ def load_image(image, name: str | None = None) -> np.ndarray:
             f"{label}: unsupported image type {type(image).__name__}; "
             "pass a PIL image, a file path, a numpy array or a torch tensor"
         )
+    return _checked_size(arr, label)
+
+
+def _checked_size(arr: np.ndarray, label: str) -> np.ndarray:
     h, w = arr.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"{label} is {w}x{h} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
@@ -144,10 +148,7 @@ def read_pixels(image, name: str | None = None) -> np.ndarray:
         arr = image
     else:
         return load_image(image, name)
-    if min(arr.shape[:2]) < MIN_SIDE:
-        h, w = arr.shape[:2]
-        raise ValueError(f"{name or 'image'} is {w}x{h} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
-    return arr
+    return _checked_size(arr, name or "image")
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:

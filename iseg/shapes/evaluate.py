@@ -37,8 +37,9 @@ NUM_LABELS = len(CLASSES) + 1
 
 def to_dataset_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Map labels of a result (k = k-th given class) to shapes-world labels (k = CLASSES[k-1])."""
-    lut = np.array([0] + [CLASSES.index(c) + 1 for c in classes], dtype=np.int64)
-    return lut[labels]
+    from ..datasets import ShapesDataset
+
+    return ShapesDataset.to_dataset_labels(labels, classes, np.int64)
 
 
 def _label_order(names) -> list[str]:
@@ -123,14 +124,14 @@ def evaluate(
             for o, s in zip(obs, chunk):
                 for li, lam in enumerate(lams):
                     result = seg.decode(o, lam=lam, iterations=max_n, **overrides)
+                    rule = result.settings
                     for n in iterations:
-                        pred = to_dataset_labels(result.labels_at(n), result.classes)
-                        hists[(lam, n)] += confusion(pred, s.mask, NUM_LABELS)
-                        if bg_powers:
-                            scores = torch.from_numpy(result.scores(n))
-                            for p in bg_powers:
-                                pred = to_dataset_labels(maps_to_labels(scores, "power", p).numpy(), result.classes)
-                                by_power[(p, lam, n)] += confusion(pred, s.mask, NUM_LABELS)
+                        scores = torch.from_numpy(result.scores(n))  # upsampled once for every rule below
+                        pred = maps_to_labels(scores, rule.background, rule.bg_power, rule.threshold).numpy()
+                        hists[(lam, n)] += confusion(to_dataset_labels(pred, result.classes), s.mask, NUM_LABELS)
+                        for p in bg_powers:
+                            pred = to_dataset_labels(maps_to_labels(scores, "power", p).numpy(), result.classes)
+                            by_power[(p, lam, n)] += confusion(pred, s.mask, NUM_LABELS)
                     if li == 0:
                         for k, v in binding_stats(o, result, s.mask).items():
                             stats[k] = stats.get(k, 0) + v

@@ -308,8 +308,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
             cross = {n: store.mean(n) for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
-            group = grouping_loss(selfs, obj, valid, hard=getattr(args, "group_target", "soft") == "hard") \
-                if args.group > 0 else mse * 0
+            group = grouping_loss(selfs, obj, valid, hard=args.group_target == "hard") if args.group > 0 else mse * 0
             vloss = mse * 0
             sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)] if vocab > 0 else valid[:0]
             if len(sub):
