@@ -162,6 +162,8 @@ def main(argv=None):
                    help="forward-pass variants to measure, one table each")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'torch' variant")
     p.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU")
+    p.add_argument("--channels-last", action="store_true",
+                   help="UNet and VAE weights in channels-last memory format, cuDNN autotuning on")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -170,9 +172,15 @@ def main(argv=None):
     seg = ISeg(pipe) if args.model != "sd21-arch" else ISeg(pipe, preset="wsss-voc", clustering=False)
     if args.offload_text_encoder:
         seg.offload_text_encoder()
+    if args.channels_last:
+        # convolutions on tensor cores prefer NHWC; cuDNN picks its fastest kernel per shape
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     report = {"model": pipe.iseg_model_name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
-              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats, "rows": [],
+              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats,
+              "channels_last": args.channels_last, "rows": [],
               "errors": {}}
     print(f"{report['model']} on {hardware}, {dtype}, {seg.image_size()}x{seg.image_size()}, median of {args.repeats}")
     for variant in args.compile:
@@ -193,7 +201,8 @@ def main(argv=None):
         finally:
             seg.compile(None)
         report["rows"].extend(rows)
-        print(f"forward: {variant}, text encoder {'on the CPU' if args.offload_text_encoder else 'resident'}")
+        print(f"forward: {variant}, text encoder {'on the CPU' if args.offload_text_encoder else 'resident'}"
+              f"{', channels last' if args.channels_last else ''}")
         print(format_rows(rows))
         for where, err in report["errors"].items():
             if where.startswith(variant):

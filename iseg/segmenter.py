@@ -173,6 +173,7 @@ class ISeg:
         self._plans: dict[tuple, dict] = {}
         self._prompt_cache: dict = {}  # forward passes kept for interactive prompts
         self._fast = None  # a CUDA-graph or torch.compile forward (see ``compile``)
+        self._noise: dict[tuple, torch.Tensor] = {}  # the seed's noise, on the device
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -348,10 +349,14 @@ class ISeg:
     def noisy_latents(self, z0: torch.Tensor, settings: Settings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_t`` with noise drawn from ``seed`` afresh for every image, so batches equal single calls."""
         s = settings or self.settings
-        noise = torch.stack([
-            torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
-            for _ in range(z0.shape[0])
-        ]).to(z0.device, z0.dtype)
+        # every image gets the same draw (a CPU generator, so any device gives the same noise);
+        # kept on the device so a batch costs no host-to-device copy, which would wait for the VAE
+        key = (s.seed, tuple(z0.shape[1:]), z0.device, z0.dtype)
+        if key not in self._noise:
+            draw = torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
+            self._noise.clear()  # one entry is all a run needs
+            self._noise[key] = draw.to(z0.device, z0.dtype)
+        noise = self._noise[key].expand_as(z0)
         t = torch.full((z0.shape[0],), s.timestep, dtype=torch.long, device=z0.device)
         return self.pipe.scheduler.add_noise(z0, noise, t), t
 
