@@ -14,6 +14,9 @@ stage() { echo "== $1 ($(date +%T))"; }
 stage "sd21: plain and CUDA graph"
 timeout 200 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 8 16 --repeats 10 --compile none cuda-graph \
     --out "$out/sd21-cuda.json"
+stage "sd21: VAE encoder through torch.compile"
+timeout 180 python3 -m iseg.bench --model sd21-arch --batch-sizes 16 8 --repeats 10 --compile cuda-graph --compile-vae \
+    --out "$out/sd21-cuda-compiled-vae.json"
 stage "sd21: channels-last weights, cuDNN autotuning"
 timeout 100 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 16 --repeats 10 --compile none cuda-graph \
     --channels-last --out "$out/sd21-cuda-channels-last.json"

@@ -162,6 +162,8 @@ def main(argv=None):
                    help="forward-pass variants to measure, one table each")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'torch' variant")
     p.add_argument("--offload-text-encoder", action="store_true", help="keep the text encoder on the CPU")
+    p.add_argument("--compile-vae", action="store_true",
+                   help="torch.compile the VAE encoder in every variant (ISeg.compile(..., vae=True))")
     p.add_argument("--channels-last", action="store_true",
                    help="UNet and VAE weights in channels-last memory format, cuDNN autotuning on")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -189,10 +191,11 @@ def main(argv=None):
         kwargs = {"mode": args.compile_mode} if variant == "torch" and args.compile_mode else {}
         rows = []
         try:
-            seg.compile(None if variant == "none" else variant, **kwargs)
+            seg.compile(None if variant == "none" else variant, vae=args.compile_vae, **kwargs)
             for b in args.batch_sizes:
                 try:
                     rows.append({"variant": variant, "text_encoder": "cpu" if args.offload_text_encoder else "resident",
+                                 "vae": "torch.compile" if args.compile_vae else "eager",
                                  **_bench_batch(seg, b, args.repeats, ["circle", "star"])})
                 except Exception as exc:  # noqa: BLE001 - reported in the output and the JSON
                     report["errors"][f"{variant}, batch {b}"] = f"{type(exc).__name__}: {exc}"
@@ -202,7 +205,7 @@ def main(argv=None):
             seg.compile(None)
         report["rows"].extend(rows)
         print(f"forward: {variant}, text encoder {'on the CPU' if args.offload_text_encoder else 'resident'}"
-              f"{', channels last' if args.channels_last else ''}")
+              f"{', channels last' if args.channels_last else ''}{', VAE encoder compiled' if args.compile_vae else ''}")
         print(format_rows(rows))
         for where, err in report["errors"].items():
             if where.startswith(variant):

@@ -244,6 +244,26 @@ def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(tin
         assert np.array_equal(f.labels, a.labels)
 
 
+def test_compiled_vae_encoder_gives_the_plain_latents_and_maps(tiny_pipe):
+    seg = ISeg(tiny_pipe, iterations=3, clustering=False)
+    images, classes = [_image(5), _image(6)], ["cat", "dog"]
+    pixels = torch.rand(2, 3, seg.image_size(), seg.image_size(), generator=torch.Generator().manual_seed(0))
+    plain_z, plain = seg.encode_images(pixels), seg.segment(images, classes)
+    seg.compile(None, vae={"backend": "aot_eager"})
+    try:
+        assert seg._encode is not None
+        compiled_z, fast = seg.encode_images(pixels), seg.segment(images, classes)
+    finally:
+        seg.compile(None)
+    assert seg._encode is None  # switching back drops the compiled encoder
+    assert torch.allclose(plain_z, compiled_z, atol=1e-5) and not torch.allclose(plain_z, torch.zeros_like(plain_z))
+    for p, f in zip(plain, fast):
+        assert np.allclose(p.maps, f.maps, atol=1e-4)
+        assert np.array_equal(p.labels, f.labels)
+    with pytest.raises(TypeError, match="vae must be True, False or a dict"):
+        seg.compile(None, vae="inductor")
+
+
 def test_cuda_graphs_on_a_cpu_pipeline_are_refused_with_the_alternative(tiny_pipe):
     seg = ISeg(tiny_pipe)
     with pytest.raises(RuntimeError, match="CUDA graphs need .*seg.compile\\('torch'\\)"):
