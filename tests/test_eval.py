@@ -68,6 +68,21 @@ def test_command_end_to_end_on_a_fake_voc_folder(tmp_path, tiny_folder):
     assert "| mIoU (classes present in the ground truth) |" in (out / "results.md").read_text()
 
 
+def test_compile_options_reach_the_segmenter_and_cuda_graphs_on_a_cpu_are_refused(tmp_path, tiny_folder, monkeypatch):
+    make_voc(tmp_path / "data", SEEDS[:2])
+    base = ["--dataset", "voc", "--root", str(tmp_path / "data"), "--split", "val", "--model", str(tiny_folder),
+            "--device", "cpu", "--no-progress", "--iterations", "1"]
+    with pytest.raises(SystemExit, match="CUDA graphs need the pipeline on a CUDA device"):
+        ev.main([*base, "--out", str(tmp_path / "a"), "--compile", "cuda-graph"])
+    calls = []
+    monkeypatch.setattr(iseg.ISeg, "compile", lambda self, method, vae=False: calls.append((method, vae)) or self)
+    assert ev.main([*base, "--out", str(tmp_path / "b"), "--compile", "torch", "--compile-vae"]) == 0
+    assert calls == [("torch", True)]
+    calls.clear()
+    assert ev.main([*base, "--out", str(tmp_path / "c")]) == 0
+    assert calls == []  # the plain path unless asked
+
+
 @pytest.mark.parametrize("name,make,sub", [("context", make_context, "VOCdevkit/VOC2010"),
                                            ("coco-object", make_coco2014, "")])
 def test_command_end_to_end_on_fake_context_and_coco_folders(tmp_path, tiny_folder, name, make, sub):
