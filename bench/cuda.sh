@@ -17,9 +17,6 @@ timeout 200 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 8 16 --repea
 stage "sd21: VAE encoder through torch.compile"
 timeout 180 python3 -m iseg.bench --model sd21-arch --batch-sizes 16 8 --repeats 10 --compile cuda-graph --compile-vae \
     --out "$out/sd21-cuda-compiled-vae.json"
-stage "sd21: channels-last weights, cuDNN autotuning"
-timeout 100 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 16 --repeats 10 --compile none cuda-graph \
-    --channels-last --out "$out/sd21-cuda-channels-last.json"
 stage "sd21: where the GPU time goes at batch 16 (torch.profiler)"
 timeout 60 python3 bench/profile_segment.py --batch 16 --compile cuda-graph --kernels --top 30 > "$out/profile-kernels.txt" 2>&1
 tail -3 "$out/profile-kernels.txt"

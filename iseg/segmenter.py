@@ -227,18 +227,19 @@ class ISeg:
 
         ``vae=True`` also runs the VAE encoder through ``torch.compile`` (one compilation per
         batch size; a dict gives ``torch.compile`` arguments): at batch 8 or more on a GPU the
-        encoder, not the UNet, is the largest cost.
+        encoder, not the UNet, is the largest cost. In float16 its kernels round in another order,
+        so a few pixels can change label (bench/RESULTS.md: 139 of 1.2 million on 300 images).
         """
         from .fast import make_fast_forward, require_cuda
 
+        if not isinstance(vae, (bool, Mapping)):
+            raise TypeError(f"vae must be True, False or a dict of torch.compile arguments, got {vae!r}")
         fast = None if method is None else make_fast_forward(method, **compile_kwargs)
         if method == "cuda-graph":
             require_cuda(self.device)  # refused now, not at the first segment call
         if self._fast is not None:
             self._fast.release(self.pipe.unet)
         self._fast = fast
-        if not isinstance(vae, (bool, Mapping)):
-            raise TypeError(f"vae must be True, False or a dict of torch.compile arguments, got {vae!r}")
         vae_kwargs = {"dynamic": False, **(vae if isinstance(vae, Mapping) else {})}
         self._encode = torch.compile(_posterior_mean, **vae_kwargs) if vae is not False else None
         return self
@@ -356,7 +357,7 @@ class ISeg:
         return z0 * vae.config.scaling_factor
 
     def noisy_latents(self, z0: torch.Tensor, settings: Settings | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z_t`` with noise drawn from ``seed`` afresh for every image, so batches equal single calls."""
+        """``z_t`` with the same noise, drawn from ``seed``, for every image: batches equal single calls."""
         s = settings or self.settings
         # every image gets the same draw (a CPU generator, so any device gives the same noise);
         # kept on the device so a batch costs no host-to-device copy, which would wait for the VAE

@@ -264,6 +264,21 @@ def test_compiled_vae_encoder_gives_the_plain_latents_and_maps(tiny_pipe):
         seg.compile(None, vae="inductor")
 
 
+def test_noisy_latents_add_the_seeds_draw_to_every_image(tiny_pipe):
+    # z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with eps drawn once from the seed (CPU generator),
+    # the same for every image of a batch and for every later batch (kept on the device)
+    seg = ISeg(tiny_pipe, seed=7, timestep=100)
+    z0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    a = tiny_pipe.scheduler.alphas_cumprod[100].float()
+    eps = torch.randn(4, 8, 8, generator=torch.Generator("cpu").manual_seed(7))
+    for _ in range(2):
+        z_t, t = seg.noisy_latents(z0)
+        assert t.tolist() == [100, 100, 100]
+        assert torch.allclose(z_t, a.sqrt() * z0 + (1 - a).sqrt() * eps, atol=1e-5)
+    other, _ = seg.noisy_latents(z0, seg.with_settings(seed=8))  # another seed, another draw
+    assert not torch.allclose(other, z_t, atol=1e-2)
+
+
 def test_cuda_graphs_on_a_cpu_pipeline_are_refused_with_the_alternative(tiny_pipe):
     seg = ISeg(tiny_pipe)
     with pytest.raises(RuntimeError, match="CUDA graphs need .*seg.compile\\('torch'\\)"):
