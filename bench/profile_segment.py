@@ -25,16 +25,11 @@ p.add_argument("--compile", default="none", choices=["none", "cuda-graph", "torc
 p.add_argument("--device", default=None)
 p.add_argument("--top", type=int, default=25)
 p.add_argument("--kernels", action="store_true", help="torch.profiler: GPU time per operation")
-p.add_argument("--channels-last", action="store_true")
 p.add_argument("--compile-vae", action="store_true")
 args = p.parse_args()
 device = resolve_device(args.device)
 dtype = torch.float16 if device.type == "cuda" else torch.float32
 seg = ISeg(sd21_base_architecture(device, dtype), preset="wsss-voc", clustering=False)
-if args.channels_last:
-    seg.pipe.unet.to(memory_format=torch.channels_last)
-    seg.pipe.vae.to(memory_format=torch.channels_last)
-    torch.backends.cudnn.benchmark = True
 if args.compile != "none" or args.compile_vae:
     seg.compile(None if args.compile == "none" else args.compile, vae=args.compile_vae)
 rng = np.random.default_rng(0)
