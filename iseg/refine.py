@@ -129,9 +129,18 @@ def _grid_seeds(size: int, count: int = 6) -> torch.Tensor:
     return torch.tensor([y * size + x for y in coords for x in coords])
 
 
-def _symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    # p: (B, n, T), q: (B, K, T), both strictly positive distributions -> (B, n, K)
-    logp, logq = p.log(), q.log()
+# method.md §4: zeros are floored at 1e-6 before the divergence and 1e-5 is added inside the logs
+CLUSTER_FLOOR = 1e-6
+CLUSTER_LOG_EPS = 1e-5
+
+
+def _symmetric_kl(p: torch.Tensor, q: torch.Tensor, log_eps: float = CLUSTER_LOG_EPS) -> torch.Tensor:
+    """``0.5 * (KL(p||q) + KL(q||p))`` with ``log_eps`` inside every log: ``(B, n, T)`` x ``(B, K, T)`` -> ``(B, n, K)``.
+
+    Expanded as ``0.5 * sum (p - q) * (log(p + eps) - log(q + eps))`` so that no ``(B, n, K, T)``
+    tensor is built.
+    """
+    logp, logq = (p + log_eps).log(), (q + log_eps).log()
     self_p = (p * logp).sum(-1, keepdim=True)
     self_q = (q * logq).sum(-1).unsqueeze(-2)
     cross_pq = p @ logq.transpose(-1, -2)
@@ -140,38 +149,48 @@ def _symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
-    """The optional clustering step of method.md §4.
+    """The optional clustering step of method.md §4, as the reference does it.
 
-    k-means on the pixel vectors of ``x`` (``(B, n, T)``, ``n`` a square) with the symmetric KL
-    divergence, seeded on a regular 6x6 grid of pixels, ``rounds`` rounds; returns ``x`` with every
-    pixel's vector replaced by the mean vector of its cluster. For the divergence each vector is
-    normalised to a distribution (with a tiny floor so that logs stay finite).
+    k-means on the pixel vectors of ``x`` (``(B, n, T)``, ``n`` a square) **as they are** (values
+    floored at 1e-6, not rescaled to sum 1), with the symmetric KL divergence
+    ``0.5 * (KL(p||q) + KL(q||p))`` (1e-5 added inside the logs), seeded on a regular 6x6 grid of
+    pixels (step 11 on a 64x64 map, scaled to other sizes) or on ``seeds``, for ``rounds`` rounds.
+    Prototypes are the means of their members; a cluster that loses all its members is dropped.
+    Returns ``x`` with every pixel's vector replaced by the mean vector of its cluster.
     """
-    batch, n, tokens = x.shape
+    if x.ndim != 3:
+        raise ValueError(f"kl_cluster needs (B, n, T) vectors, got shape {tuple(x.shape)}")
+    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    n = x.shape[1]
     size = math.isqrt(n)
     if size * size != n:
         raise ValueError(f"kl_cluster needs a square map, got {n} pixels")
-    seed_idx = _grid_seeds(size) if seeds is None else torch.as_tensor(seeds)
-    seed_idx = seed_idx.to(x.device)
-    eps = torch.finfo(x.dtype).eps
-    dist = x.clamp_min(0) + eps
-    dist = dist / dist.sum(-1, keepdim=True)
-    k = seed_idx.numel()
-    centers = dist[:, seed_idx, :]
-    assign = torch.zeros(batch, n, dtype=torch.long, device=x.device)
-    for _ in range(rounds):
-        assign = _symmetric_kl(dist, centers).argmin(-1)
-        onehot = F.one_hot(assign, k).to(x.dtype)  # (B, n, K)
-        counts = onehot.sum(1)  # (B, K)
-        sums = onehot.transpose(1, 2) @ dist
-        means = sums / counts.clamp_min(1).unsqueeze(-1)
-        # an empty cluster keeps its previous centre
-        centers = torch.where(counts.unsqueeze(-1) > 0, means, centers)
-        centers = centers / centers.sum(-1, keepdim=True)
-    onehot = F.one_hot(assign, k).to(x.dtype)
+    seed_idx = _grid_seeds(size) if seeds is None else torch.as_tensor(seeds, dtype=torch.long)
+    if seed_idx.numel() == 0 or seed_idx.min() < 0 or seed_idx.max() >= n:
+        raise ValueError(f"cluster seeds must be pixel indices in [0, {n}), got {seed_idx.tolist()}")
+    assign = _kl_assign(x.clamp_min(CLUSTER_FLOOR), seed_idx.to(x.device), int(rounds))
+    onehot = F.one_hot(assign, seed_idx.numel()).to(x.dtype)
     counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)
     cluster_means = (onehot.transpose(1, 2) @ x) / counts
     return onehot @ cluster_means
+
+
+def _kl_assign(dist: torch.Tensor, seed_idx: torch.Tensor, rounds: int) -> torch.Tensor:
+    """Cluster index of every vector of ``dist`` (``(B, n, T)``, positive) after ``rounds`` rounds."""
+    batch, n, _ = dist.shape
+    k = seed_idx.numel()
+    centers = dist[:, seed_idx, :]
+    alive = torch.ones(batch, k, dtype=torch.bool, device=dist.device)
+    assign = torch.zeros(batch, n, dtype=torch.long, device=dist.device)
+    for _ in range(rounds):
+        d = _symmetric_kl(dist, centers).masked_fill(~alive.unsqueeze(1), math.inf)
+        assign = d.argmin(-1)  # ties go to the lower seed index
+        onehot = F.one_hot(assign, k).to(dist.dtype)  # (B, n, K)
+        counts = onehot.sum(1)  # (B, K)
+        alive = counts > 0  # an empty cluster is dropped for good
+        centers = (onehot.transpose(1, 2) @ dist) / counts.clamp_min(1).unsqueeze(-1)
+    return assign
 
 
 def class_maps(x: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -148,3 +148,43 @@ def test_kl_cluster_merges_a_pixel_into_the_nearest_seed():
     odd = out[0, side + 1]
     assert odd[0] > 0.85 and odd[0] < 0.9  # a mean of the odd pixel and left pixels
     assert torch.allclose(out[0, side - 1], t([0.2, 0.8]), atol=1e-12)  # right half untouched
+
+
+def test_kl_cluster_uses_the_vectors_as_they_are_not_rescaled():
+    # 2x2 map, 2 tokens, seeds at pixels 0 and 1. Pixel 2 = (0.3, 0.3) points the same way as seed
+    # 0 = (0.1, 0.1), so after scaling to sum 1 it is identical to it (divergence 0). As they are
+    # (method.md §4), with 1e-5 inside the logs:
+    #   symKL(P, A) = 0.5 * ((0.3 - 0.1) * (ln 0.30001 - ln 0.10001)) * 2 = 0.21971
+    #   symKL(P, B) = 0.5 * ((0.3 - 0.4) * (ln 0.30001 - ln 0.40001) + (0.3 - 0.2) * (ln 0.30001 - ln 0.20001)) = 0.03466
+    # so pixel 2 joins seed 1's cluster and takes the mean of (0.4, 0.2) and (0.3, 0.3).
+    x = t([[[0.1, 0.1], [0.4, 0.2], [0.3, 0.3], [0.1, 0.1]]])
+    sym = lambda p, q: 0.5 * sum((a - b) * (math.log(a + 1e-5) - math.log(b + 1e-5)) for a, b in zip(p, q))  # noqa: E731
+    assert sym((0.3, 0.3), (0.1, 0.1)) == pytest.approx(0.21971, abs=1e-5)
+    assert sym((0.3, 0.3), (0.4, 0.2)) == pytest.approx(0.03466, abs=1e-5)
+    d = R._symmetric_kl(x[:, 2:3], x[:, :2])
+    assert torch.allclose(d, t([[[0.2197091, 0.0346561]]]), atol=1e-6)
+    for rounds in (1, 20):
+        out = R.kl_cluster(x, rounds=rounds, seeds=[0, 1])
+        expected = t([[[0.1, 0.1], [0.35, 0.25], [0.35, 0.25], [0.1, 0.1]]])
+        assert torch.allclose(out, expected, atol=1e-12), rounds
+    # scaled to sum 1 (what this project did before), pixel 2 would join seed 0 instead
+    scaled = x / x.sum(-1, keepdim=True)
+    assert R._kl_assign(scaled, torch.tensor([0, 1]), 1).tolist() == [[0, 1, 0, 0]]
+    assert R._kl_assign(x, torch.tensor([0, 1]), 1).tolist() == [[0, 1, 1, 0]]
+
+
+def test_kl_cluster_floors_zeros_and_drops_empty_clusters():
+    # seeds 0 and 3 hold the same vector: every pixel ties, argmin gives seed 0, seed 3's cluster
+    # is empty after round 1 and is dropped (its mean would be 0/0); zeros give no NaN.
+    x = t([[[0.0, 1.0], [0.0, 0.9], [1.0, 0.0], [0.0, 1.0]]])
+    out = R.kl_cluster(x, rounds=5, seeds=[0, 3])
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, x.mean(1, keepdim=True).expand_as(x), atol=1e-12)
+    with pytest.raises(ValueError, match="seeds"):
+        R.kl_cluster(x, seeds=[7])
+    with pytest.raises(ValueError, match="square"):
+        R.kl_cluster(torch.zeros(1, 5, 2))
+
+
+def test_kl_cluster_seeds_the_reference_grid_on_64x64():
+    assert R._grid_seeds(64).tolist() == [y * 64 + x for y in range(0, 56, 11) for x in range(0, 56, 11)]
