@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prompts import PromptTooLongError, check_class_names
+from .prompts import PromptTooLongError, UnknownWordError, check_class_names
 
 __all__ = [
     "METHODS", "AttentionThresholds", "chunk_vocabulary", "attention_evidence",
-    "select_by_evidence", "choose_thresholds", "choose_thresholds_by_miou", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
+    "select_by_evidence", "known_vocabulary", "choose_thresholds", "choose_thresholds_by_miou", "attention_thresholds", "raw_class_maps", "ClipTagger", "load_clip", "CLIP_TEMPLATES", "DEFAULT_CLIP",
     "read_labels_file", "predict_labels", "label_scores",
 ]
 
@@ -66,6 +66,36 @@ def attention_thresholds(seg) -> AttentionThresholds:
 
 
 # -- attention ---------------------------------------------------------------------------------
+def known_vocabulary(seg, vocabulary: Sequence[str], settings=None) -> tuple[str, ...]:
+    """The names of ``vocabulary`` that ``seg``'s tokenizer knows, with a warning naming the others.
+
+    A word the tokenizer does not know becomes its unknown (end-of-text) token, whose attention
+    says nothing about the image; such a name is never predicted present. Refused when no name
+    is left.
+    """
+    import warnings
+
+    names = check_class_names(vocabulary)
+    s = settings or seg.settings
+    known, unknown = [], []
+    for name in names:
+        try:
+            seg.prompt_for([name], s)
+            known.append(name)
+        except UnknownWordError:
+            unknown.append(name)
+        except PromptTooLongError:
+            known.append(name)  # chunk_vocabulary reports it
+    if unknown and not known:
+        raise UnknownWordError(f"none of the vocabulary's {len(names)} names is known to the {seg.model_name!r} "
+                               f"model's tokenizer (e.g. {unknown[:5]}); no label can be predicted", unknown)
+    if unknown:
+        warnings.warn(f"{len(unknown)} vocabulary name(s) have words the {seg.model_name!r} model's tokenizer does "
+                      f"not know and are never predicted: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}",
+                      stacklevel=3)
+    return tuple(known)
+
+
 def chunk_vocabulary(seg, vocabulary: Sequence[str], **overrides) -> list[tuple[str, ...]]:
     """Split ``vocabulary`` into consecutive groups that each fit one prompt of ``seg``'s settings.
 
@@ -74,6 +104,7 @@ def chunk_vocabulary(seg, vocabulary: Sequence[str], **overrides) -> list[tuple[
     """
     names = check_class_names(vocabulary)  # also refuses a class listed twice
     s = seg.with_settings(**overrides)
+    names = known_vocabulary(seg, names, s)
     chunks: list[tuple[str, ...]] = []
     current: list[str] = []
     for name in names:

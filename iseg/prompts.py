@@ -11,9 +11,12 @@ __all__ = [
     "VOC_BACKGROUND",
     "COCO_BACKGROUND",
     "PromptTooLongError",
+    "UnknownWordError",
     "Prompt",
     "check_class_names",
     "build_prompt",
+    "class_offsets",
+    "unknown_words",
     "class_token_spans",
     "make_prompt",
     "encode_prompt",
@@ -27,6 +30,17 @@ COCO_BACKGROUND = VOC_BACKGROUND + ("river", "sea", "railway")
 
 class PromptTooLongError(ValueError):
     """Some class names do not fit in the text encoder's token window."""
+
+
+class UnknownWordError(ValueError):
+    """A class name (or prompt word) has words the model's tokenizer does not know.
+
+    Such words become the tokenizer's unknown token (the end-of-text token for CLIP), which the
+    model reads as the end of the prompt: the class would be segmented from noise."""
+
+    def __init__(self, message: str, words: Sequence[str] = ()):
+        super().__init__(message)
+        self.words = tuple(words)
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,17 @@ def build_prompt(
     return text
 
 
+def class_offsets(classes: Sequence[str], prefix: str = "a photograph of", joiner: str = " and ") -> list[int]:
+    """Character position of every class name in ``build_prompt(classes, prefix, ..., joiner)``."""
+    names = check_class_names(classes)
+    at = len(prefix) + 1 if prefix else 0
+    out = []
+    for name in names:
+        out.append(at)
+        at += len(name) + len(joiner)
+    return out
+
+
 def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
     n = len(needle)
     for i in range(start, len(haystack) - n + 1):
@@ -93,20 +118,71 @@ def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
     return -1
 
 
-def class_token_spans(tokenizer, text: str, classes: Sequence[str]) -> tuple[list[int], list[tuple[int, ...]]]:
+def unknown_words(tokenizer, text: str) -> list[str]:
+    """The whitespace-separated words of ``text`` that ``tokenizer`` turns (partly) into its unknown token."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    return [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False, truncation=False)["input_ids"]]
+
+
+def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None) -> UnknownWordError | None:
+    who = f"the {model!r} model's tokenizer" if model else "the model's tokenizer"
+    bad_classes = {name: unknown_words(tokenizer, name) for name in names}
+    bad_classes = {k: v for k, v in bad_classes.items() if v}
+    if bad_classes:
+        listed = "; ".join(f"class {k!r} (word(s) {v})" for k, v in bad_classes.items())
+        words = [w for v in bad_classes.values() for w in v]
+        return UnknownWordError(
+            f"{listed}: {who} does not know {'this word' if len(words) == 1 else 'these words'}; it would read "
+            "as the end of the prompt and give a meaningless mask. Use words the model knows"
+            + (" (iseg.shapes.vocabulary() lists the shapes model's)" if model == "shapes" else ""), words)
+    bad = unknown_words(tokenizer, text)
+    if bad:
+        return UnknownWordError(
+            f"the prompt {text!r} has word(s) {bad} that {who} does not know; change prompt_prefix, "
+            "extra_words or background_words", bad)
+    return None
+
+
+def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,
+                      model: str | None = None) -> tuple[list[int], list[tuple[int, ...]]]:
     """Token positions that each class occupies in ``text``, found with the tokenizer itself.
 
-    Classes are searched in order, each after the previous one, so a name that is also part of a
-    later name is not confused with it. Returns the unpadded, untruncated ids (start and end
-    tokens included) and one tuple of positions per class.
+    ``offsets`` are the character positions of the classes in ``text`` (``class_offsets``); each
+    class is then looked up exactly where it was put, so a class named like a word of the prompt
+    itself (``a``, ``and``, ``of``) gets its own tokens, not the prefix's or the joiner's. Without
+    them, classes are searched in order, each after the previous one. Returns the unpadded,
+    untruncated ids (start and end tokens included) and one tuple of positions per class. A class
+    with words the tokenizer does not know raises ``UnknownWordError`` (naming ``model``).
     """
+    names = list(classes)
+    if offsets is not None and len(offsets) != len(names):
+        raise ValueError(f"got {len(offsets)} offsets for {len(names)} classes")
     ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
-    spans, cursor = [], 1
-    for name in classes:
+    empty = tokenizer("", add_special_tokens=True)["input_ids"]
+    front = 1 if empty and empty[0] == getattr(tokenizer, "bos_token_id", None) else 0
+    unk = getattr(tokenizer, "unk_token_id", None)
+    # CLIP's unknown token is its end token: look for it before the text's own end
+    if unk is not None and unk in ids[front : len(ids) - (len(empty) - front)]:
+        problem = _unknown_error(tokenizer, text, names, model)
+        if problem is not None:
+            raise problem
+    spans, cursor = [], front
+    for k, name in enumerate(names):
         piece = tokenizer(name, add_special_tokens=False, truncation=False)["input_ids"]
         if not piece:
             raise ValueError(f"class name {name!r} gives no tokens")
-        at = _find(ids, piece, cursor)
+        at = -1
+        if offsets is not None:
+            if text[offsets[k] : offsets[k] + len(name)] != name:
+                raise ValueError(f"class {name!r} is not at character {offsets[k]} of the prompt {text!r}")
+            # the tokens of the text before the class: CLIP splits words independently, so they are
+            # exactly the prompt's first tokens
+            guess = front + len(tokenizer(text[: offsets[k]], add_special_tokens=False, truncation=False)["input_ids"])
+            at = guess if list(ids[guess : guess + len(piece)]) == list(piece) else _find(ids, piece, guess)
+        else:
+            at = _find(ids, piece, cursor)
         if at < 0:
             raise ValueError(f"class {name!r} was not found in the prompt {text!r}; put every class name in the prompt")
         spans.append(tuple(range(at, at + len(piece))))
@@ -114,10 +190,15 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str]) -> tuple[lis
     return ids, spans
 
 
-def make_prompt(tokenizer, text: str, classes: Sequence[str]) -> Prompt:
-    """Tokenise ``text`` and locate ``classes``; raise ``PromptTooLongError`` on overflow."""
+def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,
+                model: str | None = None) -> Prompt:
+    """Tokenise ``text`` and locate ``classes`` (at character ``offsets`` when given).
+
+    Raises ``PromptTooLongError`` on overflow and ``UnknownWordError`` for words the tokenizer
+    does not know (the message names ``model``).
+    """
     names = check_class_names(classes)
-    ids, spans = class_token_spans(tokenizer, text, names)
+    ids, spans = class_token_spans(tokenizer, text, names, offsets, model)
     window = tokenizer.model_max_length
     # the last position of the window holds the end token after truncation
     outside = [name for name, span in zip(names, spans) if span[-1] >= window - 1]

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from .capture import AttentionLayer, capture_attention, select_layers
 from .images import Geometry, load_image, prepare, read_pixels, to_original, to_uint8
 from .masks import maps_to_labels, minmax
 from .presets import Settings, make_settings
-from .prompts import Prompt, build_prompt, cat_cross, check_class_names, encode_prompt, make_prompt
+from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, encode_prompt, make_prompt
 
 __all__ = ["ISeg", "Observation", "SegmentationResult", "Trace"]
 
@@ -151,6 +153,31 @@ def _as_list(images):
     return [images], False
 
 
+# One lock per UNet, shared by every ISeg that uses it: capturing attention swaps the UNet's
+# processors, so two forward passes on one UNet at once would read each other's attention.
+_UNET_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _unet_lock(unet) -> threading.RLock:
+    with _LOCKS_LOCK:
+        lock = _UNET_LOCKS.get(unet)
+        if lock is None:
+            lock = _UNET_LOCKS[unet] = threading.RLock()
+        return lock
+
+
+# Settings that act before decoding: a forward pass (an ``Observation``) made with one value of
+# any of them cannot stand for another (``segment_prompt`` keys its cache on them).
+FORWARD_FIELDS = ("image_size", "aspect", "timestep", "seed", "gamma", "prompt_prefix", "prompt_joiner",
+                  "extra_words", "background_words", "cross_weights", "cross_layers", "cross_heads",
+                  "self_resolution", "self_layers", "self_heads")
+
+# Image sizes ``ISeg`` accepts, as multiples of the model's native size: a model trained at one
+# size means nothing far from it, and self-attention memory grows with the fourth power of the side.
+SIZE_RANGE = (0.25, 2.0)
+
+
 class ISeg:
     """Training-free segmentation with a Stable-Diffusion-style pipeline (the iSeg method).
 
@@ -158,6 +185,16 @@ class ISeg:
     (``wsss-voc``, ``wsss-coco``, ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, and
     presets of shipped models such as ``shapes``); overrides are any ``Settings`` field. Without a
     preset, a shipped model's own preset is used, else the reference defaults.
+
+    Threads: one ``ISeg`` (or several on one pipeline) may be called from several threads, e.g.
+    a web server's pool. Forward passes on one UNet run one at a time under a lock (capturing
+    attention swaps the UNet's attention processors, and the caches of prompts, noise and
+    interactive passes are shared); decoding (clustering, refinement, labels) runs in parallel.
+    Results equal those of sequential calls.
+
+    Sizes: ``image_size`` must be a multiple of the VAE and UNet downsampling and lie within
+    ``SIZE_RANGE`` times the model's native size. ``batch_size`` images are segmented together,
+    but a forward pass never holds more images than a memory budget allows (see ``forward_chunk``).
     """
 
     def __init__(self, pipe, preset: str | None = None, **overrides):
@@ -175,8 +212,13 @@ class ISeg:
         self._fast = None  # a CUDA-graph or torch.compile forward (see ``compile``)
         self._noise: dict[tuple, torch.Tensor] = {}  # the seed's noise, on the device
         self._encode = None  # a torch.compile'd VAE encoder (see ``compile``)
+        self._lock = _unet_lock(pipe.unet)
 
     # -- model facts ---------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return getattr(self.pipe, "iseg_model_name", None) or type(self.pipe).__name__
+
     @property
     def device(self) -> torch.device:
         # the first parameter's, not diffusers' ``unet.device``: that walks every submodule on each
@@ -187,13 +229,32 @@ class ISeg:
     def vae_scale(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
-    def image_size(self, settings: Settings | None = None) -> int:
-        s = settings or self.settings
-        if s.image_size is not None:
-            return s.image_size
+    @property
+    def native_size(self) -> int:
+        """The side of the images the model was trained on (UNet sample size times the VAE factor)."""
         sample = self.pipe.unet.config.sample_size
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return int(sample) * self.vae_scale
+
+    def size_step(self) -> int:
+        """``image_size`` must be a multiple of this: the VAE's factor times the UNet's downsampling."""
+        blocks = getattr(self.pipe.unet, "down_blocks", None)
+        levels = max(0, len(blocks) - 1) if blocks is not None else 0
+        return self.vae_scale * 2**levels
+
+    def image_size(self, settings: Settings | None = None) -> int:
+        """The side of the square the model sees: ``settings.image_size``, checked, or the native size."""
+        s = settings or self.settings
+        if s.image_size is None:
+            return self.native_size
+        size, native, step = s.image_size, self.native_size, self.size_step()
+        lo = max(step, math.ceil(native * SIZE_RANGE[0] / step) * step)
+        hi = int(native * SIZE_RANGE[1]) // step * step
+        if not (lo <= size <= hi and size % step == 0):
+            raise ValueError(
+                f"image_size={size} does not suit the {self.model_name!r} model: it was trained on {native}x{native} "
+                f"images; give a multiple of {step} from {lo} to {hi}, or image_size=None for {native}")
+        return size
 
     def with_settings(self, **overrides) -> Settings:
         return make_settings(None, base=self.settings, **overrides) if overrides else self.settings
@@ -203,10 +264,15 @@ class ISeg:
         s = settings or self.settings
         names = check_class_names(classes)
         text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
-        return make_prompt(self.pipe.tokenizer, text, names)
+        offsets = class_offsets(names, s.prompt_prefix, s.prompt_joiner)
+        return make_prompt(self.pipe.tokenizer, text, names, offsets, model=self.model_name)
 
     def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
         """Cat-Cross text embedding ``(1, window, dim)``; the encoder's output is cached per prompt."""
+        with self._lock:
+            return self._embedding(prompt, gamma)
+
+    def _embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
         key = prompt.input_ids
         if key in self._embeddings:
             self._embeddings[key] = self._embeddings.pop(key)  # most recently used last
@@ -260,14 +326,18 @@ class ISeg:
         s = settings or self.settings
         key = (latent_side, s.cross_weights and tuple(sorted(s.cross_weights.items())), str(s.cross_layers),
                str(s.cross_heads), s.self_resolution, str(s.self_layers), str(s.self_heads))
-        if key not in self._plans:
-            self._plans[key] = self._make_plan(latent_side, s)
-        return self._plans[key]
+        with self._lock:
+            if key not in self._plans:
+                self._plans[key] = self._make_plan(latent_side, s)
+            return self._plans[key]
 
     def _make_plan(self, latent_side: int, s: Settings) -> dict:
         unet = self.pipe.unet
         weights = dict(s.cross_weights) if s.cross_weights is not None else {latent_side // 4: 0.7, latent_side // 2: 0.3}
         weights = {int(r): float(w) for r, w in weights.items() if w != 0}
+        if not weights:
+            raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
+                             "give at least one resolution a positive weight, e.g. {%d: 1.0}" % (latent_side // 4 or 1))
         cross: dict[int, list[AttentionLayer]] = {}
         reference_used = True
         for r in weights:
@@ -362,11 +432,13 @@ class ISeg:
         # every image gets the same draw (a CPU generator, so any device gives the same noise);
         # kept on the device so a batch costs no host-to-device copy, which would wait for the VAE
         key = (s.seed, tuple(z0.shape[1:]), z0.device, z0.dtype)
-        if key not in self._noise:
-            draw = torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
-            self._noise.clear()  # one entry is all a run needs
-            self._noise[key] = draw.to(z0.device, z0.dtype)
-        noise = self._noise[key].expand_as(z0)
+        with self._lock:
+            noise = self._noise.get(key)
+            if noise is None:
+                draw = torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(s.seed), dtype=torch.float32)
+                self._noise.clear()  # one entry is all a run needs
+                noise = self._noise[key] = draw.to(z0.device, z0.dtype)
+        noise = noise.expand_as(z0)
         t = torch.full((z0.shape[0],), s.timestep, dtype=torch.long, device=z0.device)
         return self.pipe.scheduler.add_noise(z0, noise, t), t
 
@@ -374,7 +446,10 @@ class ISeg:
     def attend(self, pixels: torch.Tensor, embeddings: torch.Tensor, settings: Settings | None = None,
                self_attention: bool = True):
         """One noisy UNet forward pass; returns ``({r: cross (B, r*r, T)}, self (B, n, n) or None)``."""
-        s = settings or self.settings
+        with self._lock:
+            return self._attend(pixels, embeddings, settings or self.settings, self_attention)
+
+    def _attend(self, pixels, embeddings, s: Settings, self_attention: bool):
         z0 = self.encode_images(pixels)
         latent_side = z0.shape[-1]
         plan = self.plan(latent_side, s)
@@ -410,8 +485,9 @@ class ISeg:
         z0 = self.encode_images(pixels[None])
         z_t, t = self.noisy_latents(z0, s)
         layers = [layer for layer in attention_layers(self.pipe.unet) if kind is None or layer.kind == kind]
-        with capture_attention(self.pipe.unet, layers, per_head=per_head) as store:
-            self.pipe.unet(z_t, t, encoder_hidden_states=self.embedding(prompt, s.gamma), return_dict=False)
+        embedding = self.embedding(prompt, s.gamma)
+        with self._lock, capture_attention(self.pipe.unet, layers, per_head=per_head) as store:
+            self.pipe.unet(z_t, t, encoder_hidden_states=embedding, return_dict=False)
         return Trace(store=store, prompt=prompt, image=to_uint8(arr), geometry=geometry,
                      size=size, latent_side=z0.shape[-1], settings=s)
 
@@ -456,16 +532,34 @@ class ISeg:
             raise ValueError("no images given")
         per_image = self._classes_per_image(classes, len(items))
         size = self.image_size(s)
-        if size % self.vae_scale:
-            raise ValueError(f"image_size {size} must be a multiple of the VAE's downsampling factor {self.vae_scale}")
         prompts = [self.prompt_for(c, s) for c in per_image]
-        show = progress if progress is not None else len(items) > s.batch_size
+        step = self.forward_chunk(s, size)
+        show = progress if progress is not None else len(items) > step
         with tqdm(total=len(items), desc="iseg", unit="img", disable=not show) as bar:
-            for start in range(0, len(items), s.batch_size):
-                chunk = range(start, min(start + s.batch_size, len(items)))
+            for start in range(0, len(items), step):
+                chunk = range(start, min(start + step, len(items)))
                 yield self._observe_batch([items[i] for i in chunk], [prompts[i] for i in chunk], s, size,
                                           names=[_name_of(items[i], i) for i in chunk])
                 bar.update(len(chunk))
+
+    # bytes that the attention captured in one forward pass may take (the self-attention matrices,
+    # per head while they are averaged); on a GPU, half of its memory
+    _FORWARD_BYTES = 2 * 2**30
+
+    def forward_chunk(self, settings: Settings | None = None, size: int | None = None) -> int:
+        """How many images one forward pass takes: ``batch_size``, or fewer where the captured
+        self-attention of that many images would pass the memory budget (a ``batch_size`` of
+        10000 is run in chunks, with the same results)."""
+        s = settings or self.settings
+        size = size or self.image_size(s)
+        plan = self.plan(size // self.vae_scale, s)  # also checks the layer and head settings now
+        n = plan["self_resolution"] ** 2
+        heads = max([layer.heads for layer in plan["self"]] + [1])
+        per_image = 4 * n * n * (heads + 1)
+        budget = self._FORWARD_BYTES
+        if self.device.type == "cuda":
+            budget = max(budget, torch.cuda.get_device_properties(self.device).total_memory // 2)
+        return max(1, min(s.batch_size, budget // per_image))
 
     @staticmethod
     def _classes_per_image(classes, count: int) -> list[tuple[str, ...]]:
@@ -480,8 +574,13 @@ class ISeg:
 
     def _observe_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names) -> list[Observation]:
         t0 = time.perf_counter()
-        arrays = [read_pixels(item, name) for item, name in zip(items, names)]
-        prepared = [prepare(a, size, s.aspect, device=self.device) for a in arrays]
+        arrays, prepared = [], []
+        for item, name in zip(items, names):
+            # read and resize one image at a time: only 8-bit copies of the batch stay on the host
+            arr = read_pixels(item, name)
+            prepared.append(prepare(arr, size, s.aspect, device=self.device))
+            arrays.append(to_uint8(arr))
+            del arr
         pixels = torch.stack([p[0] for p in prepared])
         embeddings = torch.cat([self.embedding(p, s.gamma) for p in prompts])
         cross, attn_self = self.attend(pixels, embeddings, s)
@@ -492,7 +591,7 @@ class ISeg:
                 cross={r: a[b] for r, a in cross.items()},
                 self_attention=attn_self[b],
                 prompt=prompt,
-                image=to_uint8(arr),
+                image=arr,
                 geometry=geometry,
                 size=size,
                 grid=plan["self_resolution"],
@@ -538,6 +637,9 @@ class ISeg:
         t0 = time.perf_counter()
         first = group[0]
         weights = first.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
+        if not weights:
+            raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
+                             "give at least one resolution a positive weight")
         grid, classes, count = first.grid, len(first.prompt.classes), len(group)
         cross = {r: torch.stack([o.cross[r] for o in group]) for r in weights if r in first.cross}
         x = R.aggregate_cross_attention(cross, weights, grid)  # (B, n, T)
@@ -582,8 +684,7 @@ class ISeg:
         return segment_prompt(self, image, points=points, line=line, box=box, text=text, **overrides)
 
     def __repr__(self) -> str:
-        name = getattr(self.pipe, "iseg_model_name", type(self.pipe).__name__)
-        return f"ISeg(model={name!r}, preset={self.preset!r}, iterations={self.settings.iterations}, lam={self.settings.lam})"
+        return f"ISeg(model={self.model_name!r}, preset={self.preset!r}, iterations={self.settings.iterations}, lam={self.settings.lam})"
 
 
 def _posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
