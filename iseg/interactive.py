@@ -22,7 +22,7 @@ from . import refine as R
 from .images import Geometry, load_image, to_original
 from .masks import minmax
 from .presets import PRESETS, Settings
-from .prompts import Prompt, make_prompt
+from .prompts import Prompt, make_prompt, unknown_words
 
 __all__ = ["PromptResult", "point_cells", "line_cells", "box_cells", "segment_prompt"]
 
@@ -130,21 +130,35 @@ def _empty_prompt(tokenizer) -> Prompt:
     return Prompt(text="", classes=(), input_ids=tuple(ids), spans=())
 
 
-def _observation(seg, arr: np.ndarray, prompt: Prompt, s: Settings, need_text: bool):
-    digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape)
-    forward_key = (digest, s.image_size, s.aspect, s.timestep, s.seed, s.gamma)
+def forward_key(seg, arr: np.ndarray, prompt: Prompt, s: Settings) -> tuple:
+    """What a cached forward pass must match: the image's bytes, the prompt's tokens, every
+    setting that acts before decoding (``iseg.segmenter.FORWARD_FIELDS``) and the model's
+    device and dtype."""
+    from .segmenter import FORWARD_FIELDS
+
+    digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape) + str(arr.dtype)
+    fields = tuple((name, repr(getattr(s, name))) for name in FORWARD_FIELDS)
+    model = (str(seg.device), str(next(seg.pipe.unet.parameters()).dtype), id(seg.pipe.unet))
+    return digest, prompt.input_ids, fields, model
+
+
+def _observation(seg, arr: np.ndarray, prompt: Prompt, s: Settings):
+    # points, lines and boxes always use the pass with the empty prompt (the self-attention depends
+    # on the prompt a little), so a result never depends on which prompts came before it
+    key = forward_key(seg, arr, prompt, s)
     cache = seg._prompt_cache
-    if not need_text:  # any pass over this image has the self-attention we need
-        for key, obs in cache.items():
-            if key[0] == forward_key:
-                return obs
-    key = (forward_key, prompt.input_ids)
-    if key not in cache:
-        size = seg.image_size(s)
-        cache[key] = seg._observe_batch([arr], [prompt], s, size, names=["image"])[0]
-        while len(cache) > 16:  # keep the last few images only
+    with seg._lock:
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recently used last
+            return cache[key]
+    size = seg.image_size(s)
+    seg.plan(size // seg.vae_scale, s)  # bad layer or weight settings fail before the UNet runs
+    obs = seg._observe_batch([arr], [prompt], s, size, names=["image"])[0]
+    with seg._lock:
+        cache[key] = obs
+        while len(cache) > 16:  # keep the last few passes only
             cache.pop(next(iter(cache)))
-    return cache[key]
+    return obs
 
 
 def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
@@ -164,10 +178,15 @@ def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, *
     tok = seg.pipe.tokenizer
     if kind == "text":
         descriptions = _descriptions(value)
-        prompt = make_prompt(tok, ", ".join(descriptions), descriptions)
+        # descriptions are separated by commas, or by "and" where the tokenizer has no comma
+        # (the shapes model's): an unknown token inside the prompt would read as its end
+        joiner = ", " if not unknown_words(tok, ",") else " and "
+        text_ = joiner.join(descriptions)
+        offsets = [sum(len(d) + len(joiner) for d in descriptions[:i]) for i in range(len(descriptions))]
+        prompt = make_prompt(tok, text_, descriptions, offsets, model=seg.model_name)
     else:
         prompt = _empty_prompt(tok)
-    obs = _observation(seg, arr, prompt, s, need_text=kind == "text")
+    obs = _observation(seg, arr, prompt, s)
     side, geometry = obs.grid, obs.geometry
     n = side * side
     device = obs.self_attention.device
@@ -183,6 +202,11 @@ def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, *
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
     steps = R.refine(cols.float(), P, s.iterations)  # (N+1, n, K)
+    # a column that is the same on every cell (a box over the whole image) stays constant under
+    # P (rows sum to 1), and nrm maps a constant to 0: it asks for everything, so it is 1 everywhere
+    whole = (cols.amin(0) == cols.amax(0)) & (cols.amax(0) > 0)
+    if whole.any():
+        steps[..., whole] = 1.0
     steps = steps / steps.amax(-2, keepdim=True).clamp_min(torch.finfo(steps.dtype).tiny)
     combined = steps.mean(-1)
     combined = combined / combined.amax(-1, keepdim=True).clamp_min(torch.finfo(combined.dtype).tiny)
