@@ -7,7 +7,9 @@ into that square (stretched as the reference does, or padded) and records a ``Ge
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MIN_SIDE", "Geometry", "load_image", "read_pixels", "to_uint8", "prepare", "to_original"]
+__all__ = ["MIN_SIDE", "MAX_SIDE", "Geometry", "load_image", "read_pixels", "to_uint8", "prepare", "to_original"]
 
 MIN_SIDE = 8  # one latent cell of an 8x-downsampling VAE
 ASPECT_MODES = ("stretch", "pad")
+# Images whose longer side is larger are reduced by an integer factor as they are read (JPEG
+# decodes at 1/2, 1/4 or 1/8 scale directly): the model sees 512 pixels at most, and results at
+# full size of a 100-megapixel scan would take gigabytes. Results then come at the reduced size.
+MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -36,8 +42,58 @@ class Geometry:
         return max(self.height, self.width)
 
 
+def _reduce_factor(width: int, height: int) -> int:
+    return max(1, math.ceil(max(width, height) / MAX_SIDE))
+
+
+def _reduced(img: Image.Image, name: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """``img`` turned upright and reduced until its longer side is at most ``MAX_SIDE``.
+
+    ``size`` is the size the file declares (before a JPEG draft), for the warning.
+    """
+    img = _upright(img)
+    factor = _reduce_factor(*img.size)
+    before = img.size
+    if factor > 1:
+        if img.mode in ("1", "P", "I;16", "I;16B", "I;16L", "PA"):
+            # reduce() works on whole-byte or 32-bit modes; grey stays one byte a pixel
+            img = img.convert({"1": "L", "P": "RGBA", "PA": "RGBA"}.get(img.mode, "I"))
+        img = img.reduce(factor)
+    w, h = size or before
+    if max(w, h) > MAX_SIDE:
+        warnings.warn(f"{name} is {w}x{h} pixels; read at {img.size[0]}x{img.size[1]} (iseg.images.MAX_SIDE = "
+                      f"{MAX_SIDE}); results come at that size", stacklevel=4)
+    return img
+
+
+def _open_file(path: Path, label: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            declared = img.size
+            factor = _reduce_factor(*declared)
+            if factor > 1 and img.format == "JPEG":
+                # decode at 1/2, 1/4 or 1/8 scale straight from the DCT: no full-size copy at all
+                img.draft(img.mode, (max(1, declared[0] // factor), max(1, declared[1] // factor)))
+            img.load()
+            return _from_pil(_reduced(img, label, declared), label)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{path} is too large to open safely ({err}). If you trust the file, raise Pillow's limit first "
+            "(PIL.Image.MAX_IMAGE_PIXELS = None), or downscale the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read {path} as an image ({err}); is the file corrupt or not an image?") from err
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    # exif_transpose copies even an upright image; a large one is not copied for nothing
+    if img.getexif().get(0x0112, 1) in (0, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _from_pil(img: Image.Image, name: str) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+    img = _upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -94,7 +150,8 @@ def load_image(image, name: str | None = None) -> np.ndarray:
 
     Accepts a PIL image (any mode: L, RGBA, P, 16-bit...), a path, a numpy array (HxW, HxWx1/3/4,
     uint8, uint16 or float in [0, 1]) or a tensor (CxH xW or HxWxC, C in 1/3/4). EXIF orientation
-    is honoured.
+    is honoured. Files and PIL images larger than ``MAX_SIDE`` are reduced as they are read (with
+    a warning); a file past Pillow's decompression-bomb limit is refused with its path.
     """
     label = name or "image"
     if isinstance(image, (str, os.PathLike)):
@@ -104,14 +161,9 @@ def load_image(image, name: str | None = None) -> np.ndarray:
             raise FileNotFoundError(f"image file not found: {path}")
         if path.is_dir():
             raise ValueError(f"{path} is a folder, not an image file")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                arr = _from_pil(img, label)
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise ValueError(f"cannot read {path} as an image ({err}); is the file corrupt or not an image?") from err
+        arr = _open_file(path, label)
     elif isinstance(image, Image.Image):
-        arr = _from_pil(image, label)
+        arr = _from_pil(_reduced(image, label), label)
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 4 and t.shape[0] == 1:
@@ -143,7 +195,7 @@ def read_pixels(image, name: str | None = None) -> np.ndarray:
     ``HxWx3`` uint8: ``prepare`` converts them on the model's device, which saves a float copy of
     every image on the host. Everything else comes back as ``load_image`` gives it."""
     if isinstance(image, Image.Image) and image.mode in ("RGB", "L"):
-        arr = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        arr = np.asarray(_reduced(image, name or "image").convert("RGB"))
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
         arr = image
     else:
