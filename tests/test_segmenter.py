@@ -341,3 +341,51 @@ def test_batched_decode_equals_one_image_at_a_time(tiny_pipe, monkeypatch):
             assert (got.labels != one.labels).mean() <= 1e-3
             assert np.allclose(got.scores(), one.scores(), atol=1e-4)
         assert np.allclose(b.initial, one.initial, atol=1e-6)
+
+
+def test_one_iseg_from_two_threads_equals_sequential_calls(shapes_pipe):
+    # a web server's pool: 2 threads x 24 calls on one ISeg, mixing class lists, batch sizes and
+    # interactive prompts; every result must equal the sequential one and no capture processor
+    # may stay installed on the shared UNet
+    import threading
+
+    from iseg.shapes import sample
+
+    seg = ISeg(shapes_pipe)
+    before = {k: type(v) for k, v in shapes_pipe.unet.attn_processors.items()}
+    jobs = []
+    for i in range(48):
+        s = sample(1000 + i)
+        if i % 4 == 3:
+            jobs.append(("point", s.image, [(10 + i, 20)]))
+        else:
+            jobs.append(("segment", s.image, list(s.classes) if i % 2 else ["square", "circle", "triangle"][: 1 + i % 3]))
+
+    def run(job):
+        kind, image, arg = job
+        if kind == "point":
+            return seg.segment_prompt(image, points=arg).mask
+        return seg.segment(image, arg, iterations=2 + len(arg)).labels
+
+    sequential = [run(job) for job in jobs]
+    seg._prompt_cache.clear()
+    out: dict[int, np.ndarray] = {}
+    errors = []
+
+    def worker(indices):
+        try:
+            for i in indices:
+                out[i] = run(jobs[i])
+        except Exception as err:  # reported below, with the thread's index
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(range(k, 48, 2),)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(out) == list(range(48))
+    for i, expected in enumerate(sequential):
+        assert np.array_equal(out[i], expected), f"call {i} ({jobs[i][0]}) differs from the sequential result"
+    assert {k: type(v) for k, v in shapes_pipe.unet.attn_processors.items()} == before
