@@ -59,9 +59,10 @@ def _check_xy(p, geometry: Geometry, what: str) -> tuple[float, float]:
         x, y = (float(v) for v in p)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be an (x, y) pair of pixel coordinates, got {p!r}") from None
-    if not (0 <= x < geometry.width and 0 <= y < geometry.height) or not (math.isfinite(x) and math.isfinite(y)):
+    # the right and bottom edges belong to the image: a click on the border is on the last cell
+    if not (0 <= x <= geometry.width and 0 <= y <= geometry.height) or not (math.isfinite(x) and math.isfinite(y)):
         raise ValueError(f"{what} {p!r} lies outside the {geometry.width}x{geometry.height} image "
-                         f"(x must be in [0, {geometry.width}), y in [0, {geometry.height}))")
+                         f"(x must be in [0, {geometry.width}], y in [0, {geometry.height}])")
     return x, y
 
 
@@ -180,10 +181,10 @@ def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, *
         descriptions = _descriptions(value)
         # descriptions are separated by commas, or by "and" where the tokenizer has no comma
         # (the shapes model's): an unknown token inside the prompt would read as its end
-        joiner = ", " if not unknown_words(tok, ",") else " and "
+        joiner = ", " if not unknown_words(tok, ",", seg.known_words) else " and "
         text_ = joiner.join(descriptions)
         offsets = [sum(len(d) + len(joiner) for d in descriptions[:i]) for i in range(len(descriptions))]
-        prompt = make_prompt(tok, text_, descriptions, offsets, model=seg.model_name)
+        prompt = make_prompt(tok, text_, descriptions, offsets, model=seg.model_name, known=seg.known_words)
     else:
         prompt = _empty_prompt(tok)
     obs = _observation(seg, arr, prompt, s)

@@ -118,17 +118,22 @@ def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
     return -1
 
 
-def unknown_words(tokenizer, text: str) -> list[str]:
-    """The whitespace-separated words of ``text`` that ``tokenizer`` turns (partly) into its unknown token."""
+def unknown_words(tokenizer, text: str, known=None) -> list[str]:
+    """The whitespace-separated words of ``text`` that ``tokenizer`` turns (partly) into its
+    unknown token, or, when the model has a closed word list ``known``, that are not in it."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return []
-    return [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False, truncation=False)["input_ids"]]
+    out = []
+    for w in text.split():
+        if known is not None and w.lower() not in known:
+            out.append(w)
+        elif unk is not None and unk in tokenizer(w, add_special_tokens=False, truncation=False)["input_ids"]:
+            out.append(w)
+    return out
 
 
-def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None) -> UnknownWordError | None:
+def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None, known=None) -> UnknownWordError | None:
     who = f"the {model!r} model's tokenizer" if model else "the model's tokenizer"
-    bad_classes = {name: unknown_words(tokenizer, name) for name in names}
+    bad_classes = {name: unknown_words(tokenizer, name, known) for name in names}
     bad_classes = {k: v for k, v in bad_classes.items() if v}
     if bad_classes:
         listed = "; ".join(f"class {k!r} (word(s) {v})" for k, v in bad_classes.items())
@@ -137,7 +142,7 @@ def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None
             f"{listed}: {who} does not know {'this word' if len(words) == 1 else 'these words'}; it would read "
             "as the end of the prompt and give a meaningless mask. Use words the model knows"
             + (" (iseg.shapes.vocabulary() lists the shapes model's)" if model == "shapes" else ""), words)
-    bad = unknown_words(tokenizer, text)
+    bad = unknown_words(tokenizer, text, known)
     if bad:
         return UnknownWordError(
             f"the prompt {text!r} has word(s) {bad} that {who} does not know; change prompt_prefix, "
@@ -146,7 +151,7 @@ def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None
 
 
 def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,
-                      model: str | None = None) -> tuple[list[int], list[tuple[int, ...]]]:
+                      model: str | None = None, known=None) -> tuple[list[int], list[tuple[int, ...]]]:
     """Token positions that each class occupies in ``text``, found with the tokenizer itself.
 
     ``offsets`` are the character positions of the classes in ``text`` (``class_offsets``); each
@@ -154,7 +159,8 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
     itself (``a``, ``and``, ``of``) gets its own tokens, not the prefix's or the joiner's. Without
     them, classes are searched in order, each after the previous one. Returns the unpadded,
     untruncated ids (start and end tokens included) and one tuple of positions per class. A class
-    with words the tokenizer does not know raises ``UnknownWordError`` (naming ``model``).
+    with words the tokenizer does not know (or, given a model's closed word list ``known``, words
+    outside it) raises ``UnknownWordError`` naming ``model``.
     """
     names = list(classes)
     if offsets is not None and len(offsets) != len(names):
@@ -164,8 +170,9 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
     front = 1 if empty and empty[0] == getattr(tokenizer, "bos_token_id", None) else 0
     unk = getattr(tokenizer, "unk_token_id", None)
     # CLIP's unknown token is its end token: look for it before the text's own end
-    if unk is not None and unk in ids[front : len(ids) - (len(empty) - front)]:
-        problem = _unknown_error(tokenizer, text, names, model)
+    if (unk is not None and unk in ids[front : len(ids) - (len(empty) - front)]) or (
+            known is not None and any(w.lower() not in known for w in text.split())):
+        problem = _unknown_error(tokenizer, text, names, model, known)
         if problem is not None:
             raise problem
     spans, cursor = [], front
@@ -191,14 +198,14 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
 
 
 def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,
-                model: str | None = None) -> Prompt:
+                model: str | None = None, known=None) -> Prompt:
     """Tokenise ``text`` and locate ``classes`` (at character ``offsets`` when given).
 
     Raises ``PromptTooLongError`` on overflow and ``UnknownWordError`` for words the tokenizer
     does not know (the message names ``model``).
     """
     names = check_class_names(classes)
-    ids, spans = class_token_spans(tokenizer, text, names, offsets, model)
+    ids, spans = class_token_spans(tokenizer, text, names, offsets, model, known)
     window = tokenizer.model_max_length
     # the last position of the window holds the end token after truncation
     outside = [name for name, span in zip(names, spans) if span[-1] >= window - 1]

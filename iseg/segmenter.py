@@ -213,6 +213,7 @@ class ISeg:
         self._noise: dict[tuple, torch.Tensor] = {}  # the seed's noise, on the device
         self._encode = None  # a torch.compile'd VAE encoder (see ``compile``)
         self._lock = _unet_lock(pipe.unet)
+        self.image_size()  # a size this model cannot mean is refused now, not at the first image
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -228,6 +229,19 @@ class ISeg:
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def known_words(self) -> frozenset[str] | None:
+        """The model's closed word list, where it has one (``pipe.iseg_known_words``; the shapes
+        model's vocabulary), else ``None``: a byte-level tokenizer splits any word into pieces, and
+        for a model trained on a few words, pieces of a word it never saw mean nothing."""
+        words = getattr(self.pipe, "iseg_known_words", None)
+        if words is None and getattr(self.pipe, "iseg_default_preset", None) == "shapes":
+            from .shapes.model import EXTRA_WORDS
+            from .shapes.world import vocabulary
+
+            words = frozenset(vocabulary()) | frozenset(EXTRA_WORDS)
+        return None if words is None else frozenset(w.lower() for w in words)
 
     @property
     def native_size(self) -> int:
@@ -265,7 +279,7 @@ class ISeg:
         names = check_class_names(classes)
         text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
         offsets = class_offsets(names, s.prompt_prefix, s.prompt_joiner)
-        return make_prompt(self.pipe.tokenizer, text, names, offsets, model=self.model_name)
+        return make_prompt(self.pipe.tokenizer, text, names, offsets, model=self.model_name, known=self.known_words)
 
     def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
         """Cat-Cross text embedding ``(1, window, dim)``; the encoder's output is cached per prompt."""
@@ -555,7 +569,7 @@ class ISeg:
         plan = self.plan(size // self.vae_scale, s)  # also checks the layer and head settings now
         n = plan["self_resolution"] ** 2
         heads = max([layer.heads for layer in plan["self"]] + [1])
-        per_image = 4 * n * n * (heads + 1)
+        per_image = 4 * n * n * (heads + len(plan["self"]))  # one layer's heads at a time, every layer's mean
         budget = self._FORWARD_BYTES
         if self.device.type == "cuda":
             budget = max(budget, torch.cuda.get_device_properties(self.device).total_memory // 2)
