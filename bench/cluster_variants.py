@@ -5,7 +5,12 @@ and clustering off, on with the reference's raw vectors (the default), and on wi
 variant (every floored vector scaled to sum 1 before the divergence, as this project did before
 issue 15). One forward pass per image; only the decoding differs.
 
-    python bench/cluster_variants.py --count 300
+    python bench/cluster_variants.py --count 1000
+
+Measured on a CPU (2 cores), val split: 300 images 90.14 / 90.19 / 90.21 (off / raw / normalised),
+1000 images 90.22 / 90.28 / 90.31. The normalised variant's +0.03 is inside the CPU spread of this
+model's figures (about +-0.05 between machines), so the library keeps only the reference's raw
+vectors. The shapes preset does not cluster.
 """
 
 from __future__ import annotations

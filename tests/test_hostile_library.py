@@ -87,6 +87,41 @@ def test_all_zero_cross_weights_fail_before_the_forward_pass(shapes_pipe, call):
         seg.decode(obs, cross_weights={16: 0.0})
 
 
+# -- what segment is given ------------------------------------------------------------------------
+SEGMENT = [
+    (dict(images=sample(0).image, classes=[]), ValueError, "class list is empty"),
+    (dict(images=sample(0).image, classes="square"), TypeError, "not one string"),
+    (dict(images=sample(0).image, classes=["square", "Square"]), ValueError, "duplicate"),
+    (dict(images=sample(0).image, classes=[" "]), ValueError, "empty class name"),
+    (dict(images=None, classes=["square"]), TypeError, "unsupported image type NoneType"),
+    (dict(images=[], classes=["square"]), ValueError, "no images given"),
+    (dict(images=[sample(0).image] * 2, classes=[["square"]] * 3), ValueError, "3 class lists for 2 images"),
+    (dict(images=sample(0).image), TypeError, "give the classes"),
+    (dict(images=sample(0).image, classes=["square"], vocabulary=["square"]), TypeError, "not both"),
+    (dict(images=np.zeros((64, 64, 5), np.uint8), classes=["square"]), ValueError, "channels"),
+    (dict(images=np.asarray(sample(0).image).astype(np.float32), classes=["square"]), ValueError, r"float images must lie in \[0, 1\]"),
+    (dict(images=sample(0).image, classes=["square"], lamda=1), ValueError, "did you mean 'lam'"),
+    (dict(images=sample(0).image, classes=["square"], cross_weights={5: 1.0}), ValueError, "resolution"),
+    (dict(images=sample(0).image, classes=["square"], self_heads=(9,)), ValueError, "self_heads .* out of range"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", SEGMENT)
+def test_segment_refuses_bad_input_before_the_unet(seg, shapes_pipe, kwargs, error, match):
+    calls, handle = _count_unet_calls(shapes_pipe)
+    try:
+        with pytest.raises(error, match=match):
+            seg.segment(**kwargs)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_iseg_needs_a_pipeline():
+    with pytest.raises(TypeError, match="no unet"):
+        iseg.ISeg(object())
+
+
 # -- words the model does not know ------------------------------------------------------------------
 UNKNOWN = [
     (["dog"], r"class 'dog' \(word\(s\) \['dog'\]\): the 'shapes' model's tokenizer does not know"),
