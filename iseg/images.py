@@ -222,6 +222,11 @@ def prepare(arr: np.ndarray, size: int, aspect: str = "stretch", pad_value: floa
     if aspect not in ASPECT_MODES:
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
     h, w = arr.shape[:2]
+    factor = _reduce_factor(w, h)
+    if factor > 1 and arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[-1] == 3:
+        # an 8-bit array larger than MAX_SIDE is box-reduced as bytes before any float copy; the
+        # geometry keeps its full size, so results still come at the array's own size
+        arr = np.asarray(Image.fromarray(arr).reduce(factor))
     arr = np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr)  # torch refuses read-only views
     t = torch.from_numpy(arr).to(device).permute(2, 0, 1).float()
     if arr.dtype == np.uint8:

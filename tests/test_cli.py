@@ -30,11 +30,11 @@ def test_segment_writes_labels_overlay_gif_and_json(tmp_path):
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):
-    assert main(["segment", str(tmp_path / "missing.png"), "--classes", "cat", "--model", "shapes",
+    assert main(["segment", str(tmp_path / "missing.png"), "--classes", "square", "--model", "shapes",
                  "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
     img = tmp_path / "x.png"
     Image.new("RGB", (32, 32)).save(img)
-    assert main(["segment", str(img), "--classes", "cat", "--model", "shapes", "--out", str(tmp_path),
+    assert main(["segment", str(img), "--classes", "square", "--model", "shapes", "--out", str(tmp_path),
                  "--set", "lamda=0.1"]) == 2
     assert "did you mean 'lam'" in capsys.readouterr().err

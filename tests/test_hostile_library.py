@@ -192,6 +192,16 @@ def test_big_images_are_reduced_as_they_are_read(tmp_path):
     assert abs(jpg[100, 100] * 255 - [200, 10, 10]).max() < 8
 
 
+def test_big_8_bit_arrays_are_reduced_before_the_float_copy_and_map_back_at_full_size(seg):
+    arr = np.zeros((600, 9000, 3), np.uint8)
+    arr[:, :4500] = 255  # left half white
+    pixels, geometry = iseg.images.prepare(arr, 64)
+    assert geometry == iseg.images.Geometry(600, 9000, "stretch") and pixels.shape == (3, 64, 64)
+    assert pixels[:, :, :31].min() > 0.999 and pixels[:, :, 33:].max() < 0.001
+    result = seg.segment(arr, ["square"])
+    assert result.labels.shape == (600, 9000)
+
+
 def test_a_batch_reads_and_resizes_one_image_at_a_time(seg, monkeypatch):
     import iseg.segmenter as S
 
