@@ -172,6 +172,9 @@ def _unet_lock(unet) -> threading.RLock:
 FORWARD_FIELDS = ("image_size", "aspect", "timestep", "seed", "gamma", "prompt_prefix", "prompt_joiner",
                   "extra_words", "background_words", "cross_weights", "cross_layers", "cross_heads",
                   "self_resolution", "self_layers", "self_heads")
+# The others act only on the observation (``decode``) or on how the work is split.
+DECODE_FIELDS = ("clustering", "cluster_rounds", "lam", "iterations", "clamp_max", "background", "bg_power",
+                 "threshold", "batch_size", "return_self_attention")
 
 # Image sizes ``ISeg`` accepts, as multiples of the model's native size: a model trained at one
 # size means nothing far from it, and self-attention memory grows with the fourth power of the side.

@@ -271,6 +271,17 @@ def test_bad_interactive_prompts(seg, prompt, error, match):
         seg.segment_prompt(sample(0).image, **prompt)
 
 
+def test_every_setting_is_classified_as_forward_or_decode():
+    # a new Settings field must be put in one of the two lists, or segment_prompt's cache could
+    # hand back a pass made with another value of it
+    from dataclasses import fields
+
+    from iseg.segmenter import DECODE_FIELDS, FORWARD_FIELDS
+
+    assert not set(FORWARD_FIELDS) & set(DECODE_FIELDS)
+    assert set(FORWARD_FIELDS) | set(DECODE_FIELDS) == {f.name for f in fields(iseg.Settings)}
+
+
 NEW_FORWARD = [
     dict(timestep=300), dict(seed=7), dict(gamma=1.0), dict(image_size=32), dict(self_resolution=16),
     dict(self_heads=(0,)), dict(self_layers=("up_blocks.2.attentions.0.transformer_blocks.0.attn1",)),
