@@ -1,8 +1,10 @@
 """Interactive prompts (method.md §7): segment what a user points at, strokes, boxes or describes.
 
-One forward pass per image is cached; every further point, line or box on the same image reuses
-its self-attention and costs only the refinement (a text prompt needs the cross-attention of its
-own words, so a new description runs the UNet once more).
+One forward pass per image (with the empty prompt) is cached; every further point, line or box on
+the same image reuses its self-attention and costs only the refinement. A text prompt needs the
+cross-attention of its own words, so each new description runs the UNet once more (also cached).
+The cache is keyed on the image's bytes, the prompt's tokens and every setting that acts before
+decoding, so a pass is never reused for other settings.
 
     seg = iseg.ISeg(iseg.load_pipeline("shapes"))
     r = seg.segment_prompt(image, points=[(30, 40)])       # (x, y) in image pixels
