@@ -107,13 +107,15 @@ def load_records(out) -> dict[str, dict]:
     """Every finished image of a run folder, ``{id: record}``; a line cut short by a kill is skipped."""
     records = {}
     folder = Path(out) / "records"
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+    # only the parts a run writes: other files put there are not records (and --restart keeps them)
+    for path in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records.setdefault(rec["id"], rec)
+            if isinstance(rec, dict) and "id" in rec and "hist" in rec:
+                records.setdefault(rec["id"], rec)
     return records
 
 
