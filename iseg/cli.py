@@ -76,8 +76,14 @@ def output_names(images: list[Path]) -> list[str]:
 def _classes_for(images: list[Path], classes: str | None, classes_file: Path | None) -> list[list[str]]:
     if (classes is None) == (classes_file is None):
         raise CommandError("give the class names with --classes a,b,c or --classes-file FILE.json (one of the two)")
+    from .prompts import check_class_names
+
     if classes is not None:
         names = [c.strip() for c in classes.split(",")]
+        try:
+            check_class_names(names)  # before the model loads: "cat,,dog" is a typo, not three classes
+        except ValueError as err:
+            raise CommandError(f"--classes {classes!r}: {err}") from None
         return [names] * len(images)
     table = _read_classes_file(Path(classes_file))
     out = []
@@ -95,6 +101,10 @@ def _classes_for(images: list[Path], classes: str | None, classes_file: Path | N
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise CommandError(f"--classes-file {classes_file}: the classes of {key!r} must be a list of names "
                                f"(or one name), got {value!r}")
+        try:
+            check_class_names(value)
+        except ValueError as err:
+            raise CommandError(f"--classes-file {classes_file}, {key!r}: {err}") from None
         out.append(list(value))
     return out
 
@@ -109,8 +119,15 @@ def _read_classes_file(path: Path) -> dict:
         line = data[: err.start].count(b"\n") + 1
         raise CommandError(f"--classes-file {path} is not UTF-8 text (bad byte at line {line}); "
                            "save it as UTF-8") from None
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # json would keep the last silently
+            raise CommandError(f"--classes-file {path} lists {', '.join(map(repr, twice))} twice; give each image once")
+        return dict(pairs)
+
     try:
-        table = json.loads(text)
+        table = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as err:
         raise CommandError(f"--classes-file {path} is not valid JSON: {err.msg} at line {err.lineno} "
                            f"column {err.colno}") from None

@@ -206,6 +206,10 @@ SEGMENT_REFUSALS = [
     (["--classes-file", "{classes:{\"y.png\": [\"cat\"]}}"], r"--classes-file .* has no classes for x.png"),
     (["--classes-file", "{tmp}/none.json"], r"--classes-file .*none.json does not exist"),
     (["--classes", "cat", "--classes-file", "{tmp}/none.json"], r"one of the two"),
+    (["--classes-file", "{classes:{\"x.png\": [\"a\"], \"x.png\": [\"b\"]}}"], r"lists 'x.png' twice"),
+    (["--classes-file", "{classes:{\"x.png\": []}}"], r"'x.png': the class list is empty"),
+    (["--classes", "square,,circle"], r"--classes 'square,,circle': empty class name"),
+    (["--classes", "square,Square"], r"--classes 'square,Square': duplicate class name"),
     (["{image}"], r"image .*x.png is given twice"),
     (["{tmp}/missing.png"], r"image not found: .*missing.png"),
 ]
