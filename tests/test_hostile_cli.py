@@ -189,6 +189,8 @@ SEGMENT_REFUSALS = [
     (["--device", "gpu"], r"--device: device 'gpu' is not a device name; use one of cpu"),
     pytest.param(["--device", "cuda"], r"--device: device 'cuda': CUDA is not available here",
                  marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+    (["--device", "cuda:99"], r"--device: device 'cuda:99': (CUDA is not available|this machine has \d+ CUDA)"),
+    (["--device", "meta"], r"--device: device 'meta' is not supported by iseg"),
     (["--set", "seed=1.5"], r"--set: setting seed must be an integer"),
     (["--set", "cross_weights=16:1"], r"--set: setting cross_weights must be null or a map"),
     (["--set", 'cross_weights={"16": 0, "8": 0}'], r"--set: setting cross_weights: the weights must not all be 0"),
@@ -458,6 +460,13 @@ def test_bad_labels_files_are_refused_naming_file_and_place(tmp_path, name, cont
     path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
         read_labels_file(path, VOCAB)
+
+
+def test_the_library_names_a_bad_device():
+    import iseg
+
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name; use one of cpu"):
+        iseg.load_pipeline("shapes", device="gpu", verbose=False)
 
 
 # -- no traceback from the installed commands --------------------------------------------------------
