@@ -299,6 +299,9 @@ def test_segment_keeps_every_result_and_replaces_only_when_asked(tmp_path, capsy
     assert victim.read_text() == "keep me"
     labels = out / "a__x.png.labels.png"
     assert not labels.is_symlink() and Image.open(labels).mode == "P"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")  # results get the permissions of any new file, not a temporary file's 0600
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {plain.stat().st_mode & 0o777}
     assert sorted(p.name for p in out.iterdir()) == sorted(n for n in before if not n.endswith(".gif"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
