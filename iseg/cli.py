@@ -7,7 +7,8 @@ JSON file with the prompt, the classes, the settings and the timing.
 NAME is the image's file name without its extension (``photos/cat.jpg`` -> ``cat``). Images that
 would share a NAME keep their extension (``x.png`` and ``x.jpg`` -> ``x.png``, ``x.jpg``) and, when
 that is not enough, their parent folders joined by ``__`` (``a/x.png`` and ``b/x.png`` ->
-``a__x.png``, ``b__x.png``), so every image gets its own files, whatever the order of the images.
+``a__x.png``, ``b__x.png``), so every image gets its own files. The names depend on which images are
+given together, not on their order.
 
 Earlier results in the output folder are never replaced unless ``--overwrite`` is given; then the
 command lists what it replaces, and removes the old animation of an image rerun with ``--no-gif``.

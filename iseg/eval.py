@@ -11,7 +11,9 @@
   ``id,name;name``) or from a label predictor (``--label-method``, see ``iseg.labels``).
 
 The confusion matrix of every image is stored as it is made (``OUT/records/*.jsonl``). A run that
-stops resumes where it stopped with the same command; under several processes every process
+stops resumes where it stopped with the same command (``run.json`` records every option that
+changes the numbers, and a resume with another is refused, naming it); ``--restart`` discards
+the earlier run, deleting only its own files. Under several processes every process
 takes every k-th batch and the histograms are summed at the end. Batches are cut from the full
 image list the same way for any number of processes, so an image is always computed in the same
 batch: one process, many processes and resumed runs give the same numbers exactly.
