@@ -20,7 +20,7 @@ from PIL import Image
 from iseg import cli
 from iseg import eval as ev
 from iseg.labels import read_labels_file
-from iseg.presets import _RULES, MAX_BATCH_SIZE, Settings, SettingsError, make_settings, parse_overrides
+from iseg.presets import _RULES, Settings, SettingsError, make_settings, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -61,8 +61,8 @@ REFUSED_SETTINGS = [
     (dict(seed=1.5), r"setting seed must be an integer in \[0, 2\*\*64\), got 1.5"),
     (dict(seed=-1), r"setting seed"),
     (dict(seed=2**64), r"setting seed"),
-    (dict(batch_size=10000), rf"setting batch_size must be an integer in \[1, {MAX_BATCH_SIZE}\], got 10000"),
-    (dict(batch_size=0), r"setting batch_size"),
+    (dict(batch_size=0), r"setting batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.0), r"setting batch_size must be an integer >= 1, got 2.0"),
     (dict(image_size=4), r"setting image_size must be an integer in \[8, 4096\]"),
     (dict(image_size=512.0), r"setting image_size"),
     (dict(self_resolution=0), r"setting self_resolution must be an integer >= 1"),
@@ -196,7 +196,7 @@ SEGMENT_REFUSALS = [
     (["--set", 'cross_weights={"16": 0, "8": 0}'], r"--set: setting cross_weights: the weights must not all be 0"),
     (["--set", "clustering=perhaps"], r"--set: setting clustering must be true or false"),
     (["--set", "iterations=1000000"], r"--set: setting iterations must be an integer in \[0, 1000\]"),
-    (["--set", "batch_size=10000"], r"--set: setting batch_size"),
+    (["--set", "batch_size=0"], r"--set: setting batch_size"),
     (["--preset", "wsss-vocc"], r"--preset: unknown preset 'wsss-vocc' \(did you mean 'wsss-voc'\?\)"),
     (["--out", "{image}"], r"--out .*x.png is a file, not a folder"),
     (["--out", "{image}/sub"], r"--out .*x.png is a file, not a folder"),
@@ -312,7 +312,8 @@ EVAL = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progre
 EVAL_REFUSALS = [
     (["--limit", "-5"], r"--limit must be at least 1 .* got -5"),
     (["--limit", "0"], r"--limit must be at least 1"),
-    (["--batch-size", "10000"], r"--batch-size: setting batch_size must be an integer in \[1, 1024\], got 10000"),
+    (["--batch-size", "0"], r"--batch-size: setting batch_size must be an integer >= 1, got 0"),
+    (["--batch-size", "-3"], r"--batch-size: setting batch_size must be an integer >= 1, got -3"),
     (["--clustering", "maybe"], r"--clustering: setting clustering must be true or false"),
     (["--cross-weights", "16:1"], r"--cross-weights: setting cross_weights must be null or a map"),
     (["--cross-weights", '{"16": 0, "8": 0}'], r"--cross-weights: setting cross_weights: the weights must not all be 0"),
