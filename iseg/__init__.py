@@ -15,7 +15,7 @@ from .capture import (
     select_layers,
 )
 from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_pipeline, register_model, shipped_models
-from .presets import PRESETS, Settings, make_settings, register_preset
+from .presets import PRESETS, Settings, SettingsError, make_settings, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
 from .segmenter import ISeg, SegmentationResult
 
@@ -32,6 +32,7 @@ __all__ = [
     "PromptTooLongError",
     "SegmentationResult",
     "Settings",
+    "SettingsError",
     "attention_layers",
     "build_prompt",
     "capture_attention",

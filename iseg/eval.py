@@ -11,7 +11,9 @@
   ``id,name;name``) or from a label predictor (``--label-method``, see ``iseg.labels``).
 
 The confusion matrix of every image is stored as it is made (``OUT/records/*.jsonl``). A run that
-stops resumes where it stopped with the same command; under several processes every process
+stops resumes where it stopped with the same command (``run.json`` records every option that
+changes the numbers, and a resume with another is refused, naming it); ``--restart`` discards
+the earlier run, deleting only its own files. Under several processes every process
 takes every k-th batch and the histograms are summed at the end. Batches are cut from the full
 image list the same way for any number of processes, so an image is always computed in the same
 batch: one process, many processes and resumed runs give the same numbers exactly.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import numbers
 import os
 import sys
 import time
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .datasets import DATASETS, DatasetError, SegmentationDataset, open_dataset
 from .metrics import confusion, iou_per_class, miou
-from .presets import Settings, parse_overrides
+from .presets import Settings, make_settings, parse_overrides
 from .viz import label_png
 
 __all__ = [
@@ -57,6 +60,12 @@ TASKS = ("wsss", "ovs")
 
 class RunMismatchError(RuntimeError):
     """The output folder holds records of a run with other settings."""
+
+
+# run.json keys that do not change the numbers: a resume may differ in them (run.json keeps the last)
+_NOT_COMPARED = ("save_masks",)
+# what a run writes into its folder; --restart deletes these and nothing else
+_RUN_FILES = ("run.json", "metrics.json", "results.md")
 
 
 def default_preset(dataset: str, task: str) -> str:
@@ -100,13 +109,15 @@ def load_records(out) -> dict[str, dict]:
     """Every finished image of a run folder, ``{id: record}``; a line cut short by a kill is skipped."""
     records = {}
     folder = Path(out) / "records"
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+    # only the parts a run writes: other files put there are not records (and --restart keeps them)
+    for path in sorted(folder.glob("part-*.jsonl")) if folder.is_dir() else []:
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            records.setdefault(rec["id"], rec)
+            if isinstance(rec, dict) and "id" in rec and "hist" in rec:
+                records.setdefault(rec["id"], rec)
     return records
 
 
@@ -177,6 +188,7 @@ def evaluate_dataset(
     model_name: str | None = None,
     classes_source: tuple[str, Callable] | None = None,
     clip=None,
+    restart: bool = False,
 ) -> dict:
     """Run ``seg`` over ``dataset`` and return the metrics (also written to ``out`` when given).
 
@@ -186,11 +198,20 @@ def evaluate_dataset(
     file or a mapping), or ``label_method``: ``attention``, ``clip`` (``clip``: a ``ClipTagger`` or
     a model id), ``file`` or ``gt`` (an oracle). ``classes_source`` replaces all of these:
     ``(name, function(items) -> class lists)``.
+
+    ``out/run.json`` records everything that changes the numbers (settings, model, dtype, device,
+    compiled forward passes, label source and file, CLIP model, dataset, split, limit, image ids):
+    a run resumes only when all of them match, else ``RunMismatchError`` names what differs.
+    With ``save_masks``, images recorded earlier without a mask are computed again. ``restart``
+    discards an earlier run in ``out`` first, after everything else has been checked, and deletes
+    only the files that run made (a folder without its ``run.json`` is refused).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     main_process = rank == 0
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ValueError(f"limit must be a whole number >= 1 (or None for every image), got {limit!r}")
     ids = list(dataset.ids[:limit] if limit is not None else dataset.ids)
     if not ids:
         raise DatasetError(f"{dataset.name}: no images to evaluate")
@@ -205,32 +226,53 @@ def evaluate_dataset(
         "root": str(dataset.root) if dataset.root else None,
         "model": model_name or getattr(seg.pipe, "iseg_model_name", None), "preset": seg.preset,
         "settings": settings.as_dict(), "label_source": source_name,
-        "labels_file": _digest(Path(labels).read_text()) if labels is not None and not isinstance(labels, Mapping) else None,
-        "images": len(ids), "ids": _digest(ids),
+        "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
+                        if labels is not None and not isinstance(labels, Mapping) else None),
+        **_run_facts(seg, source_name, clip),
+        "limit": limit, "images": len(ids), "ids": _digest(ids), "save_masks": bool(save_masks),
     }
     manifest = json.loads(json.dumps(manifest))  # as it reads back from run.json (tuples become lists)
     out = Path(out) if out is not None else None
     done: dict[str, dict] = {}
     if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if restart:
+            old_ids = _check_restart(out, manifest, ids)  # every process: all refuse alike
+            _barrier(state)
+            if main_process:
+                _discard_run(out, old_ids)
+            _barrier(state)
+        previous = out / "run.json"
+        if previous.is_file():
+            old = _read_run(previous)
+            if old is None:
+                raise RunMismatchError(f"{previous} is not the record of an iseg-eval run; use another --out")
+            differ = _differences(old, manifest)
+            if differ:
+                raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
+                                       "options, or pass --restart to discard that run, or use another --out")
         out.mkdir(parents=True, exist_ok=True)
         (out / "records").mkdir(exist_ok=True)
         if save_masks:
             (out / "masks").mkdir(exist_ok=True)
-        previous = out / "run.json"
-        if previous.is_file():
-            old = json.loads(previous.read_text())
-            differ = sorted(k for k in manifest if old.get(k) != manifest[k])
-            if differ:
-                raise RunMismatchError(f"{out} holds a run with other {', '.join(differ)}; use another --out, "
-                                       "or --restart to discard that run")
         _barrier(state)
-        if main_process and not previous.is_file():
+        if main_process:
             previous.write_text(json.dumps(manifest, indent=1))
         done = load_records(out)
     batch_size = settings.batch_size
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     mine = [b for k, b in enumerate(batches) if k % world == rank]
-    todo = [b for b in mine if not all(i in done for i in b)]
+    complete = set(done)
+    if save_masks and out is not None:
+        # a resume asked for masks that an earlier run did not write: masks come only from a forward
+        # pass, so those images are computed again (whole batches, so the numbers stay the same)
+        complete &= {p.stem for p in (out / "masks").glob("*.png")}
+        unmasked = sum(1 for b in mine for i in b if i in done and i not in complete)
+        if unmasked and main_process:
+            print(f"iseg-eval: {unmasked} image(s) recorded earlier have no mask in {out / 'masks'}; "
+                  "computing them again to write their masks", file=sys.stderr)
+    todo = [b for b in mine if not all(i in complete for i in b)]
     id_set = set(ids)
     hist = np.zeros((num_labels, num_labels), np.int64)
     for i in (i for b in mine if b not in todo for i in b):
@@ -298,6 +340,96 @@ def evaluate_dataset(
     if metrics is None:
         metrics = json.loads((out / "metrics.json").read_text())
     return metrics
+
+
+def _run_facts(seg, source_name: str, clip) -> dict:
+    """What changes a run's numbers besides its settings: the weights' dtype and device, compiled
+    forward passes (they round differently), and the CLIP model that chose the labels."""
+    param = None
+    unet = getattr(getattr(seg, "pipe", None), "unet", None)
+    if unet is not None and hasattr(unet, "parameters"):
+        param = next(iter(unet.parameters()), None)
+    fast = getattr(seg, "_fast", None)
+    clip_model = None
+    if source_name == "clip":
+        from .labels import DEFAULT_CLIP
+
+        if clip is None or isinstance(clip, (str, os.PathLike)):
+            clip_model = str(clip or DEFAULT_CLIP)
+        else:
+            clip_model = str(getattr(getattr(clip, "model", None), "name_or_path", type(clip).__name__))
+    return {
+        "dtype": None if param is None else str(param.dtype).removeprefix("torch."),
+        "device": None if param is None else param.device.type,
+        "compile": None if fast is None else {"GraphedForward": "cuda-graph", "CompiledForward": "torch"}.get(
+            type(fast).__name__, type(fast).__name__),
+        "compile_vae": getattr(seg, "_encode", None) is not None,
+        "clip_model": clip_model,
+    }
+
+
+def _read_run(path: Path) -> dict | None:
+    """An iseg-eval run.json, or None when the file is not one (then nothing is deleted)."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return run if isinstance(run, dict) and {"task", "dataset", "settings", "ids"} <= set(run) else None
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """``["dtype (\"float32\" there, \"float16\" now)", "settings.lam (...)"]``: what keeps a run from resuming."""
+    out = []
+    for key, value in new.items():
+        if key in _NOT_COMPARED or old.get(key) == value:
+            continue
+        if key == "settings" and isinstance(old.get(key), dict):
+            for name in sorted(set(old[key]) | set(value)):
+                if old[key].get(name) != value.get(name):
+                    out.append(f"settings.{name} ({_short(old[key].get(name))} there, {_short(value.get(name))} now)")
+        elif key == "ids":
+            out.append("image ids (another list of images)")
+        else:
+            out.append(f"{key} ({_short(old.get(key))} there, {_short(value)} now)")
+    return out
+
+
+def _check_restart(out: Path, manifest: dict, ids: list[str]) -> set[str]:
+    """The ids whose masks ``--restart`` may delete; refuses a folder that holds no run."""
+    if not out.exists():
+        return set()
+    made = [name for name in ("records", "masks", *_RUN_FILES) if (out / name).exists()]
+    if not made:
+        return set()  # nothing a run makes is there: nothing to discard
+    old = _read_run(out / "run.json")
+    if old is None:
+        raise ValueError(f"--restart: {out} holds {', '.join(made)} but no iseg-eval run.json, so they are not "
+                         "known to be a run's files; nothing was deleted. Choose another --out, or remove them yourself")
+    old_ids = set(load_records(out))
+    if all(old.get(k) == manifest[k] for k in ("dataset", "split", "root")):
+        old_ids |= set(ids)  # a mask written just before a kill has no record yet
+    return old_ids
+
+
+def _discard_run(out: Path, ids: set[str]) -> None:
+    """Delete what an iseg-eval run wrote in ``out``: its record parts, the masks of its images, and
+    run.json, metrics.json and results.md. Anything else there stays."""
+    records = out / "records"
+    for path in records.glob("part-*.jsonl") if records.is_dir() else []:
+        path.unlink()
+    masks = out / "masks"
+    for i in ids if masks.is_dir() else []:
+        (masks / f"{i}.png").unlink(missing_ok=True)
+    for folder in (records, masks):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _barrier(state) -> None:
@@ -381,11 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "its weights are here, else attention); gt is an oracle")
     p.add_argument("--clip-model", default=None, help="CLIP hub id or folder for --label-method clip "
                    "(default openai/clip-vit-base-patch16)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (N >= 1)")
     p.add_argument("--out", type=Path, required=True, help="run folder: metrics.json, results.md, masks/, records/")
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="write the predicted masks as palette PNGs (default: on for wsss)")
-    p.add_argument("--restart", action="store_true", help="discard the records of an earlier run in --out")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the earlier run in --out (only the files it made; needs its run.json) and start over")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--compile", choices=["cuda-graph", "torch"], default=None,
                    help="faster forward passes (ISeg.compile): cuda-graph on a GPU, torch anywhere")
@@ -399,44 +532,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``iseg-eval`` command. Every mistake is one ``iseg-eval: error: ...`` line naming the
+    option, exit status 2; nothing in ``--out`` changes before all options are checked."""
     args = build_parser().parse_args(argv)
-    import shutil
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("iseg-eval: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RunMismatchError, DatasetError) as err:
+        print(f"iseg-eval: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - torch, CUDA and PIL failures: one line, named by type
+        print(f"iseg-eval: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
+
+def _overrides(args) -> dict:
+    """Setting overrides from ``--set`` and the per-setting options, each error naming its option."""
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        raise ValueError(f"--set: {err}") from None
+    for f in fields(Settings):
+        value = getattr(args, "knob_" + f.name)
+        if value is not None:
+            try:
+                overrides.update(parse_overrides([f"{f.name}={value}"]))
+            except ValueError as err:
+                raise ValueError(f"--{f.name.replace('_', '-')}: {err}") from None
+    return overrides
+
+
+def _run(args) -> int:
     import torch
     from accelerate import PartialState
 
     from . import ISeg, load_pipeline
+    from .loading import resolve_device
 
-    state = PartialState(cpu=(args.device == "cpu") or not torch.cuda.is_available())
-    overrides = parse_overrides(args.set)
-    overrides.update(parse_overrides([f"{f.name}={getattr(args, 'knob_' + f.name)}" for f in fields(Settings)
-                                      if getattr(args, "knob_" + f.name) is not None]))
+    # every option is checked before anything is loaded or anything in --out is touched
+    overrides = _overrides(args)
     split = args.split or default_split(args.dataset, args.task)
     preset = args.preset or default_preset(args.dataset, args.task)
     model = args.model or default_model(args.dataset)
     try:
-        dataset = open_dataset(args.dataset, args.root, split)
-    except DatasetError as err:
-        raise SystemExit(f"iseg-eval: {err}") from None
-    if args.restart and state.is_main_process and args.out.exists():
-        for name in ("records", "masks", "run.json", "metrics.json", "results.md"):
-            target = args.out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    _barrier(state)
-    device = args.device or (state.device if state.distributed_type.name != "NO" else None)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    from .loading import ModelNotAvailableError
-
+        make_settings(preset, **overrides)
+    except ValueError as err:
+        raise ValueError(f"--preset: {err}") from None
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (the number of images to evaluate), got {args.limit}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder; give a folder name")
+    if args.labels is not None and not args.labels.is_file():
+        raise ValueError(f"--labels {args.labels} does not exist or is not a file")
     try:
-        pipe = load_pipeline(model, device=device, dtype=dtype, verbose=state.is_main_process)
-    except ModelNotAvailableError as err:
-        raise SystemExit(f"iseg-eval: {err}") from None
+        device = resolve_device(args.device) if args.device is not None else None
+    except ValueError as err:
+        raise ValueError(f"--device: {err}") from None
+    state = PartialState(cpu=(device is not None and device.type == "cpu") or not torch.cuda.is_available())
+    dataset = open_dataset(args.dataset, args.root, split)
+    if state.distributed_type.name != "NO" and args.device is None:
+        device = state.device
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(model, device=device, dtype=dtype, verbose=state.is_main_process)
     seg = ISeg(pipe, preset=preset, **overrides)
     if args.compile or args.compile_vae:
         try:
             seg.compile(args.compile, vae=args.compile_vae)
         except RuntimeError as err:  # CUDA graphs asked for on a CPU
-            raise SystemExit(f"iseg-eval: {err}") from None
+            raise ValueError(f"--compile: {err}") from None
     if state.is_main_process:
         print(f"iseg-eval: {args.task} on {dataset} with {seg}", file=sys.stderr)
     label_method = args.label_method
@@ -446,12 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         label_method = "clip" if clip_available(args.clip_model or DEFAULT_CLIP) else "attention"
         if state.is_main_process:
             print(f"iseg-eval: image labels from --label-method {label_method}", file=sys.stderr)
-    try:
-        metrics = evaluate_dataset(seg, dataset, args.task, args.out, labels=args.labels, label_method=label_method,
-                                   limit=args.limit, save_masks=args.save_masks, progress=not args.no_progress,
-                                   state=state, model_name=model, clip=args.clip_model)
-    except (RunMismatchError, DatasetError, ValueError, FileNotFoundError, ModelNotAvailableError) as err:
-        raise SystemExit(f"iseg-eval: {err}") from None
+    metrics = evaluate_dataset(seg, dataset, args.task, args.out, labels=args.labels, label_method=label_method,
+                               limit=args.limit, save_masks=args.save_masks, progress=not args.no_progress,
+                               state=state, model_name=model, clip=args.clip_model, restart=args.restart)
     if state.is_main_process:
         print(format_results(metrics))
     return 0

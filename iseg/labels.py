@@ -394,10 +394,24 @@ def read_labels_file(path, vocabulary: Sequence[str] | None = None) -> dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels file {path} does not exist")
-    text = path.read_text()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # Excel and Notepad start UTF-8 files with a byte-order mark
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"labels file {path} is not UTF-8 text (byte {data[err.start]:#04x} on line {line}); "
+                         "save it as UTF-8 (in Excel: CSV UTF-8)") from None
     if path.suffix.lower() == ".json":
+        def no_repeats(pairs):
+            seen = set()
+            for k, _ in pairs:
+                if k in seen:
+                    raise ValueError(f"labels file {path} lists image {k!r} twice; give each image once")
+                seen.add(k)
+            return dict(pairs)
+
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=no_repeats)
         except json.JSONDecodeError as err:
             raise ValueError(f"labels file {path} is not valid JSON: {err}") from None
         if not isinstance(raw, Mapping):
@@ -405,10 +419,16 @@ def read_labels_file(path, vocabulary: Sequence[str] | None = None) -> dict[str,
         table = {str(k): v for k, v in raw.items()}
     else:
         table = {}
-        for row in csv.reader(text.splitlines()):
+        first_line = {}
+        for line, row in enumerate(csv.reader(text.splitlines()), start=1):
             if not row or row[0].startswith("#") or row[0].strip() in ("id", "image"):
                 continue
-            table[row[0].strip()] = [n.strip() for cell in row[1:] for n in cell.split(";") if n.strip()]
+            key = row[0].strip()
+            if key in table:  # two rows for one image are more likely a mistake than meant to be merged
+                raise ValueError(f"labels file {path} lists image {key!r} twice (lines {first_line[key]} and {line}); "
+                                 "give each image one row, its classes separated by ';'")
+            first_line[key] = line
+            table[key] = [n.strip() for cell in row[1:] for n in cell.split(";") if n.strip()]
     out = {}
     for key, names in table.items():
         if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):

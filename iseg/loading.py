@@ -51,9 +51,32 @@ def shipped_models() -> dict[str, Path]:
 
 
 def resolve_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device`` (None: CUDA when present, else the CPU), checked to exist
+    here: a ValueError names the device and the ones that can be used, instead of failing later
+    inside torch."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    usable = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if _mps_available() else [])
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name; use one of {', '.join(usable)}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: CUDA is not available here (no GPU that torch can use); use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not _mps_available():
+        raise ValueError(f"device {device!r}: Apple's MPS is not available here; use {' or '.join(usable)}")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported by iseg; use one of {', '.join(usable)}")
+    return dev
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

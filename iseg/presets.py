@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from .prompts import COCO_BACKGROUND, VOC_BACKGROUND
 
-__all__ = ["Settings", "PRESETS", "register_preset", "make_settings", "parse_overrides"]
+__all__ = ["Settings", "SettingsError", "PRESETS", "register_preset", "make_settings", "parse_overrides"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,14 @@ PRESETS: dict[str, dict] = {
 }
 
 _FIELDS = {f.name for f in fields(Settings)}
-_TUPLE_FIELDS = ("extra_words", "background_words")
+# text settings: a command-line value is taken as typed (``--set prompt_prefix=1`` is the text "1")
+_TEXT_FIELDS = ("aspect", "prompt_prefix", "prompt_joiner", "background")
 
 
 def register_preset(name: str, **settings) -> None:
     """Add (or replace) a named preset; used by models that ship their own defaults."""
     _check_names(settings)
+    _validate(replace(Settings(), **settings))  # a bad preset fails here, not when first used
     PRESETS[name] = dict(settings)
 
 
@@ -95,76 +99,224 @@ def _check_names(options: Mapping) -> None:
         raise ValueError(f"unknown option(s) {', '.join(hints)}; valid options: {sorted(_FIELDS)}")
 
 
+class SettingsError(ValueError, TypeError):
+    """A setting of the wrong type or out of range. It is both a ValueError and a TypeError, so
+    that code written against either (the command lines, older callers) catches it."""
+
+
 def make_settings(preset: str | None = None, base: Settings | None = None, **overrides) -> Settings:
-    """Settings from a preset name plus overrides, with every value checked."""
+    """Settings from a preset name plus overrides, with every value checked.
+
+    Every field is checked for type and range (``SettingsError`` names the setting and what is
+    allowed). Booleans given as text (``"false"``, ``"no"``, ``"0"``, any case) become booleans,
+    string keys of ``cross_weights``/``cross_heads`` (as JSON writes them) become integers, and
+    lists become tuples; nothing else is converted.
+    """
     settings = base or Settings()
     if preset is not None:
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), sorted(PRESETS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown preset {preset!r}{hint}; presets: {sorted(PRESETS)}")
         settings = replace(settings, **PRESETS[preset])
     _check_names(overrides)
-    for key in _TUPLE_FIELDS:
-        if key in overrides and overrides[key] is not None:
-            if isinstance(overrides[key], str):
-                raise TypeError(f"{key} must be a list of words, not one string {overrides[key]!r}")
-            overrides[key] = tuple(overrides[key])
     settings = replace(settings, **overrides)
-    _validate(settings)
-    return settings
+    return _validate(settings)
 
 
-def _validate(s: Settings) -> None:
-    def need(ok: bool, message: str):
-        if not ok:
-            raise ValueError(message)
+# Upper bounds for values nobody can mean. The reference runs 5-10 refinement iterations (50 in the
+# interactive demo) and K-means converges in a few rounds; 1000 of either is 20x anything measured
+# and already minutes per image with SD, while 10**6 ran for hours before. batch_size has no upper
+# bound: the segmenter runs a large batch in chunks that fit its memory budget.
+MAX_ITERATIONS = 1000
+MAX_CLUSTER_ROUNDS = 1000
+MAX_IMAGE_SIZE = 4096  # a 512x512 latent; its self-attention alone would be 2**36 entries
+_TRUE_WORDS = ("true", "yes", "1")
+_FALSE_WORDS = ("false", "no", "0")
 
-    need(s.aspect in ("stretch", "pad"), f"aspect must be 'stretch' or 'pad', got {s.aspect!r}")
-    need(s.background in ("power", "threshold"), f"background must be 'power' or 'threshold', got {s.background!r}")
-    need(isinstance(s.iterations, int) and s.iterations >= 0, f"iterations must be an integer >= 0, got {s.iterations!r}")
-    need(s.lam >= 0, f"lam must be >= 0, got {s.lam}")
-    need(s.gamma > 0, f"gamma must be > 0, got {s.gamma}")
-    need(0 <= s.timestep < 1000, f"timestep must be in [0, 1000), got {s.timestep}")
-    need(isinstance(s.batch_size, int) and s.batch_size >= 1, f"batch_size must be an integer >= 1, got {s.batch_size!r}")
-    need(0 < s.threshold < 1, f"threshold must be in (0, 1), got {s.threshold}")
-    need(s.bg_power > 0, f"bg_power must be > 0, got {s.bg_power}")
-    need(s.cluster_rounds >= 1, f"cluster_rounds must be >= 1, got {s.cluster_rounds}")
-    if s.image_size is not None:
-        need(isinstance(s.image_size, int) and s.image_size >= 8, f"image_size must be an integer >= 8, got {s.image_size!r}")
-    if s.cross_weights is not None:
-        need(len(s.cross_weights) > 0 and all(w >= 0 for w in s.cross_weights.values()),
-             f"cross_weights must map resolutions to non-negative weights, got {s.cross_weights!r}")
-    if isinstance(s.cross_layers, str):
-        need(s.cross_layers in ("auto", "all"), f"cross_layers must be 'auto', 'all' or a list of names, got {s.cross_layers!r}")
-    if isinstance(s.self_layers, str):
-        need(s.self_layers in ("auto", "all"), f"self_layers must be 'auto', 'all' or a list of names, got {s.self_layers!r}")
-    if isinstance(s.cross_heads, str):
-        need(s.cross_heads == "reference-voc", f"cross_heads must be None, 'reference-voc' or {{r: positions}}, got {s.cross_heads!r}")
-    if isinstance(s.self_heads, str):
-        need(s.self_heads == "reference", f"self_heads must be None, 'reference' or a list of heads, got {s.self_heads!r}")
+
+def _fail(name: str, allowed: str, value) -> SettingsError:
+    return SettingsError(f"setting {name} must be {allowed}, got {value!r}")
+
+
+def _bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE_WORDS:
+            return True
+        if word in _FALSE_WORDS:
+            return False
+    raise _fail(name, "true or false (also yes/no, 1/0)", value)
+
+
+def _int(name: str, value, low: int, high: int | None = None, allowed: str | None = None) -> int:
+    allowed = allowed or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+    # bool is an int subclass, but iterations=True is a mistake, not 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(name, allowed, value)
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        raise _fail(name, allowed, value)
+    return value
+
+
+def _real(name: str, value, allowed: str, ok) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise _fail(name, allowed, value)
+    return float(value)
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(name, " or ".join(repr(c) for c in choices), value)
+    return value
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise _fail(name, "text", value)
+    return value
+
+
+def _words(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise SettingsError(f"setting {name} must be a list of words, not one string {value!r}")
+    if not isinstance(value, Iterable) or isinstance(value, Mapping) or not all(isinstance(w, str) for w in value):
+        raise _fail(name, "a list of words", value)
+    return tuple(value)
+
+
+def _resolution(name: str, key) -> int:
+    # JSON (run.json, --set) writes mapping keys as text: "16" means resolution 16
+    if isinstance(key, str) and key.strip().isdigit():
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 1:
+        raise SettingsError(f"setting {name}: resolutions must be positive integers such as 16, got {key!r}")
+    return int(key)
+
+
+def _heads(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, Mapping)) or not isinstance(value, Iterable):
+        raise _fail(name, "a list of head positions (integers >= 0)", value)
+    value = tuple(value)
+    if not value or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 0 for h in value):
+        raise _fail(name, "a non-empty list of head positions (integers >= 0)", value)
+    return tuple(int(h) for h in value)
+
+
+def _cross_weights(value):
+    name = "cross_weights"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not value:
+        raise _fail(name, 'null or a map {resolution: weight}, e.g. {"16": 0.3, "8": 0.7}', value)
+    out = {_resolution(name, r): _real(name, w, "non-negative numbers as weights", lambda x: x >= 0)
+           for r, w in value.items()}
+    if len(out) != len(value):
+        raise SettingsError(f"setting {name} names a resolution twice: {value!r}")
+    if sum(out.values()) <= 0:
+        raise SettingsError(f"setting {name}: the weights must not all be 0 (nothing would be read), got {value!r}")
+    return out
+
+
+def _layers(name: str, value):
+    if isinstance(value, str):
+        return _choice(name, value, ("auto", "all"))
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        value = tuple(value)
+        if value and all(isinstance(v, str) and v for v in value):
+            return value
+    raise _fail(name, "'auto', 'all' or a non-empty list of layer names", value)
+
+
+def _cross_heads(value):
+    name = "cross_heads"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _choice(name, value, ("reference-voc",))
+    if isinstance(value, Mapping) and value:
+        return {_resolution(name, r): _heads(name, h) for r, h in value.items()}
+    raise _fail(name, "null, 'reference-voc' or a map {resolution: [head positions]}", value)
+
+
+def _self_heads(value):
+    name = "self_heads"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _choice(name, value, ("reference",))
+    return _heads(name, value)
+
+
+# One rule per field: value -> the checked value. test_hostile_cli checks that every field has one.
+_RULES = {
+    "image_size": lambda v: None if v is None else _int("image_size", v, 8, MAX_IMAGE_SIZE),
+    "aspect": lambda v: _choice("aspect", v, ("stretch", "pad")),
+    "timestep": lambda v: _int("timestep", v, 0, 999),
+    "seed": lambda v: _int("seed", v, 0, 2**64 - 1, "an integer in [0, 2**64)"),  # torch.Generator's range
+    "gamma": lambda v: _real("gamma", v, "a finite number > 0", lambda x: x > 0),
+    "prompt_prefix": lambda v: _text("prompt_prefix", v),
+    "prompt_joiner": lambda v: _text("prompt_joiner", v),
+    "extra_words": lambda v: _words("extra_words", v),
+    "background_words": lambda v: _words("background_words", v),
+    "cross_weights": _cross_weights,
+    "cross_layers": lambda v: _layers("cross_layers", v),
+    "cross_heads": _cross_heads,
+    "self_resolution": lambda v: None if v is None else _int("self_resolution", v, 1),
+    "self_layers": lambda v: _layers("self_layers", v),
+    "self_heads": _self_heads,
+    "clustering": lambda v: _bool("clustering", v),
+    "cluster_rounds": lambda v: _int("cluster_rounds", v, 1, MAX_CLUSTER_ROUNDS),
+    "lam": lambda v: _real("lam", v, "a finite number >= 0", lambda x: x >= 0),
+    "iterations": lambda v: _int("iterations", v, 0, MAX_ITERATIONS),
+    # clamp_max <= 0 would clamp every Ent-Self entry to it and silently switch the step off
+    "clamp_max": lambda v: None if v is None else _real("clamp_max", v, "null or a finite number > 0", lambda x: x > 0),
+    "background": lambda v: _choice("background", v, ("power", "threshold")),
+    "bg_power": lambda v: _real("bg_power", v, "a finite number > 0", lambda x: x > 0),
+    "threshold": lambda v: _real("threshold", v, "a number in (0, 1)", lambda x: 0 < x < 1),
+    "batch_size": lambda v: _int("batch_size", v, 1),
+    "return_self_attention": lambda v: _bool("return_self_attention", v),
+}
+
+
+def _validate(s: Settings) -> Settings:
+    """``s`` with every field checked and normalised (see ``make_settings``); raises ``SettingsError``."""
+    checked = {}
+    for f in fields(Settings):
+        value = getattr(s, f.name)
+        rule = _RULES.get(f.name)
+        checked[f.name] = rule(value) if rule is not None else value
+    return Settings(**checked)
 
 
 def parse_overrides(items) -> dict:
     """``["lam=0.1", "cross_weights={\"16\": 1}"]`` (command-line ``--set``) -> setting overrides.
 
-    Values are read as JSON where they parse, else kept as strings; lists become tuples and the
-    keys of ``cross_weights`` become integer resolutions.
+    Text settings (``aspect``, ``prompt_prefix``, ``prompt_joiner``, ``background``) take the value
+    as typed; every other value is read as JSON where it parses, else kept as text. Each value is
+    then checked and converted for its setting as ``make_settings`` does (``clustering=False`` and
+    ``clustering=no`` become ``False``; ``seed=1.5`` is refused), so errors name the setting here.
     """
     import json
 
     out = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(f"--set expects KEY=VALUE, got {item!r}")
+        _check_names({key: None})
+        if key in _TEXT_FIELDS:
+            out[key] = value
+            continue
         try:
-            out[key.strip()] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value
-    if isinstance(out.get("cross_weights"), dict):
-        out["cross_weights"] = {int(k): float(v) for k, v in out["cross_weights"].items()}
-    for key, value in out.items():
-        if isinstance(value, list):
-            out[key] = tuple(value)
+            out[key] = value
+        out[key] = _RULES[key](out[key])
     return out

@@ -68,12 +68,13 @@ def test_command_end_to_end_on_a_fake_voc_folder(tmp_path, tiny_folder):
     assert "| mIoU (classes present in the ground truth) |" in (out / "results.md").read_text()
 
 
-def test_compile_options_reach_the_segmenter_and_cuda_graphs_on_a_cpu_are_refused(tmp_path, tiny_folder, monkeypatch):
+def test_compile_options_reach_the_segmenter_and_cuda_graphs_on_a_cpu_are_refused(tmp_path, tiny_folder, monkeypatch,
+                                                                                  capsys):
     make_voc(tmp_path / "data", SEEDS[:2])
     base = ["--dataset", "voc", "--root", str(tmp_path / "data"), "--split", "val", "--model", str(tiny_folder),
             "--device", "cpu", "--no-progress", "--iterations", "1"]
-    with pytest.raises(SystemExit, match="CUDA graphs need the pipeline on a CUDA device"):
-        ev.main([*base, "--out", str(tmp_path / "a"), "--compile", "cuda-graph"])
+    assert ev.main([*base, "--out", str(tmp_path / "a"), "--compile", "cuda-graph"]) == 2
+    assert "--compile: CUDA graphs need the pipeline on a CUDA device" in capsys.readouterr().err
     calls = []
     monkeypatch.setattr(iseg.ISeg, "compile", lambda self, method, vae=False: calls.append((method, vae)) or self)
     assert ev.main([*base, "--out", str(tmp_path / "b"), "--compile", "torch", "--compile-vae"]) == 0
@@ -217,14 +218,15 @@ def test_resume_after_a_kill_gives_the_same_result_without_recomputing(tmp_path,
     assert computed == []
 
 
-def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg):
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg, capsys):
     ds = ShapesDataset(split="test", count=4)
     ev.evaluate_dataset(shapes_seg, ds, "wsss", out=tmp_path, progress=False)
     other = iseg.ISeg(shapes_seg.pipe, preset="shapes", batch_size=4, iterations=3)
-    with pytest.raises(ev.RunMismatchError, match="settings.*--restart"):
+    with pytest.raises(ev.RunMismatchError, match=r"settings.iterations \(5 there, 3 now\).*--restart"):
         ev.evaluate_dataset(other, ds, "wsss", out=tmp_path, progress=False)
-    with pytest.raises(SystemExit, match="images"):
-        ev.main(["--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4", "--no-progress"])
+    assert ev.main(["--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",
+                    "--no-progress", "--device", "cpu"]) == 2
+    assert "images (4 there, 5 now)" in capsys.readouterr().err
 
 
 def test_empty_image_lists_are_refused():

@@ -1,0 +1,486 @@
+"""Hostile and careless input to the settings, ``iseg segment`` and ``iseg-eval`` (issue 15 §3).
+
+Every refusal must be one ``iseg: error: ...`` / ``iseg-eval: error: ...`` line that names the
+option, with exit status 2 and no traceback; nothing a user made is replaced or deleted unasked.
+To keep a case from coming back, add a row to a table below.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iseg import cli
+from iseg import eval as ev
+from iseg.labels import read_labels_file
+from iseg.presets import _RULES, Settings, SettingsError, make_settings, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+CUDA = pytest.importorskip("torch").cuda.is_available()
+
+
+def _one_error_line(err: str, prog: str) -> str:
+    """The single error line of a refused command; fails on a traceback or on several error lines."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# -- settings ----------------------------------------------------------------------------------------
+def test_every_setting_has_a_rule():
+    # a new Settings field must get a type and range rule in iseg.presets._RULES
+    assert set(_RULES) == {f.name for f in fields(Settings)}
+
+
+REFUSED_SETTINGS = [
+    (dict(lam="a"), r"setting lam must be a finite number >= 0, got 'a'"),
+    (dict(lam=math.inf), r"setting lam must be a finite number >= 0, got inf"),
+    (dict(lam=math.nan), r"setting lam .* got nan"),
+    (dict(lam=-1), r"setting lam must be a finite number >= 0, got -1"),
+    (dict(gamma=math.inf), r"setting gamma must be a finite number > 0"),
+    (dict(gamma=0), r"setting gamma must be a finite number > 0"),
+    (dict(clamp_max=0), r"setting clamp_max must be null or a finite number > 0, got 0"),
+    (dict(clamp_max=-1.0), r"setting clamp_max"),
+    (dict(timestep=999.7), r"setting timestep must be an integer in \[0, 999\], got 999.7"),
+    (dict(timestep=1000), r"setting timestep must be an integer in \[0, 999\], got 1000"),
+    (dict(timestep="100"), r"setting timestep must be an integer"),
+    (dict(iterations=True), r"setting iterations must be an integer in \[0, 1000\], got True"),
+    (dict(iterations=10**6), r"setting iterations must be an integer in \[0, 1000\], got 1000000"),
+    (dict(iterations=-1), r"setting iterations"),
+    (dict(cluster_rounds=10**7), r"setting cluster_rounds must be an integer in \[1, 1000\]"),
+    (dict(cluster_rounds=0), r"setting cluster_rounds"),
+    (dict(seed=1.5), r"setting seed must be an integer in \[0, 2\*\*64\), got 1.5"),
+    (dict(seed=-1), r"setting seed"),
+    (dict(seed=2**64), r"setting seed"),
+    (dict(batch_size=0), r"setting batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.0), r"setting batch_size must be an integer >= 1, got 2.0"),
+    (dict(image_size=4), r"setting image_size must be an integer in \[8, 4096\]"),
+    (dict(image_size=512.0), r"setting image_size"),
+    (dict(self_resolution=0), r"setting self_resolution must be an integer >= 1"),
+    (dict(threshold=1.0), r"setting threshold must be a number in \(0, 1\)"),
+    (dict(threshold=True), r"setting threshold"),
+    (dict(bg_power=0), r"setting bg_power"),
+    (dict(clustering="maybe"), r"setting clustering must be true or false \(also yes/no, 1/0\), got 'maybe'"),
+    (dict(clustering=2), r"setting clustering"),
+    (dict(clustering=None), r"setting clustering"),
+    (dict(return_self_attention="on please"), r"setting return_self_attention"),
+    (dict(aspect="crop"), r"setting aspect must be 'stretch' or 'pad', got 'crop'"),
+    (dict(background=1), r"setting background must be 'power' or 'threshold'"),
+    (dict(prompt_prefix=3), r"setting prompt_prefix must be text, got 3"),
+    (dict(background_words="sky"), r"setting background_words must be a list of words, not one string 'sky'"),
+    (dict(extra_words=["ok", 3]), r"setting extra_words must be a list of words"),
+    (dict(cross_weights={16: 0, 8: 0}), r"setting cross_weights: the weights must not all be 0"),
+    (dict(cross_weights={}), r"setting cross_weights must be null or a map"),
+    (dict(cross_weights="16:1"), r"setting cross_weights must be null or a map .* got '16:1'"),
+    (dict(cross_weights={16: -1}), r"setting cross_weights must be non-negative numbers as weights, got -1"),
+    (dict(cross_weights={16: math.inf}), r"setting cross_weights must be non-negative numbers"),
+    (dict(cross_weights={0: 1}), r"setting cross_weights: resolutions must be positive integers such as 16, got 0"),
+    (dict(cross_weights={"x": 1}), r"resolutions must be positive integers such as 16, got 'x'"),
+    (dict(cross_weights={1.5: 1}), r"resolutions must be positive integers"),
+    (dict(cross_weights={16: 1, "16": 1}), r"setting cross_weights names a resolution twice"),
+    (dict(cross_layers="some"), r"setting cross_layers must be 'auto' or 'all'"),
+    (dict(cross_layers=[]), r"setting cross_layers must be 'auto', 'all' or a non-empty list of layer names"),
+    (dict(self_layers=[1, 2]), r"setting self_layers must be 'auto', 'all' or a non-empty list"),
+    (dict(cross_heads="reference"), r"setting cross_heads must be 'reference-voc'"),
+    (dict(cross_heads={16: [-1]}), r"setting cross_heads must be a non-empty list of head positions"),
+    (dict(cross_heads=[1, 2]), r"setting cross_heads must be null, 'reference-voc' or a map"),
+    (dict(self_heads="reference-voc"), r"setting self_heads must be 'reference'"),
+    (dict(self_heads=[]), r"setting self_heads must be a non-empty list of head positions"),
+    (dict(self_heads=[True]), r"setting self_heads"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", REFUSED_SETTINGS, ids=[str(k) for k, _ in REFUSED_SETTINGS])
+def test_bad_settings_are_refused_naming_the_setting(kwargs, message):
+    with pytest.raises(SettingsError, match=message):
+        make_settings(**kwargs)
+    # both old ways of catching a bad setting still work
+    assert issubclass(SettingsError, ValueError) and issubclass(SettingsError, TypeError)
+
+
+ACCEPTED_SETTINGS = [
+    (dict(clustering="no"), "clustering", False),
+    (dict(clustering="False"), "clustering", False),
+    (dict(clustering=" YES "), "clustering", True),
+    (dict(clustering="0"), "clustering", False),
+    (dict(clustering=1), "clustering", True),
+    (dict(return_self_attention="true"), "return_self_attention", True),
+    (dict(iterations=np.int64(3)), "iterations", 3),
+    (dict(iterations=1000), "iterations", 1000),
+    (dict(lam=1), "lam", 1.0),
+    (dict(lam=np.float32(0.5)), "lam", 0.5),
+    (dict(cross_weights={"16": 1, "8": 0}), "cross_weights", {16: 1.0, 8: 0.0}),
+    (dict(cross_heads={"16": [0, 2]}), "cross_heads", {16: (0, 2)}),
+    (dict(self_heads=[1, 2]), "self_heads", (1, 2)),
+    (dict(background_words=["sky"]), "background_words", ("sky",)),
+    (dict(cross_layers=["a.b"]), "cross_layers", ("a.b",)),
+    (dict(clamp_max=None), "clamp_max", None),
+]
+
+
+@pytest.mark.parametrize("kwargs, name, value", ACCEPTED_SETTINGS, ids=[str(k) for k, _, _ in ACCEPTED_SETTINGS])
+def test_unambiguous_values_are_converted(kwargs, name, value):
+    got = getattr(make_settings(**kwargs), name)
+    assert got == value and type(got) is type(value)
+
+
+def test_settings_as_recorded_are_json_booleans():
+    s = make_settings("shapes", clustering="False")
+    assert json.loads(json.dumps(s.as_dict()))["clustering"] is False
+
+
+PARSED = [
+    (["clustering=False"], {"clustering": False}),
+    (["clustering=no"], {"clustering": False}),
+    (["clustering=true"], {"clustering": True}),
+    (["lam=0.5", "iterations=3"], {"lam": 0.5, "iterations": 3}),
+    (['cross_weights={"16": 1}'], {"cross_weights": {16: 1.0}}),
+    (["prompt_prefix=1"], {"prompt_prefix": "1"}),  # text settings take the text as typed
+    (["prompt_joiner= and a "], {"prompt_joiner": " and a "}),
+    (["image_size=null"], {"image_size": None}),
+    (['background_words=["sky", "sea"]'], {"background_words": ("sky", "sea")}),
+]
+
+
+@pytest.mark.parametrize("items, expected", PARSED, ids=[" ".join(i) for i, _ in PARSED])
+def test_set_values_are_read_per_setting(items, expected):
+    assert parse_overrides(items) == expected
+
+
+@pytest.mark.parametrize("items, message", [
+    (["seed=1.5"], r"setting seed must be an integer"),
+    (["clustering=maybe"], r"setting clustering must be true or false"),
+    (["cross_weights=16:1"], r"setting cross_weights must be null or a map"),
+    (["lam=NaN"], r"setting lam .* got nan"),
+    (["lam=Infinity"], r"setting lam .* got inf"),
+    (["lamda=0.1"], r"did you mean 'lam'"),
+    (["lam"], r"--set expects KEY=VALUE"),
+    (["=3"], r"--set expects KEY=VALUE"),
+])
+def test_set_values_that_cannot_be_meant_are_refused(items, message):
+    with pytest.raises(ValueError, match=message):
+        parse_overrides(items)
+
+
+# -- iseg segment ------------------------------------------------------------------------------------
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "x.png"
+    Image.open(SAMPLES / "shapes_2009001.png").save(path)
+    return path
+
+
+def _classes_file(tmp_path, content: bytes) -> str:
+    path = tmp_path / "classes.json"
+    path.write_bytes(content)
+    return str(path)
+
+
+SEGMENT_REFUSALS = [
+    (["--device", "gpu"], r"--device: device 'gpu' is not a device name; use one of cpu"),
+    pytest.param(["--device", "cuda"], r"--device: device 'cuda': CUDA is not available here",
+                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+    (["--device", "cuda:99"], r"--device: device 'cuda:99': (CUDA is not available|this machine has \d+ CUDA)"),
+    (["--device", "meta"], r"--device: device 'meta' is not supported by iseg"),
+    (["--set", "seed=1.5"], r"--set: setting seed must be an integer"),
+    (["--set", "cross_weights=16:1"], r"--set: setting cross_weights must be null or a map"),
+    (["--set", 'cross_weights={"16": 0, "8": 0}'], r"--set: setting cross_weights: the weights must not all be 0"),
+    (["--set", "clustering=perhaps"], r"--set: setting clustering must be true or false"),
+    (["--set", "iterations=1000000"], r"--set: setting iterations must be an integer in \[0, 1000\]"),
+    (["--set", "batch_size=0"], r"--set: setting batch_size"),
+    (["--preset", "wsss-vocc"], r"--preset: unknown preset 'wsss-vocc' \(did you mean 'wsss-voc'\?\)"),
+    (["--out", "{image}"], r"--out .*x.png is a file, not a folder"),
+    (["--out", "{image}/sub"], r"--out .*x.png is a file, not a folder"),
+    (["--classes-file", "{classes:not json}"], r"--classes-file .*classes.json is not valid JSON: .* line 1 column 1"),
+    (["--classes-file", "{classes:\xff\xfe[]}"], r"--classes-file .*classes.json is not UTF-8 text \(bad byte at line 1\)"),
+    (["--classes-file", "{classes:[\"x.png\"]}"], r"--classes-file .*classes.json must hold a JSON object"),
+    (["--classes-file", "{classes:{\"x.png\": \"cat,dog\"}}"], r"'x.png' has the text 'cat,dog'; give a list such as \[\"cat\", \"dog\"\]"),
+    (["--classes-file", "{classes:{\"x.png\": 3}}"], r"the classes of 'x.png' must be a list of names \(or one name\), got 3"),
+    (["--classes-file", "{classes:{\"y.png\": [\"cat\"]}}"], r"--classes-file .* has no classes for x.png"),
+    (["--classes-file", "{tmp}/none.json"], r"--classes-file .*none.json does not exist"),
+    (["--classes", "cat", "--classes-file", "{tmp}/none.json"], r"one of the two"),
+    (["--classes-file", "{classes:{\"x.png\": [\"a\"], \"x.png\": [\"b\"]}}"], r"lists 'x.png' twice"),
+    (["--classes-file", "{classes:{\"x.png\": []}}"], r"'x.png': the class list is empty"),
+    (["--classes", "square,,circle"], r"--classes 'square,,circle': empty class name"),
+    (["--classes", "square,Square"], r"--classes 'square,Square': duplicate class name"),
+    (["{image}"], r"image .*x.png is given twice"),
+    (["{tmp}/missing.png"], r"image not found: .*missing.png"),
+]
+
+
+def _fill(argv, tmp_path, image):
+    out = []
+    for a in argv:
+        if a.startswith("{classes:"):
+            out.append(_classes_file(tmp_path, a[len("{classes:"):-1].encode("latin-1")))
+        else:
+            out.append(a.replace("{image}", str(image)).replace("{tmp}", str(tmp_path)))
+    return out
+
+
+@pytest.mark.parametrize("argv, message", SEGMENT_REFUSALS, ids=[" ".join(p.values[0]) if hasattr(p, "values") else
+                                                                 " ".join(p[0]) for p in SEGMENT_REFUSALS])
+def test_segment_refusals_are_one_line_naming_the_option(tmp_path, image, capsys, argv, message):
+    argv = _fill(argv, tmp_path, image)
+    more_images = [a for a in argv if not a.startswith("-")] if not argv[0].startswith("-") else []
+    options = argv[len(more_images):]
+    has_classes = any(a.startswith("--classes") for a in options)
+    rc = cli.main(["segment", str(image), *more_images, *([] if has_classes else ["--classes", "square"]),
+                   "--model", "shapes", "--out", str(tmp_path / "out"), *options])
+    assert rc == 2
+    import re
+
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg")), message
+    if "--out" not in argv:
+        assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("given, names", [
+    (["a.png", "b.png"], ["a", "b"]),
+    (["x.png", "x.jpg"], ["x.png", "x.jpg"]),
+    (["a/x.png", "b/x.png"], ["a__x.png", "b__x.png"]),
+    (["a/x.png", "b/x.png", "x.jpg"], ["a__x.png", "b__x.png", "x.jpg"]),
+    (["X.png", "x.jpg"], ["X.png", "x.jpg"]),  # one file on case-insensitive file systems
+    (["p/a/x.png", "q/a/x.png"], ["p__a__x.png", "q__a__x.png"]),
+    (["x.png", "x.png.png"], ["x", "x.png"]),
+    # x.png's second name equals x.png.png's first: both move on
+    (["x.png", "x.jpg", "x.png.png"], ["{parent}__x.png", "x.jpg", "x.png.png"]),
+])
+def test_output_names_are_distinct_and_deterministic(tmp_path, given, names):
+    paths = [tmp_path / g for g in given]
+    names = [n.replace("{parent}", tmp_path.name) for n in names]
+    assert cli.output_names(paths) == names
+    assert cli.output_names(paths[::-1]) == names[::-1]  # the same names whatever the order
+
+
+def test_segment_keeps_every_result_and_replaces_only_when_asked(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    Image.open(SAMPLES / "shapes_2009001.png").save(a / "x.png")
+    Image.open(SAMPLES / "shapes_2009002.png").save(b / "x.png")
+    # a byte-order mark is accepted, and one string is one class (not the letters of "circle")
+    classes = tmp_path / "classes.json"
+    classes.write_bytes(b"\xef\xbb\xbf" + json.dumps({str(a / "x.png"): "circle", str(b / "x.png"): ["star"]}).encode())
+    out = tmp_path / "out"
+    common = ["--classes-file", str(classes), "--model", "shapes", "--out", str(out), "--set", "iterations=1"]
+    assert cli.main(["segment", str(a / "x.png"), str(b / "x.png"), *common]) == 0
+    for name, cls, source in (("a__x.png", ["circle"], a / "x.png"), ("b__x.png", ["star"], b / "x.png")):
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["image"] == str(source) and record["classes"] == cls
+        assert Image.open(out / f"{name}.iterations.gif").n_frames == 2
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(before) == 8
+
+    # a rerun into the same folder is refused, naming what it would replace; nothing changes
+    assert cli.main(["segment", str(a / "x.png"), str(b / "x.png"), *common]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "a__x.png.labels.png" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # with --overwrite: a link planted in the folder is replaced, not written through, and the old
+    # animations go with --no-gif
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "a__x.png.labels.png").unlink()
+    (out / "a__x.png.labels.png").symlink_to(victim)
+    assert cli.main(["segment", str(a / "x.png"), str(b / "x.png"), *common, "--overwrite", "--no-gif"]) == 0
+    err = capsys.readouterr().err
+    assert "replacing 8 earlier file(s)" in err and "a__x.png.iterations.gif" in err
+    assert victim.read_text() == "keep me"
+    labels = out / "a__x.png.labels.png"
+    assert not labels.is_symlink() and Image.open(labels).mode == "P"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")  # results get the permissions of any new file, not a temporary file's 0600
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {plain.stat().st_mode & 0o777}
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in before if not n.endswith(".gif"))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# -- iseg-eval ---------------------------------------------------------------------------------------
+EVAL = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
+
+EVAL_REFUSALS = [
+    (["--limit", "-5"], r"--limit must be at least 1 .* got -5"),
+    (["--limit", "0"], r"--limit must be at least 1"),
+    (["--batch-size", "0"], r"--batch-size: setting batch_size must be an integer >= 1, got 0"),
+    (["--batch-size", "-3"], r"--batch-size: setting batch_size must be an integer >= 1, got -3"),
+    (["--clustering", "maybe"], r"--clustering: setting clustering must be true or false"),
+    (["--cross-weights", "16:1"], r"--cross-weights: setting cross_weights must be null or a map"),
+    (["--cross-weights", '{"16": 0, "8": 0}'], r"--cross-weights: setting cross_weights: the weights must not all be 0"),
+    (["--set", "seed=1.5"], r"--set: setting seed must be an integer"),
+    (["--lam=-1"], r"--lam: setting lam must be a finite number >= 0, got -1"),
+    (["--timestep", "999.7"], r"--timestep: setting timestep must be an integer"),
+    (["--iterations", "true"], r"--iterations: setting iterations must be an integer"),
+    (["--device", "gpu"], r"--device: device 'gpu' is not a device name"),
+    pytest.param(["--device", "cuda"], r"--device: device 'cuda': CUDA is not available here",
+                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+    (["--preset", "shape"], r"--preset: unknown preset 'shape' \(did you mean 'shapes'\?\)"),
+    (["--out", "{file}"], r"--out .*notes.txt is a file, not a folder"),
+    (["--task", "ovs", "--labels", "{tmp}/none.json"], r"--labels .*none.json does not exist"),
+    (["--compile", "cuda-graph"], r"--compile: CUDA graphs need"),
+]
+
+
+@pytest.mark.parametrize("argv, message", EVAL_REFUSALS, ids=[" ".join(p.values[0]) if hasattr(p, "values") else
+                                                              " ".join(p[0]) for p in EVAL_REFUSALS])
+def test_eval_refusals_are_one_line_naming_the_option(tmp_path, capsys, argv, message):
+    import re
+
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = [a.replace("{file}", str(tmp_path / "notes.txt")).replace("{tmp}", str(tmp_path)) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+    if CUDA and "--compile" in argv:
+        pytest.skip("CUDA graphs work here")
+    assert ev.main([*EVAL, *out, *argv]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg-eval")), message
+    assert not (tmp_path / "run").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished shapes run (2 images, clustering given as the text False)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert ev.main([*EVAL, "--out", str(out), "--clustering", "False"]) == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_boolean_text_is_recorded_as_a_boolean(finished_run):
+    for name in ("metrics.json", "run.json"):
+        assert json.loads((finished_run / name).read_text())["settings"]["clustering"] is False
+
+
+def test_run_json_records_what_changes_the_numbers(finished_run):
+    run = json.loads((finished_run / "run.json").read_text())
+    assert (run["dtype"], run["device"], run["compile"], run["compile_vae"]) == ("float32", "cpu", None, False)
+    assert (run["limit"], run["images"], run["save_masks"], run["clip_model"]) == (2, 2, True, None)
+    assert (run["dataset"], run["split"], run["model"], run["label_source"]) == ("shapes", "test", "shapes", "gt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtype", "bfloat16"], r'dtype \("float32" there, "bfloat16" now\)'),
+    (["--iterations", "3"], r"settings.iterations \(5 there, 3 now\)"),
+    (["--limit", "3"], r"limit \(2 there, 3 now\).*images \(2 there, 3 now\)"),
+])
+def test_a_resume_with_other_options_is_refused_naming_them(finished_run, capsys, argv, message):
+    import re
+
+    before = _snapshot(finished_run)
+    # the last of two --limit options wins, as argparse reads them
+    assert ev.main([*EVAL, "--out", str(finished_run), "--clustering", "False", *argv]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg-eval")
+    assert re.search(message, line) and "--restart" in line and "another --out" in line
+    assert _snapshot(finished_run) == before
+
+
+def test_restart_refuses_a_folder_without_a_run_and_deletes_nothing(tmp_path, capsys):
+    folder = tmp_path / "thesis"
+    (folder / "masks").mkdir(parents=True)
+    (folder / "masks" / "figure.png").write_bytes(b"mine")
+    (folder / "results.md").write_text("# my results")
+    before = _snapshot(folder)
+    assert ev.main([*EVAL, "--out", str(folder), "--restart"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg-eval")
+    assert "--restart" in line and "no iseg-eval run.json" in line and "nothing was deleted" in line
+    assert _snapshot(folder) == before
+
+
+def test_restart_with_a_bad_option_keeps_the_run(finished_run, capsys):
+    before = _snapshot(finished_run)
+    assert ev.main([*EVAL, "--out", str(finished_run), "--restart", "--lam=-1"]) == 2
+    assert "--lam" in _one_error_line(capsys.readouterr().err, "iseg-eval")
+    assert _snapshot(finished_run) == before
+
+
+def test_restart_deletes_only_what_the_run_made(tmp_path, finished_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "notes.txt").write_text("mine")
+    (run / "masks" / "figure.png").write_bytes(b"mine")
+    (run / "records" / "my-notes.jsonl").write_text("{}")
+    old_parts = sorted(p.name for p in (run / "records").glob("part-*.jsonl"))
+    assert ev.main([*EVAL, "--out", str(run), "--restart", "--iterations", "2"]) == 0
+    assert (run / "notes.txt").read_text() == "mine" and (run / "masks" / "figure.png").read_bytes() == b"mine"
+    assert (run / "records" / "my-notes.jsonl").read_text() == "{}"
+    new_parts = sorted(p.name for p in (run / "records").glob("part-*.jsonl"))
+    assert len(new_parts) == 1 and not set(new_parts) & set(old_parts)
+    assert json.loads((run / "run.json").read_text())["settings"]["iterations"] == 2
+    assert sorted(p.name for p in (run / "masks").iterdir()) == ["2000000.png", "2000001.png", "figure.png"]
+
+
+def test_save_masks_on_a_resumed_run_writes_every_mask(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ev.main([*EVAL, "--out", str(out), "--no-save-masks"]) == 0
+    assert not (out / "masks").exists()
+    first = json.loads((out / "metrics.json").read_text())
+    capsys.readouterr()
+    assert ev.main([*EVAL, "--out", str(out), "--save-masks"]) == 0
+    assert "2 image(s) recorded earlier have no mask" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "masks").iterdir()) == ["2000000.png", "2000001.png"]
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["miou"] == first["miou"] and again["counts"] == first["counts"]
+    assert json.loads((out / "run.json").read_text())["save_masks"] is True
+
+
+# -- labels files ------------------------------------------------------------------------------------
+VOCAB = ["circle", "square", "star"]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("l.csv", b"\xef\xbb\xbfid,labels\r\n1,star;circle\r\n2,square\r\n", {"1": ("circle", "star"), "2": ("square",)}),
+    ("l.csv", b"\xef\xbb\xbf1,star\n", {"1": ("star",)}),  # no header: the BOM must not become part of the id
+    ("l.json", b'\xef\xbb\xbf{"1": ["star"]}', {"1": ("star",)}),
+])
+def test_labels_files_with_a_byte_order_mark_are_read(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert read_labels_file(path, VOCAB) == expected
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("l.csv", b"1,star\n2,sq\xe9are\n", r"l.csv is not UTF-8 text \(byte 0xe9 on line 2\)"),
+    ("l.json", b'{"1": ["st\xffar"]}', r"l.json is not UTF-8 text \(byte 0xff on line 1\)"),
+    ("l.csv", b"id,labels\n1,star\n2,circle\n1,square\n", r"lists image '1' twice \(lines 2 and 4\)"),
+    ("l.json", b'{"1": ["star"], "1": ["circle"]}', r"lists image '1' twice"),
+])
+def test_bad_labels_files_are_refused_naming_file_and_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_labels_file(path, VOCAB)
+
+
+def test_the_library_names_a_bad_device():
+    import iseg
+
+    with pytest.raises(ValueError, match="device 'gpu' is not a device name; use one of cpu"):
+        iseg.load_pipeline("shapes", device="gpu", verbose=False)
+
+
+# -- no traceback from the installed commands --------------------------------------------------------
+@pytest.mark.parametrize("argv, prog", [
+    (["-m", "iseg", "segment", "{image}", "--classes", "square", "--device", "gpu"], "iseg"),
+    (["-m", "iseg.eval", "--dataset", "shapes", "--limit", "-5", "--out", "{tmp}/run"], "iseg-eval"),
+])
+def test_commands_exit_2_without_a_traceback(tmp_path, image, argv, prog):
+    argv = [a.replace("{image}", str(image)).replace("{tmp}", str(tmp_path)) for a in argv]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    _one_error_line(done.stderr, prog)
