@@ -238,7 +238,9 @@ def test_shapes_evaluation_reproduces_the_model_card(tmp_path):
     """The model card's headline: preset ``shapes``, test split, first 500 images (data/models/shapes/README.md)."""
     m = ev.evaluate_dataset(iseg.ISeg(iseg.load_pipeline("shapes", device="cpu", verbose=False)),
                             ShapesDataset(split="test", count=500), "wsss", progress=False)
-    assert m["miou"] == pytest.approx(90.26, abs=0.01)
+    # bench/cpu-spread.json: 90.246-90.260 over 1-2 threads and AVX-512 / AVX2 / scalar kernels, every difference
+    # one knife-edge image (~0.015 mIoU); the tolerance allows three such images on a CPU not measured
+    assert m["miou"] == pytest.approx(90.25, abs=0.05)
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
