@@ -72,31 +72,63 @@ def test_unet_runs_once_for_several_prompts_on_one_image(shapes_pipe):
         hook.remove()
     assert len(calls) == 1
     assert a.mask.shape == (64, 64) and a.mask.dtype == bool
-    assert a.maps.shape == (51, 32, 32)  # the interactive preset: 50 iterations, on the 32x32 latent grid
+    assert a.maps.shape == (6, 32, 32)  # the shapes model's interactive preset: 5 iterations, on the 32x32 latent grid
     assert a.mask[first].mean() > 0.5 and c.mask[second].mean() > 0.5  # each prompt selects its own object
     assert b.mask[first].mean() > 0.3 and b.mask[second].mean() > 0.3  # two points: both objects
     assert b.initial.max() == 0.5 and d.initial.sum() > 0
 
 
-FIXED = [SPLITS["test"].start + i for i in range(20)]
+def _fixed_multi_object(count: int = 20) -> list:
+    out, seed = [], SPLITS["test"].start
+    while len(out) < count:
+        s = sample(seed)
+        if len(s.classes) >= 2:
+            out.append(s)
+        seed += 1
+    return out
 
 
 def _iou(a, b):
     return (a & b).sum() / max(1, (a | b).sum())
 
 
-def test_accuracy_on_20_shapes_images(shapes_pipe):
-    # measured: mean IoU point 0.72, box 0.72, text 0.68 (issue bar: 0.5, 0.6, 0.5)
+def test_accuracy_on_20_multi_object_shapes_images(shapes_pipe):
+    # every object of 20 fixed multi-object test images (49 objects). Measured on this project's CPU
+    # with the shapes model's interactive preset: text mean IoU 0.820, IoU > 0.5 on 91.8% of objects
+    # (0.577 / 59.2% with bare words and the demo's lam 0.1, N 50); point 0.888, box 0.888 (0.795,
+    # 0.774). Bars: text >= 0.75 and >= 85%; points and boxes at least their earlier level.
     seg = iseg.ISeg(shapes_pipe)
     ious = {"point": [], "box": [], "text": []}
-    for seed in FIXED:
-        s = sample(seed)
-        name = s.classes[0]
-        gt = s.mask == CLASSES.index(name) + 1
-        ys, xs = np.nonzero(gt)
-        ious["point"].append(_iou(seg.segment_prompt(s.image, points=[_centroid(gt)]).mask, gt))
-        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        ious["box"].append(_iou(seg.segment_prompt(s.image, box=box).mask, gt))
-        ious["text"].append(_iou(seg.segment_prompt(s.image, text=name).mask, gt))
+    for s in _fixed_multi_object():
+        for name in s.classes:
+            gt = s.mask == CLASSES.index(name) + 1
+            ys, xs = np.nonzero(gt)
+            ious["point"].append(_iou(seg.segment_prompt(s.image, points=[_centroid(gt)]).mask, gt))
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            ious["box"].append(_iou(seg.segment_prompt(s.image, box=box).mask, gt))
+            ious["text"].append(_iou(seg.segment_prompt(s.image, text=name).mask, gt))
+    assert len(ious["text"]) == 49
     means = {k: float(np.mean(v)) for k, v in ious.items()}
-    assert means["point"] >= 0.65 and means["box"] >= 0.65 and means["text"] >= 0.6, means
+    hits = {k: float(np.mean(np.array(v) > 0.5)) for k, v in ious.items()}
+    assert means["text"] >= 0.75 and hits["text"] >= 0.85, (means, hits)
+    assert means["point"] >= 0.79 and means["box"] >= 0.77, means
+
+
+def test_text_prompts_use_the_model_prompt_template(shapes_pipe, tiny_pipe):
+    from iseg.interactive import interactive_defaults, text_prompt
+
+    seg = iseg.ISeg(shapes_pipe)
+    p = text_prompt(seg, "cross")
+    assert p.text == "a cross" and p.classes == ("cross",)
+    assert shapes_pipe.tokenizer.convert_ids_to_tokens([p.input_ids[i] for i in p.spans[0]]) == ["cross</w>"]
+    # an article the template already has is not repeated; several descriptions share one prompt
+    two = text_prompt(seg, "a circle; red star")
+    assert two.text == "a circle and a red star" and two.classes == ("circle", "red star")
+    assert [len(span) for span in two.spans] == [1, 2]
+    # no prefix: the reference demo's bare descriptions
+    assert text_prompt(seg, "cross", seg.with_settings(prompt_prefix="")).text == "cross"
+    # the shapes model's own interactive values; any other model gets the reference demo's
+    assert interactive_defaults(seg) == dict(lam=100.0, iterations=5, clamp_max=None, threshold=0.7, clustering=False)
+    sd_like = iseg.ISeg(tiny_pipe)
+    assert interactive_defaults(sd_like) == dict(lam=0.1, iterations=50, clamp_max=1.0, threshold=0.5, clustering=False)
+    assert seg.segment_prompt(sample(8).image, text="cross", iterations=2).maps.shape[0] == 3  # overrides win
