@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BACKGROUND_RULES", "minmax", "maps_to_labels", "power_rule_threshold"]
+__all__ = ["BACKGROUND_RULES", "minmax", "maps_to_labels", "power_rule_threshold", "pool_labels"]
 
 BACKGROUND_RULES = ("power", "threshold")
 
@@ -55,3 +55,16 @@ def maps_to_labels(
     kept = torch.where(maps >= threshold, maps, torch.zeros_like(maps))
     labels = kept.argmax(dim=-3) + 1
     return torch.where(kept.amax(dim=-3) > 0, labels, torch.zeros_like(labels))
+
+
+def pool_labels(labels, side: int) -> torch.Tensor:
+    """A label map ``(H, W)`` on a ``side x side`` attention grid: each cell takes the label that
+    covers most of it (ties to the smaller label). ``H`` and ``W`` must be multiples of ``side``."""
+    labels = torch.as_tensor(labels).long()
+    height, width = labels.shape
+    if height % side or width % side:
+        raise ValueError(f"a {height}x{width} label map does not tile a {side}x{side} grid")
+    count = int(labels.max()) + 1
+    onehot = torch.nn.functional.one_hot(labels, count).permute(2, 0, 1).float()[None]  # (1, K, H, W)
+    cover = torch.nn.functional.adaptive_avg_pool2d(onehot, side)[0]  # (K, side, side)
+    return cover.argmax(0)

@@ -21,6 +21,7 @@ __all__ = [
     "aggregate_cross_attention",
     "kl_cluster",
     "class_maps",
+    "mass_inside",
 ]
 
 _LOG10_E = 1.0 / math.log(10.0)
@@ -207,3 +208,25 @@ def class_maps(x: torch.Tensor, spans: Sequence[Sequence[int]]) -> torch.Tensor:
         else:
             columns.append(x[..., span].mean(-1))
     return torch.stack(columns, dim=-1)
+
+
+def mass_inside(P: torch.Tensor, groups: torch.Tensor, iterations: int) -> torch.Tensor:
+    """How much of every pixel's propagation stays in its own group, after 1 .. ``iterations`` steps.
+
+    ``P`` is ``(..., n, n)`` row-stochastic (rows = query pixels), ``groups`` ``(..., n)`` integer
+    labels (an object, or the background, per pixel). Entry ``[..., i - 1, q]`` is the share of row
+    ``q`` of ``P^i`` that falls on pixels of ``q``'s own group: 1 means refinement never mixes that
+    pixel's class evidence with another group's, and what leaks compounds with every step. Returns
+    ``(..., iterations, n)``.
+    """
+    if iterations < 1 or int(iterations) != iterations:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if groups.shape != P.shape[:-1]:
+        raise ValueError(f"groups must be (..., n) = {tuple(P.shape[:-1])}, got {tuple(groups.shape)}")
+    groups = groups.long()
+    onehot = F.one_hot(groups, int(groups.max()) + 1).to(P.dtype)  # (..., n, G)
+    mass, shares = onehot, []
+    for _ in range(int(iterations)):
+        mass = P @ mass  # row q: P^i's mass in every group
+        shares.append(mass.gather(-1, groups.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(shares, dim=-2)

@@ -10,8 +10,12 @@ from PIL import Image
 
 from .images import to_uint8
 
-__all__ = ["palette", "colorize", "overlay", "label_png", "heatmap", "iteration_frames", "iteration_grid", "save_gif",
-           "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
+__all__ = ["MAP_CMAP", "palette", "colorize", "overlay", "label_png", "heatmap", "label_legend", "iteration_frames",
+           "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
+
+# Maps are shown in a perceptually uniform colour map: equal steps in value look like equal steps
+# in colour, which "jet" does not give (its bright bands read as edges that are not in the data).
+MAP_CMAP = "viridis"
 
 
 def palette(count: int = 256) -> np.ndarray:
@@ -64,7 +68,7 @@ def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, cmap: str = "jet") -> np.ndarray:
+def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, cmap: str = MAP_CMAP) -> np.ndarray:
     """A map scaled to [0, 1] and coloured, ``(H, W, 3)`` uint8, optionally resized (nearest)."""
     import matplotlib
 
@@ -75,6 +79,28 @@ def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, cmap: str =
     if size is not None:
         rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
     return rgb
+
+
+def label_legend(where, classes: Sequence[str], background: bool = True, **kwargs):
+    """A legend naming the colour of every label of an overlay (0 background, k the k-th class).
+
+    ``where`` is an axes (legend to its right) or a figure (legend outside, right; the figure
+    should use ``layout="constrained"`` so that it makes room).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    colours = palette(len(classes) + 1) / 255
+    names = (["background"] if background else []) + list(classes)
+    start = 0 if background else 1
+    handles = [Patch(facecolor=colours[k], edgecolor="grey", label=f"{k}: {name}")
+               for k, name in zip(range(start, len(classes) + 1), names)]
+    if isinstance(where, Figure):
+        options = dict(loc="outside right upper", fontsize=8, frameon=False)
+    else:
+        options = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, borderaxespad=0)
+    options.update(kwargs)
+    return where.legend(handles=handles, **options)
 
 
 def iteration_frames(result, alpha: float = 0.5, iterations: Sequence[int] | None = None) -> list[Image.Image]:
@@ -95,16 +121,18 @@ def iteration_grid(result, steps: Sequence[int] = (0, 1, 2, 5, 10), cls: int = 0
     import matplotlib.pyplot as plt
 
     steps = [n for n in steps if n <= result.iterations]
-    fig, axes = plt.subplots(2, len(steps), figsize=(size * len(steps), 2.1 * size), squeeze=False)
+    fig, axes = plt.subplots(2, len(steps), figsize=(size * len(steps) + 1.6, 2.1 * size), squeeze=False,
+                             layout="constrained")
     for col, n in enumerate(steps):
         axes[0, col].imshow(result.overlay(iteration=n))
         axes[0, col].set_title(f"N={n}", fontsize=9)
-        axes[1, col].imshow(result.scores(n)[cls], cmap="jet", vmin=0, vmax=1)
-    axes[1, 0].set_ylabel(result.classes[cls])
+        im = axes[1, col].imshow(result.scores(n)[cls], cmap=MAP_CMAP, vmin=0, vmax=1)
+    axes[1, 0].set_ylabel(f"{result.classes[cls]} map")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01)
+    label_legend(fig, result.classes)
     return fig
 
 
@@ -126,17 +154,20 @@ def show_result(result, iterations: Sequence[int] | None = None, figsize_per: fl
 
     scores = result.scores()
     panels = 2 + len(result.classes)
-    fig, axes = plt.subplots(1, panels, figsize=(figsize_per * panels, figsize_per))
+    fig, axes = plt.subplots(1, panels, figsize=(figsize_per * panels + 1.6, figsize_per), layout="constrained")
     axes[0].imshow(result.image)
     axes[0].set_title("image")
     axes[1].imshow(result.overlay())
     axes[1].set_title("labels")
+    im = None
     for ax, name, s in zip(axes[2:], result.classes, scores):
-        ax.imshow(s, cmap="jet", vmin=0, vmax=1)
-        ax.set_title(name)
+        im = ax.imshow(s, cmap=MAP_CMAP, vmin=0, vmax=1)
+        ax.set_title(f"{name} map")
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[2:]), fraction=0.03, pad=0.02)
+    label_legend(fig, result.classes)
     return fig
 
 

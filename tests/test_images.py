@@ -104,3 +104,20 @@ def test_to_uint8_rounds_floats_and_copies_bytes():
     assert out.dtype == np.uint8 and np.array_equal(out, u8) and out is not u8
     assert np.array_equal(to_uint8(np.array([[[0.0, 0.5, 1.0]]])), [[[0, 128, 255]]])  # 127.5 rounds to even: 128
     assert np.array_equal(to_uint8(np.array([[[-0.2, 1.3, 0.2]]])), [[[0, 255, 51]]])  # clipped first
+
+
+def test_label_legend_names_every_label_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from iseg.viz import label_legend, palette
+
+    fig, ax = plt.subplots(layout="constrained")
+    legend = label_legend(fig, ["circle", "star"])
+    assert [t.get_text() for t in legend.get_texts()] == ["0: background", "1: circle", "2: star"]
+    colours = [tuple(round(c * 255) for c in h.get_facecolor()[:3]) for h in legend.legend_handles]
+    assert colours == [tuple(int(v) for v in c) for c in palette(3)]
+    assert [t.get_text() for t in label_legend(ax, ["star"], background=False).get_texts()] == ["1: star"]
+    plt.close(fig)

@@ -188,3 +188,31 @@ def test_kl_cluster_floors_zeros_and_drops_empty_clusters():
 
 def test_kl_cluster_seeds_the_reference_grid_on_64x64():
     assert R._grid_seeds(64).tolist() == [y * 64 + x for y in range(0, 56, 11) for x in range(0, 56, 11)]
+
+
+def test_mass_inside_by_hand():
+    # 3 pixels, groups [0, 0, 1]; pixel 0 sends 0.5 to itself, 0.25 to pixel 1 and 0.25 to pixel 2
+    P = torch.tensor([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    m = R.mass_inside(P, torch.tensor([0, 0, 1]), 2)
+    assert m.shape == (2, 3)
+    # step 1: 0.75 of pixel 0's row is in group 0; step 2: P^2 row 0 = [0.25, 0.375, 0.375] -> 0.625
+    torch.testing.assert_close(m[:, 0], torch.tensor([0.75, 0.625], dtype=torch.float64))
+    torch.testing.assert_close(m[:, 1:], torch.ones(2, 2, dtype=torch.float64))  # pixels 1 and 2 stay home
+    with pytest.raises(ValueError, match="groups must be"):
+        R.mass_inside(P, torch.tensor([0, 1]), 1)
+    with pytest.raises(ValueError, match="iterations"):
+        R.mass_inside(P, torch.tensor([0, 0, 1]), 0)
+
+
+def test_pool_labels_takes_the_majority_of_each_cell():
+    import numpy as np
+
+    from iseg.masks import pool_labels
+
+    labels = np.zeros((4, 4), np.uint8)
+    labels[0, 0:2] = 2  # half of cell (0, 0): a tie with background goes to the smaller label, 0
+    labels[2:4, 2:4] = 1
+    labels[3, 3] = 0  # three of four pixels of cell (1, 1) are label 1
+    assert pool_labels(labels, 2).tolist() == [[0, 0], [0, 1]]
+    with pytest.raises(ValueError, match="does not tile"):
+        pool_labels(np.zeros((5, 4), np.uint8), 2)
