@@ -270,3 +270,15 @@ def test_the_shipped_preset_is_what_the_rule_picks_from_the_shipped_validation_t
     chosen = choose_label_rule([r["timesteps"][t]["miou_by_bg_power"] for r in reports])
     assert (chosen["bg_power"], chosen["lam"], chosen["iterations"]) == (
         SHAPES_PRESET["bg_power"], SHAPES_PRESET["lam"], SHAPES_PRESET["iterations"])
+
+
+def test_raw_rule_is_the_best_raw_bg_power_on_validation():
+    from iseg.shapes.preset import RAW_BG_POWER, SHAPES_PRESET
+
+    report = json.loads((Path(iseg.__file__).resolve().parents[1] / "data" / "models" / "shapes"
+                         / "raw-rule-validation.json").read_text())
+    assert report["split"] == "val" and report["count"] == 500
+    table = report["timesteps"]["100"]["miou_by_bg_power"]
+    raw = {float(p): row[str(SHAPES_PRESET["lam"])]["0"] for p, row in table.items()}
+    assert len(raw) >= 10 and max(raw) >= 4 * RAW_BG_POWER  # the range searched goes well past the choice
+    assert max(raw, key=raw.get) == RAW_BG_POWER
