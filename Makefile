@@ -1,17 +1,29 @@
 # The same commands the README gives and CI runs.
 PYTHON ?= python
 
-.PHONY: setup test lint app
+.PHONY: setup browser test lint app
 
-setup:  ## install the CPU build of PyTorch, then iseg with its test and notebook extras
+setup:  ## install the CPU build of PyTorch, then iseg with its test and notebook extras, then Chromium
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test,notebooks]"
+	@$(MAKE) --no-print-directory browser
+
+# The browser tests drive Debian's Chromium (never a downloaded browser). Installed where this can
+# be done (apt-get as root, or with sudo that needs no password); elsewhere one line says what to do,
+# and outside CI those tests are skipped with that reason.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null && echo "chromium installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo apt-get update -q >/dev/null && sudo apt-get install -y -q --no-install-recommends chromium >/dev/null && echo "chromium installed"; \
+	else echo "note: the browser tests need Chromium (Debian/Ubuntu: sudo apt-get install chromium); without it they are skipped"; fi
 
 test:  ## unit tests and every notebook (nbval)
 	$(PYTHON) -m pytest
 
-lint:
-	$(PYTHON) -m ruff check iseg tests tools
+lint:  ## ruff over the package, the tests, the tools and the notebooks
+	$(PYTHON) -m ruff check iseg tests tools notebooks
 
 app:  ## the interactive notebook as a standalone web app (http://localhost:8866)
 	$(PYTHON) -m voila notebooks/06_interactive.ipynb --no-browser --port 8866

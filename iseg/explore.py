@@ -14,10 +14,11 @@ import math
 import numpy as np
 
 from .refine import entropy_reduce
-from .viz import overlay
+from .viz import MAP_CMAP, overlay
 
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "GenerationView",
-           "generate", "row_entropy"]
+           "generate", "row_entropy",
+           "figure_widget", "redraw", "lam_slider"]
 
 
 def row_entropy(attn) -> np.ndarray:
@@ -32,11 +33,12 @@ def row_entropy(attn) -> np.ndarray:
 def _figure(panels: int, size: float = 2.6):
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, panels, figsize=(size * panels, size), squeeze=False)
+    # built without showing it: ``widget()`` places the figure under its controls
+    with plt.ioff():  # titles change with the controls: constrained layout keeps them inside the figure
+        fig, axes = plt.subplots(1, panels, figsize=(size * panels, size + 0.3), squeeze=False, layout="constrained")
     for ax in axes[0]:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     return fig, list(axes[0])
 
 
@@ -47,15 +49,45 @@ def _set_picture(artist, picture) -> None:
     artist.set_extent((-0.5, picture.shape[1] - 0.5, picture.shape[0] - 0.5, -0.5))
 
 
+def figure_widget(fig):
+    """The widget that shows ``fig`` live.
+
+    The course has one mechanism for every widget: ipympl (``%matplotlib widget``), whose figure
+    canvas is itself a widget that redraws in place when the figure changes, in JupyterLab and in
+    Voila. Under any other backend (``inline``, a static render) the figure is drawn as a picture into
+    an ``ipywidgets.Output`` that ``redraw`` clears and fills again, so the picture still follows.
+    """
+    import ipywidgets as w
+
+    if isinstance(fig.canvas, w.DOMWidget):
+        return fig.canvas
+    out = w.Output()
+    fig._iseg_output = out
+    redraw(fig)
+    return out
+
+
+def redraw(fig) -> None:
+    """Draw ``fig`` again wherever ``figure_widget`` shows it."""
+    fig.canvas.draw_idle()
+    out = getattr(fig, "_iseg_output", None)
+    if out is not None:
+        from IPython.display import display
+
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+
+
 class _View:
     def widget(self):
-        """ipywidgets controls that call ``update``; display it next to ``self.fig``."""
+        """The controls, wired to ``update``, above the live figure (see ``figure_widget``)."""
         import ipywidgets as w
 
-        return w.interactive(self.update, **self.controls())
+        return w.VBox([w.interactive(self.update, **self.controls()), figure_widget(self.fig)])
 
     def _redraw(self):
-        self.fig.canvas.draw_idle()
+        redraw(self.fig)
 
 
 class CrossAttentionView(_View):
@@ -72,7 +104,7 @@ class CrossAttentionView(_View):
         self.ax_img.imshow(trace.image)
         self.ax_img.set_title("image")
         self.state = dict(token=self.tokens[0][1], resolution=self.resolutions[-1], head=-1, timestep=self.timestep)
-        self.im = self.ax_map.imshow(self.map(**self.state), cmap="jet")
+        self.im = self.ax_map.imshow(self.map(**self.state), cmap=MAP_CMAP)
         self.update()
 
     def _trace(self, timestep):
@@ -140,8 +172,8 @@ class SelfAttentionView(_View):
         self.ax_img, self.ax_row, self.ax_p, self.ax_ent = axes
         self.ax_img.imshow(self.obs.image)
         self.marker = self.ax_img.plot([], [], "w+", markersize=12, mew=2)[0]
-        self.im_row = self.ax_row.imshow(np.zeros((self.side, self.side)), cmap="jet")
-        self.im_p = self.ax_p.imshow(np.zeros((self.side, self.side)), cmap="jet")
+        self.im_row = self.ax_row.imshow(np.zeros((self.side, self.side)), cmap=MAP_CMAP)
+        self.im_p = self.ax_p.imshow(np.zeros((self.side, self.side)), cmap=MAP_CMAP)
         self.ax_ent.imshow(row_entropy(self.attn).reshape(self.side, self.side), cmap="magma")
         self.ax_ent.set_title("row entropy / max", fontsize=8)
         self.fig.canvas.mpl_connect("button_press_event", self.on_click)
@@ -197,7 +229,7 @@ class RefinementView(_View):
         self._results = {}
         self.fig, (self.ax_over, self.ax_map) = _figure(2, 3.0)
         self.im_over = self.ax_over.imshow(self.obs.image)
-        self.im_map = self.ax_map.imshow(np.zeros((8, 8)), cmap="jet", vmin=0, vmax=1)
+        self.im_map = self.ax_map.imshow(np.zeros((8, 8)), cmap=MAP_CMAP, vmin=0, vmax=1)
         self.update()
 
     def result(self, lam: float):
@@ -239,7 +271,7 @@ class GammaView(_View):
         self.ax_labels, self.ax_maps = axes[0], axes[1:]
         first = self.segment(self.gamma)
         self.im_labels = self.ax_labels.imshow(first.overlay())
-        self.im_maps = [ax.imshow(s, cmap="jet", vmin=0, vmax=1) for ax, s in zip(self.ax_maps, first.scores(0))]
+        self.im_maps = [ax.imshow(s, cmap=MAP_CMAP, vmin=0, vmax=1) for ax, s in zip(self.ax_maps, first.scores(0))]
         for ax, c in zip(self.ax_maps, self.classes):
             ax.set_title(c, fontsize=9)
         self.update()
@@ -334,6 +366,21 @@ class GenerationView(_View):
                     seed=w.IntSlider(min=0, max=50, value=self.state["seed"]))
 
     def widget(self):
+        """Generation is the one slow control (a full sampling run): it waits for the button, and the
+        button says so while it works."""
         import ipywidgets as w
 
-        return w.interactive(self.update, {"manual": True}, **self.controls())
+        controls = w.interactive(self._generate, {"manual": True, "manual_name": "Generate and segment"},
+                                 **self.controls())
+        self._button = controls.children[-2] if isinstance(controls.children[-2], w.Button) else None
+        return w.VBox([controls, figure_widget(self.fig)])
+
+    def _generate(self, **values):
+        button = getattr(self, "_button", None)
+        if button is not None:
+            button.description, button.disabled = f"generating ({self.steps} steps)...", True
+        try:
+            return self.update(**values)
+        finally:
+            if button is not None:
+                button.description, button.disabled = "Generate and segment", False

@@ -15,7 +15,7 @@ import io
 
 import numpy as np
 
-from .explore import _set_picture
+from .explore import _set_picture, figure_widget, redraw
 from .images import read_pixels, to_uint8
 
 __all__ = ["PromptWidget"]
@@ -29,7 +29,8 @@ class PromptWidget:
         import ipywidgets as w
         import matplotlib.pyplot as plt
 
-        from .presets import PRESETS
+        from .explore import lam_slider
+        from .interactive import interactive_defaults
 
         if image is None:
             from .examples import example
@@ -40,13 +41,14 @@ class PromptWidget:
         self.stroke: list[tuple[float, float]] = []
         self.box_start: tuple[float, float] | None = None
         self.result = None
-        preset = PRESETS["interactive"]
+        preset = interactive_defaults(seg)
         self.mode = w.ToggleButtons(options=list(MODES), value=mode, description="mode")
         self.text = w.Text(placeholder="a circle; a star", description="text")
         self.segment_button = w.Button(description="Segment")
         self.clear_button = w.Button(description="Clear")
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="Your image")
-        self.lam = w.FloatSlider(min=0.0, max=0.5, step=0.01, value=preset["lam"], description="lam")
+        self.lam = lam_slider(preset["lam"])
+        self.lam.description = "lam"
         self.iterations = w.IntSlider(min=0, max=100, value=preset["iterations"], description="iterations")
         self.threshold = w.FloatSlider(min=0.05, max=0.95, step=0.05, value=preset["threshold"], description="threshold")
         self.status = w.Label()
@@ -85,7 +87,7 @@ class PromptWidget:
         self.mask_artist.set_data(np.zeros((h, w, 4)))
         self.marks.set_data([], [])
         self.status.value = "prompts cleared"
-        self.fig.canvas.draw_idle()
+        redraw(self.fig)
 
     def _on_upload(self, change):
         from PIL import Image
@@ -120,7 +122,7 @@ class PromptWidget:
         if xy is not None and self.mode.value == "line" and self.stroke:
             self.stroke.append(xy)
             self.marks.set_data([p[0] for p in self.stroke], [p[1] for p in self.stroke])
-            self.fig.canvas.draw_idle()
+            redraw(self.fig)
 
     def on_release(self, event):
         xy = self._xy(event)
@@ -162,19 +164,14 @@ class PromptWidget:
         if "points" in kwargs:
             self.marks.set_data([p[0] for p in self.points], [p[1] for p in self.points])
         self.status.value = f"{next(iter(kwargs))}: {int(self.result.mask.sum())} pixels"
-        self.fig.canvas.draw_idle()
+        redraw(self.fig)
         return self.result
 
     def show(self):
         """The whole widget: controls above the figure (an ipympl canvas when `%matplotlib widget`)."""
         import ipywidgets as w
 
-        canvas = self.fig.canvas if isinstance(self.fig.canvas, w.DOMWidget) else w.Output()
-        if isinstance(canvas, w.Output):
-            with canvas:
-                from IPython.display import display
-
-                display(self.fig)
+        canvas = figure_widget(self.fig)
         return w.VBox([
             w.HBox([self.mode, self.clear_button]),
             w.HBox([self.text, self.segment_button, self.upload]),

@@ -1,44 +1,26 @@
 """End to end: the interactive notebook served by Voila, driven in headless Chromium.
 
-Chromium comes from Debian (`/usr/bin/chromium`, installed by `.ci/run`), driven by Playwright;
-no browser is downloaded.
+Chromium and the rules for a machine without it: see ``browser.py``.
 """
 
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-CHROMIUM = "/usr/bin/chromium"
+import pytest
+from browser import FLAGS, chromium_or_skip, free_port, stop, wait_for
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_interactive.ipynb"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, seconds: float = 120):
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer")
-
-
+@pytest.mark.browser
 def test_click_on_an_object_changes_the_mask(tmp_path):
+    chromium = chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "voila", str(NOTEBOOK), "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1",
          "--port_retries=0"],
@@ -46,9 +28,9 @@ def test_click_on_an_object_changes_the_mask(tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait(url)
+        wait_for(url)
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
             page = browser.new_page()
             page.goto(url, timeout=180_000)
             canvas = page.locator("div.jupyter-matplotlib-figure canvas").last
@@ -66,8 +48,4 @@ def test_click_on_an_object_changes_the_mask(tmp_path):
             browser.close()
         assert before != after
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

@@ -1,7 +1,7 @@
 """Execute the notebooks and keep only the outputs nbval compares (cells marked NBVAL_CHECK_OUTPUT).
 
-    python tools/strip_outputs.py --execute     # run every notebook, then strip
-    python tools/strip_outputs.py               # strip only
+    python tools/strip_outputs.py --execute [NAME ...]    # run the notebooks, then strip (prints seconds)
+    python tools/strip_outputs.py [NAME ...]              # strip only
 
 Outputs policy: notebooks are committed without figures or widgets (small files, clean diffs);
 the few cells that print deterministic numbers keep their text output so that CI (nbval) checks it.
@@ -9,6 +9,7 @@ the few cells that print deterministic numbers keep their text output so that CI
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 import nbformat as nbf
@@ -45,12 +46,15 @@ def main():
     paths = [NOTEBOOKS / f"{n}.ipynb" for n in args.names] or sorted(NOTEBOOKS.glob("*.ipynb"))
     for path in paths:
         nb = nbf.read(path, as_version=4)
+        took = ""
         if args.execute:
             from nbclient import NotebookClient
 
+            t0 = time.perf_counter()
             NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+            took = f" (ran in {time.perf_counter() - t0:.1f} s)"
         nbf.write(strip(nb), path)
-        print("stripped", path.name)
+        print("stripped", path.name + took)
 
 
 if __name__ == "__main__":

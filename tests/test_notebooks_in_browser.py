@@ -1,0 +1,151 @@
+"""Every notebook as a learner runs it: JupyterLab in headless Chromium, Run All, no error shown, and
+for every notebook with a widget, one control moved and the figure's pixels compared before/after.
+
+This is the test that catches a slider whose picture stays frozen (a figure shown once as a static
+image while the view changes data nobody sees). JupyterLab serves a copy of ``notebooks/`` from a
+temporary folder on 127.0.0.1, so nothing in the repository is written. Screenshots of each figure
+before and after are kept under pytest's temporary folder (``ISEG_SCREENSHOTS`` to choose one).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from browser import FLAGS, chromium_or_skip, free_port, stop, wait_for
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+TOKEN = "iseg-browser-test"
+
+# what to do with each notebook's widget (its controls and figure are one output of the last
+# widget cell): press the first slider's handle to the right, optionally press a button after
+# that, or click the figure at a point given in image fractions
+ACTIONS = {
+    "00_quickstart": dict(slider=True),
+    "01_cross_attention": dict(slider=True),
+    "02_self_attention_and_entropy": dict(slider=True),
+    "03_iterative_refinement": dict(slider=True),
+    "04_category_enhancement": dict(slider=True),
+    "05_generated_images": dict(slider=True, button="Generate and segment"),
+    "06_interactive": dict(click=(47.5 / 64, 47.5 / 64)),  # the circle of example 8
+    "07_evaluation": None,
+    "08_open_vocabulary": None,
+}
+
+
+def test_every_notebook_is_listed():
+    assert sorted(ACTIONS) == sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    chromium = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    root = tmp_path_factory.mktemp("lab")
+    shutil.copytree(NOTEBOOKS, root / "notebooks", ignore=shutil.ignore_patterns("outputs", ".ipynb_checkpoints"))
+    settings = root / "settings"
+    # render every cell (no windowing) so that Run All's outputs are all in the page; no news pop-ups
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}')
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
+    port = free_port()
+    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+               MPLBACKEND="module://ipympl.backend_nbagg")
+    env.pop("CI", None)  # the kernels run notebooks as a user would
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root / 'notebooks'}",
+         "--LabApp.news_url=", "--ServerApp.open_browser=False"]
+        + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    shots = Path(os.environ.get("ISEG_SCREENSHOTS", root / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/status?token={TOKEN}")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
+            yield dict(browser=browser, url=f"http://127.0.0.1:{port}", shots=shots)
+            browser.close()
+    finally:
+        stop(server)
+
+
+def _run_all(page, name: str, timeout_s: float) -> float:
+    page.locator(".jp-Notebook").wait_for(timeout=120_000)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
+    t0 = time.perf_counter()
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    code_cells = page.locator(".jp-CodeCell")
+    end = time.time() + timeout_s
+    while time.time() < end:
+        prompts = code_cells.locator(".jp-InputArea-prompt").all_inner_texts()
+        done = prompts and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts)
+        if done and page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count():
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    raise TimeoutError(f"{name}: Run All did not finish in {timeout_s:.0f} s (prompts: {prompts})")
+
+
+def _figure_changes(figure, act, path_before: Path, path_after: Path, seconds: float = 90) -> bool:
+    before = figure.screenshot(path=str(path_before))
+    act()
+    end = time.time() + seconds
+    after = before
+    while time.time() < end:
+        time.sleep(1.0)
+        after = figure.screenshot(path=str(path_after))
+        if after != before:
+            time.sleep(1.0)  # let the redraw finish, then keep the final picture
+            figure.screenshot(path=str(path_after))
+            return True
+    return False
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("name", sorted(ACTIONS))
+def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
+    page = lab["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?token={TOKEN}", timeout=120_000)
+        seconds = _run_all(page, name, timeout_s=240)
+        print(f"{name}: Run All took {seconds:.1f} s in JupyterLab")
+        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+        assert errors.count() == 0, f"{name} shows an error: {errors.first.inner_text()[:2000]}"
+        page.screenshot(path=str(lab["shots"] / f"{name}.png"), full_page=True)
+        action = ACTIONS[name]
+        if action is None:
+            return
+        # the widget: the last output that holds both controls and a live figure
+        outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-figure"))
+        widget = outputs.filter(has=page.locator(".widget-slider, .widget-button, .widget-toggle-buttons")).last
+        widget.scroll_into_view_if_needed()
+        figure = widget.locator(".jupyter-matplotlib-figure canvas").last
+        figure.wait_for(timeout=60_000)
+
+        def act():
+            if action.get("slider"):
+                handle = widget.locator(".widget-slider .noUi-handle").first
+                handle.focus()
+                handle.press("ArrowRight")
+            if action.get("button"):
+                widget.get_by_role("button", name=action["button"]).click()
+            if action.get("click"):
+                box = figure.bounding_box()
+                fx, fy = action["click"]
+                figure.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+
+        changed = _figure_changes(figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
+        assert changed, f"{name}: the figure did not change after moving its control (see {lab['shots']})"
+    finally:
+        page.close()
