@@ -59,6 +59,7 @@ def lab(tmp_path_factory):
         '{"fetchNews": "false", "checkForUpdates": false}')
     port = free_port()
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+               JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"),
                MPLBACKEND="module://ipympl.backend_nbagg")
     env.pop("CI", None)  # the kernels run notebooks as a user would
     server = subprocess.Popen(
@@ -81,20 +82,24 @@ def lab(tmp_path_factory):
 
 
 def _run_all(page, name: str, timeout_s: float) -> float:
-    page.locator(".jp-Notebook").wait_for(timeout=120_000)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
+    notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook")
+    notebook.wait_for(timeout=90_000)
+    # the kernel has started and is connected when the status bar says so
+    page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=90_000)
+    prompts = notebook.locator(".jp-CodeCell .jp-InputArea-prompt")
     t0 = time.perf_counter()
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    code_cells = page.locator(".jp-CodeCell")
     end = time.time() + timeout_s
+    texts: list[str] = []
     while time.time() < end:
-        prompts = code_cells.locator(".jp-InputArea-prompt").all_inner_texts()
-        done = prompts and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts)
-        if done and page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count():
+        texts = [t.strip() for t in prompts.all_inner_texts()]
+        if texts and all(t not in ("[ ]:", "[*]:", "") for t in texts):
             return time.perf_counter() - t0
+        if notebook.locator("[data-mime-type='application/vnd.jupyter.error']").count():
+            return time.perf_counter() - t0  # Run All stops at an error; the caller reports it
         time.sleep(0.5)
-    raise TimeoutError(f"{name}: Run All did not finish in {timeout_s:.0f} s (prompts: {prompts})")
+    raise TimeoutError(f"{name}: Run All did not finish in {timeout_s:.0f} s (prompts: {texts})")
 
 
 def _figure_changes(figure, act, path_before: Path, path_after: Path, seconds: float = 90) -> bool:
@@ -116,18 +121,22 @@ def _figure_changes(figure, act, path_before: Path, path_after: Path, seconds: f
 @pytest.mark.parametrize("name", sorted(ACTIONS))
 def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
     page = lab["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    ok = False
     try:
-        page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?token={TOKEN}", timeout=120_000)
+        # ?reset: a fresh workspace with this notebook alone, not the tabs of the previous test
+        page.goto(f"{lab['url']}/lab/tree/{name}.ipynb?reset&token={TOKEN}", timeout=120_000)
         seconds = _run_all(page, name, timeout_s=240)
         print(f"{name}: Run All took {seconds:.1f} s in JupyterLab")
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
+        panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+        errors = panel.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
         assert errors.count() == 0, f"{name} shows an error: {errors.first.inner_text()[:2000]}"
         page.screenshot(path=str(lab["shots"] / f"{name}.png"), full_page=True)
         action = ACTIONS[name]
         if action is None:
+            ok = True
             return
         # the widget: the last output that holds both controls and a live figure
-        outputs = page.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-figure"))
+        outputs = panel.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-figure"))
         widget = outputs.filter(has=page.locator(".widget-slider, .widget-button, .widget-toggle-buttons")).last
         widget.scroll_into_view_if_needed()
         figure = widget.locator(".jupyter-matplotlib-figure canvas").last
@@ -147,5 +156,8 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
 
         changed = _figure_changes(figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
         assert changed, f"{name}: the figure did not change after moving its control (see {lab['shots']})"
+        ok = True
     finally:
+        if not ok:  # what the learner would have seen
+            page.screenshot(path=str(lab["shots"] / f"{name}-failed.png"), full_page=True)
         page.close()
