@@ -26,4 +26,4 @@ lint:  ## ruff over the package, the tests, the tools and the notebooks
 	$(PYTHON) -m ruff check iseg tests tools notebooks
 
 app:  ## the interactive notebook as a standalone web app (http://localhost:8866)
-	$(PYTHON) -m voila notebooks/06_interactive.ipynb --no-browser --port 8866
+	$(PYTHON) -m voila notebooks/07_interactive.ipynb --no-browser --port 8866

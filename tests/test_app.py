@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from browser import FLAGS, chromium_or_skip, free_port, stop, wait_for
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "06_interactive.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "07_interactive.ipynb"
 
 
 @pytest.mark.browser

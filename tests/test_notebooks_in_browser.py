@@ -27,14 +27,15 @@ TOKEN = "iseg-browser-test"
 # that, or click the figure at a point given in image fractions
 ACTIONS = {
     "00_quickstart": dict(slider=True),
-    "01_cross_attention": dict(slider=True),
-    "02_self_attention_and_entropy": dict(slider=True),
-    "03_iterative_refinement": dict(slider=True),
-    "04_category_enhancement": dict(slider=True),
-    "05_generated_images": dict(slider=True, button="Generate and segment"),
-    "06_interactive": dict(click=(47.5 / 64, 47.5 / 64)),  # the circle of example 8
-    "07_evaluation": None,
-    "08_open_vocabulary": None,
+    "01_pipeline_by_hand": None,
+    "02_cross_attention": dict(slider=True),
+    "03_self_attention_and_entropy": dict(slider=True),
+    "04_iterative_refinement": dict(slider=True),
+    "05_category_enhancement": dict(slider=True),
+    "06_generated_images": dict(slider=True, button="Generate and segment"),
+    "07_interactive": dict(click=(47.5 / 64, 47.5 / 64)),  # the circle of example 8
+    "08_evaluation": None,
+    "09_open_vocabulary": None,
 }
 
 
