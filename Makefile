@@ -19,7 +19,7 @@ browser:
 	  sudo apt-get update -q >/dev/null && sudo apt-get install -y -q --no-install-recommends chromium >/dev/null && echo "chromium installed"; \
 	else echo "note: the browser tests need Chromium (Debian/Ubuntu: sudo apt-get install chromium); without it they are skipped"; fi
 
-test:  ## unit tests and every notebook (nbval)
+test:  ## unit tests, the browser tests, then every notebook (nbval)
 	$(PYTHON) -m pytest
 
 lint:  ## ruff over the package, the tests, the tools and the notebooks
