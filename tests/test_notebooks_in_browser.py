@@ -140,7 +140,8 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
         outputs = panel.locator(".jp-OutputArea-output").filter(has=page.locator(".jupyter-matplotlib-figure"))
         widget = outputs.filter(has=page.locator(".widget-slider, .widget-button, .widget-toggle-buttons")).last
         widget.scroll_into_view_if_needed()
-        figure = widget.locator(".jupyter-matplotlib-figure canvas").last
+        # an ipympl figure holds several canvases, some hidden (size 0): the top visible one takes the clicks
+        figure = widget.locator(".jupyter-matplotlib-figure canvas").filter(visible=True).last
         figure.wait_for(timeout=60_000)
 
         def act():
