@@ -103,18 +103,27 @@ def _run_all(page, name: str, timeout_s: float) -> float:
     raise TimeoutError(f"{name}: Run All did not finish in {timeout_s:.0f} s (prompts: {texts})")
 
 
-def _figure_changes(figure, act, path_before: Path, path_after: Path, seconds: float = 90) -> bool:
-    before = figure.screenshot(path=str(path_before))
+def _figure_changes(page, figure, act, path_before: Path, path_after: Path, seconds: float = 90) -> bool:
+    """Whether the figure's pixels change after ``act`` and then settle.
+
+    The mouse is moved off the figure before each picture (ipympl shows its toolbar on hover, which
+    is not a redraw), and a change counts only once two pictures in a row agree: a slow control
+    (06's generation) must finish drawing, not merely start.
+    """
+    page.mouse.move(1, 1)
+    time.sleep(1.0)
+    before = figure.screenshot(path=str(path_before), animations="disabled")
     act()
+    page.mouse.move(1, 1)
     end = time.time() + seconds
-    after = before
+    previous = None
     while time.time() < end:
         time.sleep(1.0)
-        after = figure.screenshot(path=str(path_after))
-        if after != before:
-            time.sleep(1.0)  # let the redraw finish, then keep the final picture
-            figure.screenshot(path=str(path_after))
+        shot = figure.screenshot(animations="disabled")
+        if shot != before and shot == previous:
+            path_after.write_bytes(shot)
             return True
+        previous = shot
     return False
 
 
@@ -156,7 +165,7 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
                 fx, fy = action["click"]
                 figure.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
 
-        changed = _figure_changes(figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
+        changed = _figure_changes(page, figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
         assert changed, f"{name}: the figure did not change after moving its control (see {lab['shots']})"
         ok = True
     finally:
