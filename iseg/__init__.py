@@ -1,11 +1,10 @@
 """iseg: training-free segmentation from Stable Diffusion's attention (the iSeg method).
 
     import iseg
-    pipe = iseg.load_pipeline("shapes")          # or a hub id / local SD folder
-    result = iseg.ISeg(pipe).segment(image, ["circle", "star"])
+    model = iseg.load_model("shapes")            # or a hub id / local SD folder
+    result = iseg.ISeg(model).segment(image, ["circle", "star"])
 """
 
-from . import shapes  # noqa: E402,F401  registers the shipped shapes model and its preset
 from .capture import (
     AttentionLayer,
     AttentionStore,
@@ -14,10 +13,19 @@ from .capture import (
     capture_attention,
     select_layers,
 )
-from .loading import DEFAULT_MODEL, ModelNotAvailableError, load_pipeline, register_model, shipped_models
-from .presets import PRESETS, Settings, SettingsError, make_settings, register_preset
+from .loading import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelNotAvailableError,
+    load_model,
+    load_pipeline,
+    register_model,
+    shipped_models,
+)
+from .presets import PRESETS, Settings, SettingsError, make_settings, preset_names, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
-from .segmenter import ISeg, SegmentationResult
+from .results import Observation, SegmentationResult
+from .segmenter import ISeg
 
 __version__ = "0.1.0"
 
@@ -27,6 +35,8 @@ __all__ = [
     "CaptureProcessor",
     "DEFAULT_MODEL",
     "ISeg",
+    "LoadedModel",
+    "Observation",
     "ModelNotAvailableError",
     "PRESETS",
     "PromptTooLongError",
@@ -37,8 +47,10 @@ __all__ = [
     "build_prompt",
     "capture_attention",
     "class_token_spans",
+    "load_model",
     "load_pipeline",
     "make_settings",
+    "preset_names",
     "register_model",
     "register_preset",
     "select_layers",

@@ -26,15 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import refine as R
+from .loading import LoadedModel, load_model, resolve_device
+from .segmenter import ISeg
+from .shapes.model import make_tokenizer
+
 __all__ = ["sd21_base_architecture", "run_bench", "main"]
 
 
 def sd21_base_architecture(device, dtype):
-    """A pipeline with SD 2.1-base's architecture and random weights (no download)."""
+    """A model with SD 2.1-base's architecture and random weights (no download)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .shapes.model import make_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -61,10 +64,7 @@ def sd21_base_architecture(device, dtype):
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device, dtype)
-    pipe.iseg_model_name = "sd21-base architecture (random weights)"
-    pipe.iseg_default_preset = None
-    return pipe
+    return LoadedModel(pipe.to(device, dtype), "sd21-base architecture (random weights)")
 
 
 def _sync(device):
@@ -98,10 +98,7 @@ def run_bench(seg, batch_sizes, repeats: int = 5, classes=("circle", "star")) ->
 
 @torch.no_grad()
 def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
-    from . import refine as R
-
-    pipe = seg.pipe
-    device = pipe.unet.device
+    device = seg.device
     size = seg.image_size()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -114,12 +111,13 @@ def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
     z0 = seg.encode_images(pixels)
     z_t, t = seg.noisy_latents(z0)
     vae_s = _timed(lambda: seg.encode_images(pixels), device, repeats)
-    unet_s = _timed(lambda: pipe.unet(z_t, t, encoder_hidden_states=emb, return_dict=False), device, repeats)
+    # the denoiser with its own processors (SDPA), as the method's floor: no capture
+    unet_s = _timed(lambda: seg.backbone.denoise(z_t, t, emb), device, repeats)
     segment_s = _timed(lambda: seg.segment(images, classes, progress=False), device, repeats)
     results = seg.segment(images, classes, progress=False)
     if not all(np.isfinite(r.maps).all() for r in results):  # fp16 must never produce NaNs
-        raise RuntimeError(f"non-finite class maps at batch {b} in {pipe.unet.dtype}")
-    n = seg.plan(z0.shape[-1])["self_resolution"] ** 2
+        raise RuntimeError(f"non-finite class maps at batch {b} in {seg.backbone.dtype}")
+    n = seg.plan(z0.shape[-1]).self_resolution ** 2
     attn = torch.rand(b, n, n, device=device).softmax(-1)
     maps = torch.rand(b, n, len(classes), device=device)
     refine_s = _timed(lambda: R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations),
@@ -149,11 +147,8 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    from .loading import load_pipeline, resolve_device
-    from .segmenter import ISeg
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes", help="shapes, sd21-arch (random weights) or anything load_pipeline takes")
+    p.add_argument("--model", default="shapes", help="shapes, sd21-arch (random weights) or anything load_model takes")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default=None)
@@ -170,8 +165,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_pipeline(args.model, device, dtype)
-    seg = ISeg(pipe) if args.model != "sd21-arch" else ISeg(pipe, preset="wsss-voc", clustering=False)
+    model = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_model(args.model, device, dtype)
+    seg = ISeg(model) if args.model != "sd21-arch" else ISeg(model, preset="wsss-voc", clustering=False)
+    pipe = model.pipe
     if args.offload_text_encoder:
         seg.offload_text_encoder()
     if args.channels_last:
@@ -180,7 +176,7 @@ def main(argv=None):
         pipe.vae.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    report = {"model": pipe.iseg_model_name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
+    report = {"model": model.name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
               "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats,
               "channels_last": args.channels_last, "rows": [],
               "errors": {}}

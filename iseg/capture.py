@@ -26,7 +26,9 @@ __all__ = [
     "CaptureProcessor",
     "attention_layers",
     "select_layers",
+    "pick_layers",
     "capture_attention",
+    "install_capture",
 ]
 
 KINDS = ("self", "cross")
@@ -78,14 +80,25 @@ def select_layers(
     latent_side: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[AttentionLayer]:
-    """Choose layers by kind and latent resolution, or by name (prefixes allowed).
+    """Choose layers of a UNet by kind and latent resolution, or by name (prefixes allowed).
 
     ``resolutions`` needs ``latent_side`` (the side of the latent the UNet will see).
     ``names`` may be full layer names or prefixes such as ``"up_blocks.3.attentions.1"``.
     """
+    return pick_layers(attention_layers(unet), kind, resolutions, latent_side, names)
+
+
+def pick_layers(
+    layers: Sequence[AttentionLayer],
+    kind: str,
+    resolutions: Iterable[int] | None = None,
+    latent_side: int | None = None,
+    names: Sequence[str] | None = None,
+) -> list[AttentionLayer]:
+    """``select_layers`` on a list of layers (any model family's ``attention_layers()``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    layers = [layer for layer in attention_layers(unet) if layer.kind == kind]
+    layers = [layer for layer in layers if layer.kind == kind]
     if names is not None:
         chosen = []
         for prefix in names:
@@ -301,6 +314,40 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
+def install_capture(
+    module,
+    layers: Iterable[AttentionLayer | str],
+    heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    **options,
+):
+    """Put a ``CaptureProcessor`` on each of ``layers`` of ``module`` (a denoiser with diffusers'
+    ``attn_processors``/``set_attn_processor``); returns ``(store, restore)``, where ``restore()``
+    puts the module's own processors back. ``options`` go to every ``CaptureProcessor``
+    (``per_head``, ``keep_grad``, ``accumulate``). ``capture_attention`` is the scoped form."""
+    original = module.attn_processors
+    known = {key.removesuffix(".processor") for key in original}
+    # layers given by name are looked up in a UNet's table (kind, level and heads come from it)
+    by_name = {}
+    if any(isinstance(layer, str) for layer in layers) and hasattr(module, "down_blocks"):
+        by_name = {layer.name: layer for layer in attention_layers(module)}
+    chosen = []
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in by_name:
+                raise ValueError(f"{layer!r} is not an attention layer of this UNet")
+            layer = by_name[layer]
+        elif layer.name not in known:
+            raise ValueError(f"{layer.name!r} is not an attention layer of this {type(module).__name__}")
+        chosen.append(layer)
+    store = AttentionStore(chosen)
+    replaced = dict(original)
+    for layer in chosen:
+        layer_heads = heads.get(layer.name) if isinstance(heads, Mapping) else heads
+        replaced[layer.name + ".processor"] = CaptureProcessor(store, layer.name, heads=layer_heads, **options)
+    module.set_attn_processor(replaced)
+    return store, lambda: module.set_attn_processor(original)
+
+
 @contextmanager
 def capture_attention(
     unet,
@@ -317,23 +364,9 @@ def capture_attention(
     of a generation) instead of keeping the last one. The UNet's original processors are back
     in place when the block ends, whether it ends normally or with an exception.
     """
-    by_name = {layer.name: layer for layer in attention_layers(unet)}
-    chosen = []
-    for layer in layers:
-        name = layer if isinstance(layer, str) else layer.name
-        if name not in by_name:
-            raise ValueError(f"{name!r} is not an attention layer of this UNet")
-        chosen.append(by_name[name])
-    store = AttentionStore(chosen)
-    original = unet.attn_processors
-    replaced = dict(original)
-    for layer in chosen:
-        layer_heads = heads.get(layer.name) if isinstance(heads, Mapping) else heads
-        replaced[layer.name + ".processor"] = CaptureProcessor(
-            store, layer.name, heads=layer_heads, per_head=per_head, keep_grad=keep_grad, accumulate=accumulate
-        )
-    unet.set_attn_processor(replaced)
+    store, restore = install_capture(unet, list(layers), heads, per_head=per_head, keep_grad=keep_grad,
+                                     accumulate=accumulate)
     try:
         yield store
     finally:
-        unet.set_attn_processor(original)
+        restore()

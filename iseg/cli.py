@@ -223,7 +223,7 @@ def segment_command(args) -> int:
             gif.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
         record = {
             "image": str(path),
-            "model": getattr(pipe, "iseg_model_name", None),
+            "model": seg.model_name,
             "preset": seg.preset,
             "classes": list(result.classes),
             "labels": {str(i + 1): c for i, c in enumerate(result.classes)},

@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import registry
 from .metrics import IGNORE
-from .shapes.world import CLASSES as SHAPES_CLASSES
 
 __all__ = [
     "VOC_CLASSES", "CONTEXT_CLASSES", "COCO_CLASSES", "DatasetError", "Item", "SegmentationDataset",
-    "VOCDataset", "ContextDataset", "COCOObjectDataset", "COCOObject164kDataset", "ShapesDataset",
-    "DATASETS", "open_dataset", "read_label",
+    "VOCDataset", "ContextDataset", "COCOObjectDataset", "COCOObject164kDataset",
+    "DATASETS", "dataset_names", "dataset_class", "open_dataset", "read_label",
 ]
 
 # Names as they go into prompts: words a text encoder knows ("potted plant", not "pottedplant").
@@ -313,46 +313,42 @@ class COCOObject164kDataset(SegmentationDataset):
         return self._labels / f"{id}{self.suffix}"
 
 
-class ShapesDataset(SegmentationDataset):
-    """The shapes world (``iseg.shapes``): ``count`` images of a split, made on the fly."""
-
-    name = "shapes"
-    class_names = tuple(SHAPES_CLASSES)
-
-    def __init__(self, root=None, split: str = "test", count: int | None = None):
-        from .shapes import SPLITS
-
-        if split not in SPLITS:
-            raise DatasetError(f"shapes: split must be one of {sorted(SPLITS)}, got {split!r}")
-        self.root, self.split = None, split
-        seeds = SPLITS[split]
-        # 10,000 per split unless asked; the full training range is a million seeds
-        self.ids = [str(s) for s in seeds[: count if count is not None else 10_000]]
-
-    def load(self, id: str) -> Item:
-        from .shapes import sample
-
-        rec = sample(int(id))
-        label = rec.mask.astype(np.uint8)
-        return Item(id=id, image=rec.image, label=label, classes=self.classes_in(label))
-
-
 DATASETS = {
     "voc": VOCDataset,
     "context": ContextDataset,
     "coco-object": COCOObjectDataset,
     "coco-object-164k": COCOObject164kDataset,
-    "shapes": ShapesDataset,
 }
 
 
-def open_dataset(name: str, root=None, split: str | None = None, **options) -> SegmentationDataset:
-    """A dataset reader by name (``voc``, ``context``, ``coco-object``, ``coco-object-164k``, ``shapes``)."""
-    if name not in DATASETS:
-        close = difflib.get_close_matches(str(name), sorted(DATASETS), n=1)
+def _plugin_datasets() -> dict:
+    # datasets that registered models bring (the shapes world), from their plug-ins
+    found = {}
+    for model in registry.MODELS:
+        found.update(getattr(registry.plugin(model), "DATASETS", {}))
+    return found
+
+
+def dataset_names() -> list[str]:
+    """Every dataset name ``open_dataset`` accepts."""
+    return sorted(set(DATASETS) | set(_plugin_datasets()))
+
+
+def dataset_class(name: str) -> type[SegmentationDataset]:
+    """The reader class of a dataset name; ``DatasetError`` with the closest name when unknown."""
+    found = DATASETS.get(name) or _plugin_datasets().get(name)
+    if found is None:
+        close = difflib.get_close_matches(str(name), dataset_names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DatasetError(f"unknown dataset {name!r}{hint}; datasets: {', '.join(sorted(DATASETS))}")
-    if name != "shapes":
+        raise DatasetError(f"unknown dataset {name!r}{hint}; datasets: {', '.join(dataset_names())}")
+    return found
+
+
+def open_dataset(name: str, root=None, split: str | None = None, **options) -> SegmentationDataset:
+    """A dataset reader by name (``voc``, ``context``, ``coco-object``, ``coco-object-164k``, and
+    datasets of registered models such as ``shapes``, which are generated and need no folder)."""
+    cls = dataset_class(name)
+    if getattr(cls, "needs_root", True):
         if root is None:
             raise DatasetError(f"{name}: give the dataset folder with --root (nothing is downloaded)")
         if not Path(root).expanduser().is_dir():
@@ -360,9 +356,9 @@ def open_dataset(name: str, root=None, split: str | None = None, **options) -> S
     kwargs = dict(options)
     if split is not None:
         kwargs["split"] = split
-    return DATASETS[name](root, **kwargs)
+    return cls(root, **kwargs)
 
 
 def class_names_of(name: str) -> Sequence[str]:
     """The class-name table of a dataset (without background)."""
-    return DATASETS[name].class_names
+    return dataset_class(name).class_names

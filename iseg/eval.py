@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .datasets import DATASETS, DatasetError, SegmentationDataset, open_dataset
+from .datasets import DatasetError, SegmentationDataset, dataset_names, open_dataset
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, make_settings, parse_overrides
 from .viz import label_png
@@ -224,7 +224,7 @@ def evaluate_dataset(
     manifest = {
         "task": task, "dataset": dataset.name, "split": dataset.split,
         "root": str(dataset.root) if dataset.root else None,
-        "model": model_name or getattr(seg.pipe, "iseg_model_name", None), "preset": seg.preset,
+        "model": model_name or seg.model_name, "preset": seg.preset,
         "settings": settings.as_dict(), "label_source": source_name,
         "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
                         if labels is not None and not isinstance(labels, Mapping) else None),
@@ -499,7 +499,7 @@ def format_results(metrics: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iseg-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=TASKS, default="wsss")
-    p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
+    p.add_argument("--dataset", choices=dataset_names(), required=True)
     p.add_argument("--root", type=Path, default=None, help="dataset folder (not needed for shapes)")
     p.add_argument("--split", default=None, help="default: train for VOC WSSS, test for shapes, else val")
     p.add_argument("--preset", default=None, help="default: the method.md preset for the dataset and task")

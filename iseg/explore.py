@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from .examples import example
 from .refine import entropy_reduce
 from .viz import MAP_CMAP, overlay
 
@@ -114,7 +115,7 @@ class CrossAttentionView(_View):
 
     def _token_names(self, trace):
         ids = trace.prompt.input_ids
-        tok = self.seg.pipe.tokenizer
+        tok = self.seg.backbone.tokenizer
         end = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)
         names = tok.convert_ids_to_tokens(list(ids[: end + 1]))
         return [(f"{i}: {n.replace('</w>', '')}", i) for i, n in enumerate(names)]
@@ -307,11 +308,9 @@ class ExampleView(_View):
         self.update()
 
     def update(self, index: int | None = None):
-        from .examples import example
-
         if index is not None:
             self.index = index
-        image, classes = example(self.seg.pipe, self.index)
+        image, classes = example(self.seg, self.index)
         r = self.seg.segment(image, classes)
         _set_picture(self.im_img, r.image)
         _set_picture(self.im_over, r.overlay())

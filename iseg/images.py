@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MIN_SIDE", "MAX_SIDE", "Geometry", "load_image", "read_pixels", "to_uint8", "prepare", "to_original"]
+__all__ = ["MIN_SIDE", "MAX_SIDE", "Geometry", "load_image", "read_pixels", "to_uint8", "prepare", "to_original",
+           "as_image_list", "image_name"]
 
 MIN_SIDE = 8  # one latent cell of an 8x-downsampling VAE
 ASPECT_MODES = ("stretch", "pad")
@@ -258,3 +259,22 @@ def to_original(maps: torch.Tensor, geometry: Geometry, size: int) -> torch.Tens
     elif x.shape[-2:] != (geometry.height, geometry.width):
         x = F.interpolate(x, size=(geometry.height, geometry.width), mode="bilinear", align_corners=False)
     return x.reshape(*lead, geometry.height, geometry.width)
+
+
+def as_image_list(images) -> tuple[list, bool]:
+    """``(items, many)``: a list, a tuple, a ``(B, H, W, 3)`` array or a batch tensor gives its
+    images and ``many=True``; anything else is one image (``many=False``)."""
+    if isinstance(images, (list, tuple)):
+        return list(images), True
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images), True
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] > 1:
+        return list(images), True
+    return [images], False
+
+
+def image_name(item, index: int) -> str:
+    """How error messages name an input: its path, else its position."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    return f"image {index}"

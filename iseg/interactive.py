@@ -1,33 +1,39 @@
-"""Interactive prompts (method.md §7): segment what a user points at, strokes, boxes or describes.
+"""Interactive prompts (method document §7): segment what a user points at, strokes, boxes or describes.
 
-One forward pass per image (with the empty prompt) is cached; every further point, line or box on
-the same image reuses its self-attention and costs only the refinement. A text prompt needs the
-cross-attention of its own words, so each new description runs the UNet once more (also cached).
-The cache is keyed on the image's bytes, the prompt's tokens and every setting that acts before
+A ``PromptSession`` runs one forward pass per image (with the empty prompt); every further point,
+line or box on the same image reuses its self-attention and costs only the refinement. A text
+prompt needs the cross-attention of its own words, so each new description runs the model once
+more (also kept). Passes are keyed on the prompt's tokens and every setting that acts before
 decoding, so a pass is never reused for other settings.
 
-    seg = iseg.ISeg(iseg.load_pipeline("shapes"))
-    r = seg.segment_prompt(image, points=[(30, 40)])       # (x, y) in image pixels
-    r.mask                                                  # (H, W) bool
+    seg = iseg.ISeg(iseg.load_model("shapes"))
+    session = seg.prompt_session(image)
+    r = session.segment(points=[(30, 40)])        # (x, y) in image pixels
+    r.mask                                        # (H, W) bool
+    seg.segment_prompt(image, box=(5, 5, 40, 40))  # the same, with the session kept by ``seg``
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from . import refine as R
+from . import viz
 from .images import Geometry, load_image, to_original
 from .masks import minmax
-from .presets import PRESETS, Settings
-from .prompts import Prompt
+from .presets import Settings, find_preset, make_settings
+from .prompts import Prompt, token_ids
 
 __all__ = [
-    "PromptResult", "point_cells", "line_cells", "box_cells", "segment_prompt", "interactive_defaults", "text_prompt",
+    "PromptResult", "PromptSession", "point_cells", "line_cells", "box_cells", "interactive_defaults", "text_prompt",
+    "empty_prompt", "prompt_result",
 ]
 
 KINDS = ("points", "line", "box", "text")
@@ -46,9 +52,7 @@ class PromptResult:
     settings: Settings
 
     def overlay(self, alpha: float = 0.5):
-        from .viz import overlay
-
-        return overlay(self.image, self.mask.astype(np.int64), alpha=alpha)
+        return viz.overlay(self.image, self.mask.astype(np.int64), alpha=alpha)
 
 
 def _grid_side(geometry: Geometry) -> tuple[float, float]:
@@ -130,42 +134,6 @@ def _descriptions(text) -> list[str]:
     return out
 
 
-def _empty_prompt(tokenizer) -> Prompt:
-    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
-    return Prompt(text="", classes=(), input_ids=tuple(ids), spans=())
-
-
-def forward_key(seg, arr: np.ndarray, prompt: Prompt, s: Settings) -> tuple:
-    """What a cached forward pass must match: the image's bytes, the prompt's tokens, every
-    setting that acts before decoding (``iseg.segmenter.FORWARD_FIELDS``) and the model's
-    device and dtype."""
-    from .segmenter import FORWARD_FIELDS
-
-    digest = hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape) + str(arr.dtype)
-    fields = tuple((name, repr(getattr(s, name))) for name in FORWARD_FIELDS)
-    model = (str(seg.device), str(next(seg.pipe.unet.parameters()).dtype), id(seg.pipe.unet))
-    return digest, prompt.input_ids, fields, model
-
-
-def _observation(seg, arr: np.ndarray, prompt: Prompt, s: Settings):
-    # points, lines and boxes always use the pass with the empty prompt (the self-attention depends
-    # on the prompt a little), so a result never depends on which prompts came before it
-    key = forward_key(seg, arr, prompt, s)
-    cache = seg._prompt_cache
-    with seg._lock:
-        if key in cache:
-            cache[key] = cache.pop(key)  # most recently used last
-            return cache[key]
-    size = seg.image_size(s)
-    seg.plan(size // seg.vae_scale, s)  # bad layer or weight settings fail before the UNet runs
-    obs = seg._observe_batch([arr], [prompt], s, size, names=["image"])[0]
-    with seg._lock:
-        cache[key] = obs
-        while len(cache) > 16:  # keep the last few passes only
-            cache.pop(next(iter(cache)))
-    return obs
-
-
 INTERACTIVE_FIELDS = ("lam", "iterations", "clamp_max", "threshold", "clustering")
 
 
@@ -176,9 +144,10 @@ def interactive_defaults(seg) -> dict:
     model's own ``<preset>-interactive`` preset where it registers one (the shapes model does:
     its values were chosen on validation images, see its model card).
     """
-    own = PRESETS.get(f"{seg.preset}-interactive") if seg.preset else None
-    preset = own if own is not None else PRESETS["interactive"]
-    return {k: preset.get(k, PRESETS["interactive"].get(k, getattr(Settings(), k))) for k in INTERACTIVE_FIELDS}
+    base = find_preset("interactive")
+    own = find_preset(f"{seg.preset}-interactive") if seg.preset else None
+    preset = own if own is not None else base
+    return {k: preset.get(k, base.get(k, getattr(Settings(), k))) for k in INTERACTIVE_FIELDS}
 
 
 def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
@@ -206,26 +175,73 @@ def _drop_repeat(description: str, word: str) -> str:
     return rest if rest and head.lower() == word.lower() else description
 
 
-def segment_prompt(seg, image, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
-    """Segment one object from points, a line, a box or text descriptions (exactly one kind).
+class PromptSession:
+    """One image prepared for interactive prompts, in the manner of segment-anything's predictor.
+
+        session = seg.prompt_session(image)        # one forward pass, with the empty prompt
+        session.segment(points=[(30, 40)])         # cheap: refinement only
+        session.segment(box=(10, 10, 50, 40))
+        session.segment(text="star")               # one more pass for the description's words
 
     Coordinates are ``(x, y)`` in image pixels; ``box`` is ``(x0, y0, x1, y1)``. Several points
-    (or descriptions separated by ';') are combined. Refinement uses the ``interactive`` preset's
-    ``lam``, ``iterations``, ``clamp_max`` and ``threshold`` (or the model's own interactive
-    preset, see ``interactive_defaults``) unless overridden. Text descriptions are placed in the
-    model's prompt template (``text_prompt``).
+    (or descriptions separated by ';') are combined. Refinement uses ``interactive_defaults(seg)``
+    unless overridden, at the session or per call. Passes are kept per prompt and per setting
+    that acts before decoding, so a pass is never reused for other settings.
     """
-    given = {k: v for k, v in dict(points=points, line=line, box=box, text=text).items() if v is not None}
-    if len(given) != 1:
-        raise ValueError(f"give exactly one kind of prompt ({', '.join(KINDS)}); got {sorted(given) or 'none'}")
-    kind, value = next(iter(given.items()))
-    s = seg.with_settings(**{**interactive_defaults(seg), **overrides})
-    arr = load_image(image)
-    if kind == "text":
-        prompt = text_prompt(seg, value, s)
-    else:
-        prompt = _empty_prompt(seg.pipe.tokenizer)
-    obs = _observation(seg, arr, prompt, s)
+
+    _KEEP = 8  # forward passes kept per session
+
+    def __init__(self, seg, image, observe: bool = True, **overrides):
+        self.seg = seg
+        self.image = load_image(image)  # (H, W, 3) float32
+        self.settings = seg.with_settings(**{**interactive_defaults(seg), **overrides})
+        self._passes: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+        if observe:
+            self.observation(empty_prompt(seg.backbone.tokenizer), self.settings)
+
+    @staticmethod
+    def image_key(arr: np.ndarray) -> str:
+        """What identifies an image: its bytes, shape and type."""
+        return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape) + str(arr.dtype)
+
+    def observation(self, prompt: Prompt, s: Settings):
+        """The image's forward pass with ``prompt`` under ``s`` (run once, then kept)."""
+        # keyed also on the model's device and precision: moving the model makes a new pass
+        key = (prompt.input_ids, s.forward_key(), str(self.seg.device), str(self.seg.backbone.dtype))
+        with self._lock:
+            if key in self._passes:
+                self._passes.move_to_end(key)
+                return self._passes[key]
+        obs = self.seg.observe_prompt(self.image, prompt, s)
+        with self._lock:
+            self._passes[key] = obs
+            while len(self._passes) > self._KEEP:
+                self._passes.popitem(last=False)
+        return obs
+
+    def segment(self, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
+        """Segment one object from points, a line, a box or text descriptions (exactly one kind)."""
+        given = {k: v for k, v in dict(points=points, line=line, box=box, text=text).items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"give exactly one kind of prompt ({', '.join(KINDS)}); got {sorted(given) or 'none'}")
+        kind, value = next(iter(given.items()))
+        s = make_settings(None, base=self.settings, **overrides) if overrides else self.settings
+        # points, lines and boxes always use the pass with the empty prompt (the self-attention depends
+        # on the prompt a little), so a result never depends on which prompts came before it
+        prompt = text_prompt(self.seg, value, s) if kind == "text" else empty_prompt(self.seg.backbone.tokenizer)
+        obs = self.observation(prompt, s)
+        return prompt_result(obs, prompt, kind, value, s)
+
+
+def empty_prompt(tokenizer) -> Prompt:
+    """The prompt of no words: what points, lines and boxes are read with."""
+    ids = token_ids(tokenizer, "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    return Prompt(text="", classes=(), input_ids=tuple(ids), spans=())
+
+
+def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptResult:
+    """Refine the columns a prompt selects on an observation into one mask."""
     side, geometry = obs.grid, obs.geometry
     n = side * side
     device = obs.self_attention.device

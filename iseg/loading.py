@@ -1,53 +1,103 @@
-"""Step 1: load a Stable-Diffusion-style pipeline (hub id, local folder, or a model we ship).
+"""Step 1: load a model (hub id, local folder, or a model we ship) as a ``LoadedModel``.
 
-Everything iSeg needs is a pipeline with ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``
-and a ``UNet2DConditionModel``: SD 1.4/1.5/2.0/2.1(-base) and the project's own shapes model.
+A ``LoadedModel`` is the diffusers pipeline (``.pipe``) with what iseg knows about it: its name,
+default preset, closed vocabulary and label thresholds (from ``iseg.registry``). Today's family is
+the Stable Diffusion 1.x/2.x UNet: SD 1.4/1.5/2.0/2.1(-base) and the project's own shapes model.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import registry
+from .registry import ModelEntry, register_model, shipped_models
+
 __all__ = [
     "DEFAULT_MODEL",
+    "LoadedModel",
     "ModelNotAvailableError",
     "shipped_models",
     "register_model",
     "resolve_device",
+    "load_model",
     "load_pipeline",
 ]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-_PACKAGE = Path(__file__).resolve().parent
-# a non-editable install carries shipped models inside the package; a checkout keeps them in data/
-_MODEL_DIRS = (_PACKAGE / "_models", _PACKAGE.parent / "data" / "models")
-_REGISTRY: dict[str, dict] = {}
 
 
 class ModelNotAvailableError(OSError):
     """The weights of a model cannot be found here."""
 
 
-def register_model(name: str, folder: str | os.PathLike | None = None, preset: str | None = None) -> None:
-    """Make ``load_pipeline(name)`` load a model folder; ``preset`` becomes ``ISeg``'s default for it."""
-    _REGISTRY[name] = {"folder": None if folder is None else Path(folder), "preset": preset}
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A loaded diffusers pipeline and what iseg knows about the model.
 
+    ``ISeg`` takes one (or a bare pipeline, which gets its class name and no preset). The
+    pipeline's parts are readable here too (``model.unet``, ``model.vae``, ...), and calling the
+    model calls the pipeline (text-to-image generation).
+    """
 
-def shipped_models() -> dict[str, Path]:
-    """Short names of the models this installation ships, with their folders."""
-    found = {}
-    for name, entry in _REGISTRY.items():
-        folder = entry["folder"]
-        candidates = [folder] if folder is not None else [d / name for d in _MODEL_DIRS]
-        for c in candidates:
-            if (c / "model_index.json").is_file():
-                found[name] = c
-                break
-    return found
+    pipe: object
+    name: str
+    entry: ModelEntry | None = None  # the registry entry of a named model
+
+    @classmethod
+    def of(cls, model) -> LoadedModel:
+        """``model`` itself, or a bare pipeline wrapped with its class name."""
+        return model if isinstance(model, LoadedModel) else cls(model, type(model).__name__)
+
+    @property
+    def preset(self) -> str | None:
+        return self.entry.preset if self.entry is not None else None
+
+    @property
+    def card(self) -> Path | None:
+        return self.entry.card if self.entry is not None else None
+
+    def _plugin(self, attribute: str, default=None):
+        module = registry.plugin(self.entry.name) if self.entry is not None else None
+        return getattr(module, attribute, default)
+
+    @property
+    def known_words(self) -> frozenset[str] | None:
+        """The model's closed word list where it has one (the shapes model's vocabulary), else
+        ``None``: a byte-level tokenizer splits any word into pieces, and for a model trained on a
+        few words, pieces of a word it never saw mean nothing."""
+        words = self._plugin("KNOWN_WORDS")
+        return None if words is None else frozenset(w.lower() for w in words)
+
+    @property
+    def label_thresholds(self) -> Mapping | None:
+        """Thresholds for ``iseg.labels``' attention method chosen for this model, if any."""
+        return self._plugin("LABEL_THRESHOLDS")
+
+    def example(self, index: int = 0):
+        """``(image, classes)`` from the model's plug-in, or ``None`` when it has no examples."""
+        make = self._plugin("example")
+        return None if make is None else make(index)
+
+    # the pipeline's parts, for code written against a diffusers pipeline
+    unet = property(lambda self: self.pipe.unet)
+    vae = property(lambda self: self.pipe.vae)
+    text_encoder = property(lambda self: self.pipe.text_encoder)
+    tokenizer = property(lambda self: self.pipe.tokenizer)
+    scheduler = property(lambda self: self.pipe.scheduler)
+    device = property(lambda self: self.pipe.device)
+    dtype = property(lambda self: self.pipe.dtype)
+
+    def __call__(self, *args, **kwargs):
+        return self.pipe(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(name={self.name!r}, preset={self.preset!r}, pipeline={type(self.pipe).__name__})"
 
 
 def resolve_device(device=None) -> torch.device:
@@ -90,10 +140,10 @@ def _unavailable(model: str, reason: str) -> ModelNotAvailableError:
         f"cannot load model {model!r}: {reason}\n"
         "Three ways out:\n"
         f"  1. connect to the internet once and download it (`hf download {hub_id}`, or call\n"
-        "     load_pipeline once online); later runs use the cache, also with HF_HUB_OFFLINE=1;\n"
+        "     load_model once online); later runs use the cache, also with HF_HUB_OFFLINE=1;\n"
         "  2. pass a local folder in diffusers layout (model_index.json, unet/, vae/, text_encoder/,\n"
-        "     tokenizer/, scheduler/), e.g. load_pipeline('/path/to/stable-diffusion-2-1-base');\n"
-        f"  3. use the model shipped with iseg, which runs on a CPU: load_pipeline({shipped[0]!r})."
+        "     tokenizer/, scheduler/), e.g. load_model('/path/to/stable-diffusion-2-1-base');\n"
+        f"  3. use the model shipped with iseg, which runs on a CPU: load_model({shipped[0]!r})."
     )
 
 
@@ -120,12 +170,14 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
         tlog.enable_progress_bar()
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks that nothing touches the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None, verbose: bool = True):
-    """Load a pipeline for iSeg and move it to ``device``.
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
+               verbose: bool = True) -> LoadedModel:
+    """Load a model for iSeg and move it to ``device``; returns a ``LoadedModel``.
 
     ``model`` is a hub id (default: SD 2.1-base), a local folder in diffusers layout, a short name
     of a shipped model (``"shapes"``), or ``"auto"``: SD 2.1-base when its weights are in the local
@@ -137,7 +189,6 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: 
     device = resolve_device(device)
     dtype = dtype or _default_dtype(device)
     name = os.fspath(model)
-    preset = None
 
     if name == "auto":
         pipe = None
@@ -156,18 +207,17 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: 
             why = "" if name != "shapes" else " (SD 2.1-base needs its weights in the cache and a GPU)"
             print(f"iseg: model 'auto' -> {name}{why}", file=sys.stderr)
         if pipe is not None:
-            return _finish(pipe, device, name, preset)
+            return _finish(pipe, device, name)
 
     shipped = shipped_models()
     if name in shipped:
-        preset = _REGISTRY[name]["preset"]
         source = str(shipped[name])
         try:
             pipe = _from_pretrained(source, dtype, local_only=True)
         except (OSError, ValueError) as err:
             raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
-        return _finish(pipe, device, name, preset)
-    if name in _REGISTRY:
+        return _finish(pipe, device, name)
+    if name in registry.MODELS:
         raise _unavailable(name, "it is registered but its folder is missing from this installation")
 
     path = Path(name).expanduser()
@@ -178,7 +228,7 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: 
             pipe = _from_pretrained(str(path), dtype, local_only=True)
         except (OSError, ValueError) as err:
             raise _unavailable(name, f"the folder {path} could not be loaded ({err})") from err
-        return _finish(pipe, device, str(path), preset)
+        return _finish(pipe, device, str(path))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise _unavailable(name, f"no such folder: {path}")
 
@@ -186,22 +236,27 @@ def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: 
     try:
         pipe = _from_pretrained(name, dtype, local_only=True)
     except Exception as cache_err:  # noqa: BLE001
-        if _offline():
+        if hub_offline():
             raise _unavailable(name, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set") from cache_err
         try:
             pipe = _from_pretrained(name, dtype, local_only=False)
         except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same here
             raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: {err})") from err
-    return _finish(pipe, device, name, preset)
+    return _finish(pipe, device, name)
 
 
-def _finish(pipe, device, name: str, preset: str | None):
+def _finish(pipe, device, name: str) -> LoadedModel:
     from diffusers import UNet2DConditionModel
 
     if not isinstance(pipe.unet, UNet2DConditionModel):
         raise TypeError(f"{name}: iSeg needs a UNet2DConditionModel, got {type(pipe.unet).__name__}")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.iseg_model_name = name
-    pipe.iseg_default_preset = preset
-    return pipe
+    return LoadedModel(pipe, name, registry.MODELS.get(name))
+
+
+def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
+                  verbose: bool = True) -> LoadedModel:
+    """The older name of ``load_model``; it returns the same ``LoadedModel`` (``.pipe`` is the
+    diffusers pipeline)."""
+    return load_model(model, device=device, dtype=dtype, verbose=verbose)

@@ -8,12 +8,42 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
+from . import registry
 from .prompts import COCO_BACKGROUND, VOC_BACKGROUND
 
-__all__ = ["Settings", "SettingsError", "PRESETS", "register_preset", "make_settings", "parse_overrides"]
+__all__ = ["Settings", "SettingsError", "FrozenMap", "PRESETS", "register_preset", "make_settings", "find_preset",
+           "preset_names", "parse_overrides"]
+
+
+class FrozenMap(Mapping):
+    """A read-only, hashable mapping: what ``Settings`` holds where a field is a map, so that
+    settings can key caches and group observations (a ``dict`` would make them unhashable)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items=()):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self):
+        return FrozenMap, (self._items,)
 
 
 @dataclass(frozen=True)
@@ -53,8 +83,27 @@ class Settings:
     batch_size: int = 4
     return_self_attention: bool = False
 
+    def __post_init__(self):
+        # maps and lists given directly (not through make_settings) are frozen too: Settings is hashable
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping) and not isinstance(value, FrozenMap):
+                value = FrozenMap((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items())
+            elif isinstance(value, list):
+                value = tuple(value)
+            else:
+                continue
+            object.__setattr__(self, f.name, value)
+
+    def forward_key(self) -> tuple:
+        """The values of the settings that act before decoding (``FORWARD_FIELDS``): two settings
+        with equal keys give the same forward pass."""
+        return tuple(getattr(self, name) for name in FORWARD_FIELDS)
+
     def as_dict(self) -> dict:
         d = asdict(self)
+        d["cross_weights"] = None if self.cross_weights is None else dict(self.cross_weights)
+        d["cross_heads"] = dict(self.cross_heads) if isinstance(self.cross_heads, Mapping) else self.cross_heads
         if d["cross_weights"] is not None:
             d["cross_weights"] = {str(k): v for k, v in d["cross_weights"].items()}
         if isinstance(d["cross_heads"], Mapping):
@@ -78,6 +127,15 @@ PRESETS: dict[str, dict] = {
 }
 
 _FIELDS = {f.name for f in fields(Settings)}
+
+# Settings that act before decoding: a forward pass (an ``Observation``) made with one value of
+# any of them cannot stand for another (interactive sessions and the layer plan key on them).
+FORWARD_FIELDS = ("image_size", "aspect", "timestep", "seed", "gamma", "prompt_prefix", "prompt_joiner",
+                  "extra_words", "background_words", "cross_weights", "cross_layers", "cross_heads",
+                  "self_resolution", "self_layers", "self_heads")
+# The others act only on the observation (``decode``) or on how the work is split.
+DECODE_FIELDS = ("clustering", "cluster_rounds", "lam", "iterations", "clamp_max", "background", "bg_power",
+                 "threshold", "batch_size", "return_self_attention")
 # text settings: a command-line value is taken as typed (``--set prompt_prefix=1`` is the text "1")
 _TEXT_FIELDS = ("aspect", "prompt_prefix", "prompt_joiner", "background")
 
@@ -104,6 +162,19 @@ class SettingsError(ValueError, TypeError):
     that code written against either (the command lines, older callers) catches it."""
 
 
+def find_preset(name: str) -> dict | None:
+    """The overrides of a preset: one of ``PRESETS`` or one a registered model brings (its plug-in's
+    ``PRESETS``, read when first asked for); ``None`` when no such preset exists."""
+    if name in PRESETS:
+        return PRESETS[name]
+    return registry.model_presets().get(name)
+
+
+def preset_names() -> list[str]:
+    """Every preset name ``make_settings`` accepts."""
+    return sorted(set(PRESETS) | set(registry.model_presets()))
+
+
 def make_settings(preset: str | None = None, base: Settings | None = None, **overrides) -> Settings:
     """Settings from a preset name plus overrides, with every value checked.
 
@@ -114,11 +185,12 @@ def make_settings(preset: str | None = None, base: Settings | None = None, **ove
     """
     settings = base or Settings()
     if preset is not None:
-        if not isinstance(preset, str) or preset not in PRESETS:
-            close = difflib.get_close_matches(str(preset), sorted(PRESETS), n=1)
+        values = find_preset(preset) if isinstance(preset, str) else None
+        if values is None:
+            close = difflib.get_close_matches(str(preset), preset_names(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown preset {preset!r}{hint}; presets: {sorted(PRESETS)}")
-        settings = replace(settings, **PRESETS[preset])
+            raise ValueError(f"unknown preset {preset!r}{hint}; presets: {preset_names()}")
+        settings = replace(settings, **values)
     _check_names(overrides)
     settings = replace(settings, **overrides)
     return _validate(settings)
@@ -220,7 +292,7 @@ def _cross_weights(value):
         raise SettingsError(f"setting {name} names a resolution twice: {value!r}")
     if sum(out.values()) <= 0:
         raise SettingsError(f"setting {name}: the weights must not all be 0 (nothing would be read), got {value!r}")
-    return out
+    return FrozenMap(out)
 
 
 def _layers(name: str, value):
@@ -240,7 +312,7 @@ def _cross_heads(value):
     if isinstance(value, str):
         return _choice(name, value, ("reference-voc",))
     if isinstance(value, Mapping) and value:
-        return {_resolution(name, r): _heads(name, h) for r, h in value.items()}
+        return FrozenMap((_resolution(name, r), _heads(name, h)) for r, h in value.items())
     raise _fail(name, "null, 'reference-voc' or a map {resolution: [head positions]}", value)
 
 

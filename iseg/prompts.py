@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -126,7 +128,7 @@ def unknown_words(tokenizer, text: str, known=None) -> list[str]:
     for w in text.split():
         if known is not None and w.lower() not in known:
             out.append(w)
-        elif unk is not None and unk in tokenizer(w, add_special_tokens=False, truncation=False)["input_ids"]:
+        elif unk is not None and unk in token_ids(tokenizer, w, add_special_tokens=False, truncation=False):
             out.append(w)
     return out
 
@@ -165,8 +167,8 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
     names = list(classes)
     if offsets is not None and len(offsets) != len(names):
         raise ValueError(f"got {len(offsets)} offsets for {len(names)} classes")
-    ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
-    empty = tokenizer("", add_special_tokens=True)["input_ids"]
+    ids = token_ids(tokenizer, text, add_special_tokens=True, truncation=False)
+    empty = token_ids(tokenizer, "", add_special_tokens=True)
     front = 1 if empty and empty[0] == getattr(tokenizer, "bos_token_id", None) else 0
     unk = getattr(tokenizer, "unk_token_id", None)
     # CLIP's unknown token is its end token: look for it before the text's own end
@@ -177,7 +179,7 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
             raise problem
     spans, cursor = [], front
     for k, name in enumerate(names):
-        piece = tokenizer(name, add_special_tokens=False, truncation=False)["input_ids"]
+        piece = token_ids(tokenizer, name, add_special_tokens=False, truncation=False)
         if not piece:
             raise ValueError(f"class name {name!r} gives no tokens")
         at = -1
@@ -186,7 +188,7 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
                 raise ValueError(f"class {name!r} is not at character {offsets[k]} of the prompt {text!r}")
             # the tokens of the text before the class: CLIP splits words independently, so they are
             # exactly the prompt's first tokens
-            guess = front + len(tokenizer(text[: offsets[k]], add_special_tokens=False, truncation=False)["input_ids"])
+            guess = front + len(token_ids(tokenizer, text[: offsets[k]], add_special_tokens=False, truncation=False))
             at = guess if list(ids[guess : guess + len(piece)]) == list(piece) else _find(ids, piece, guess)
         else:
             at = _find(ids, piece, cursor)
@@ -195,6 +197,21 @@ def class_token_spans(tokenizer, text: str, classes: Sequence[str], offsets: Seq
         spans.append(tuple(range(at, at + len(piece))))
         cursor = at + len(piece)
     return ids, spans
+
+
+# One lock per tokenizer: a fast tokenizer sets its truncation and padding on every call, so
+# two threads calling it with other options at once can get each other's (a class then seems
+# missing from its own prompt).
+_TOKENIZER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def token_ids(tokenizer, text: str, **options) -> list[int]:
+    """``tokenizer(text, **options)["input_ids"]``, one call at a time per tokenizer."""
+    with _LOCKS_LOCK:
+        lock = _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
+    with lock:
+        return tokenizer(text, **options)["input_ids"]
 
 
 def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,
@@ -215,7 +232,7 @@ def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[
             f"class(es) {outside} fall outside the window. Use fewer classes per prompt, shorter "
             "names, or fewer background words (background_words=())"
         )
-    padded = tokenizer(text, padding="max_length", max_length=window, truncation=True)["input_ids"]
+    padded = token_ids(tokenizer, text, padding="max_length", max_length=window, truncation=True)
     return Prompt(text=text, classes=names, input_ids=tuple(padded), spans=tuple(spans))
 
 

@@ -15,8 +15,10 @@ import io
 
 import numpy as np
 
-from .explore import _set_picture, figure_widget, redraw
+from .examples import example
+from .explore import _set_picture, figure_widget, lam_slider, redraw
 from .images import read_pixels, to_uint8
+from .interactive import interactive_defaults
 
 __all__ = ["PromptWidget"]
 
@@ -29,13 +31,8 @@ class PromptWidget:
         import ipywidgets as w
         import matplotlib.pyplot as plt
 
-        from .explore import lam_slider
-        from .interactive import interactive_defaults
-
         if image is None:
-            from .examples import example
-
-            image = example(seg.pipe, 0)[0]
+            image = example(seg, 0)[0]
         self.seg = seg
         self.points: list[tuple[float, float]] = []
         self.stroke: list[tuple[float, float]] = []

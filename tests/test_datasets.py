@@ -8,11 +8,11 @@ from iseg.datasets import (
     CONTEXT_CLASSES,
     VOC_CLASSES,
     DatasetError,
-    ShapesDataset,
     class_names_of,
     open_dataset,
 )
 from iseg.shapes import CLASSES, SPLITS, sample
+from iseg.shapes.dataset import ShapesDataset
 
 SEEDS = [2_000_003, 2_000_001, 2_000_007]  # deliberately not sorted: list order must be kept
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 import iseg
 from iseg import eval as ev
-from iseg.datasets import ShapesDataset, open_dataset
+from iseg.datasets import open_dataset
 from iseg.metrics import confusion, miou
+from iseg.shapes.dataset import ShapesDataset
 
 SEEDS = list(range(2_000_000, 2_000_006))
 
@@ -150,7 +151,7 @@ class _FakeSeg:
     """Predicts every pixel as the first given class; counts what it computes."""
 
     preset = "fake"
-    pipe = None
+    model_name = None  # what evaluate_dataset records as the model
 
     def __init__(self, batch_size=2):
         self.settings = iseg.make_settings(None, batch_size=batch_size)

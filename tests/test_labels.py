@@ -6,9 +6,10 @@ import torch
 
 import iseg
 from iseg import labels as L
-from iseg.datasets import COCO_CLASSES, ShapesDataset
+from iseg.datasets import COCO_CLASSES
 from iseg.prompts import PromptTooLongError
 from iseg.shapes import CLASSES, SPLITS, sample
+from iseg.shapes.dataset import ShapesDataset
 
 LABEL_F1_FLOOR = 0.90
 
@@ -170,10 +171,10 @@ def test_clip_method_end_to_end_with_a_tiny_random_clip(tiny_clip_folder):
     # the same numbers by hand: mean of unit text embeddings over templates, cosine, scale, softmax
     with torch.no_grad():
         tok = tagger.tokenizer([t.format("star") for t in L.CLIP_TEMPLATES], padding=True, return_tensors="pt")
-        t = L._unit(L._features(tagger.model.get_text_features(**tok)))
-        star = L._unit(t.mean(0))
+        t = L.clip._unit(L.clip._features(tagger.model.get_text_features(**tok)))
+        star = L.clip._unit(t.mean(0))
         px = tagger.image_processor(images=images[:1], return_tensors="pt")["pixel_values"]
-        img = L._unit(L._features(tagger.model.get_image_features(pixel_values=px)))[0]
+        img = L.clip._unit(L.clip._features(tagger.model.get_image_features(pixel_values=px)))[0]
     text = tagger.text_features(CLASSES)
     np.testing.assert_allclose(text[CLASSES.index("star")].numpy(), star.numpy(), atol=1e-5)
     logits = tagger.model.logit_scale.exp() * (text @ img)

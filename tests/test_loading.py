@@ -15,7 +15,7 @@ def _check_ways_out(message: str, model: str):
     assert repr(model) in message
     assert "hf download" in message  # 1. download once
     assert "local folder" in message  # 2. a local folder
-    assert "load_pipeline('shapes')" in message  # 3. the shipped model
+    assert "load_model('shapes')" in message  # 3. the shipped model
 
 
 def test_missing_folder_names_the_model_and_three_ways_out(tmp_path):
@@ -51,6 +51,6 @@ def test_uncached_hub_id_offline_fails_fast_without_network():
 def test_shapes_is_shipped_and_auto_falls_back_to_it(capsys):
     assert "shapes" in iseg.shipped_models()
     pipe = load_pipeline("auto", device="cpu")
-    assert pipe.iseg_model_name == "shapes" and pipe.iseg_default_preset == "shapes"
+    assert pipe.name == "shapes" and pipe.preset == "shapes"
     assert "auto' -> shapes" in capsys.readouterr().err
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"

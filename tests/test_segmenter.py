@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import iseg
+import iseg.decode
 from iseg import ISeg, make_settings
 
 
@@ -95,8 +96,8 @@ def test_decode_reuses_the_forward_pass(tiny_pipe):
 def test_other_unet_layouts_use_all_layers_at_the_resolutions(tiny_pipe_small):
     seg = ISeg(tiny_pipe_small, iterations=2, cross_weights={8: 1.0})
     plan = seg.plan(16)
-    assert [layer.level for layer in plan["cross"][8]] == [1, 1, 1, 1]  # down, mid and two up layers at 8x8
-    assert {layer.resolution(16) for layer in plan["self"]} == {16}
+    assert [layer.level for layer in plan.cross[8]] == [1, 1, 1, 1]  # down, mid and two up layers at 8x8
+    assert {layer.resolution(16) for layer in plan.self_layers} == {16}
     r = seg.segment(_image(), ["cat"])
     assert r.maps.shape == (3, 1, 16, 16)
 
@@ -211,14 +212,14 @@ def test_reading_only_the_planned_layers_equals_capturing_everything(tiny_pipe):
     trace = seg.trace(image, classes, per_head=True)
     plan = seg.plan(trace.latent_side)
     cross = {}
-    for r, layers in plan["cross"].items():
+    for r, layers in plan.cross.items():
         heads = torch.cat([trace.store.heads(layer.name) for layer in layers], dim=1)  # (1, all heads, n, T)
         cross[r] = heads.mean(1)
-    self_heads = torch.cat([trace.store.heads(layer.name) for layer in plan["self"]], dim=1).mean(1)
-    x = R.aggregate_cross_attention(cross, plan["weights"], plan["self_resolution"])
+    self_heads = torch.cat([trace.store.heads(layer.name) for layer in plan.self_layers], dim=1).mean(1)
+    x = R.aggregate_cross_attention(cross, plan.weights, plan.self_resolution)
     m = R.class_maps(x[0], trace.prompt.spans)
     steps = R.refine(m, R.entropy_reduce(self_heads[0], seg.settings.lam), 3)
-    side = plan["self_resolution"]
+    side = plan.self_resolution
     maps = steps.transpose(-1, -2).reshape(4, 2, side, side)
     geometry = prepare(load_image(image), seg.image_size(), "stretch")[1]
     labels = maps_to_labels(minmax(to_original(maps[-1], geometry, seg.image_size())), "power")
@@ -254,11 +255,11 @@ def test_compiled_vae_encoder_gives_the_plain_latents_and_maps(tiny_pipe):
     plain_z, plain = seg.encode_images(pixels), seg.segment(images, classes)
     seg.compile(None, vae={"backend": "aot_eager"})
     try:
-        assert seg._encode is not None
+        assert seg.forward.encoder is not None
         compiled_z, fast = seg.encode_images(pixels), seg.segment(images, classes)
     finally:
         seg.compile(None)
-    assert seg._encode is None  # switching back drops the compiled encoder
+    assert seg.forward.encoder is None  # switching back drops the compiled encoder
     assert torch.allclose(plain_z, compiled_z, atol=1e-5) and not torch.allclose(plain_z, torch.zeros_like(plain_z))
     for p, f in zip(plain, fast):
         assert np.allclose(p.maps, f.maps, atol=1e-4)
@@ -288,7 +289,7 @@ def test_cuda_graphs_on_a_cpu_pipeline_are_refused_with_the_alternative(tiny_pip
         seg.compile("cuda-graph")
     with pytest.raises(ValueError, match="unknown compile method 'fast'"):
         seg.compile("fast")
-    assert seg._fast is None
+    assert seg.compiled is None
 
 
 def test_offloaded_text_encoder_gives_the_same_embedding(tiny_pipe_small):
@@ -331,7 +332,7 @@ def test_batched_decode_equals_one_image_at_a_time(tiny_pipe, monkeypatch):
     seg = ISeg(tiny_pipe, iterations=4, clustering=False, batch_size=5)
     images = [_image(1), _image(2, 30, 60), _image(3), _image(4), _image(5, 30, 60)]
     classes = [["cat"], ["cat", "dog"], ["cat", "dog"], ["dog", "cat"], ["cat", "dog"]]
-    monkeypatch.setattr(ISeg, "_DECODE_BYTES", 1)  # every chunk one image: exercises the chunking too
+    monkeypatch.setattr(iseg.decode, "DECODE_BYTES", 1)  # every chunk one image: exercises the chunking too
     chunked = seg.segment(images, classes)
     monkeypatch.undo()
     batched = seg.segment(images, classes)
@@ -371,7 +372,7 @@ def test_one_iseg_from_two_threads_equals_sequential_calls(shapes_pipe):
         return seg.segment(image, arg, iterations=2 + len(arg)).labels
 
     sequential = [run(job) for job in jobs]
-    seg._prompt_cache.clear()
+    seg.clear_prompt_sessions()
     out: dict[int, np.ndarray] = {}
     errors = []
 

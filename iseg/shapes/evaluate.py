@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..loading import load_model
 from ..masks import maps_to_labels
 from ..metrics import confusion, iou_per_class, miou
+from ..presets import parse_overrides
+from ..segmenter import ISeg
+from .dataset import ShapesDataset
 from .world import CLASSES, SPLITS, sample
 
 __all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "main"]
@@ -37,8 +41,6 @@ NUM_LABELS = len(CLASSES) + 1
 
 def to_dataset_labels(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """Map labels of a result (k = k-th given class) to shapes-world labels (k = CLASSES[k-1])."""
-    from ..datasets import ShapesDataset
-
     return ShapesDataset.to_dataset_labels(labels, classes, np.int64)
 
 
@@ -210,10 +212,6 @@ def choose_label_rule(tables: Sequence[dict], min_iterations: int = 5, max_itera
 
 
 def main(argv=None):
-    from ..loading import load_pipeline
-    from ..presets import parse_overrides
-    from ..segmenter import ISeg
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
     p.add_argument("--split", default="val", choices=sorted(SPLITS))
@@ -239,10 +237,8 @@ def main(argv=None):
             print(f"t = {t}:", json.dumps(choose_label_rule(tables)))
         return
     overrides = parse_overrides(args.set)
-    pipe = load_pipeline(args.model, device="cpu")
+    pipe = load_model(args.model, device="cpu")
     if args.random_init:
-        import torch
-
         torch.manual_seed(0)  # the same architecture as the loaded model, freshly initialised
         pipe.unet.load_state_dict(type(pipe.unet).from_config(pipe.unet.config).state_dict())
         pipe.text_encoder.load_state_dict(type(pipe.text_encoder)(pipe.text_encoder.config).state_dict())

@@ -1,0 +1,120 @@
+"""Stable Diffusion 1.x/2.x: a VAE, a CLIP text encoder and a ``UNet2DConditionModel``.
+
+The reference implementation's layer and head choices live here: they name layers of this UNet
+(method document §3) and only mean something on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..capture import AttentionLayer, attention_layers
+from ..prompts import encode_prompt
+from .base import Backbone
+
+__all__ = ["UNetBackbone", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
+           "SD2_HEADS"]
+
+# Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent.
+REFERENCE_CROSS = {
+    2: ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1",
+        "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"),
+    1: ("down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"),
+}
+REFERENCE_SELF = ("up_blocks.3.attentions.1",)
+# Head positions of the reference VOC runs on the axis made by concatenating the heads of the
+# layers above, in that order. They only mean something on SD 2.1-base.
+REFERENCE_VOC_HEADS = {
+    1: (22, 5, 21, 13, 8, 27, 28, 6, 25),
+    2: (76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93, 51,
+        58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32),
+}
+SD2_HEADS = {0: 5, 1: 10, 2: 20}  # heads per layer at each level on SD 2.x
+REFERENCE_SELF_HEADS = (1, 2)
+
+
+class UNetBackbone(Backbone):
+    """A Stable-Diffusion-style pipeline: ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``
+    and a ``UNet2DConditionModel`` (``pipe.unet``)."""
+
+    def __init__(self, pipe):
+        self.encoding = posterior_mean
+        self.pipe = pipe
+        self.denoiser = pipe.unet
+        self.tokenizer = pipe.tokenizer
+        self._layers: list[AttentionLayer] | None = None
+
+    @staticmethod
+    def accepts(pipe) -> bool:
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        return all(getattr(pipe, p, None) is not None for p in parts) and hasattr(pipe.unet, "down_blocks")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        sample = self.denoiser.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * self.latent_scale
+
+    def size_step(self) -> int:
+        # the VAE's factor times the UNet's downsampling: every level must halve an integer side
+        return self.latent_scale * 2 ** max(0, len(self.denoiser.down_blocks) - 1)
+
+    # -- the noisy forward pass ------------------------------------------------------------------
+    def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
+        vae = self.pipe.vae
+        x = (2 * pixels - 1).to(self.device, next(vae.parameters()).dtype)
+        z0 = (self.encoding if encoder is None else encoder)(vae, x)
+        return z0 * vae.config.scaling_factor
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.pipe.scheduler.add_noise(z0, noise, t)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
+        (self.denoiser if module is None else module)(z_t, t, encoder_hidden_states=embedding, return_dict=False)
+
+    # -- attention layers ------------------------------------------------------------------------
+    def attention_layers(self) -> list[AttentionLayer]:
+        if self._layers is None:
+            self._layers = attention_layers(self.denoiser)
+        return list(self._layers)
+
+    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+        if kind == "cross":
+            return REFERENCE_CROSS.get(level)
+        return REFERENCE_SELF if level == 0 else None
+
+    def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
+        # the reference's head positions were chosen on SD 2.x's reference layers; anywhere else
+        # (SD 1.x's 8 heads, another layer set) the same positions would pick other heads
+        if kind == "cross":
+            names = REFERENCE_CROSS.get(level)
+            heads = REFERENCE_VOC_HEADS.get(level)
+            same = names is not None and _covers(layers, names)
+            ok = same and heads is not None and all(layer.heads == SD2_HEADS[level] for layer in layers)
+            return heads if ok else None
+        sd2 = [layer.name for layer in layers] == [n + ".transformer_blocks.0.attn1" for n in REFERENCE_SELF]
+        return REFERENCE_SELF_HEADS if sd2 and level == 0 and all(layer.heads == SD2_HEADS[0] for layer in layers) else None
+
+    # -- the prompt ------------------------------------------------------------------------------
+    def encode_text(self, input_ids: Sequence[int]) -> torch.Tensor:
+        encoder = self.pipe.text_encoder
+        return encode_prompt(encoder, input_ids, next(encoder.parameters()).device)
+
+    def offload_text_encoder(self) -> None:
+        self.pipe.text_encoder.to("cpu", torch.float32)
+
+
+def posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """The mean of the VAE's latent distribution (the reference encodes without sampling)."""
+    return vae.encode(x).latent_dist.mean
+
+
+def _covers(layers: Sequence[AttentionLayer], prefixes: Sequence[str]) -> bool:
+    return all(any(layer.name == p or layer.name.startswith(p + ".") for p in prefixes) for layer in layers)

@@ -1,0 +1,91 @@
+"""From observations to masks (method document §4 to §6), with no pipeline: KL clustering,
+Cat-Cross class maps, Ent-Self, iterative refinement and the background rule.
+
+    results = decode(observations)                 # each with the settings it was made with
+    results = decode(observations, lam=1.0)        # or with post-forward settings changed
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from . import refine as R
+from .images import to_original
+from .masks import maps_to_labels, minmax
+from .presets import Settings, make_settings
+from .results import Observation, SegmentationResult
+
+__all__ = ["decode", "decode_one", "DECODE_BYTES"]
+
+# self-attention matrices refined together at most (bytes of float32), so that a batch of
+# 4096-pixel maps does not multiply the memory the refinement needs
+DECODE_BYTES = 512 * 2**20
+
+
+def decode(observations: Sequence[Observation], **overrides) -> list[SegmentationResult]:
+    """One ``SegmentationResult`` per observation. Observations that share settings, class count,
+    attention grid and image geometry are refined as one batch, with one copy to the host per
+    batch. ``overrides`` change settings that act after the forward pass (``DECODE_FIELDS``, and
+    ``cross_weights`` among the captured resolutions)."""
+    groups: dict[tuple, list[int]] = {}
+    settings: dict[Settings, Settings] = {}
+    for i, obs in enumerate(observations):
+        if obs.settings not in settings:
+            settings[obs.settings] = make_settings(None, base=obs.settings, **overrides) if overrides else obs.settings
+        groups.setdefault((settings[obs.settings], len(obs.prompt.classes), obs.grid, obs.geometry, obs.size), []).append(i)
+    results: list[SegmentationResult | None] = [None] * len(observations)
+    for (s, _, grid, _, _), members in groups.items():
+        chunk = max(1, DECODE_BYTES // (4 * grid**4))
+        for start in range(0, len(members), chunk):
+            part = members[start : start + chunk]
+            for i, result in zip(part, _decode_group([observations[i] for i in part], s)):
+                results[i] = result
+    return results
+
+
+def decode_one(obs: Observation, **overrides) -> SegmentationResult:
+    return decode([obs], **overrides)[0]
+
+
+def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationResult]:
+    t0 = time.perf_counter()
+    first = group[0]
+    weights = first.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
+    if not weights:
+        raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
+                         "give at least one resolution a positive weight")
+    grid, classes, count = first.grid, len(first.prompt.classes), len(group)
+    cross = {r: torch.stack([o.cross[r] for o in group]) for r in weights if r in first.cross}
+    x = R.aggregate_cross_attention(cross, weights, grid)  # (B, n, T)
+    if s.clustering:
+        x = R.kl_cluster(x, rounds=s.cluster_rounds)
+    m = torch.stack([R.class_maps(x[b], o.prompt.spans) for b, o in enumerate(group)])  # (B, n, C)
+    P = R.entropy_reduce(torch.stack([o.self_attention for o in group]), s.lam, s.clamp_max)
+    steps = R.refine(m, P, s.iterations)  # (B, N+1, n, C)
+    del P
+    maps = steps.transpose(-1, -2).reshape(count, s.iterations + 1, classes, grid, grid)
+    scores = minmax(to_original(maps[:, -1], first.geometry, first.size))
+    labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold).cpu().numpy()
+    maps_np = maps.float().cpu().numpy()
+    initial = m.transpose(1, 2).reshape(count, classes, grid, grid).float().cpu().numpy()
+    refine_s = (time.perf_counter() - t0) / count
+    return [
+        SegmentationResult(
+            labels=labels[b],
+            classes=obs.prompt.classes,
+            maps=maps_np[b],
+            initial=initial[b],
+            prompt=obs.prompt.text,
+            token_spans=obs.prompt.spans,
+            image=obs.image,
+            settings=s,
+            geometry=obs.geometry,
+            size=obs.size,
+            self_attention=obs.self_attention.cpu().numpy() if s.return_self_attention else None,
+            timing={"forward_s": obs.forward_s, "refine_s": refine_s, "total_s": obs.forward_s + refine_s},
+        )
+        for b, obs in enumerate(group)
+    ]

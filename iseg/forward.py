@@ -1,0 +1,188 @@
+"""One noisy forward pass with attention capture (method document §1 and §3), and how it is launched.
+
+``NoisyForward(backbone)`` encodes images, adds the seed's noise at the timestep and runs the
+denoiser once with capture processors on the layers of a ``LayerPlan``. Launch options keep the
+capture exactly as it is and change only how the pass is started:
+
+- plain (default): ``capture_attention`` around the denoiser call;
+- ``"cuda-graph"``: record the pass with capture once per input shape into a CUDA graph, then
+  replay it (at batch 1 a large GPU is bound by kernel launches, not arithmetic);
+- ``"torch"``: ``torch.compile`` of the denoiser with the capture processors installed for as
+  long as it is used.
+
+``trace`` captures every layer (per head) for looking inside the model; the bench times the same
+``encode`` and ``denoise`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .backbones import Backbone
+from .capture import AttentionLayer, AttentionStore, capture_attention, install_capture
+from .plan import LayerPlan
+
+__all__ = ["NoisyForward", "GraphedForward", "CompiledForward", "make_launcher", "require_cuda", "METHODS"]
+
+METHODS = ("cuda-graph", "torch")
+
+
+class NoisyForward:
+    """Encode, noise and denoise once with capture; ``set_launch`` chooses how the pass starts."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.launcher = None  # GraphedForward or CompiledForward; None: the plain path
+        self.encoder = None  # a torch.compile'd VAE encoding, or None
+        self._noise: dict[tuple, torch.Tensor] = {}
+
+    def set_launch(self, method: str | None, vae: bool | Mapping = False, **compile_kwargs) -> None:
+        if not isinstance(vae, (bool, Mapping)):
+            raise TypeError(f"vae must be True, False or a dict of torch.compile arguments, got {vae!r}")
+        launcher = None if method is None else make_launcher(method, **compile_kwargs)
+        if method == "cuda-graph":
+            require_cuda(self.backbone.device)  # refused now, not at the first segment call
+        if self.launcher is not None:
+            self.launcher.release(self.backbone)
+        self.launcher = launcher
+        options = {"dynamic": False, **(vae if isinstance(vae, Mapping) else {})}
+        self.encoder = None if vae is False else torch.compile(self.backbone.encoding, **options)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents ``z0`` of ``(B, 3, S, S)`` images in [0, 1] (method document §1)."""
+        return self.backbone.encode(pixels, self.encoder)
+
+    def noisy(self, z0: torch.Tensor, seed: int, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z_t, t)`` with the same noise, drawn from ``seed``, for every image: batches equal single calls."""
+        # a CPU generator, so any device gives the same noise; kept on the device so a batch costs
+        # no host-to-device copy, which would wait for the VAE
+        key = (seed, tuple(z0.shape[1:]), z0.device, z0.dtype)
+        noise = self._noise.get(key)
+        if noise is None:
+            draw = torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+            self._noise.clear()  # one entry is all a run needs
+            noise = self._noise[key] = draw.to(z0.device, z0.dtype)
+        t = torch.full((z0.shape[0],), timestep, dtype=torch.long, device=z0.device)
+        return self.backbone.add_noise(z0, noise.expand_as(z0), t), t
+
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, embedding: torch.Tensor, plan: LayerPlan, seed: int, timestep: int,
+            self_attention: bool = True):
+        """``({r: cross (B, r*r, T)}, self (B, n, n) or None)`` of one pass over ``pixels``."""
+        z_t, t = self.noisy(self.encode(pixels), seed, timestep)
+        layers = plan.layers(self_attention)
+        if self.launcher is not None:
+            # the store belongs to the graph or compiled module; by_resolution returns new tensors
+            store = self.launcher(self.backbone, layers, plan.heads, z_t, t, embedding)
+            cross = store.by_resolution("cross")
+            attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
+            return cross, attn_self
+        with capture_attention(self.backbone.denoiser, layers, heads=dict(plan.heads)) as store:
+            self.backbone.denoise(z_t, t, embedding)
+        cross = store.by_resolution("cross")
+        attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
+        store.clear()
+        return cross, attn_self
+
+    @torch.no_grad()
+    def trace(self, pixels: torch.Tensor, embedding: torch.Tensor, layers: Sequence[AttentionLayer], seed: int,
+              timestep: int, per_head: bool = True) -> tuple[AttentionStore, int]:
+        """Every one of ``layers`` captured (per head) in one pass; returns the store and the latent side."""
+        z0 = self.encode(pixels)
+        z_t, t = self.noisy(z0, seed, timestep)
+        with capture_attention(self.backbone.denoiser, layers, per_head=per_head) as store:
+            self.backbone.denoise(z_t, t, embedding)
+        return store, z0.shape[-1]
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"CUDA graphs need the pipeline on a CUDA device, it is on {device}; "
+            "use seg.compile('torch') or the plain path (seg.compile(None)) there"
+        )
+
+
+def _key(layers: Sequence[AttentionLayer], heads) -> tuple:
+    heads = {k: tuple(v) for k, v in heads.items()} if isinstance(heads, Mapping) else heads
+    return tuple(layer.name for layer in layers), repr(heads)
+
+
+class GraphedForward:
+    """One CUDA graph per (captured layers, heads, input shapes, dtype)."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+        self._graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, backbone: Backbone, layers, heads, z_t, t, emb) -> AttentionStore:
+        require_cuda(z_t.device)
+        key = _key(layers, heads) + (tuple(z_t.shape), tuple(emb.shape), z_t.dtype, emb.dtype, z_t.device)
+        if key not in self._graphs:
+            self._graphs[key] = self._record(backbone, layers, heads, z_t, t, emb)
+        graph, (static_z, static_t, static_e), store = self._graphs[key]
+        static_z.copy_(z_t)
+        static_t.copy_(t)
+        static_e.copy_(emb)
+        graph.replay()
+        return store
+
+    def _record(self, backbone: Backbone, layers, heads, z_t, t, emb):
+        inputs = (z_t.clone(), t.clone(), emb.clone())
+        with capture_attention(backbone.denoiser, layers, heads=dict(heads)) as store:
+            side = torch.cuda.Stream(device=z_t.device)
+            side.wait_stream(torch.cuda.current_stream(z_t.device))
+            with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+                for _ in range(self.warmup):
+                    backbone.denoise(*inputs)
+            torch.cuda.current_stream(z_t.device).wait_stream(side)
+            store.clear()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                backbone.denoise(*inputs)
+        # the store now holds the graph's own output tensors, which every replay rewrites
+        return graph, inputs, store
+
+    def release(self, backbone: Backbone) -> None:
+        self._graphs.clear()
+
+
+class CompiledForward:
+    """``torch.compile`` of the denoiser with the capture processors installed while it is used."""
+
+    def __init__(self, **compile_kwargs):
+        self.compile_kwargs = compile_kwargs
+        self._key = None
+        self._store: AttentionStore | None = None
+        self._restore = None
+        self._fn = None
+
+    def __call__(self, backbone: Backbone, layers, heads, z_t, t, emb) -> AttentionStore:
+        key = _key(layers, heads)
+        if key != self._key:
+            self.release(backbone)
+            self._store, self._restore = install_capture(backbone.denoiser, layers, dict(heads))
+            self._fn = torch.compile(backbone.denoiser, **self.compile_kwargs)
+            self._key = key
+        self._store.clear()
+        backbone.denoise(z_t, t, emb, module=self._fn)
+        return self._store
+
+    def release(self, backbone: Backbone) -> None:
+        """Put the denoiser's own processors back."""
+        if self._restore is not None:
+            self._restore()
+        self._key = self._store = self._restore = self._fn = None
+
+
+def make_launcher(method: str, **compile_kwargs):
+    if method == "cuda-graph":
+        if compile_kwargs:
+            raise TypeError(f"'cuda-graph' takes no torch.compile arguments, got {sorted(compile_kwargs)}")
+        return GraphedForward()
+    if method == "torch":
+        return CompiledForward(**compile_kwargs)
+    raise ValueError(f"unknown compile method {method!r}; choose one of {METHODS} (or None for the plain path)")

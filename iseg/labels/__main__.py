@@ -1,0 +1,5 @@
+import sys
+
+from ..shapes.calibrate import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""The ``attention`` label method: which classes of a vocabulary the model's own attention finds.
+
+The vocabulary goes into as few prompts as the prompt window allows; every prompt is segmented as
+usual, and a class is kept when it wins at least ``min_share`` of the image's pixels (foreground
+in the refined segmentation, and more raw cross-attention there than the prompt's other classes)
+and its raw cross-attention peak is at least ``min_peak`` times the strongest class's.
+``choose_thresholds`` and ``choose_thresholds_by_miou`` pick the two thresholds on labelled images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..images import as_image_list, to_original
+from ..metrics import miou
+from ..prompts import PromptTooLongError, UnknownWordError, check_class_names
+from ..refine import class_maps
+
+__all__ = [
+    "AttentionThresholds", "attention_thresholds", "known_vocabulary", "chunk_vocabulary", "raw_class_maps",
+    "attention_evidence", "select_by_evidence", "label_scores", "choose_thresholds", "choose_thresholds_by_miou",
+]
+
+
+@dataclass(frozen=True)
+class AttentionThresholds:
+    """Decision rule of the ``attention`` method (see the module docstring)."""
+
+    min_share: float = 0.01
+    min_peak: float = 0.5
+    min_labels: int = 1
+
+
+def attention_thresholds(seg) -> AttentionThresholds:
+    """The attention thresholds for ``seg``'s model: the model's own where its plug-in brings them
+    (the shapes model's were chosen on its validation split, ``iseg.shapes.calibrate``), else the
+    generic defaults."""
+    own = seg.model.label_thresholds
+    return AttentionThresholds(**own) if own is not None else AttentionThresholds()
+
+
+def known_vocabulary(seg, vocabulary: Sequence[str], settings=None) -> tuple[str, ...]:
+    """The names of ``vocabulary`` that ``seg``'s tokenizer knows, with a warning naming the others.
+
+    A word the tokenizer does not know becomes its unknown (end-of-text) token, whose attention
+    says nothing about the image; such a name is never predicted present. Refused when no name
+    is left.
+    """
+    names = check_class_names(vocabulary)
+    s = settings or seg.settings
+    known, unknown = [], []
+    for name in names:
+        try:
+            seg.prompt_for([name], s)
+            known.append(name)
+        except UnknownWordError:
+            unknown.append(name)
+        except PromptTooLongError:
+            known.append(name)  # chunk_vocabulary reports it
+    if unknown and not known:
+        raise UnknownWordError(f"none of the vocabulary's {len(names)} names is known to the {seg.model_name!r} "
+                               f"model's tokenizer (e.g. {unknown[:5]}); no label can be predicted", unknown)
+    if unknown:
+        warnings.warn(f"{len(unknown)} vocabulary name(s) have words the {seg.model_name!r} model's tokenizer does "
+                      f"not know and are never predicted: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}",
+                      stacklevel=3)
+    return tuple(known)
+
+
+def chunk_vocabulary(seg, vocabulary: Sequence[str], **overrides) -> list[tuple[str, ...]]:
+    """Split ``vocabulary`` into consecutive groups that each fit one prompt of ``seg``'s settings.
+
+    Every class lands in exactly one group, in vocabulary order; a name too long to fit even alone
+    raises ``PromptTooLongError``.
+    """
+    names = check_class_names(vocabulary)  # also refuses a class listed twice
+    s = seg.with_settings(**overrides)
+    names = known_vocabulary(seg, names, s)
+    chunks: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for name in names:
+        try:
+            seg.prompt_for(current + [name], s)
+            current.append(name)
+        except PromptTooLongError:
+            if not current:
+                raise
+            chunks.append(tuple(current))
+            current = [name]
+            seg.prompt_for(current, s)  # a single name that does not fit raises here
+    chunks.append(tuple(current))
+    return chunks
+
+
+def raw_class_maps(obs) -> torch.Tensor:
+    """``(C, g, g)`` head-mean cross-attention probability of each class's tokens on the
+    self-attention grid, the resolutions mixed with the observation's weights. Unlike the maps the
+    method refines, these are not normalised per class, so classes can be compared."""
+    total = float(sum(obs.weights.values())) or 1.0
+    mixed = 0
+    for r, w in obs.weights.items():
+        a = obs.cross[r].float()  # (r*r, T)
+        probs = class_maps(a, obs.prompt.spans).T.reshape(-1, 1, r, r)
+        if r != obs.grid:
+            probs = F.interpolate(probs, size=(obs.grid, obs.grid), mode="bilinear", align_corners=False)
+        mixed = mixed + (w / total) * probs[:, 0]
+    return mixed
+
+
+def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = False, **overrides) -> list[dict]:
+    """Per image, ``{class: {"share": ..., "peak": ..., "relative_peak": ...}}`` for the vocabulary.
+
+    Each prompt (``chunk_vocabulary``) is segmented as usual. ``share``: the fraction of the
+    image's pixels that the refined segmentation calls foreground and where this class draws the
+    most raw cross-attention among its prompt's classes (evidence against background and against
+    the other classes); ``peak``: the class's highest raw cross-attention probability
+    (``raw_class_maps``); ``relative_peak``: ``peak`` over the image's highest class peak.
+    """
+    items = as_image_list(images)[0]
+    evidence: list[dict] = [{} for _ in items]
+    chunks = chunk_vocabulary(seg, vocabulary, **overrides)
+    batch = seg.with_settings(**overrides).batch_size
+    with tqdm(total=len(items) * len(chunks), desc="labels", unit="img", disable=not progress) as bar:
+        for chunk in chunks:
+            for start in range(0, len(items), batch):
+                part = items[start : start + batch]
+                observed = seg.observe(part, list(chunk), progress=False, **overrides)
+                for k, (obs, result) in enumerate(zip(observed, seg.decode_batch(observed))):
+                    foreground = torch.from_numpy(result.labels > 0)
+                    raw = raw_class_maps(obs)
+                    winner = to_original(raw, obs.geometry, obs.size).argmax(0)
+                    for c, name in enumerate(chunk):
+                        evidence[start + k][name] = {"share": float(((winner == c) & foreground).float().mean()),
+                                                     "peak": float(raw[c].max())}
+                bar.update(len(part))
+    for ev in evidence:
+        top = max(v["peak"] for v in ev.values()) or 1.0
+        for v in ev.values():
+            v["relative_peak"] = v["peak"] / top
+    return evidence
+
+
+def _score(v: dict) -> float:
+    return v["share"] * v["relative_peak"]
+
+
+def select_by_evidence(evidence: Mapping[str, dict], thresholds: AttentionThresholds) -> list[str]:
+    """The classes of one image's evidence that pass both thresholds, at least ``min_labels`` of them."""
+    keep = [c for c, v in evidence.items() if v["share"] >= thresholds.min_share and v["relative_peak"] >= thresholds.min_peak]
+    if len(keep) < thresholds.min_labels:
+        ranked = sorted(evidence, key=lambda c: _score(evidence[c]), reverse=True)
+        keep += [c for c in ranked if c not in keep][: thresholds.min_labels - len(keep)]
+    order = list(evidence)
+    return sorted(keep, key=order.index)
+
+
+def label_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[str]]) -> dict:
+    """Precision, recall and F1 over (image, class) pairs."""
+    tp = sum(len(set(p) & set(t)) for p, t in zip(predicted, truth))
+    n_pred = sum(len(p) for p in predicted)
+    n_true = sum(len(t) for t in truth)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "correct": tp, "predicted": n_pred, "ground_truth": n_true}
+
+
+def _threshold_grid(evidence: Sequence[Mapping[str, dict]], min_labels: int, shares: int = 100) -> list[AttentionThresholds]:
+    values = np.array([v["share"] for ev in evidence for v in ev.values()])
+    share_grid = np.unique(np.concatenate([[0.0], np.quantile(values, np.linspace(0, 0.99, shares))]))
+    return [AttentionThresholds(float(ms), float(mp), min_labels) for ms in share_grid for mp in np.linspace(0, 1, 41)]
+
+
+def choose_thresholds(evidence: Sequence[Mapping[str, dict]], truth: Sequence[Sequence[str]],
+                      min_labels: int = 1) -> tuple[AttentionThresholds, dict]:
+    """The (min_share, min_peak) pair with the best label F1 on labelled images (a grid search)."""
+    best = None
+    for th in _threshold_grid(evidence, min_labels):
+        score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
+        if best is None or score["f1"] > best[1]["f1"]:
+            best = (th, score)
+    return best
+
+
+def choose_thresholds_by_miou(evidence: Sequence[Mapping[str, dict]], confusion_of, min_labels: int = 1,
+                              progress: bool = False) -> tuple[AttentionThresholds, float]:
+    """The (min_share, min_peak) pair whose predicted labels give the best open-vocabulary mIoU.
+
+    A wrong label costs a segmentation far more than F1 counts it (a spurious class takes an
+    object's pixels; a missed one loses them), so this searches the same grid as
+    ``choose_thresholds`` for the best mIoU instead. ``confusion_of(i, classes)`` returns image
+    ``i``'s confusion matrix when it is segmented with ``classes``; it is called once per distinct
+    class list an image receives over the grid. Ties go to the first pair of the grid.
+    """
+    grid = _threshold_grid(evidence, min_labels, shares=25)
+    totals: list = [0] * len(grid)
+    for i, ev in enumerate(tqdm(evidence, desc="thresholds", unit="img", disable=not progress)):
+        seen: dict[tuple[str, ...], np.ndarray] = {}
+        for k, th in enumerate(grid):
+            keep = tuple(select_by_evidence(ev, th))
+            if keep not in seen:
+                seen[keep] = np.asarray(confusion_of(i, list(keep)))
+            totals[k] = totals[k] + seen[keep]
+    scores = [miou(t) for t in totals]
+    k = int(np.argmax(scores))
+    return grid[k], 100 * float(scores[k])

@@ -1,0 +1,109 @@
+"""What the method produces: an ``Observation`` per forward pass, a ``SegmentationResult`` per
+decoded image, a ``Trace`` of every attention layer for looking inside the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import viz
+from .images import Geometry, to_original
+from .masks import maps_to_labels, minmax
+from .presets import Settings
+from .prompts import Prompt
+
+__all__ = ["Observation", "SegmentationResult", "Trace"]
+
+
+@dataclass
+class Observation:
+    """What one noisy forward pass gives for one image; ``iseg.decode.decode`` turns it into masks."""
+
+    cross: dict[int, torch.Tensor]  # {r: (r*r, T)} head-mean cross-attention
+    self_attention: torch.Tensor  # (n, n) head-mean self-attention, rows = query pixels
+    prompt: Prompt
+    image: np.ndarray  # (H, W, 3) uint8
+    geometry: Geometry
+    size: int  # side of the square the model saw
+    grid: int  # side of the self-attention grid
+    weights: dict[int, float]  # the plan's resolution weights
+    settings: Settings
+    forward_s: float = 0.0
+
+
+@dataclass
+class SegmentationResult:
+    """What ``ISeg.segment`` returns for one image."""
+
+    labels: np.ndarray  # (H, W) int64 at the original size; 0 = background, k = classes[k-1]
+    classes: tuple[str, ...]
+    maps: np.ndarray  # (iterations + 1, C, h, w) refined class maps on the attention grid
+    initial: np.ndarray  # (C, h, w) Cat-Cross class maps M before any normalisation
+    prompt: str
+    token_spans: tuple[tuple[int, ...], ...]
+    image: np.ndarray  # (H, W, 3) uint8, the input as read
+    settings: Settings
+    geometry: Geometry
+    size: int  # side of the square the model saw
+    self_attention: np.ndarray | None = None  # (n, n) when return_self_attention=True
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return self.maps.shape[0] - 1
+
+    def scores(self, iteration: int = -1) -> np.ndarray:
+        """``(C, H, W)`` class maps of one iteration at the original size, min-max normalised."""
+        maps = torch.from_numpy(self.maps[iteration])
+        return minmax(to_original(maps, self.geometry, self.size)).numpy()
+
+    def labels_at(self, iteration: int) -> np.ndarray:
+        """The label map after ``iteration`` refinement steps (0 = raw Cat-Cross maps)."""
+        s = self.settings
+        scores = torch.from_numpy(self.scores(iteration))
+        return maps_to_labels(scores, s.background, s.bg_power, s.threshold).numpy()
+
+    def mask(self, name: str) -> np.ndarray:
+        """Boolean mask of one class at the original size."""
+        if name not in self.classes:
+            raise ValueError(f"{name!r} is not one of this result's classes {list(self.classes)}")
+        return self.labels == self.classes.index(name) + 1
+
+    def overlay(self, alpha: float = 0.5, iteration: int | None = None):
+        """The image with the label map drawn over it, as a PIL image."""
+        labels = self.labels if iteration is None else self.labels_at(iteration)
+        return viz.overlay(self.image, labels, alpha=alpha)
+
+    def show(self, **kwargs):
+        """Plot image, overlay and per-class maps with matplotlib."""
+        return viz.show_result(self, **kwargs)
+
+
+@dataclass
+class Trace:
+    """Every captured attention layer of one forward pass, with the prompt that produced it."""
+
+    store: object  # AttentionStore
+    prompt: Prompt
+    image: np.ndarray
+    geometry: Geometry
+    size: int
+    latent_side: int
+    settings: Settings
+
+    def layers(self, kind: str | None = None):
+        return [self.store.layers[n] for n in self.store.names(kind)]
+
+    def token_map(self, name: str, token: int, head: int | None = None) -> np.ndarray:
+        """``(r, r)`` cross-attention of one layer to one token position (head mean or one head)."""
+        a = self.store.mean(name) if head is None else self.store.heads(name)[:, head]
+        r = math.isqrt(a.shape[-2])
+        return a[0, :, token].reshape(r, r).cpu().numpy()
+
+    def class_map(self, name: str, cls: str, head: int | None = None) -> np.ndarray:
+        """Mean over a class's tokens of ``token_map``."""
+        span = self.prompt.spans[self.prompt.classes.index(cls)]
+        return np.mean([self.token_map(name, i, head) for i in span], axis=0)

@@ -1,0 +1,65 @@
+"""Choose the shapes model's thresholds for the ``attention`` label method on a split of the shapes
+world, or score fixed thresholds (the shipped values are ``LABEL_THRESHOLDS`` in ``preset.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..labels import (
+    AttentionThresholds,
+    attention_evidence,
+    choose_thresholds,
+    choose_thresholds_by_miou,
+    label_scores,
+    select_by_evidence,
+)
+from ..loading import load_model
+from ..metrics import confusion
+from ..segmenter import ISeg
+from .evaluate import NUM_LABELS, to_dataset_labels
+from .world import CLASSES, SPLITS, sample
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    """Choose the attention thresholds on shapes images and report label scores."""
+    p = argparse.ArgumentParser(prog="python -m iseg.shapes.calibrate", description=__doc__)
+    p.add_argument("--model", default="shapes", help="the shapes model or a folder trained like it")
+    p.add_argument("--split", default="val", choices=sorted(SPLITS))
+    p.add_argument("--count", type=int, default=500)
+    p.add_argument("--min-share", type=float, default=None, help="score these thresholds instead of choosing")
+    p.add_argument("--min-peak", type=float, default=None)
+    p.add_argument("--objective", default="f1", choices=["f1", "miou"],
+                   help="choose the thresholds for the best label F1, or for the best open-vocabulary mIoU")
+    p.add_argument("--out", type=Path, default=None, help="write the evidence and scores as JSON")
+    args = p.parse_args(argv)
+    seg = ISeg(load_model(args.model, device="cpu", verbose=False), preset="shapes")
+    recs = [sample(s) for s in SPLITS[args.split][: args.count]]
+    truth = [[c for c in CLASSES if c in r.classes] for r in recs]
+    evidence = attention_evidence(seg, [r.image for r in recs], CLASSES, progress=True)
+    if args.min_share is None and args.objective == "miou":
+        def confusion_of(i, classes):
+            result = seg.segment(recs[i].image, classes)
+            return confusion(to_dataset_labels(result.labels, result.classes), recs[i].mask, NUM_LABELS)
+
+        th, best = choose_thresholds_by_miou(evidence, confusion_of, progress=True)
+        score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
+        print(f"open-vocabulary mIoU at these thresholds: {best:.2f}")
+    elif args.min_share is None:
+        th, score = choose_thresholds(evidence, truth)
+    else:
+        th = AttentionThresholds(args.min_share, args.min_peak if args.min_peak is not None else 0.0)
+        score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
+    print(f"{args.split} ({len(recs)} images): min_share={th.min_share:.4f} min_peak={th.min_peak:.3f} "
+          f"precision {score['precision']:.3f} recall {score['recall']:.3f} F1 {score['f1']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
