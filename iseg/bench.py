@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["sd21_base_architecture", "run_bench", "main"]
+__all__ = ["sd21_base_architecture", "main"]
 
 
 def sd21_base_architecture(device, dtype):
@@ -89,11 +89,6 @@ def _peak_memory_mb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return peak_kb / 1024
-
-
-def run_bench(seg, batch_sizes, repeats: int = 5, classes=("circle", "star")) -> list[dict]:
-    """Measure every step at each batch size; one row per batch size."""
-    return [_bench_batch(seg, b, repeats, list(classes)) for b in batch_sizes]
 
 
 @torch.no_grad()

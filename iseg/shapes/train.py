@@ -505,33 +505,3 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
 
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """A small loss-curve figure from a training run's ``loss.jsonl`` (VAE and UNet stages)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    vae = [r for r in rows if r["stage"] == "vae"]
-    unet = [r for r in rows if r["stage"] == "unet"]
-    # a fine-tune keeps its VAE: then only the UNet panel is drawn
-    fig, axes = plt.subplots(1, 2 if vae else 1, figsize=(7 if vae else 4, 2.6), dpi=80, squeeze=False)
-    axes = axes[0]
-    if vae:
-        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
-        axes[0].set_yscale("log")
-        axes[0].set_title("VAE reconstruction MSE", fontsize=9)
-    for key, label in (("mse", "epsilon MSE"), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary")):
-        if unet and any(r.get(key) for r in unet):
-            axes[-1].plot([r["step"] for r in unet], [r.get(key, float("nan")) for r in unet], lw=1, label=label)
-    axes[-1].set_yscale("log")
-    axes[-1].set_title("UNet + text encoder", fontsize=9)
-    axes[-1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
