@@ -1,8 +1,8 @@
-"""Speed and memory of a segmentation against its hardware floor: ``python -m iseg.bench``.
+"""Speed and memory of a segmentation against its hardware floor: ``iseg bench``.
 
-    python -m iseg.bench --model shapes --batch-sizes 1 8 16
-    python -m iseg.bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
-    python -m iseg.bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
+    iseg bench --model shapes --batch-sizes 1 8 16
+    iseg bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
+    iseg bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
 
 For every batch size it measures (median of ``--repeats`` after one warm-up, same process):
 VAE encode (posterior mean), UNet forward with SDPA everywhere, the full ``segment`` per image,
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["sd21_base_architecture", "main"]
+__all__ = ["sd21_base_architecture", "add_arguments", "run", "main"]
 
 
 def sd21_base_architecture(device, dtype):
@@ -143,16 +143,18 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    from .loading import load_pipeline, resolve_device
-    from .segmenter import ISeg
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg bench``."""
+    from .cli import add_set_option, overwrite_option
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes", help="shapes, sd21-arch (random weights) or anything load_pipeline takes")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--preset", default=None, help="settings preset (default: the model's; wsss-voc for sd21-arch)")
+    add_set_option(p)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="default: 1 8 16")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure, after one warm-up (default: 5)")
     p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "cuda-graph", "torch"],
                    help="forward-pass variants to measure, one table each")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'torch' variant")
@@ -162,11 +164,26 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true",
                    help="UNet and VAE weights in channels-last memory format, cuDNN autotuning on")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    overwrite_option(p, "an existing --out file")
+
+
+def run(args) -> int:
+    """``iseg bench``: 0 when every figure was measured, 1 when a variant or batch size failed."""
+    from .cli import CommandError, device_option, output_file, settings_overrides
+    from .loading import load_pipeline
+    from .segmenter import ISeg
+
+    if args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise CommandError("--repeats and --batch-sizes must be at least 1")
+    arch = args.model == "sd21-arch"
+    preset = args.preset or ("wsss-voc" if arch else None)
+    # sd21-arch is measured with wsss-voc without clustering (bench/RESULTS.md); --set may change it
+    overrides = ({"clustering": False} if arch else {}) | settings_overrides(args.set, preset)
+    device = device_option(args.device)
+    out = output_file(args.out, args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_pipeline(args.model, device, dtype)
-    seg = ISeg(pipe) if args.model != "sd21-arch" else ISeg(pipe, preset="wsss-voc", clustering=False)
+    pipe = sd21_base_architecture(device, dtype) if arch else load_pipeline(args.model, device, dtype)
+    seg = ISeg(pipe, preset=preset, **overrides)
     if args.offload_text_encoder:
         seg.offload_text_encoder()
     if args.channels_last:
@@ -205,11 +222,18 @@ def main(argv=None):
         for where, err in report["errors"].items():
             if where.startswith(variant):
                 print(f"  failed ({where}): {err}")
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1))
+        if out:
+            out.write_text(json.dumps(report, indent=1))
     if report["errors"]:
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m iseg.bench``: the same as ``iseg bench``."""
+    from .cli import main as iseg_main
+
+    return iseg_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Evaluate iSeg on a dataset: weakly supervised pseudo-masks or open-vocabulary segmentation.
 
-    iseg-eval --task wsss --dataset shapes --split test --limit 500 --out runs/shapes
-    iseg-eval --task wsss --dataset voc --root VOCdevkit/VOC2012 --split train --out runs/voc-wsss
-    iseg-eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
+    iseg eval --task wsss --dataset shapes --split test --limit 500 --out runs/shapes
+    iseg eval --task wsss --dataset voc --root VOCdevkit/VOC2012 --split train --out runs/voc-wsss
+    iseg eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
     accelerate launch --multi_gpu --num_processes 8 -m iseg.eval ...   # shards images over 8 processes
+
+``iseg-eval`` (and ``python -m iseg.eval``) is the same command under its own name.
 
 - ``wsss``: image-level labels are the classes present in the ground truth (method.md §8); the
   pseudo-masks are written as palette PNGs (``OUT/masks/<id>.png``, pixel value = dataset label).
@@ -496,15 +498,21 @@ def format_results(metrics: dict) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iseg-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+USER_ERRORS = (RunMismatchError, DatasetError)  # refusals: one line, exit status 2
+INTERRUPT_HINT = "run the same command again to resume"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg eval`` / ``iseg-eval``."""
+    from .cli import add_set_option
+
     p.add_argument("--task", choices=TASKS, default="wsss")
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--root", type=Path, default=None, help="dataset folder (not needed for shapes)")
     p.add_argument("--split", default=None, help="default: train for VOC WSSS, test for shapes, else val")
     p.add_argument("--preset", default=None, help="default: the method.md preset for the dataset and task")
     p.add_argument("--model", default=None, help="hub id, folder or shipped name (default: SD 2.1-base; shapes for shapes)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--labels", type=Path, default=None, help="image-level labels for --task ovs (JSON or CSV)")
@@ -514,38 +522,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default=None, help="CLIP hub id or folder for --label-method clip "
                    "(default openai/clip-vit-base-patch16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (N >= 1)")
-    p.add_argument("--out", type=Path, required=True, help="run folder: metrics.json, results.md, masks/, records/")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: metrics.json, results.md, masks/, records/ (an unfinished run there resumes)")
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="write the predicted masks as palette PNGs (default: on for wsss)")
     p.add_argument("--restart", action="store_true",
                    help="discard the earlier run in --out (only the files it made; needs its run.json) and start over")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", choices=["cuda-graph", "torch"], default=None,
                    help="faster forward passes (ISeg.compile): cuda-graph on a GPU, torch anywhere")
     p.add_argument("--compile-vae", action="store_true",
                    help="also torch.compile the VAE encoder (the largest cost at batch 8+ on a GPU)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
+    add_set_option(p)
     knobs = p.add_argument_group("settings", "every iSeg setting (iseg.Settings); values are read as JSON where they parse")
     for f in fields(Settings):
         knobs.add_argument("--" + f.name.replace("_", "-"), dest="knob_" + f.name, default=None, metavar="VALUE")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``iseg-eval`` parser (the options of ``iseg eval``)."""
+    from .cli import command_parser
+
+    return command_parser("eval", "iseg-eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``iseg-eval`` command. Every mistake is one ``iseg-eval: error: ...`` line naming the
-    option, exit status 2; nothing in ``--out`` changes before all options are checked."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("iseg-eval: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, RunMismatchError, DatasetError) as err:
-        print(f"iseg-eval: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - torch, CUDA and PIL failures: one line, named by type
-        print(f"iseg-eval: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    """The ``iseg-eval`` command, which is ``iseg eval``. Every mistake is one ``iseg-eval: error: ...``
+    line naming the option, exit status 2; nothing in ``--out`` changes before all options are checked."""
+    from .cli import alias_main
+
+    return alias_main("eval", "iseg-eval", argv)
 
 
 def _overrides(args) -> dict:
@@ -564,7 +570,8 @@ def _overrides(args) -> dict:
     return overrides
 
 
-def _run(args) -> int:
+def run(args) -> int:
+    """``iseg eval``: every option is checked before anything is loaded or anything in --out is touched."""
     import torch
     from accelerate import PartialState
 

@@ -488,25 +488,41 @@ def predict_labels(images, vocabulary: Sequence[str], method: str = "attention",
     raise ValueError(f"unknown label method {method!r}; methods: {', '.join(METHODS)}")
 
 
-# -- choosing the shapes model's thresholds --------------------------------------------------------
-def main(argv=None) -> int:
+# -- choosing the shapes model's thresholds: ``iseg labels`` -----------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg labels``."""
+    from .cli import add_set_option, overwrite_option
+    from .shapes import SPLITS
+
+    p.add_argument("--model", default="shapes", help="the shapes model or a folder trained like it (default: shapes)")
+    p.add_argument("--preset", default="shapes", help="settings preset of the segmentation (default: shapes)")
+    add_set_option(p)
+    p.add_argument("--device", default="cpu", help="cpu (default, where the shipped thresholds were chosen) or cuda")
+    p.add_argument("--split", default="val", choices=sorted(SPLITS), help="shapes split (default: val)")
+    p.add_argument("--count", type=int, default=500, help="number of images of the split (default: 500)")
+    p.add_argument("--min-share", type=float, default=None, help="score these thresholds instead of choosing")
+    p.add_argument("--min-peak", type=float, default=None, help="with --min-share (default 0)")
+    p.add_argument("--objective", default="f1", choices=["f1", "miou"],
+                   help="choose the thresholds for the best label F1, or for the best open-vocabulary mIoU")
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write: the evidence and the scores")
+    overwrite_option(p, "an existing --out file")
+
+
+def run(args) -> int:
     """Choose the attention thresholds on shapes images and report label scores."""
+    from .cli import CommandError, device_option, output_file, settings_overrides
     from .loading import load_pipeline
     from .segmenter import ISeg
     from .shapes import CLASSES, SPLITS, sample
 
-    p = argparse.ArgumentParser(description="Attention label prediction on the shapes world: choose thresholds "
-                                "on a split and/or score fixed thresholds.")
-    p.add_argument("--model", default="shapes", help="the shapes model or a folder trained like it")
-    p.add_argument("--split", default="val", choices=sorted(SPLITS))
-    p.add_argument("--count", type=int, default=500)
-    p.add_argument("--min-share", type=float, default=None, help="score these thresholds instead of choosing")
-    p.add_argument("--min-peak", type=float, default=None)
-    p.add_argument("--objective", default="f1", choices=["f1", "miou"],
-                   help="choose the thresholds for the best label F1, or for the best open-vocabulary mIoU")
-    p.add_argument("--out", type=Path, default=None, help="write the evidence and scores as JSON")
-    args = p.parse_args(argv)
-    seg = ISeg(load_pipeline(args.model, device="cpu", verbose=False), preset="shapes")
+    if args.count < 1:
+        raise CommandError(f"--count must be at least 1 (the number of images), got {args.count}")
+    if args.min_peak is not None and args.min_share is None:
+        raise CommandError("--min-peak needs --min-share (fixed thresholds to score)")
+    overrides = settings_overrides(args.set, args.preset)
+    device = device_option(args.device)
+    out = output_file(args.out, args.overwrite)
+    seg = ISeg(load_pipeline(args.model, device=device, verbose=False), preset=args.preset, **overrides)
     recs = [sample(s) for s in SPLITS[args.split][: args.count]]
     truth = [[c for c in CLASSES if c in r.classes] for r in recs]
     evidence = attention_evidence(seg, [r.image for r in recs], CLASSES, progress=True)
@@ -528,9 +544,16 @@ def main(argv=None) -> int:
         score = label_scores([select_by_evidence(ev, th) for ev in evidence], truth)
     print(f"{args.split} ({len(recs)} images): min_share={th.min_share:.4f} min_peak={th.min_peak:.3f} "
           f"precision {score['precision']:.3f} recall {score['recall']:.3f} F1 {score['f1']:.3f}")
-    if args.out:
-        args.out.write_text(json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
+    if out:
+        out.write_text(json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m iseg.labels``: the same as ``iseg labels``."""
+    from .cli import main as iseg_main
+
+    return iseg_main(["labels", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
