@@ -102,10 +102,10 @@ def _module(path: str):
     return importlib.import_module(path)
 
 
-def _subparser_options(parser: argparse.ArgumentParser, module, name: str, description: str | None):
+def _subparser_options(parser: argparse.ArgumentParser, module, description: str | None):
     parser.description = description if description is not None else module.__doc__
     module.add_arguments(parser)
-    parser.set_defaults(_module=module, _parser=parser, _command=name)
+    parser.set_defaults(_module=module, _parser=parser)
     return parser
 
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, path, help_line, description in COMMANDS:
         s = sub.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
-        _subparser_options(s, _module(path), name, description)
+        _subparser_options(s, _module(path), description)
     return p
 
 
@@ -139,7 +139,7 @@ def command_parser(name: str, prog: str) -> argparse.ArgumentParser:
     """A stand-alone parser for one command (the ``iseg-eval`` alias): the same options as ``iseg NAME``."""
     _, path, _, description = next(c for c in COMMANDS if c[0] == name)
     p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return _subparser_options(p, _module(path), name, description)
+    return _subparser_options(p, _module(path), description)
 
 
 def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
