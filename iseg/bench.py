@@ -1,8 +1,8 @@
-"""Speed and memory of a segmentation against its hardware floor: ``python -m iseg.bench``.
+"""Speed and memory of a segmentation against its hardware floor: ``iseg bench``.
 
-    python -m iseg.bench --model shapes --batch-sizes 1 8 16
-    python -m iseg.bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
-    python -m iseg.bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
+    iseg bench --model shapes --batch-sizes 1 8 16
+    iseg bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
+    iseg bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
 
 For every batch size it measures (median of ``--repeats`` after one warm-up, same process):
 VAE encode (posterior mean), UNet forward with SDPA everywhere, the full ``segment`` per image,
@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cli
 from . import refine as R
-from .loading import LoadedModel, load_model, resolve_device
+from .cli_options import CommandError, add_set_option, device_option, output_file, overwrite_option, settings_overrides
+from .loading import LoadedModel, load_model
 from .segmenter import ISeg
 from .shapes.model import make_tokenizer
 
-__all__ = ["sd21_base_architecture", "run_bench", "main"]
+__all__ = ["sd21_base_architecture", "add_arguments", "run", "main"]
 
 
 def sd21_base_architecture(device, dtype):
@@ -91,11 +93,6 @@ def _peak_memory_mb(device) -> float:
     return peak_kb / 1024
 
 
-def run_bench(seg, batch_sizes, repeats: int = 5, classes=("circle", "star")) -> list[dict]:
-    """Measure every step at each batch size; one row per batch size."""
-    return [_bench_batch(seg, b, repeats, list(classes)) for b in batch_sizes]
-
-
 @torch.no_grad()
 def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
     device = seg.device
@@ -146,13 +143,16 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg bench``."""
     p.add_argument("--model", default="shapes", help="shapes, sd21-arch (random weights) or anything load_model takes")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--preset", default=None, help="settings preset (default: the model's; wsss-voc for sd21-arch)")
+    add_set_option(p)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16], help="default: 1 8 16")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure, after one warm-up (default: 5)")
     p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "cuda-graph", "torch"],
                    help="forward-pass variants to measure, one table each")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'torch' variant")
@@ -162,11 +162,22 @@ def main(argv=None):
     p.add_argument("--channels-last", action="store_true",
                    help="UNet and VAE weights in channels-last memory format, cuDNN autotuning on")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write")
-    args = p.parse_args(argv)
-    device = resolve_device(args.device)
+    overwrite_option(p, "an existing --out file")
+
+
+def run(args) -> int:
+    """``iseg bench``: 0 when every figure was measured, 1 when a variant or batch size failed."""
+    if args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise CommandError("--repeats and --batch-sizes must be at least 1")
+    arch = args.model == "sd21-arch"
+    preset = args.preset or ("wsss-voc" if arch else None)
+    # sd21-arch is measured with wsss-voc without clustering (bench/RESULTS.md); --set may change it
+    overrides = ({"clustering": False} if arch else {}) | settings_overrides(args.set, preset)
+    device = device_option(args.device)
+    out = output_file(args.out, args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    model = sd21_base_architecture(device, dtype) if args.model == "sd21-arch" else load_model(args.model, device, dtype)
-    seg = ISeg(model) if args.model != "sd21-arch" else ISeg(model, preset="wsss-voc", clustering=False)
+    model = sd21_base_architecture(device, dtype) if arch else load_model(args.model, device, dtype)
+    seg = ISeg(model, preset=preset, **overrides)
     pipe = model.pipe
     if args.offload_text_encoder:
         seg.offload_text_encoder()
@@ -206,11 +217,16 @@ def main(argv=None):
         for where, err in report["errors"].items():
             if where.startswith(variant):
                 print(f"  failed ({where}): {err}")
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1))
+        if out:
+            out.write_text(json.dumps(report, indent=1))
     if report["errors"]:
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m iseg.bench``: the same as ``iseg bench``."""
+    return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

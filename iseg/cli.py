@@ -1,277 +1,126 @@
-"""Command line: ``iseg segment IMAGE... --classes cat,dog --out DIR``.
+"""The ``iseg`` command: one program, one subcommand per task.
 
-Writes, per image, the label map as a palette PNG (``NAME.labels.png``, pixel value = label),
-an overlay (``NAME.overlay.png``), the per-iteration animation (``NAME.iterations.gif``) and a
-JSON file with the prompt, the classes, the settings and the timing.
+    iseg segment IMAGE... --classes cat,dog --out DIR     segment images
+    iseg eval --dataset voc --root VOC2012 --out DIR      evaluate on a dataset (also ``iseg-eval``)
+    iseg labels --split val                               thresholds of the attention label predictor
+    iseg bench --model shapes --batch-sizes 1 8           speed and memory
+    iseg train-shapes --out FOLDER                        train the shapes model
+    iseg eval-shapes --split val --out val.json           sweep the shapes world's settings
 
-NAME is the image's file name without its extension (``photos/cat.jpg`` -> ``cat``). Images that
-would share a NAME keep their extension (``x.png`` and ``x.jpg`` -> ``x.png``, ``x.jpg``) and, when
-that is not enough, their parent folders joined by ``__`` (``a/x.png`` and ``b/x.png`` ->
-``a__x.png``, ``b__x.png``), so every image gets its own files. The names depend on which images are
-given together, not on their order.
-
-Earlier results in the output folder are never replaced unless ``--overwrite`` is given; then the
-command lists what it replaces, and removes the old animation of an image rerun with ``--no-gif``.
-Files are written to a temporary name in the folder and renamed, so a symbolic link planted there
-is replaced, never written through.
-
-A classes file is JSON ``{"image file name": ["class", ...]}`` (keys may also be the name without
-extension or the path as given); a single string is one class (``{"x.png": "star"}``).
+Every subcommand is a module's ``add_arguments(parser)`` and ``run(args) -> int``; this module only
+puts them together, with the conventions they share: kebab-case options, ``--model``, ``--device``,
+``--preset`` and ``--set KEY=VALUE`` where a command runs the method, ``--out`` for where results go,
+and ``--overwrite`` to replace earlier results there (refused without it). A mistake on the command
+line is one ``iseg: error: ...`` line and exit status 2, never a traceback; a failure inside torch or
+PIL is one line naming its type, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Sequence
 
-from tqdm.auto import tqdm
+from . import __version__
+from .cli_options import CommandError
 
-__all__ = ["main", "output_names"]
-
-_SUFFIXES = (".labels.png", ".overlay.png", ".iterations.gif", ".json")
+__all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
 
-class CommandError(ValueError):
-    """A mistake on the command line: printed as one ``iseg: error: ...`` line, exit status 2."""
+# name, module, one line for ``iseg --help``, description (None: the module's docstring)
+COMMANDS: list[tuple[str, str, str, str | None]] = [
+    ("segment", "iseg.segment_command", "segment images into named classes", None),
+    ("eval", "iseg.eval", "evaluate on a dataset (WSSS or open vocabulary)", None),
+    ("labels", "iseg.shapes.calibrate", "choose or score the attention label thresholds",
+     "Attention label prediction on the shapes world: choose the thresholds of iseg.labels' 'attention' method "
+     "on a split, or score fixed thresholds (--min-share, --min-peak)."),
+    ("bench", "iseg.bench", "speed and memory against the hardware floor", None),
+    ("train-shapes", "iseg.shapes.train", "train the shapes model (or fine-tune it)", None),
+    ("eval-shapes", "iseg.shapes.evaluate", "sweep timestep, lam and N on the shapes world", None),
+]
 
 
-def output_names(images: list[Path]) -> list[str]:
-    """A distinct output NAME per image (see the module docstring), in the order given.
-
-    Each image starts from its stem; every group of images that share a name (case-insensitively,
-    as on macOS and Windows file systems) moves one step further: the file name, then one more
-    parent folder at a time, until all names differ.
-    """
-    resolved = [p.resolve() for p in images]
-    seen: dict[Path, Path] = {}
-    for given, real in zip(images, resolved):
-        if real in seen:
-            raise CommandError(f"image {given} is given twice (also as {seen[real]}); give each image once")
-        seen[real] = given
-    level = [0] * len(images)
-
-    def name(k: int) -> str:
-        if level[k] == 0:
-            return images[k].stem
-        parts = [p for p in resolved[k].parts if p not in (resolved[k].anchor, "")]
-        return "__".join(parts[-level[k]:])
-
-    while True:
-        groups: dict[str, list[int]] = {}
-        for k in range(len(images)):
-            groups.setdefault(name(k).casefold(), []).append(k)
-        clashes = [g for g in groups.values() if len(g) > 1]
-        if not clashes:
-            return [name(k) for k in range(len(images))]
-        for group in clashes:
-            for k in group:
-                level[k] += 1
+# -- assembling and running ----------------------------------------------------------------------------
+def _module(path: str):
+    return importlib.import_module(path)
 
 
-def _classes_for(images: list[Path], classes: str | None, classes_file: Path | None) -> list[list[str]]:
-    if (classes is None) == (classes_file is None):
-        raise CommandError("give the class names with --classes a,b,c or --classes-file FILE.json (one of the two)")
-    from .prompts import check_class_names
-
-    if classes is not None:
-        names = [c.strip() for c in classes.split(",")]
-        try:
-            check_class_names(names)  # before the model loads: "cat,,dog" is a typo, not three classes
-        except ValueError as err:
-            raise CommandError(f"--classes {classes!r}: {err}") from None
-        return [names] * len(images)
-    table = _read_classes_file(Path(classes_file))
-    out = []
-    for img in images:
-        key = next((k for k in (str(img), img.name, img.stem) if k in table), None)
-        if key is None:
-            raise CommandError(f"--classes-file {classes_file} has no classes for {img.name} (keys are file names)")
-        value = table[key]
-        if isinstance(value, str):
-            # one class; a comma most likely means a list written as text, which would be one odd class
-            if "," in value:
-                raise CommandError(f"--classes-file {classes_file}: {key!r} has the text {value!r}; give a list "
-                                   f"such as {json.dumps([v.strip() for v in value.split(',')])}")
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise CommandError(f"--classes-file {classes_file}: the classes of {key!r} must be a list of names "
-                               f"(or one name), got {value!r}")
-        try:
-            check_class_names(value)
-        except ValueError as err:
-            raise CommandError(f"--classes-file {classes_file}, {key!r}: {err}") from None
-        out.append(list(value))
-    return out
+def _subparser_options(parser: argparse.ArgumentParser, module, description: str | None):
+    parser.description = description if description is not None else module.__doc__
+    module.add_arguments(parser)
+    parser.set_defaults(_module=module, _parser=parser)
+    return parser
 
 
-def _read_classes_file(path: Path) -> dict:
-    if not path.is_file():
-        raise CommandError(f"--classes-file {path} does not exist or is not a file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise CommandError(f"--classes-file {path} is not UTF-8 text (bad byte at line {line}); "
-                           "save it as UTF-8") from None
-    def no_repeats(pairs):
-        keys = [k for k, _ in pairs]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:  # json would keep the last silently
-            raise CommandError(f"--classes-file {path} lists {', '.join(map(repr, twice))} twice; give each image once")
-        return dict(pairs)
+class _CommandsFormatter(argparse.HelpFormatter):
+    """Every command and its help on one line (argparse measures the commands without their indent)."""
 
-    try:
-        table = json.loads(text, object_pairs_hook=no_repeats)
-    except json.JSONDecodeError as err:
-        raise CommandError(f"--classes-file {path} is not valid JSON: {err.msg} at line {err.lineno} "
-                           f"column {err.colno}") from None
-    if not isinstance(table, dict):
-        raise CommandError(f"--classes-file {path} must hold a JSON object {{\"image file name\": [\"class\", ...]}}")
-    return table
-
-
-def _output_folder(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file, not a folder; give a folder name")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise CommandError(f"--out {out}: {parent} is a file, not a folder")
-    return out
-
-
-def _write(target: Path, save: Callable[[Path], object]) -> None:
-    """``save(path)`` to a new temporary file next to ``target``, then rename it over ``target``:
-    a symbolic link at ``target`` is replaced instead of written through, and a failure leaves no
-    half-written result."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; results get the usual permissions
-        save(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def _taken(path: Path) -> bool:
-    return path.exists() or path.is_symlink()  # a dangling link counts: it is in the way
-
-
-def segment_command(args) -> int:
-    from . import ISeg, load_pipeline
-    from .loading import resolve_device
-    from .presets import make_settings, parse_overrides
-    from .viz import iteration_frames, label_png, save_gif
-
-    # everything that can be checked without the model is checked first, before anything is written
-    images = [Path(p) for p in args.images]
-    for path in images:
-        if not path.is_file():
-            raise CommandError(f"image not found: {path}" if not path.exists() else f"image {path} is not a file")
-    per_image = _classes_for(images, args.classes, args.classes_file)
-    try:
-        overrides = parse_overrides(args.set)
-    except ValueError as err:
-        raise CommandError(f"--set: {err}") from None
-    try:
-        make_settings(args.preset, **overrides)  # the values are checked; this checks the preset name
-    except ValueError as err:
-        raise CommandError(f"--preset: {err}") from None
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        raise CommandError(f"--device: {err}") from None
-    out = _output_folder(Path(args.out))
-    names = output_names(images)
-    targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
-    earlier = [t for files in targets for t in files if _taken(t)]
-    if earlier and not args.overwrite:
-        listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
-        raise CommandError(f"--out {out} already holds results of these images ({listed}); pass --overwrite to "
-                           "replace them, or choose another --out")
-    if earlier:
-        print(f"iseg: --overwrite: replacing {len(earlier)} earlier file(s) in {out}: "
-              + ", ".join(t.name for t in earlier), file=sys.stderr)
-
-    pipe = load_pipeline(args.model, device=device)
-    seg = ISeg(pipe, preset=args.preset, **overrides)
-    print(f"iseg: {seg}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, names_, files in tqdm(list(zip(images, per_image, targets)), desc="segment", unit="img"):
-        labels_png, overlay_png, gif, record_json = files
-        t0 = time.perf_counter()
-        result = seg.segment(path, names_)
-        _write(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
-        _write(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
-        if args.gif:
-            _write(gif, lambda p, r=result: save_gif(iteration_frames(r), p))
-        elif _taken(gif):
-            gif.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
-        record = {
-            "image": str(path),
-            "model": seg.model_name,
-            "preset": seg.preset,
-            "classes": list(result.classes),
-            "labels": {str(i + 1): c for i, c in enumerate(result.classes)},
-            "prompt": result.prompt,
-            "token_spans": [list(s) for s in result.token_spans],
-            "pixels": {c: int((result.labels == i + 1).sum()) for i, c in enumerate(result.classes)},
-            "settings": result.settings.as_dict(),
-            "timing": dict(result.timing, wall_s=time.perf_counter() - t0),
-        }
-        _write(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
-    print(f"iseg: wrote {len(images)} result(s) to {out}", file=sys.stderr)
-    return 0
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            longest = max(map(len, action.choices))
+            self._action_max_length = max(self._action_max_length, self._current_indent + 4 + longest)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iseg", description="Training-free segmentation with the iSeg method.")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("segment", help="segment images into named classes",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("images", nargs="+", help="image files")
-    s.add_argument("--classes", help="comma-separated class names for every image, e.g. cat,dog")
-    s.add_argument("--classes-file", type=Path,
-                   help='JSON file {"image file name": ["class", ...]} (UTF-8; one string is one class)')
-    s.add_argument("--model", default="auto", help="hub id, local folder, 'shapes' or 'auto' (default)")
-    s.add_argument("--preset", default=None, help="wsss-voc, wsss-coco, ovs-voc, ovs-context, ovs-coco, interactive, shapes")
-    s.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. --set lam=0.1 iterations=5")
-    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    s.add_argument("--out", default="iseg-out", help="output folder (default: iseg-out)")
-    s.add_argument("--overwrite", action="store_true",
-                   help="replace earlier results of the same images in --out (listed when replaced)")
-    s.add_argument("--no-gif", dest="gif", action="store_false", help="skip the per-iteration animation")
-    s.set_defaults(func=segment_command)
+    """The ``iseg`` parser: one subparser per entry of ``COMMANDS``."""
+
+
+    p = argparse.ArgumentParser(prog="iseg", description="Training-free segmentation with the iSeg method.",
+                                epilog="'iseg COMMAND --help' describes a command and its options. "
+                                       "'iseg-eval' is 'iseg eval'.",
+                                formatter_class=_CommandsFormatter)
+    p.add_argument("--version", action="version", version=f"iseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    for name, path, help_line, description in COMMANDS:
+        s = sub.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _subparser_options(s, _module(path), description)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def command_parser(name: str, prog: str) -> argparse.ArgumentParser:
+    """A stand-alone parser for one command (the ``iseg-eval`` alias): the same options as ``iseg NAME``."""
+    _, path, _, description = next(c for c in COMMANDS if c[0] == name)
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _subparser_options(p, _module(path), description)
+
+
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser, whose usage is the one that helps
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def run_command(args: argparse.Namespace, prog: str = "iseg") -> int:
+    """Run a parsed command; every error is one ``PROG: error: ...`` line."""
+    module = args._module
+    # the command sees its own options only (train-shapes records them in its checkpoint)
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"})
     try:
-        return args.func(args)
+        return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print("iseg: interrupted", file=sys.stderr)
+        hint = getattr(module, "INTERRUPT_HINT", "")
+        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError) as err:  # bad input: its message says what and how to fix it
-        print(f"iseg: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, *getattr(module, "USER_ERRORS", ())) as err:
+        # bad input: its message says what and how to fix it
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - torch and PIL failures: one line, named by type, never a traceback
-        print(f"iseg: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``iseg`` command."""
+    return run_command(_parse(build_parser(), argv))
+
+
+def alias_main(name: str, prog: str, argv: Sequence[str] | None = None) -> int:
+    """One command as its own program (``iseg-eval`` is ``iseg eval``)."""
+    return run_command(_parse(command_parser(name, prog), argv), prog)
 
 
 if __name__ == "__main__":

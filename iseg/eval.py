@@ -1,9 +1,11 @@
 """Evaluate iSeg on a dataset: weakly supervised pseudo-masks or open-vocabulary segmentation.
 
-    iseg-eval --task wsss --dataset shapes --split test --limit 500 --out runs/shapes
-    iseg-eval --task wsss --dataset voc --root VOCdevkit/VOC2012 --split train --out runs/voc-wsss
-    iseg-eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
+    iseg eval --task wsss --dataset shapes --split test --limit 500 --out runs/shapes
+    iseg eval --task wsss --dataset voc --root VOCdevkit/VOC2012 --split train --out runs/voc-wsss
+    iseg eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
     accelerate launch --multi_gpu --num_processes 8 -m iseg.eval ...   # shards images over 8 processes
+
+``iseg-eval`` (and ``python -m iseg.eval``) is the same command under its own name.
 
 - ``wsss``: image-level labels are the classes present in the ground truth (method.md §8); the
   pseudo-masks are written as palette PNGs (``OUT/masks/<id>.png``, pixel value = dataset label).
@@ -35,11 +37,18 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from . import cli
+from . import labels as L
+from .cli_options import add_set_option
 from .datasets import DatasetError, SegmentationDataset, dataset_names, open_dataset
+from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
+from .loading import DEFAULT_MODEL, load_model, resolve_device
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, make_settings, parse_overrides
+from .segmenter import ISeg
 from .viz import label_png
 
 __all__ = [
@@ -74,8 +83,6 @@ def default_preset(dataset: str, task: str) -> str:
 
 
 def default_model(dataset: str) -> str:
-    from .loading import DEFAULT_MODEL
-
     return "shapes" if dataset == "shapes" else DEFAULT_MODEL
 
 
@@ -87,8 +94,6 @@ def default_split(dataset: str, task: str) -> str:
 def read_label_file(path, dataset: SegmentationDataset) -> dict[str, tuple[str, ...]]:
     """Image-level labels from JSON (``{id: [names]}``) or CSV (``id,name;name`` per row), checked
     against the dataset's classes and returned in its label order (``iseg.labels.read_labels_file``)."""
-    from .labels import read_labels_file
-
     return read_labels_file(path, dataset.class_names)
 
 
@@ -136,8 +141,6 @@ def _digest(values) -> str:
 # -- the evaluation --------------------------------------------------------------------------------
 def _classes_source(task: str, dataset: SegmentationDataset, labels, label_method: str | None, seg=None, clip=None):
     """``(name, function(items) -> class lists)`` for the task."""
-    from . import labels as L
-
     if task == "wsss":
         if labels is not None or label_method not in (None, "gt"):
             raise ValueError("--task wsss uses the ground-truth image labels; --labels and --label-method are for --task ovs")
@@ -352,8 +355,6 @@ def _run_facts(seg, source_name: str, clip) -> dict:
     fast = getattr(seg, "_fast", None)
     clip_model = None
     if source_name == "clip":
-        from .labels import DEFAULT_CLIP
-
         if clip is None or isinstance(clip, (str, os.PathLike)):
             clip_model = str(clip or DEFAULT_CLIP)
         else:
@@ -466,8 +467,6 @@ def _metrics(records: dict, dataset, manifest: dict, wall: float, computed: int,
         },
     })
     if manifest["label_source"] not in ("gt", "gt-oracle"):
-        from .labels import label_scores
-
         scores = label_scores([r["classes"] for r in records.values()], [r["gt_classes"] for r in records.values()])
         out["labels"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
     return out
@@ -496,15 +495,19 @@ def format_results(metrics: dict) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iseg-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+USER_ERRORS = (RunMismatchError, DatasetError)  # refusals: one line, exit status 2
+INTERRUPT_HINT = "run the same command again to resume"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg eval`` / ``iseg-eval``."""
     p.add_argument("--task", choices=TASKS, default="wsss")
     p.add_argument("--dataset", choices=dataset_names(), required=True)
     p.add_argument("--root", type=Path, default=None, help="dataset folder (not needed for shapes)")
     p.add_argument("--split", default=None, help="default: train for VOC WSSS, test for shapes, else val")
     p.add_argument("--preset", default=None, help="default: the method.md preset for the dataset and task")
     p.add_argument("--model", default=None, help="hub id, folder or shipped name (default: SD 2.1-base; shapes for shapes)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="default: float16 on CUDA, float32 on CPU")
     p.add_argument("--labels", type=Path, default=None, help="image-level labels for --task ovs (JSON or CSV)")
@@ -514,38 +517,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default=None, help="CLIP hub id or folder for --label-method clip "
                    "(default openai/clip-vit-base-patch16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split (N >= 1)")
-    p.add_argument("--out", type=Path, required=True, help="run folder: metrics.json, results.md, masks/, records/")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder: metrics.json, results.md, masks/, records/ (an unfinished run there resumes)")
     p.add_argument("--save-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="write the predicted masks as palette PNGs (default: on for wsss)")
     p.add_argument("--restart", action="store_true",
                    help="discard the earlier run in --out (only the files it made; needs its run.json) and start over")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compile", choices=["cuda-graph", "torch"], default=None,
                    help="faster forward passes (ISeg.compile): cuda-graph on a GPU, torch anywhere")
     p.add_argument("--compile-vae", action="store_true",
                    help="also torch.compile the VAE encoder (the largest cost at batch 8+ on a GPU)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
+    add_set_option(p)
     knobs = p.add_argument_group("settings", "every iSeg setting (iseg.Settings); values are read as JSON where they parse")
     for f in fields(Settings):
         knobs.add_argument("--" + f.name.replace("_", "-"), dest="knob_" + f.name, default=None, metavar="VALUE")
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``iseg-eval`` parser (the options of ``iseg eval``)."""
+    return cli.command_parser("eval", "iseg-eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``iseg-eval`` command. Every mistake is one ``iseg-eval: error: ...`` line naming the
-    option, exit status 2; nothing in ``--out`` changes before all options are checked."""
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print("iseg-eval: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, RunMismatchError, DatasetError) as err:
-        print(f"iseg-eval: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - torch, CUDA and PIL failures: one line, named by type
-        print(f"iseg-eval: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    """The ``iseg-eval`` command, which is ``iseg eval``. Every mistake is one ``iseg-eval: error: ...``
+    line naming the option, exit status 2; nothing in ``--out`` changes before all options are checked."""
+    return cli.alias_main("eval", "iseg-eval", argv)
 
 
 def _overrides(args) -> dict:
@@ -564,12 +561,9 @@ def _overrides(args) -> dict:
     return overrides
 
 
-def _run(args) -> int:
-    import torch
+def run(args) -> int:
+    """``iseg eval``: every option is checked before anything is loaded or anything in --out is touched."""
     from accelerate import PartialState
-
-    from . import ISeg, load_pipeline
-    from .loading import resolve_device
 
     # every option is checked before anything is loaded or anything in --out is touched
     overrides = _overrides(args)
@@ -595,7 +589,7 @@ def _run(args) -> int:
     if state.distributed_type.name != "NO" and args.device is None:
         device = state.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(model, device=device, dtype=dtype, verbose=state.is_main_process)
+    pipe = load_model(model, device=device, dtype=dtype, verbose=state.is_main_process)
     seg = ISeg(pipe, preset=preset, **overrides)
     if args.compile or args.compile_vae:
         try:
@@ -606,8 +600,6 @@ def _run(args) -> int:
         print(f"iseg-eval: {args.task} on {dataset} with {seg}", file=sys.stderr)
     label_method = args.label_method
     if args.task == "ovs" and label_method is None and args.labels is None:
-        from .labels import DEFAULT_CLIP, clip_available
-
         label_method = "clip" if clip_available(args.clip_model or DEFAULT_CLIP) else "attention"
         if state.is_main_process:
             print(f"iseg-eval: image labels from --label-method {label_method}", file=sys.stderr)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .images import to_uint8
 
-__all__ = ["MAP_CMAP", "palette", "colorize", "overlay", "label_png", "heatmap", "label_legend", "iteration_frames",
+__all__ = ["MAP_CMAP", "palette", "colorize", "overlay", "label_png", "label_legend", "iteration_frames",
            "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
 
 # Maps are shown in a perceptually uniform colour map: equal steps in value look like equal steps
@@ -66,19 +66,6 @@ def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
     fg = (labels > 0)[..., None]
     out = np.where(fg, (1 - alpha) * base + alpha * colour, base)
     return Image.fromarray(out.round().astype(np.uint8))
-
-
-def heatmap(values: np.ndarray, size: tuple[int, int] | None = None, cmap: str = MAP_CMAP) -> np.ndarray:
-    """A map scaled to [0, 1] and coloured, ``(H, W, 3)`` uint8, optionally resized (nearest)."""
-    import matplotlib
-
-    v = np.asarray(values, dtype=np.float64)
-    span = v.max() - v.min()
-    v = (v - v.min()) / span if span > 0 else np.zeros_like(v)
-    rgb = (matplotlib.colormaps[cmap](v)[..., :3] * 255).round().astype(np.uint8)
-    if size is not None:
-        rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
-    return rgb
 
 
 def label_legend(where, classes: Sequence[str], background: bool = True, **kwargs):
@@ -148,7 +135,7 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int =
     return path
 
 
-def show_result(result, iterations: Sequence[int] | None = None, figsize_per: float = 2.4):
+def show_result(result, figsize_per: float = 2.4):
     """Image, overlay and each class's final map in one matplotlib figure; returns the figure."""
     import matplotlib.pyplot as plt
 

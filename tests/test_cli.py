@@ -1,9 +1,16 @@
+import argparse
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from iseg import cli
 from iseg.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +45,120 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["segment", str(img), "--classes", "square", "--model", "shapes", "--out", str(tmp_path),
                  "--set", "lamda=0.1"]) == 2
     assert "did you mean 'lam'" in capsys.readouterr().err
+
+
+# -- one command line: every subcommand, its help and its refusals ------------------------------------
+COMMANDS = [c[0] for c in cli.COMMANDS]
+# the least each command needs, so that the bad option is the only mistake on the line
+REQUIRED = {"segment": ["x.png"], "eval": ["--dataset", "shapes", "--out", "run"], "train-shapes": ["--out", "model"]}
+# the shared conventions: where a command runs the method it takes --model, --preset and --set
+RUNS_THE_METHOD = {"segment", "eval", "labels", "bench", "eval-shapes"}
+WRITES_FILES_IT_REPLACES = {"segment", "labels", "bench", "train-shapes", "eval-shapes"}
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+
+
+def test_the_commands():
+    assert COMMANDS == ["segment", "eval", "labels", "bench", "train-shapes", "eval-shapes"]
+
+
+def test_top_level_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name, _, help_line, _ in cli.COMMANDS:
+        assert re.search(rf"^ +{re.escape(name)} +{re.escape(help_line)}$", out, re.M), name
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_naming_its_options(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: iseg {name} ")
+    options = _long_options(_subparser(name))
+    assert {"--help", "--out", "--device"} <= options
+    assert all(o == o.lower() and "_" not in o for o in options), options  # kebab-case
+    if name in RUNS_THE_METHOD:
+        assert {"--model", "--preset", "--set"} <= options
+    if name in WRITES_FILES_IT_REPLACES:
+        assert "--overwrite" in options
+    for option in options:
+        assert re.search(rf"{re.escape(option)}\b", out), f"{name} --help does not name {option}"
+
+
+def test_iseg_eval_has_the_options_of_iseg_eval(capsys):
+    from iseg import eval as ev
+
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    alias = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    sub = capsys.readouterr().out
+    assert alias.startswith("usage: iseg-eval ") and sub.startswith("usage: iseg eval ")
+    assert _long_options(ev.build_parser()) == _long_options(_subparser("eval"))
+    options = re.compile(r"--[a-z][a-z0-9-]*")
+    assert set(options.findall(alias)) == set(options.findall(sub))
+    # the same text below the usage lines: options, defaults and help
+    assert alias.split("\n\n", 1)[1] == sub.split("\n\n", 1)[1]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_bad_option_exits_2_with_one_line(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, *REQUIRED.get(name, []), "--no-such-option"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if ": error:" in line]
+    assert lines == [f"iseg {name}: error: unrecognized arguments: --no-such-option"], err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["labels", "--count", "0"], r"--count must be at least 1"),
+    (["labels", "--min-peak", "0.5"], r"--min-peak needs --min-share"),
+    (["labels", "--set", "lamda=1"], r"--set: .*did you mean 'lam'"),
+    (["labels", "--out", "{existing}"], r"--out .*notes.json already exists; pass --overwrite"),
+    (["bench", "--out", "{tmp}"], r"--out .* is a folder"),
+    (["bench", "--repeats", "0"], r"--repeats and --batch-sizes must be at least 1"),
+    (["bench", "--preset", "shape"], r"--preset: unknown preset 'shape'"),
+    (["bench", "--device", "gpu"], r"--device: device 'gpu' is not a device name"),
+    (["eval-shapes", "--out", "{existing}"], r"--out .*notes.json already exists; pass --overwrite"),
+    (["eval-shapes", "--choose", "{tmp}/none.json"], r"--choose .*none.json does not exist"),
+    (["train-shapes", "--out", "{tmp}"], r"--out .* already holds files; pass --overwrite"),
+    (["train-shapes", "--out", "{existing}"], r"--out .*notes.json is a file, not a folder"),
+    (["train-shapes", "--out", "{tmp}/new", "--device", "gpu"], r"--device: device 'gpu'"),
+])
+def test_commands_refuse_bad_values_in_one_line_before_any_work(tmp_path, capsys, argv, message):
+    existing = tmp_path / "notes.json"
+    existing.write_text("mine")
+    argv = [a.replace("{existing}", str(existing)).replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("iseg: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+    assert existing.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"]  # nothing written
+
+
+@pytest.mark.parametrize("module, name", [("iseg.labels", "labels"), ("iseg.bench", "bench"),
+                                          ("iseg.shapes.train", "train-shapes"),
+                                          ("iseg.shapes.evaluate", "eval-shapes"), ("iseg.eval", None)])
+def test_python_dash_m_runs_the_same_command(tmp_path, module, name):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", module, *REQUIRED.get(name or "eval", []), "--no-such-option"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    prog = f"iseg {name}" if name else "iseg-eval"
+    assert done.stderr.splitlines()[-1] == f"{prog}: error: unrecognized arguments: --no-such-option"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iseg import cli
+from iseg import cli, segment_command
 from iseg import eval as ev
 from iseg.labels import read_labels_file
 from iseg.presets import _RULES, Settings, SettingsError, make_settings, parse_overrides
@@ -259,8 +259,8 @@ def test_segment_refusals_are_one_line_naming_the_option(tmp_path, image, capsys
 def test_output_names_are_distinct_and_deterministic(tmp_path, given, names):
     paths = [tmp_path / g for g in given]
     names = [n.replace("{parent}", tmp_path.name) for n in names]
-    assert cli.output_names(paths) == names
-    assert cli.output_names(paths[::-1]) == names[::-1]  # the same names whatever the order
+    assert segment_command.output_names(paths) == names
+    assert segment_command.output_names(paths[::-1]) == names[::-1]  # the same names whatever the order
 
 
 def test_segment_keeps_every_result_and_replaces_only_when_asked(tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_non_editable_install_finds_the_shipped_model(tmp_path):
         build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(root)],
                                capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
-    wheel = next(wheels.glob("iseg-*.whl"))
+    wheel = next(wheels.glob("iseg_attention-*.whl"))
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                           capture_output=True, text=True, timeout=300)
     assert inst.returncode == 0, inst.stderr[-2000:]

@@ -1,6 +1,10 @@
 """Measure iSeg on the shapes world: mIoU over (timestep, lam, iterations), word binding, grouping.
 
-    python -m iseg.shapes.evaluate --split val --count 500 --timesteps 100 200 --out val.json
+    iseg eval-shapes --split val --count 500 --timesteps 100 200 --out val.json
+    iseg eval-shapes --choose val-a.json val-b.json      # the label rule (bg_power, lam, N) from reports
+
+(``iseg eval --dataset shapes`` evaluates one preset the way the paper's datasets are evaluated;
+this command sweeps the settings and measures what the model's attention does.)
 
 - mIoU: background included, confusion matrix over every pixel of the set, averaged over classes
   present in the ground truth (method.md §8, the reference convention).
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import cli
+from ..cli_options import CommandError, add_set_option, device_option, output_file, overwrite_option, settings_overrides
 from ..loading import load_model
 from ..masks import maps_to_labels
 from ..metrics import confusion, iou_per_class, miou
-from ..presets import parse_overrides
 from ..segmenter import ISeg
 from .dataset import ShapesDataset
 from .world import CLASSES, SPLITS, sample
@@ -211,46 +217,66 @@ def choose_label_rule(tables: Sequence[dict], min_iterations: int = 5, max_itera
     return best[1]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="shapes")
-    p.add_argument("--split", default="val", choices=sorted(SPLITS))
-    p.add_argument("--count", type=int, default=500)
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--timesteps", type=int, nargs="+", default=[100])
-    p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.015, 0.1])
-    p.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg eval-shapes``."""
+    p.add_argument("--model", default="shapes", help="the shapes model or a folder trained like it (default: shapes)")
+    p.add_argument("--preset", default="shapes", help="settings preset (default: shapes)")
+    add_set_option(p)
+    p.add_argument("--device", default="cpu", help="cpu (default, where the shipped tables were made) or cuda")
+    p.add_argument("--split", default="val", choices=sorted(SPLITS), help="shapes split (default: val)")
+    p.add_argument("--count", type=int, default=500, help="number of images (default: 500)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many images of the split first")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[100], help="timesteps to measure (default: 100)")
+    p.add_argument("--lams", type=float, nargs="+", default=[0.0, 0.015, 0.1], help="entropy weights lam to tabulate")
+    p.add_argument("--iterations", type=int, nargs="+", default=[0, 1, 2, 5, 10, 20],
+                   help="refinement iterations N to tabulate")
     p.add_argument("--bg-powers", type=float, nargs="*", default=[],
                    help="also tabulate mIoU under the power background rule with each of these powers")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="setting overrides (JSON values)")
     p.add_argument("--random-init", action="store_true",
                    help="replace the UNet and text encoder by randomly initialised ones (seed 0): the untrained baseline")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write: the report")
+    overwrite_option(p, "an existing --out file")
     p.add_argument("--choose", type=Path, nargs="+", metavar="REPORT",
                    help="instead of evaluating: apply choose_label_rule to these reports (made with --bg-powers "
                         "and every N from 0) and print the chosen bg_power, lam and N")
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
+    """``iseg eval-shapes``."""
     if args.choose:
+        for path in args.choose:
+            if not path.is_file():
+                raise CommandError(f"--choose {path} does not exist or is not a file")
         reports = [json.loads(path.read_text()) for path in args.choose]
         for t in reports[0]["timesteps"]:
             tables = [r["timesteps"][t]["miou_by_bg_power"] for r in reports]
             print(f"t = {t}:", json.dumps(choose_label_rule(tables)))
-        return
-    overrides = parse_overrides(args.set)
-    pipe = load_model(args.model, device="cpu")
+        return 0
+    if args.count < 1 or args.offset < 0:
+        raise CommandError(f"--count must be at least 1 and --offset at least 0, got {args.count} and {args.offset}")
+    overrides = settings_overrides(args.set, args.preset)
+    device = device_option(args.device)
+    out = output_file(args.out, args.overwrite)
+    pipe = load_model(args.model, device=device)
     if args.random_init:
         torch.manual_seed(0)  # the same architecture as the loaded model, freshly initialised
         pipe.unet.load_state_dict(type(pipe.unet).from_config(pipe.unet.config).state_dict())
         pipe.text_encoder.load_state_dict(type(pipe.text_encoder)(pipe.text_encoder.config).state_dict())
-    seg = ISeg(pipe, preset="shapes")
+    seg = ISeg(pipe, preset=args.preset)
     report = evaluate(seg, args.split, args.count, args.timesteps, args.lams, args.iterations, args.offset,
                       bg_powers=args.bg_powers, **overrides)
     report["model"] = args.model + (" (random init)" if args.random_init else "")
     text = format_table(report)
     print(text)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
+    if out:
+        out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m iseg.shapes.evaluate``: the same as ``iseg eval-shapes``."""
+    return cli.main(["eval-shapes", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

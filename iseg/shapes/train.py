@@ -1,4 +1,4 @@
-"""Train the shapes model from scratch: ``python -m iseg.shapes.train --out data/models/shapes``.
+"""Train the shapes model from scratch: ``iseg train-shapes --out FOLDER``.
 
 Stages (each resumable from ``--workdir/checkpoint.pt``):
 1. data: ``--images`` training samples of the shapes world, rendered once (in parallel);
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import cli
 from ..capture import attention_layers, capture_attention
+from ..cli_options import CommandError, device_option, overwrite_option
 from .model import (
     LATENT_SIDES,
     MAX_LENGTH,
@@ -403,13 +406,14 @@ def _load_init(folder: Path, vae, text_encoder, unet, parts=("vae", "text_encode
         print(f"--init unet-inner: {len(weights)} of {len(unet.state_dict())} UNet tensors taken from {folder}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``iseg train-shapes``."""
     p.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers layout)")
+    overwrite_option(p, "a model folder that --out already holds (--resume continues its own run)")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes that render the images")
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=5e-4)
@@ -439,11 +443,20 @@ def main(argv=None):
     p.add_argument("--latent-side", type=int, default=16, choices=LATENT_SIDES,
                    help="latent grid: 16 (VAE /4, attention at 16x16 and 8x8) or 32 (VAE /2, attention at 32, 16, 8)")
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
-    args = p.parse_args(argv)
 
+
+def run(args) -> int:
+    """``iseg train-shapes``: every stage resumable with ``--resume``."""
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out {args.out} is a file, not a folder; give a folder name")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.overwrite or args.resume):
+        raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
+                           "--resume to continue its run, or choose another --out")
+    if args.init is not None and not args.init.is_dir():
+        raise CommandError(f"--init {args.init} is not a model folder")
+    device = device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workdir = args.workdir or args.out.with_name(args.out.name + ".work")
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
@@ -500,38 +513,14 @@ def main(argv=None):
     }
     (args.out / "training.json").write_text(json.dumps(info_out, indent=2))
     print(json.dumps(info_out, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m iseg.shapes.train``: the same as ``iseg train-shapes``."""
+    return cli.main(["train-shapes", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
 
-
-def plot_loss(log_path: Path, png_path: Path) -> None:
-    """A small loss-curve figure from a training run's ``loss.jsonl`` (VAE and UNet stages)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    vae = [r for r in rows if r["stage"] == "vae"]
-    unet = [r for r in rows if r["stage"] == "unet"]
-    # a fine-tune keeps its VAE: then only the UNet panel is drawn
-    fig, axes = plt.subplots(1, 2 if vae else 1, figsize=(7 if vae else 4, 2.6), dpi=80, squeeze=False)
-    axes = axes[0]
-    if vae:
-        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
-        axes[0].set_yscale("log")
-        axes[0].set_title("VAE reconstruction MSE", fontsize=9)
-    for key, label in (("mse", "epsilon MSE"), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary")):
-        if unet and any(r.get(key) for r in unet):
-            axes[-1].plot([r["step"] for r in unet], [r.get(key, float("nan")) for r in unet], lw=1, label=label)
-    axes[-1].set_yscale("log")
-    axes[-1].set_title("UNet + text encoder", fontsize=9)
-    axes[-1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)

@@ -1,0 +1,69 @@
+"""What the subcommands of ``iseg`` share: the ``CommandError`` they raise for a mistake on the
+command line, and the options and checks they have in common (``--set``, ``--overwrite``,
+``--device``, ``--out FILE``). Each command's module imports these; ``iseg.cli`` assembles the
+commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .loading import resolve_device
+from .presets import make_settings, parse_overrides
+
+__all__ = ["CommandError", "add_set_option", "overwrite_option", "settings_overrides", "device_option", "output_file"]
+
+
+class CommandError(ValueError):
+    """A mistake on the command line: printed as one ``iseg: error: ...`` line, exit status 2."""
+
+
+# -- options and checks the commands share ----------------------------------------------------------
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE ...``: setting overrides; may be given several times."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override settings (values read as JSON), e.g. --set lam=0.1 iterations=5")
+
+
+def overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} (refused without it)")
+
+
+def settings_overrides(values, preset: str | None) -> dict:
+    """The ``--set`` overrides, checked together with ``--preset``; errors name the option."""
+    try:
+        overrides = parse_overrides(values)
+    except ValueError as err:
+        raise CommandError(f"--set: {err}") from None
+    try:
+        make_settings(preset, **overrides)
+    except ValueError as err:
+        raise CommandError(f"--preset: {err}") from None
+    return overrides
+
+
+def device_option(value):
+    """``--device`` as a ``torch.device`` (None: CUDA when present), an error naming the option."""
+    try:
+        return resolve_device(value)
+    except ValueError as err:
+        raise CommandError(f"--device: {err}") from None
+
+
+def output_file(path: Path | None, overwrite: bool, prog: str = "iseg") -> Path | None:
+    """Check ``--out FILE`` before any work: not a folder, its folder not a file, and an existing
+    file only replaced with ``--overwrite`` (then it says so)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"--out {path} is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CommandError(f"--out {path}: {parent} is a file, not a folder")
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise CommandError(f"--out {path} already exists; pass --overwrite to replace it, or choose another --out")
+        print(f"{prog}: --overwrite: replacing {path}", file=sys.stderr)
+    return path

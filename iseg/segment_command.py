@@ -1,0 +1,239 @@
+"""Segment images: ``iseg segment IMAGE... --classes cat,dog --out DIR``.
+
+Writes, per image, the label map as a palette PNG (``NAME.labels.png``, pixel value = label),
+an overlay (``NAME.overlay.png``), the per-iteration animation (``NAME.iterations.gif``) and a
+JSON file with the prompt, the classes, the settings and the timing.
+
+NAME is the image's file name without its extension (``photos/cat.jpg`` -> ``cat``). Images that
+would share a NAME keep their extension (``x.png`` and ``x.jpg`` -> ``x.png``, ``x.jpg``) and, when
+that is not enough, their parent folders joined by ``__`` (``a/x.png`` and ``b/x.png`` ->
+``a__x.png``, ``b__x.png``), so every image gets its own files. The names depend on which images are
+given together, not on their order.
+
+Earlier results in the output folder are never replaced unless ``--overwrite`` is given; then the
+command lists what it replaces, and removes the old animation of an image rerun with ``--no-gif``.
+Files are written to a temporary name in the folder and renamed, so a symbolic link planted there
+is replaced, never written through.
+
+A classes file is JSON ``{"image file name": ["class", ...]}`` (keys may also be the name without
+extension or the path as given); a single string is one class (``{"x.png": "star"}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cli_options import CommandError, add_set_option, device_option, settings_overrides
+from .loading import load_model
+from .prompts import check_class_names
+from .segmenter import ISeg
+from .viz import iteration_frames, label_png, save_gif
+
+__all__ = ["add_arguments", "run", "output_names"]
+
+_SUFFIXES = (".labels.png", ".overlay.png", ".iterations.gif", ".json")
+
+
+def output_names(images: list[Path]) -> list[str]:
+    """A distinct output NAME per image (see the module docstring), in the order given.
+
+    Each image starts from its stem; every group of images that share a name (case-insensitively,
+    as on macOS and Windows file systems) moves one step further: the file name, then one more
+    parent folder at a time, until all names differ.
+    """
+    resolved = [p.resolve() for p in images]
+    seen: dict[Path, Path] = {}
+    for given, real in zip(images, resolved):
+        if real in seen:
+            raise CommandError(f"image {given} is given twice (also as {seen[real]}); give each image once")
+        seen[real] = given
+    level = [0] * len(images)
+
+    def name(k: int) -> str:
+        if level[k] == 0:
+            return images[k].stem
+        parts = [p for p in resolved[k].parts if p not in (resolved[k].anchor, "")]
+        return "__".join(parts[-level[k]:])
+
+    while True:
+        groups: dict[str, list[int]] = {}
+        for k in range(len(images)):
+            groups.setdefault(name(k).casefold(), []).append(k)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return [name(k) for k in range(len(images))]
+        for group in clashes:
+            for k in group:
+                level[k] += 1
+
+
+def _classes_for(images: list[Path], classes: str | None, classes_file: Path | None) -> list[list[str]]:
+    if (classes is None) == (classes_file is None):
+        raise CommandError("give the class names with --classes a,b,c or --classes-file FILE.json (one of the two)")
+    if classes is not None:
+        names = [c.strip() for c in classes.split(",")]
+        try:
+            check_class_names(names)  # before the model loads: "cat,,dog" is a typo, not three classes
+        except ValueError as err:
+            raise CommandError(f"--classes {classes!r}: {err}") from None
+        return [names] * len(images)
+    table = _read_classes_file(Path(classes_file))
+    out = []
+    for img in images:
+        key = next((k for k in (str(img), img.name, img.stem) if k in table), None)
+        if key is None:
+            raise CommandError(f"--classes-file {classes_file} has no classes for {img.name} (keys are file names)")
+        value = table[key]
+        if isinstance(value, str):
+            # one class; a comma most likely means a list written as text, which would be one odd class
+            if "," in value:
+                raise CommandError(f"--classes-file {classes_file}: {key!r} has the text {value!r}; give a list "
+                                   f"such as {json.dumps([v.strip() for v in value.split(',')])}")
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CommandError(f"--classes-file {classes_file}: the classes of {key!r} must be a list of names "
+                               f"(or one name), got {value!r}")
+        try:
+            check_class_names(value)
+        except ValueError as err:
+            raise CommandError(f"--classes-file {classes_file}, {key!r}: {err}") from None
+        out.append(list(value))
+    return out
+
+
+def _read_classes_file(path: Path) -> dict:
+    if not path.is_file():
+        raise CommandError(f"--classes-file {path} does not exist or is not a file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise CommandError(f"--classes-file {path} is not UTF-8 text (bad byte at line {line}); "
+                           "save it as UTF-8") from None
+    def no_repeats(pairs):
+        keys = [k for k, _ in pairs]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # json would keep the last silently
+            raise CommandError(f"--classes-file {path} lists {', '.join(map(repr, twice))} twice; give each image once")
+        return dict(pairs)
+
+    try:
+        table = json.loads(text, object_pairs_hook=no_repeats)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"--classes-file {path} is not valid JSON: {err.msg} at line {err.lineno} "
+                           f"column {err.colno}") from None
+    if not isinstance(table, dict):
+        raise CommandError(f"--classes-file {path} must hold a JSON object {{\"image file name\": [\"class\", ...]}}")
+    return table
+
+
+def _output_folder(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a folder; give a folder name")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CommandError(f"--out {out}: {parent} is a file, not a folder")
+    return out
+
+
+def _write(target: Path, save: Callable[[Path], object]) -> None:
+    """``save(path)`` to a new temporary file next to ``target``, then rename it over ``target``:
+    a symbolic link at ``target`` is replaced instead of written through, and a failure leaves no
+    half-written result."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; results get the usual permissions
+        save(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _taken(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link counts: it is in the way
+
+
+def run(args) -> int:
+    """``iseg segment``: every option is checked before the model loads or anything is written."""
+    images = [Path(p) for p in args.images]
+    for path in images:
+        if not path.is_file():
+            raise CommandError(f"image not found: {path}" if not path.exists() else f"image {path} is not a file")
+    per_image = _classes_for(images, args.classes, args.classes_file)
+    overrides = settings_overrides(args.set, args.preset)
+    device = device_option(args.device)
+    out = _output_folder(Path(args.out))
+    names = output_names(images)
+    targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
+    earlier = [t for files in targets for t in files if _taken(t)]
+    if earlier and not args.overwrite:
+        listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise CommandError(f"--out {out} already holds results of these images ({listed}); pass --overwrite to "
+                           "replace them, or choose another --out")
+    if earlier:
+        print(f"iseg: --overwrite: replacing {len(earlier)} earlier file(s) in {out}: "
+              + ", ".join(t.name for t in earlier), file=sys.stderr)
+
+    pipe = load_model(args.model, device=device)
+    seg = ISeg(pipe, preset=args.preset, **overrides)
+    print(f"iseg: {seg}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    for path, names_, files in tqdm(list(zip(images, per_image, targets)), desc="segment", unit="img"):
+        labels_png, overlay_png, gif, record_json = files
+        t0 = time.perf_counter()
+        result = seg.segment(path, names_)
+        _write(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
+        _write(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
+        if args.gif:
+            _write(gif, lambda p, r=result: save_gif(iteration_frames(r), p))
+        elif _taken(gif):
+            gif.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
+        record = {
+            "image": str(path),
+            "model": seg.model_name,
+            "preset": seg.preset,
+            "classes": list(result.classes),
+            "labels": {str(i + 1): c for i, c in enumerate(result.classes)},
+            "prompt": result.prompt,
+            "token_spans": [list(s) for s in result.token_spans],
+            "pixels": {c: int((result.labels == i + 1).sum()) for i, c in enumerate(result.classes)},
+            "settings": result.settings.as_dict(),
+            "timing": dict(result.timing, wall_s=time.perf_counter() - t0),
+        }
+        _write(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
+    print(f"iseg: wrote {len(images)} result(s) to {out}", file=sys.stderr)
+    return 0
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("--classes", help="comma-separated class names for every image, e.g. cat,dog")
+    s.add_argument("--classes-file", type=Path,
+                   help='JSON file {"image file name": ["class", ...]} (UTF-8; one string is one class)')
+    s.add_argument("--model", default="auto", help="hub id, local folder, 'shapes' or 'auto' (default)")
+    s.add_argument("--preset", default=None,
+                   help="wsss-voc, wsss-coco, ovs-voc, ovs-context, ovs-coco, interactive, shapes (default: the model's)")
+    add_set_option(s)
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    s.add_argument("--out", default="iseg-out", help="output folder (default: iseg-out)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace earlier results of the same images in --out (listed when replaced)")
+    s.add_argument("--no-gif", dest="gif", action="store_false", help="skip the per-iteration animation")
