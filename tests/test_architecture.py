@@ -1,0 +1,149 @@
+"""Where responsibilities live: a pure decode step, hashable settings, a typed plan, prompt
+sessions, a registry without import side effects, and no function-level import inside the package
+that works around a cycle."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import iseg
+import iseg.decode
+from iseg import registry
+from iseg.backbones import Backbone, UNetBackbone, backbone_for
+from iseg.plan import LayerPlan
+from iseg.presets import FrozenMap
+from iseg.shapes import CLASSES, sample
+
+PACKAGE = Path(iseg.__file__).parent
+
+
+def test_import_iseg_loads_no_model_family_plugin_and_registers_nothing():
+    code = ("import sys, iseg; print(sorted(m for m in sys.modules if m.startswith('iseg.shapes'))); "
+            "print(sorted(iseg.PRESETS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "[]"  # the shapes world is not imported by `import iseg`
+    assert "shapes" not in out[1]  # and has not registered a preset as a side effect
+    # yet the shapes model's presets are found through the registry when asked for
+    assert "shapes" in iseg.preset_names() and iseg.make_settings("shapes").lam == 100.0
+
+
+def test_registry_is_a_plain_mapping_of_entries():
+    entry = registry.MODELS["shapes"]
+    assert dataclasses.is_dataclass(entry) and entry.preset == "shapes" and entry.plugin == "iseg.shapes.plugin"
+    assert entry.card is not None and entry.card.name == "README.md"
+    assert set(registry.model_presets()) >= {"shapes", "shapes-interactive"}
+
+
+def test_loaded_model_carries_what_was_stamped_on_the_pipeline(shapes_pipe):
+    assert isinstance(shapes_pipe, iseg.LoadedModel)
+    assert (shapes_pipe.name, shapes_pipe.preset) == ("shapes", "shapes")
+    assert "circle" in shapes_pipe.known_words and shapes_pipe.label_thresholds["min_peak"] == 0.175
+    assert not any(k.startswith("iseg_") for k in vars(shapes_pipe.pipe))  # nothing stamped on diffusers' object
+    bare = iseg.LoadedModel.of(shapes_pipe.pipe)  # a bare pipeline: its class name, no preset or vocabulary
+    assert (bare.name, bare.preset, bare.known_words) == ("StableDiffusionPipeline", None, None)
+
+
+def test_settings_are_frozen_and_hashable():
+    a = iseg.make_settings("shapes", cross_weights={"16": 0.3, "8": 0.7})
+    b = iseg.make_settings("shapes")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert isinstance(a.cross_weights, FrozenMap) and a.cross_weights == {16: 0.3, 8: 0.7}
+    with pytest.raises(TypeError):
+        a.cross_weights[16] = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.lam = 1.0
+    c = iseg.Settings(cross_weights={8: 1.0}, extra_words=["x"])  # given directly, still hashable
+    assert hash(c) and c.extra_words == ("x",)
+    assert a.forward_key() == b.forward_key() != iseg.make_settings("shapes", timestep=300).forward_key()
+    assert a.forward_key() == iseg.make_settings("shapes", lam=3.0).forward_key()  # lam acts after the pass
+
+
+def test_layer_plan_is_typed_and_frozen(shapes_pipe):
+    seg = iseg.ISeg(shapes_pipe)
+    plan = seg.plan(32)
+    assert isinstance(plan, LayerPlan) and hash(plan)
+    assert dict(plan.weights) == {16: 0.3, 8: 0.7}
+    assert set(plan.cross) == {16, 8} and all(layer.kind == "cross" for g in plan.cross.values() for layer in g)
+    assert plan.self_resolution == 32 and all(layer.kind == "self" for layer in plan.self_layers)
+    assert plan.layers() == [layer for g in plan.cross.values() for layer in g] + list(plan.self_layers)
+    assert seg.plan(32) is plan  # cached on the hashable settings
+
+
+def test_backbone_is_the_only_model_family_code(shapes_pipe, tiny_pipe):
+    backbone = backbone_for(shapes_pipe.pipe)
+    assert isinstance(backbone, UNetBackbone) and isinstance(backbone, Backbone)
+    assert (backbone.latent_scale, backbone.native_size) == (2, 64)
+    assert backbone_for(tiny_pipe).reference_layers("cross", 2)[0] == "down_blocks.2.attentions.0"
+
+    class NoVae:
+        unet, text_encoder, tokenizer, scheduler, vae = object(), object(), object(), object(), None
+
+    with pytest.raises(TypeError, match="the pipeline has no vae"):
+        iseg.ISeg(NoVae())
+
+
+def test_decode_needs_no_pipeline_and_equals_segment(shapes_pipe):
+    seg = iseg.ISeg(shapes_pipe)
+    images = [sample(2_000_000 + i).image for i in range(3)]
+    observations = seg.observe(images, ["circle", "star"])
+    direct = seg.segment(images, ["circle", "star"])
+    for obs in observations:  # nothing in an observation refers to the model
+        assert not any(isinstance(v, torch.nn.Module) for v in vars(obs).values())
+    decoded = iseg.decode.decode(observations)
+    for d, r in zip(decoded, direct):
+        assert np.array_equal(d.labels, r.labels) and np.allclose(d.maps, r.maps)
+    fewer = iseg.decode.decode(observations, iterations=1)  # post-forward settings change at decode
+    assert fewer[0].maps.shape[0] == 2 and fewer[0].settings.iterations == 1
+
+
+def test_prompt_session_runs_the_model_once_for_points_boxes_and_lines(shapes_pipe):
+    seg = iseg.ISeg(shapes_pipe)
+    s = sample(2_000_011)
+    calls = []
+    hook = shapes_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        session = seg.prompt_session(s.image)
+        assert len(calls) == 1  # the pass runs when the session is made
+        a = session.segment(points=[(20, 30)])
+        b = session.segment(box=(5, 5, 40, 40))
+        c = session.segment(line=[(5, 50), (60, 50)], lam=1.0)  # decode-time settings: no new pass
+        assert len(calls) == 1
+        t = session.segment(text=s.classes[0])
+        assert len(calls) == 2  # a description reads its own words' cross-attention
+        session.segment(text=s.classes[0])
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+    assert np.array_equal(a.score, seg.segment_prompt(s.image, points=[(20, 30)]).score)
+    assert np.array_equal(t.score, seg.segment_prompt(s.image, text=s.classes[0]).score)
+    truth = s.mask == CLASSES.index(s.classes[0]) + 1
+    assert (t.mask & truth).sum() / (t.mask | truth).sum() > 0.5
+    assert b.mask.shape == c.mask.shape == (64, 64)
+
+
+# Imports inside functions that are allowed: optional or heavy third-party packages that only
+# some features need (widgets, plotting, CLIP, diffusers' model classes).
+LAZY_OK = ("ipywidgets", "matplotlib", "IPython", "transformers", "diffusers", "huggingface_hub", "accelerate",
+           "torch", "json", "PIL")
+
+
+def test_no_function_level_import_of_the_package_itself():
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("iseg")):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} from {'.' * node.level}{node.module}")
+                elif isinstance(node, ast.Import):
+                    found += [f"{path.relative_to(PACKAGE)}:{node.lineno} import {a.name}" for a in node.names
+                              if a.name.split(".")[0] not in LAZY_OK]
+    assert found == [], "imports inside functions (move them to the top of the module): " + ", ".join(found)
