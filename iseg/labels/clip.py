@@ -99,7 +99,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 def load_clip(model: str | os.PathLike = DEFAULT_CLIP, device=None, **options) -> ClipTagger:
     """A ``ClipTagger`` from a hub id or a local folder; missing weights give the same clear error
-    as ``load_pipeline`` (with ``HF_HUB_OFFLINE=1`` only the local cache is read)."""
+    as ``load_model`` (with ``HF_HUB_OFFLINE=1`` only the local cache is read)."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel  # only when CLIP is asked for
     from transformers.utils import logging as tlog
 
