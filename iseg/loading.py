@@ -7,6 +7,7 @@ the Stable Diffusion 1.x/2.x UNet: SD 1.4/1.5/2.0/2.1(-base) and the project's o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping
@@ -16,12 +17,15 @@ from pathlib import Path
 import torch
 
 from . import registry
+from .backbones import FAMILIES, family_of
 from .registry import ModelEntry, register_model, shipped_models
 
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
     "ModelNotAvailableError",
+    "UnsupportedPipelineError",
+    "PIPELINES",
     "shipped_models",
     "register_model",
     "resolve_device",
@@ -53,6 +57,11 @@ class LoadedModel:
     def of(cls, model) -> LoadedModel:
         """``model`` itself, or a bare pipeline wrapped with its class name."""
         return model if isinstance(model, LoadedModel) else cls(model, type(model).__name__)
+
+    @property
+    def family(self) -> str | None:
+        """The model family (``"sd"``, ``"sdxl"``; see ``iseg.backbones.FAMILIES``)."""
+        return family_of(self.pipe)
 
     @property
     def preset(self) -> str | None:
@@ -97,7 +106,8 @@ class LoadedModel:
         return self.pipe(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return f"LoadedModel(name={self.name!r}, preset={self.preset!r}, pipeline={type(self.pipe).__name__})"
+        return (f"LoadedModel(name={self.name!r}, family={self.family!r}, preset={self.preset!r}, "
+                f"pipeline={type(self.pipe).__name__})")
 
 
 def resolve_device(device=None) -> torch.device:
@@ -147,23 +157,55 @@ def _unavailable(model: str, reason: str) -> ModelNotAvailableError:
     )
 
 
+class UnsupportedPipelineError(TypeError):
+    """The weights are a diffusers pipeline that iseg has no backbone for."""
+
+
+# the diffusers pipeline classes iseg reads, by the ``_class_name`` of their model_index.json
+PIPELINES = {name: family for family, (_, names) in FAMILIES.items() for name in names}
+
+
+def _model_index(source: str, local_only: bool) -> dict | None:
+    """The model_index.json of a local folder or of a hub repository (cache first), or ``None``."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache  # only when a model is loaded
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = folder / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    cached = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    if local_only:
+        return None
+    return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+
+
+def _pipeline_class(source: str, local_only: bool):
+    import diffusers  # importing diffusers doubles the time of `import iseg`; only loading needs it
+
+    index = _model_index(source, local_only) or {}
+    name = index.get("_class_name", "StableDiffusionPipeline")
+    if name not in PIPELINES:
+        raise UnsupportedPipelineError(f"{source} is a {name}; iseg reads {', '.join(PIPELINES)} "
+                                       f"(families: {', '.join(FAMILIES)})")
+    return getattr(diffusers, name)
+
+
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
+    cls = _pipeline_class(source, local_only)
+    # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
+    extra = dict(safety_checker=None, requires_safety_checker=False) if cls is diffusers.StableDiffusionPipeline else {}
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # keep notebooks free of per-component progress bars and notices
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source,
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            local_files_only=local_only,
-        )
+        return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, **extra)
     finally:
         dlog.set_verbosity(level)
         dlog.enable_progress_bar()
@@ -235,21 +277,24 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     # a hub id: the local cache first, so that nothing waits on the network when it is not needed
     try:
         pipe = _from_pretrained(name, dtype, local_only=True)
+    except UnsupportedPipelineError:
+        raise
     except Exception as cache_err:  # noqa: BLE001
         if hub_offline():
             raise _unavailable(name, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set") from cache_err
         try:
             pipe = _from_pretrained(name, dtype, local_only=False)
+        except UnsupportedPipelineError:
+            raise
         except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same here
             raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: {err})") from err
     return _finish(pipe, device, name)
 
 
 def _finish(pipe, device, name: str) -> LoadedModel:
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(pipe.unet, UNet2DConditionModel):
-        raise TypeError(f"{name}: iSeg needs a UNet2DConditionModel, got {type(pipe.unet).__name__}")
+    if family_of(pipe) is None:
+        raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
+                                       f"it reads {', '.join(PIPELINES)}")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe, name, registry.MODELS.get(name))

@@ -65,7 +65,7 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
         reference_used = reference_used and ref is not None
     heads = _cross_heads(backbone, s, cross, latent_side, reference_used)
 
-    self_r = s.self_resolution or latent_side
+    self_r = s.self_resolution or backbone.default_self_resolution(latent_side)
     if isinstance(s.self_layers, tuple):
         self_layers = pick_layers(available, "self", [self_r], latent_side, names=s.self_layers)
     else:

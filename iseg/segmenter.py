@@ -153,7 +153,7 @@ class ISeg:
             if key in self._embeddings:
                 self._embeddings.move_to_end(key)
             else:
-                self._embeddings[key] = self.backbone.encode_text(key)
+                self._embeddings[key] = self.backbone.encode_text(prompt)
                 while len(self._embeddings) > 256:  # a dataset run has one prompt per class set
                     self._embeddings.popitem(last=False)
             hidden = self._embeddings[key]

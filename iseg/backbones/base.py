@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 
 from ..capture import AttentionLayer
+from ..prompts import Prompt
 
 __all__ = ["Backbone"]
 
@@ -65,6 +67,12 @@ class Backbone(ABC):
     def attention_layers(self) -> list[AttentionLayer]:
         """Every attention layer of the denoiser, with kind, level and heads."""
 
+    def default_self_resolution(self, latent_side: int) -> int:
+        """The self-attention grid read when ``self_resolution`` is not set: the finest one the
+        denoiser has (the latent side for SD's UNet)."""
+        levels = [layer.level for layer in self.attention_layers() if layer.kind == "self"]
+        return math.ceil(latent_side / 2 ** min(levels)) if levels else latent_side
+
     def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
         """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level``;
         ``None`` where the family has no reference choice (then every layer there is read)."""
@@ -77,8 +85,10 @@ class Backbone(ABC):
 
     # -- the prompt ------------------------------------------------------------------------------
     @abstractmethod
-    def encode_text(self, input_ids: Sequence[int]) -> torch.Tensor:
-        """The text encoder's last hidden states ``(1, T, dim)`` of one tokenised prompt."""
+    def encode_text(self, prompt: Prompt) -> torch.Tensor:
+        """The embedding ``(1, rows, dim)`` the denoiser reads for one prompt: the text encoder's
+        hidden states, one row per token position of ``prompt.input_ids`` (Cat-Cross scales the
+        class tokens' rows), plus any rows a family needs after them (``prompt_rows``)."""
 
     def offload_text_encoder(self) -> None:
         """Keep the text encoder on the CPU in float32."""

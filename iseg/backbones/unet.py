@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..capture import AttentionLayer, attention_layers
-from ..prompts import encode_prompt
+from ..prompts import Prompt, encode_prompt
 from .base import Backbone
 
 __all__ = ["UNetBackbone", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
@@ -103,9 +103,9 @@ class UNetBackbone(Backbone):
         return REFERENCE_SELF_HEADS if sd2 and level == 0 and all(layer.heads == SD2_HEADS[0] for layer in layers) else None
 
     # -- the prompt ------------------------------------------------------------------------------
-    def encode_text(self, input_ids: Sequence[int]) -> torch.Tensor:
+    def encode_text(self, prompt: Prompt) -> torch.Tensor:
         encoder = self.pipe.text_encoder
-        return encode_prompt(encoder, input_ids, next(encoder.parameters()).device)
+        return encode_prompt(encoder, prompt.input_ids, next(encoder.parameters()).device)
 
     def offload_text_encoder(self) -> None:
         self.pipe.text_encoder.to("cpu", torch.float32)

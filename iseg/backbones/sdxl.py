@@ -1,0 +1,101 @@
+"""Stable Diffusion XL: a UNet with two CLIP text encoders and added conditioning.
+
+What differs from SD 1.x/2.x, and how the method follows it:
+
+- Text: the prompt goes through both encoders (CLIP ViT-L and OpenCLIP ViT-bigG); their
+  penultimate hidden states are concatenated along the feature axis, so a token position means
+  the same in both and Cat-Cross scales the class tokens of both encoders at once. Both tokenizers
+  share one BPE vocabulary; a text they split differently is refused rather than misread.
+- Added conditioning: the second encoder's pooled embedding and the size/crop ids. The pooled
+  vector travels as one extra row after the prompt's token rows (``encode_text``), so that one
+  tensor goes through the forward recipe (CUDA graphs included); ``denoise`` splits it off. The
+  size ids say the image was seen whole at the size the model gets (no crop).
+- Attention: there is none at the latent's own resolution (the first level is convolution
+  only): self-attention is read at latent/2, cross-attention at latent/2 and latent/4. The
+  reference's layer and head tables name SD 2.1 layers and do not apply.
+- Noise: z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps with the schedule's cumulative alphas, which is
+  what SDXL's Euler scheduler feeds the UNet after ``scale_model_input`` at that timestep.
+- The VAE overflows in float16 (``force_upcast`` in its config); it encodes in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..capture import AttentionLayer
+from ..prompts import Prompt, token_ids
+from .unet import UNetBackbone
+
+__all__ = ["SDXLBackbone"]
+
+
+class SDXLBackbone(UNetBackbone):
+    """A ``StableDiffusionXLPipeline`` (``tokenizer``/``tokenizer_2``, ``text_encoder``/``text_encoder_2``)."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        vae = pipe.vae
+        if getattr(vae.config, "force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
+            vae.to(torch.float32)  # SDXL's VAE overflows to inf/NaN in float16
+
+    @staticmethod
+    def accepts(pipe) -> bool:
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+        return all(getattr(pipe, p, None) is not None for p in parts) and hasattr(pipe.unet, "down_blocks")
+
+    # -- the noisy forward pass ------------------------------------------------------------------
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alphas = self.pipe.scheduler.alphas_cumprod.to(z0.device, torch.float32)[t].view(-1, 1, 1, 1)
+        return (alphas.sqrt() * z0.float() + (1 - alphas).sqrt() * noise.float()).to(z0.dtype)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
+        hidden, pooled = embedding[:, :-1], embedding[:, -1, : self._pooled_dim]
+        side = z_t.shape[-1] * self.latent_scale
+        # original size, crop top-left, target size: the whole image, at the size the model sees
+        time_ids = torch.tensor([side, side, 0, 0, side, side], device=z_t.device, dtype=hidden.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids.expand(z_t.shape[0], -1)}
+        (self.denoiser if module is None else module)(
+            z_t, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)
+
+    @property
+    def _pooled_dim(self) -> int:
+        return self.pipe.text_encoder_2.config.projection_dim
+
+    # -- attention layers ------------------------------------------------------------------------
+    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+        return None  # the reference tables name SD 2.1 layers
+
+    def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
+        return None
+
+    # -- the prompt ------------------------------------------------------------------------------
+    def encode_text(self, prompt: Prompt) -> torch.Tensor:
+        ids_1 = list(prompt.input_ids)
+        tok_2 = self.pipe.tokenizer_2
+        ids_2 = token_ids(tok_2, prompt.text, padding="max_length", max_length=len(ids_1), truncation=True)
+        end_1, end_2 = _until_end(ids_1, self.tokenizer), _until_end(ids_2, tok_2)
+        if end_1 != end_2:
+            raise ValueError(f"SDXL's two tokenizers split the prompt {prompt.text!r} differently "
+                             f"({len(end_1)} and {len(end_2)} tokens); class token positions would not match")
+        hidden, pooled = [], None
+        for encoder, ids in ((self.pipe.text_encoder, ids_1), (self.pipe.text_encoder_2, ids_2)):
+            device = next(encoder.parameters()).device
+            out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both
+            pooled = out[0] if out[0].ndim == 2 else pooled  # the projected pooled output of the second
+        hidden = torch.cat([h.to(hidden[-1].device, torch.float32) for h in hidden], dim=-1)  # (1, T, D1 + D2)
+        row = torch.zeros(1, 1, hidden.shape[-1], device=hidden.device)
+        row[0, 0, : pooled.shape[-1]] = pooled[0].float()
+        return torch.cat([hidden, row], dim=1)  # (1, T + 1, D1 + D2)
+
+    def offload_text_encoder(self) -> None:
+        self.pipe.text_encoder.to("cpu", torch.float32)
+        self.pipe.text_encoder_2.to("cpu", torch.float32)
+
+
+def _until_end(ids: Sequence[int], tokenizer) -> list[int]:
+    end = tokenizer.eos_token_id
+    ids = list(ids)
+    return ids[: ids.index(end) + 1] if end in ids else ids
