@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--count", type=int, default=300)
     p.add_argument("--split", default="val")
     args = p.parse_args(argv)
-    seg = iseg.ISeg(iseg.load_pipeline("shapes", device="cpu", verbose=False))
+    seg = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False))
     samples = [sample(s) for s in SPLITS[args.split][: args.count]]
     variants = {"off": (False, False), "raw (reference)": (True, False), "normalised": (True, True)}
     hists = {k: np.zeros((NUM_LABELS, NUM_LABELS), np.int64) for k in variants}

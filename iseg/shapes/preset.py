@@ -28,6 +28,6 @@ RAW_BG_POWER = 5.0
 SHAPES_INTERACTIVE = dict(SHAPES_PRESET, lam=100.0, iterations=5, clamp_max=None, threshold=0.7)
 
 # Thresholds of iseg.labels' "attention" method for this model, chosen on 500 validation images for
-# the best open-vocabulary mIoU with the preset above (python -m iseg.labels --split val --objective
+# the best open-vocabulary mIoU with the preset above (iseg labels --split val --objective
 # miou): 88.79 there, label F1 0.982. The model card has the test figures.
 LABEL_THRESHOLDS = dict(min_share=0.0, min_peak=0.175, min_labels=1)
