@@ -26,9 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cli
 from . import refine as R
-from .cli_options import CommandError, add_set_option, device_option, output_file, overwrite_option, settings_overrides
+from .cli_options import (
+    CommandError,
+    add_set_option,
+    device_option,
+    module_main,
+    output_file,
+    overwrite_option,
+    settings_overrides,
+)
 from .loading import LoadedModel, load_model
 from .segmenter import ISeg
 from .shapes.model import make_tokenizer
@@ -226,7 +233,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m iseg.bench``: the same as ``iseg bench``."""
-    return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return module_main(sys.modules[__name__], "iseg bench", argv)
 
 
 if __name__ == "__main__":

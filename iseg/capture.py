@@ -324,6 +324,7 @@ def install_capture(
     ``attn_processors``/``set_attn_processor``); returns ``(store, restore)``, where ``restore()``
     puts the module's own processors back. ``options`` go to every ``CaptureProcessor``
     (``per_head``, ``keep_grad``, ``accumulate``). ``capture_attention`` is the scoped form."""
+    layers = list(layers)  # a generator would be used up by the check below
     original = module.attn_processors
     known = {key.removesuffix(".processor") for key in original}
     # layers given by name are looked up in a UNet's table (kind, level and heads come from it)

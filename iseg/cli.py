@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .cli_options import CommandError
+from .cli_options import CommandError, command_options, parse_command, run_command
 
 __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
@@ -41,16 +41,10 @@ COMMANDS: list[tuple[str, str, str, str | None]] = [
 ]
 
 
-# -- assembling and running ----------------------------------------------------------------------------
+# -- assembling -----------------------------------------------------------------------------------------
 def _module(path: str):
+    # the command modules import torch and diffusers' helpers; they are loaded when the parser is built
     return importlib.import_module(path)
-
-
-def _subparser_options(parser: argparse.ArgumentParser, module, description: str | None):
-    parser.description = description if description is not None else module.__doc__
-    module.add_arguments(parser)
-    parser.set_defaults(_module=module, _parser=parser)
-    return parser
 
 
 class _CommandsFormatter(argparse.HelpFormatter):
@@ -65,8 +59,6 @@ class _CommandsFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``iseg`` parser: one subparser per entry of ``COMMANDS``."""
-
-
     p = argparse.ArgumentParser(prog="iseg", description="Training-free segmentation with the iSeg method.",
                                 epilog="'iseg COMMAND --help' describes a command and its options. "
                                        "'iseg-eval' is 'iseg eval'.",
@@ -75,52 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, path, help_line, description in COMMANDS:
         s = sub.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
-        _subparser_options(s, _module(path), description)
+        command_options(s, _module(path), description)
     return p
-
-
-def command_parser(name: str, prog: str) -> argparse.ArgumentParser:
-    """A stand-alone parser for one command (the ``iseg-eval`` alias): the same options as ``iseg NAME``."""
-    _, path, _, description = next(c for c in COMMANDS if c[0] == name)
-    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return _subparser_options(p, _module(path), description)
-
-
-def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # named by the subcommand's parser, whose usage is the one that helps
-        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
-
-
-def run_command(args: argparse.Namespace, prog: str = "iseg") -> int:
-    """Run a parsed command; every error is one ``PROG: error: ...`` line."""
-    module = args._module
-    # the command sees its own options only (train-shapes records them in its checkpoint)
-    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"})
-    try:
-        return int(module.run(args) or 0)
-    except KeyboardInterrupt:
-        hint = getattr(module, "INTERRUPT_HINT", "")
-        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
-    except (ValueError, TypeError, OSError, *getattr(module, "USER_ERRORS", ())) as err:
-        # bad input: its message says what and how to fix it
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - torch and PIL failures: one line, named by type, never a traceback
-        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``iseg`` command."""
-    return run_command(_parse(build_parser(), argv))
-
-
-def alias_main(name: str, prog: str, argv: Sequence[str] | None = None) -> int:
-    """One command as its own program (``iseg-eval`` is ``iseg eval``)."""
-    return run_command(_parse(command_parser(name, prog), argv), prog)
+    return run_command(parse_command(build_parser(), argv))
 
 
 if __name__ == "__main__":

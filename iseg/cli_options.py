@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .loading import resolve_device
 from .presets import make_settings, parse_overrides
 
-__all__ = ["CommandError", "add_set_option", "overwrite_option", "settings_overrides", "device_option", "output_file"]
+__all__ = ["CommandError", "add_set_option", "overwrite_option", "settings_overrides", "device_option", "output_file",
+           "command_options", "parse_command", "run_command", "module_main"]
 
 
 class CommandError(ValueError):
@@ -67,3 +69,48 @@ def output_file(path: Path | None, overwrite: bool, prog: str = "iseg") -> Path 
             raise CommandError(f"--out {path} already exists; pass --overwrite to replace it, or choose another --out")
         print(f"{prog}: --overwrite: replacing {path}", file=sys.stderr)
     return path
+
+
+# -- running one command ---------------------------------------------------------------------------------
+def command_options(parser: argparse.ArgumentParser, module, description: str | None):
+    """Give ``parser`` the options of a command module (its ``add_arguments``) and its description."""
+    parser.description = description if description is not None else module.__doc__
+    module.add_arguments(parser)
+    parser.set_defaults(_module=module, _parser=parser)
+    return parser
+
+
+def parse_command(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv``; an unknown option is named by the command's own parser."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand's parser, whose usage is the one that helps
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def run_command(args: argparse.Namespace, prog: str = "iseg") -> int:
+    """Run a parsed command; every error is one ``PROG: error: ...`` line."""
+    module = args._module
+    # the command sees its own options only (train-shapes records them in its checkpoint)
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"})
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        hint = getattr(module, "INTERRUPT_HINT", "")
+        print(f"{prog}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, *getattr(module, "USER_ERRORS", ())) as err:
+        # bad input: its message says what and how to fix it
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - torch and PIL failures: one line, named by type, never a traceback
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+
+def module_main(module, prog: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Run one command module as its own program (``iseg-eval`` is ``iseg eval``; ``python -m
+    iseg.bench`` is ``iseg bench``): the same options and errors as under ``iseg``."""
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_command(parse_command(command_options(parser, module, description), argv), prog)

@@ -40,9 +40,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cli
 from . import labels as L
-from .cli_options import add_set_option
+from .cli_options import add_set_option, command_options, module_main
 from .datasets import DatasetError, SegmentationDataset, dataset_names, open_dataset
 from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
 from .loading import DEFAULT_MODEL, load_model, resolve_device
@@ -348,11 +347,8 @@ def evaluate_dataset(
 def _run_facts(seg, source_name: str, clip) -> dict:
     """What changes a run's numbers besides its settings: the weights' dtype and device, compiled
     forward passes (they round differently), and the CLIP model that chose the labels."""
-    param = None
-    unet = getattr(getattr(seg, "pipe", None), "unet", None)
-    if unet is not None and hasattr(unet, "parameters"):
-        param = next(iter(unet.parameters()), None)
-    fast = getattr(seg, "_fast", None)
+    backbone = getattr(seg, "backbone", None)  # stand-ins in tests have none
+    forward = getattr(seg, "forward", None)
     clip_model = None
     if source_name == "clip":
         if clip is None or isinstance(clip, (str, os.PathLike)):
@@ -360,11 +356,10 @@ def _run_facts(seg, source_name: str, clip) -> dict:
         else:
             clip_model = str(getattr(getattr(clip, "model", None), "name_or_path", type(clip).__name__))
     return {
-        "dtype": None if param is None else str(param.dtype).removeprefix("torch."),
-        "device": None if param is None else param.device.type,
-        "compile": None if fast is None else {"GraphedForward": "cuda-graph", "CompiledForward": "torch"}.get(
-            type(fast).__name__, type(fast).__name__),
-        "compile_vae": getattr(seg, "_encode", None) is not None,
+        "dtype": None if backbone is None else str(backbone.dtype).removeprefix("torch."),
+        "device": None if backbone is None else backbone.device.type,
+        "compile": getattr(seg, "compiled", None),
+        "compile_vae": getattr(forward, "encoder", None) is not None,
         "clip_model": clip_model,
     }
 
@@ -536,13 +531,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``iseg-eval`` parser (the options of ``iseg eval``)."""
-    return cli.command_parser("eval", "iseg-eval")
+    parser = argparse.ArgumentParser(prog="iseg-eval", formatter_class=argparse.RawDescriptionHelpFormatter)
+    return command_options(parser, sys.modules[__name__], None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``iseg-eval`` command, which is ``iseg eval``. Every mistake is one ``iseg-eval: error: ...``
     line naming the option, exit status 2; nothing in ``--out`` changes before all options are checked."""
-    return cli.alias_main("eval", "iseg-eval", argv)
+    return module_main(sys.modules[__name__], "iseg-eval", argv)
 
 
 def _overrides(args) -> dict:

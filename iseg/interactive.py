@@ -189,7 +189,7 @@ class PromptSession:
     that acts before decoding, so a pass is never reused for other settings.
     """
 
-    _KEEP = 8  # forward passes kept per session
+    _KEEP = 4  # forward passes kept per session (an SD 2.1 pass holds about 64 MB of self-attention)
 
     def __init__(self, seg, image, observe: bool = True, **overrides):
         self.seg = seg

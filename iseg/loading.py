@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,10 @@ __all__ = [
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
 
+# the LoadedModel of each pipeline load_model made, while the pipeline lives
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ModelNotAvailableError(OSError):
     """The weights of a model cannot be found here."""
 
@@ -55,8 +60,13 @@ class LoadedModel:
 
     @classmethod
     def of(cls, model) -> LoadedModel:
-        """``model`` itself, or a bare pipeline wrapped with its class name."""
-        return model if isinstance(model, LoadedModel) else cls(model, type(model).__name__)
+        """``model`` itself; for a pipeline that ``load_model`` loaded, the ``LoadedModel`` it
+        returned (so ``ISeg(model.pipe)`` keeps the name and preset); any other pipeline wrapped
+        with its class name and no preset."""
+        if isinstance(model, LoadedModel):
+            return model
+        known = _LOADED.get(model)
+        return known if known is not None else cls(model, type(model).__name__)
 
     @property
     def family(self) -> str | None:
@@ -101,6 +111,15 @@ class LoadedModel:
     scheduler = property(lambda self: self.pipe.scheduler)
     device = property(lambda self: self.pipe.device)
     dtype = property(lambda self: self.pipe.dtype)
+
+    @property
+    def components(self) -> dict:
+        return self.pipe.components
+
+    def to(self, *args, **kwargs) -> LoadedModel:
+        """Move the pipeline (``pipe.to``); returns this model."""
+        self.pipe.to(*args, **kwargs)
+        return self
 
     def __call__(self, *args, **kwargs):
         return self.pipe(*args, **kwargs)
@@ -297,7 +316,8 @@ def _finish(pipe, device, name: str) -> LoadedModel:
                                        f"it reads {', '.join(PIPELINES)}")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe, name, registry.MODELS.get(name))
+    model = _LOADED[pipe] = LoadedModel(pipe, name, registry.MODELS.get(name))
+    return model
 
 
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,

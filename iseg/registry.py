@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,7 +53,8 @@ def register_model(name: str, folder: str | os.PathLike | None = None, preset: s
                    plugin: str | None = None) -> None:
     """Make ``load_model(name)`` load a model folder; ``preset`` becomes ``ISeg``'s default for it."""
     MODELS[name] = ModelEntry(name, preset=preset, folder=None if folder is None else Path(folder), plugin=plugin)
-    _PRESETS_SEEN.clear()
+    with _PRESETS_LOCK:
+        _PRESETS_SEEN.clear()
 
 
 def shipped_models() -> dict[str, Path]:
@@ -75,12 +77,15 @@ def plugin(name: str | None) -> ModuleType | None:
 
 
 _PRESETS_SEEN: dict[str, dict] = {}
+_PRESETS_LOCK = threading.Lock()
 
 
 def model_presets() -> dict[str, dict]:
     """The presets that registered models' plug-ins bring (``PRESETS`` of each plug-in)."""
-    if not _PRESETS_SEEN:
-        for name in MODELS:
-            module = plugin(name)
-            _PRESETS_SEEN.update(getattr(module, "PRESETS", {}) if module is not None else {})
-    return _PRESETS_SEEN
+    with _PRESETS_LOCK:  # filled once; another thread never sees it half filled
+        if not _PRESETS_SEEN:
+            found = {}
+            for name in MODELS:
+                found.update(getattr(plugin(name), "PRESETS", {}))
+            _PRESETS_SEEN.update(found)
+        return dict(_PRESETS_SEEN)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import decode as D
 from .backbones import backbone_for
-from .forward import NoisyForward
+from .forward import CompiledForward, NoisyForward
 from .images import as_image_list, image_name, load_image, prepare, read_pixels, to_uint8
 from .interactive import PromptResult, PromptSession
 from .labels import predict_labels
@@ -65,8 +65,9 @@ class ISeg:
     Without a preset, a shipped model's own preset is used, else the reference defaults.
 
     Threads: one ``ISeg`` (or several on one model) may be called from several threads, e.g. a
-    web server's pool. Forward passes on one denoiser run one at a time under a lock (capturing
-    attention swaps its attention processors, and the caches of prompts and noise are shared);
+    web server's pool. Forward passes on one denoiser run one at a time under a lock shared by every
+    ``ISeg`` of that model (capturing attention swaps its attention processors; each ``ISeg``'s
+    caches of prompt embeddings, plans and noise are read and written under it too);
     decoding (clustering, refinement, labels) runs in parallel. Results equal those of
     sequential calls.
 
@@ -181,7 +182,9 @@ class ISeg:
     def compiled(self) -> str | None:
         """The launch method in use (``"cuda-graph"``, ``"torch"``) or ``None`` for the plain path."""
         launcher = self.forward.launcher
-        return None if launcher is None else ("torch" if hasattr(launcher, "compile_kwargs") else "cuda-graph")
+        if launcher is None:
+            return None
+        return "torch" if isinstance(launcher, CompiledForward) else "cuda-graph"
 
     def offload_text_encoder(self) -> ISeg:
         """Keep the text encoder on the CPU in float32; prompt embeddings are cached and moved over.
@@ -384,17 +387,19 @@ class ISeg:
         ``text=`` description runs one more pass (also kept)."""
         return PromptSession(self, image, **overrides)
 
-    # sessions kept for segment_prompt, each with the passes it ran
+    # sessions kept for segment_prompt; with PromptSession's 4 passes each, at most 16 passes in all
     _SESSIONS = 4
 
     def segment_prompt(self, image, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
         """Segment what the user points at, strokes, boxes or describes (method §7).
 
-        ``prompt_session(image).segment(...)`` with the session kept: further points, lines and
-        boxes on the same image do not run the model again.
+        ``prompt_session(image).segment(...)`` with the session kept (for this image and the
+        current ``settings``): further points, lines and boxes on the same image do not run the
+        model again.
         """
         arr = load_image(image)
-        key = PromptSession.image_key(arr)
+        # a session fixes the settings it was made with: a change of seg.settings makes a new one
+        key = (PromptSession.image_key(arr), self.settings, self.preset)
         with self._lock:
             session = self._sessions.get(key)
             if session is not None:

@@ -40,13 +40,16 @@ def test_registry_is_a_plain_mapping_of_entries():
     assert set(registry.model_presets()) >= {"shapes", "shapes-interactive"}
 
 
-def test_loaded_model_carries_what_was_stamped_on_the_pipeline(shapes_pipe):
+def test_loaded_model_carries_what_was_stamped_on_the_pipeline(shapes_pipe, tiny_pipe):
     assert isinstance(shapes_pipe, iseg.LoadedModel)
-    assert (shapes_pipe.name, shapes_pipe.preset) == ("shapes", "shapes")
+    assert (shapes_pipe.name, shapes_pipe.preset, shapes_pipe.family) == ("shapes", "shapes", "sd")
     assert "circle" in shapes_pipe.known_words and shapes_pipe.label_thresholds["min_peak"] == 0.175
     assert not any(k.startswith("iseg_") for k in vars(shapes_pipe.pipe))  # nothing stamped on diffusers' object
-    bare = iseg.LoadedModel.of(shapes_pipe.pipe)  # a bare pipeline: its class name, no preset or vocabulary
+    # the pipeline of a loaded model still finds its model: ISeg(model.pipe) keeps the preset
+    assert iseg.LoadedModel.of(shapes_pipe.pipe) is shapes_pipe and iseg.ISeg(shapes_pipe.pipe).preset == "shapes"
+    bare = iseg.LoadedModel.of(tiny_pipe)  # a pipeline made elsewhere: its class name, no preset or vocabulary
     assert (bare.name, bare.preset, bare.known_words) == ("StableDiffusionPipeline", None, None)
+    assert shapes_pipe.to("cpu") is shapes_pipe and "unet" in shapes_pipe.components
 
 
 def test_settings_are_frozen_and_hashable():
@@ -147,3 +150,28 @@ def test_no_function_level_import_of_the_package_itself():
                     found += [f"{path.relative_to(PACKAGE)}:{node.lineno} import {a.name}" for a in node.names
                               if a.name.split(".")[0] not in LAZY_OK]
     assert found == [], "imports inside functions (move them to the top of the module): " + ", ".join(found)
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The package modules one module imports at its top level (absolute dotted names)."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    if parts[-1] == "__init__":
+        package = parts[:-1]
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[: len(package) - node.level + 1]
+            target = ".".join(base + ((node.module,) if node.module else ()))
+            out.add(target)
+            out.update(f"{target}.{a.name}" for a in node.names)
+    return out
+
+
+def test_command_modules_do_not_import_the_command_line_that_loads_them():
+    # iseg.cli imports each command's module to build its parser; a command module importing
+    # iseg.cli back would be a cycle hidden behind importlib
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "__main__.py":
+            continue
+        assert "iseg.cli" not in _module_imports(path), f"{path.relative_to(PACKAGE)} imports iseg.cli"

@@ -267,3 +267,15 @@ def test_two_processes_give_exactly_the_numbers_of_one(tmp_path):
     for i in range(2_000_000, 2_000_024):
         np.testing.assert_array_equal(np.array(Image.open(tmp_path / "one" / "masks" / f"{i}.png")),
                                       np.array(Image.open(tmp_path / "two" / "masks" / f"{i}.png")))
+
+
+def test_run_facts_record_compiled_forward_passes(tiny_pipe):
+    # run.json must tell a compiled run from a plain one: a compiled VAE rounds differently
+    seg = iseg.ISeg(tiny_pipe)
+    assert ev._run_facts(seg, "ground-truth", None)["compile"] is None
+    seg.compile("torch", backend="aot_eager", vae={"backend": "aot_eager"})  # compiles at the first call only
+    try:
+        facts = ev._run_facts(seg, "ground-truth", None)
+    finally:
+        seg.compile(None)
+    assert (facts["compile"], facts["compile_vae"], facts["dtype"], facts["device"]) == ("torch", True, "float32", "cpu")

@@ -88,7 +88,7 @@ class Backbone(ABC):
     def encode_text(self, prompt: Prompt) -> torch.Tensor:
         """The embedding ``(1, rows, dim)`` the denoiser reads for one prompt: the text encoder's
         hidden states, one row per token position of ``prompt.input_ids`` (Cat-Cross scales the
-        class tokens' rows), plus any rows a family needs after them (``prompt_rows``)."""
+        class tokens' rows), plus any rows a family needs after them (SDXL: its pooled embedding)."""
 
     def offload_text_encoder(self) -> None:
         """Keep the text encoder on the CPU in float32."""

@@ -9,8 +9,15 @@ import json
 import sys
 from pathlib import Path
 
-from .. import cli
-from ..cli_options import CommandError, add_set_option, device_option, output_file, overwrite_option, settings_overrides
+from ..cli_options import (
+    CommandError,
+    add_set_option,
+    device_option,
+    module_main,
+    output_file,
+    overwrite_option,
+    settings_overrides,
+)
 from ..labels import (
     AttentionThresholds,
     attention_evidence,
@@ -79,7 +86,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m iseg.shapes.calibrate`` (or ``python -m iseg.labels``): the same as ``iseg labels``."""
-    return cli.main(["labels", *(sys.argv[1:] if argv is None else argv)])
+    return module_main(sys.modules[__name__], "iseg labels", argv)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import cli
-from ..cli_options import CommandError, add_set_option, device_option, output_file, overwrite_option, settings_overrides
+from ..cli_options import (
+    CommandError,
+    add_set_option,
+    device_option,
+    module_main,
+    output_file,
+    overwrite_option,
+    settings_overrides,
+)
 from ..loading import load_model
 from ..masks import maps_to_labels
 from ..metrics import confusion, iou_per_class, miou
@@ -275,7 +282,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m iseg.shapes.evaluate``: the same as ``iseg eval-shapes``."""
-    return cli.main(["eval-shapes", *(sys.argv[1:] if argv is None else argv)])
+    return module_main(sys.modules[__name__], "iseg eval-shapes", argv)
 
 
 if __name__ == "__main__":

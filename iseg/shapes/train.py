@@ -35,9 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .. import cli
 from ..capture import attention_layers, capture_attention
-from ..cli_options import CommandError, device_option, overwrite_option
+from ..cli_options import CommandError, device_option, module_main, overwrite_option
 from .model import (
     LATENT_SIDES,
     MAX_LENGTH,
@@ -518,7 +517,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """``python -m iseg.shapes.train``: the same as ``iseg train-shapes``."""
-    return cli.main(["train-shapes", *(sys.argv[1:] if argv is None else argv)])
+    return module_main(sys.modules[__name__], "iseg train-shapes", argv)
 
 
 if __name__ == "__main__":
