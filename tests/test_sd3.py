@@ -251,3 +251,19 @@ def test_load_model_reads_the_family_from_model_index(sd3_pipe, tmp_path):
     assert index["_class_name"] == "StableDiffusion3Pipeline"
     seg = iseg.ISeg(model, iterations=1)
     assert seg.segment(_image(3), ["cat"]).labels.shape == (32, 32)
+
+
+def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(sd3_pipe):
+    # torch.compile (aot_eager: no C++ toolchain needed) around the joint capture changes no map
+    seg = iseg.ISeg(sd3_pipe, iterations=3, clustering=False)
+    images, classes = [_image(5), _image(6)], ["cat", "dog"]
+    plain = seg.segment(images, classes)
+    seg.compile("torch", backend="aot_eager")
+    try:
+        fast = seg.segment(images, classes)
+        assert all(isinstance(p, JointCaptureProcessor) for p in sd3_pipe.transformer.attn_processors.values())
+    finally:
+        seg.compile(None)
+    assert all(isinstance(p, JointAttnProcessor2_0) for p in sd3_pipe.transformer.attn_processors.values())
+    for p, f in zip(plain, fast):
+        assert np.allclose(p.maps, f.maps, atol=1e-4) and np.array_equal(p.labels, f.labels)
