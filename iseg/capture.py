@@ -154,7 +154,7 @@ def pick_layers(
         missing = sorted(wanted - set(available))
         if missing:
             raise ValueError(
-                f"this UNet has no {kind}-attention at resolution(s) {missing} for a {latent_side}x{latent_side} "
+                f"this model has no {kind}-attention at resolution(s) {missing} for a {latent_side}x{latent_side} "
                 f"latent; available: {available}"
             )
         layers = [layer for layer in layers if layer.resolution(latent_side) in wanted]

@@ -267,3 +267,23 @@ def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(sd3
     assert all(isinstance(p, JointAttnProcessor2_0) for p in sd3_pipe.transformer.attn_processors.values())
     for p, f in zip(plain, fast):
         assert np.allclose(p.maps, f.maps, atol=1e-4) and np.array_equal(p.labels, f.labels)
+
+
+def test_a_text_the_two_clip_tokenizers_split_differently_is_refused(sd3_pipe, monkeypatch):
+    seg = iseg.ISeg(sd3_pipe)
+    prompt = seg.prompt_for(["cat"])
+    real = iseg.backbones.sd3.token_ids
+
+    def one_more(tokenizer, text, **options):  # the second tokenizer splits one word in two
+        ids = real(tokenizer, text, **options)
+        return ids[:2] + ids[1:-1]
+
+    monkeypatch.setattr(iseg.backbones.sd3, "token_ids", one_more)
+    with pytest.raises(ValueError, match="split the prompt .* differently"):
+        seg.backbone.encode_text(prompt)
+
+
+def test_a_resolution_off_the_patch_grid_is_refused(sd3_pipe):
+    seg = iseg.ISeg(sd3_pipe, cross_weights={4: 0.7, 8: 0.3})
+    with pytest.raises(ValueError, match=r"no cross-attention at resolution\(s\) \[4\].*available: \[8\]"):
+        seg.plan(16)
