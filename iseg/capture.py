@@ -8,6 +8,11 @@ during the forward pass, and restores the original processors on exit, also afte
     with capture_attention(unet, layers) as store:
         unet(z_t, t, encoder_hidden_states=E)
     maps = store.by_resolution("cross")   # {16: (B, 256, 77), 32: (B, 1024, 77)}
+
+An MM-DiT (SD3) has no separate cross- and self-attention: each joint attention module attends
+from image and text tokens to both at once. ``joint_attention_layers`` names two maps per module,
+``<module>:text`` (cross) and ``<module>:image`` (self), and one ``JointCaptureProcessor`` on the
+module records both, each renormalised over its own keys.
 """
 
 from __future__ import annotations

@@ -287,3 +287,16 @@ def test_a_resolution_off_the_patch_grid_is_refused(sd3_pipe):
     seg = iseg.ISeg(sd3_pipe, cross_weights={4: 0.7, 8: 0.3})
     with pytest.raises(ValueError, match=r"no cross-attention at resolution\(s\) \[4\].*available: \[8\]"):
         seg.plan(16)
+
+
+def test_layers_given_by_name(sd3_pipe):
+    seg = iseg.ISeg(sd3_pipe)
+    backbone = seg.backbone
+    z_t, t, emb = _inputs(seg)
+    with torch.no_grad():
+        with capture_attention(backbone.denoiser, ["transformer_blocks.0.attn:image"]) as store:
+            _run(backbone, z_t, t, emb)
+    assert store.names() == ["transformer_blocks.0.attn:image"] and store.mean(store.names()[0]).shape == (1, 64, 64)
+    with pytest.raises(ValueError, match="not an attention layer of this SD3Transformer2DModel"):
+        with capture_attention(backbone.denoiser, ["transformer_blocks.0.attn"]):
+            pass
