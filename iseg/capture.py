@@ -8,6 +8,11 @@ during the forward pass, and restores the original processors on exit, also afte
     with capture_attention(unet, layers) as store:
         unet(z_t, t, encoder_hidden_states=E)
     maps = store.by_resolution("cross")   # {16: (B, 256, 77), 32: (B, 1024, 77)}
+
+An MM-DiT (SD3) has no separate cross- and self-attention: each joint attention module attends
+from image and text tokens to both at once. ``joint_attention_layers`` names two maps per module,
+``<module>:text`` (cross) and ``<module>:image`` (self), and one ``JointCaptureProcessor`` on the
+module records both, each renormalised over its own keys.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "CaptureProcessor",
+    "JointCaptureProcessor",
     "attention_layers",
+    "joint_attention_layers",
     "select_layers",
     "pick_layers",
     "capture_attention",
@@ -36,15 +43,24 @@ KINDS = ("self", "cross")
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    """One attention module of a UNet, named as in ``unet.attn_processors`` without ``.processor``."""
+    """One attention map of a denoiser. On a UNet, one attention module, named as in
+    ``unet.attn_processors`` without ``.processor``; a joint (MM-DiT) attention module gives two
+    maps, ``<module>:text`` (image queries to text keys, kind "cross") and ``<module>:image``
+    (image queries to image keys, kind "self"), both with ``module`` set to the module's name."""
 
     name: str
     kind: str  # "self" or "cross"
     level: int  # downsampling steps below the latent: resolution = latent_side / 2**level
     heads: int
+    module: str = ""  # the attention module's name where it differs from ``name``; "" means ``name``
 
     def resolution(self, latent_side: int) -> int:
         return math.ceil(latent_side / 2**self.level)
+
+    @property
+    def target(self) -> str:
+        """The name of the attention module whose processor captures this layer."""
+        return self.module or self.name
 
 
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
@@ -71,6 +87,33 @@ def attention_layers(unet) -> list[AttentionLayer]:
         kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
         layers.append(AttentionLayer(name=name, kind=kind, level=level, heads=int(module.heads)))
     return layers
+
+
+def joint_attention_layers(transformer) -> list[AttentionLayer]:
+    """The two maps of every joint attention module of an MM-DiT (``SD3Transformer2DModel``):
+    ``transformer_blocks.{i}.attn:text`` (cross) and ``transformer_blocks.{i}.attn:image`` (self).
+
+    All sit on the patch grid, ``level = log2(patch_size)`` below the latent. Image-only attention
+    modules (SD 3.5's ``attn2``) are not listed."""
+    patch = int(transformer.config.patch_size)
+    level = round(math.log2(patch))
+    if 2**level != patch:
+        raise ValueError(f"patch_size {patch} is not a power of two; the layer level cannot express it")
+    modules = dict(transformer.named_modules())
+    layers = []
+    for key in transformer.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        if not name.startswith("transformer_blocks.") or getattr(module, "add_k_proj", None) is None:
+            continue
+        heads = int(module.heads)
+        layers.append(AttentionLayer(name=name + ":text", kind="cross", level=level, heads=heads, module=name))
+        layers.append(AttentionLayer(name=name + ":image", kind="self", level=level, heads=heads, module=name))
+    return layers
+
+
+def _matches(layer: AttentionLayer, prefix: str) -> bool:
+    return any(layer.name == prefix or layer.name.startswith(prefix + sep) for sep in ".:")
 
 
 def select_layers(
@@ -102,7 +145,7 @@ def pick_layers(
     if names is not None:
         chosen = []
         for prefix in names:
-            hits = [layer for layer in layers if layer.name == prefix or layer.name.startswith(prefix + ".")]
+            hits = [layer for layer in layers if _matches(layer, prefix)]
             if not hits:
                 known = sorted({layer.name.split(".transformer_blocks")[0] for layer in layers})
                 raise ValueError(f"no {kind}-attention layer matches {prefix!r}; {kind}-attention layers: {known}")
@@ -116,7 +159,7 @@ def pick_layers(
         missing = sorted(wanted - set(available))
         if missing:
             raise ValueError(
-                f"this UNet has no {kind}-attention at resolution(s) {missing} for a {latent_side}x{latent_side} "
+                f"this model has no {kind}-attention at resolution(s) {missing} for a {latent_side}x{latent_side} "
                 f"latent; available: {available}"
             )
         layers = [layer for layer in layers if layer.resolution(latent_side) in wanted]
@@ -314,6 +357,134 @@ class CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
+class JointCaptureProcessor:
+    """A joint (MM-DiT) attention processor that returns what ``JointAttnProcessor2_0`` returns
+    and records the image queries' attention, split by key.
+
+    The output is computed on the same SDPA path as diffusers' processor. For the image-query rows
+    only, the chosen heads' scores ``q k^T * scale`` are taken in float32 over the keys
+    ``[image; text]``; their softmax restricted to the text keys (the joint softmax renormalised
+    over the text keys, which is the same thing) is recorded under ``layers["cross"]``, and
+    restricted to the image keys under ``layers["self"]``. ``layers`` maps a kind to the name the
+    store keeps it under; a kind not in it is not computed. ``heads`` maps a kind to its head
+    indices (``None``: all). ``per_head``, ``keep_grad`` and ``accumulate`` act as in
+    ``CaptureProcessor``; large maps are computed one head at a time, keeping only running sums.
+    """
+
+    ALL_HEADS_BYTES = CaptureProcessor.ALL_HEADS_BYTES
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        layers: Mapping[str, str],
+        heads: Mapping[str, Sequence[int] | None] | None = None,
+        per_head: bool = False,
+        keep_grad: bool = False,
+        accumulate: bool = False,
+    ):
+        unknown = set(layers) - set(KINDS)
+        if unknown:
+            raise ValueError(f"layers maps kinds {KINDS} to names, got kinds {sorted(unknown)}")
+        self.store = store
+        self.layers = dict(layers)
+        heads = heads or {}
+        self.heads = {kind: None if heads.get(kind) is None else list(heads[kind]) for kind in self.layers}
+        self.per_head = per_head
+        self.keep_grad = keep_grad
+        self.accumulate = accumulate
+
+    def _chosen(self, kind: str, n_heads: int) -> list[int]:
+        heads = self.heads[kind]
+        if heads is None:
+            return list(range(n_heads))
+        if max(heads) >= n_heads or min(heads) < -n_heads:
+            raise ValueError(f"layer {self.layers[kind]} has {n_heads} heads; cannot select heads {heads}")
+        return sorted({h % n_heads for h in heads})
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            q_text = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            k_text = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            v_text = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                q_text = attn.norm_added_q(q_text)
+            if attn.norm_added_k is not None:
+                k_text = attn.norm_added_k(k_text)
+            n_image = query.shape[2]
+            query = torch.cat([query, q_text], dim=2)
+            key = torch.cat([key, k_text], dim=2)
+            value = torch.cat([value, v_text], dim=2)
+        else:
+            n_image = query.shape[2]
+
+        self._record(attn, query[:, :, :n_image], key, n_image)
+
+        hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def _record(self, attn, query, key, n_image: int) -> None:
+        """Record the image queries' probabilities over the image keys and over the text keys."""
+        n_heads = attn.heads
+        parts = {"self": slice(0, n_image), "cross": slice(n_image, key.shape[2])}
+        kinds = [k for k in self.layers if k == "self" or key.shape[2] > n_image]  # no text keys: no cross map
+        if not kinds:
+            return
+        chosen = {kind: self._chosen(kind, n_heads) for kind in kinds}
+
+        def probs(q, k, kind):  # fp32 scores and softmax over one kind's keys
+            scores = (q.float() @ k[:, :, parts[kind]].float().transpose(-1, -2)) * attn.scale
+            return scores.softmax(dim=-1)
+
+        def keep(x):
+            return x if self.keep_grad else x.detach()
+
+        batch, n_query, n_key = query.shape[0], query.shape[2], key.shape[2]
+        if self.per_head:
+            for kind in kinds:  # the heads in the order asked, as CaptureProcessor keeps them
+                heads = chosen[kind] if self.heads[kind] is None else [h % n_heads for h in self.heads[kind]]
+                p = probs(query[:, heads], key[:, heads], kind)
+                self.store.record(self.layers[kind], keep(p), True, self.accumulate)
+        elif batch * n_heads * n_query * n_key * 4 <= self.ALL_HEADS_BYTES:
+            # small maps: all heads in one product; slices, not an index tensor (CUDA graphs forbid
+            # a host-to-device copy)
+            for kind in kinds:
+                p = probs(query, key, kind)
+                total = sum(p[:, h] for h in chosen[kind])
+                self.store.record_sum(self.layers[kind], keep(total), len(chosen[kind]), self.accumulate)
+        else:
+            # one head at a time: only the running sums of the chosen heads are held
+            for kind in kinds:
+                total = None
+                for h in chosen[kind]:
+                    p = probs(query[:, h : h + 1], key[:, h : h + 1], kind)[:, 0]
+                    total = p if total is None else total + p
+                self.store.record_sum(self.layers[kind], keep(total), len(chosen[kind]), self.accumulate)
+
+
 def install_capture(
     module,
     layers: Iterable[AttentionLayer | str],
@@ -321,30 +492,51 @@ def install_capture(
     **options,
 ):
     """Put a ``CaptureProcessor`` on each of ``layers`` of ``module`` (a denoiser with diffusers'
-    ``attn_processors``/``set_attn_processor``); returns ``(store, restore)``, where ``restore()``
-    puts the module's own processors back. ``options`` go to every ``CaptureProcessor``
-    (``per_head``, ``keep_grad``, ``accumulate``). ``capture_attention`` is the scoped form."""
-    layers = list(layers)  # a generator would be used up by the check below
+    ``attn_processors``/``set_attn_processor``), or one ``JointCaptureProcessor`` on each joint
+    attention module that the layers name (``AttentionLayer.module``), serving its ":text" and
+    ":image" maps together; returns ``(store, restore)``, where ``restore()`` puts the module's own
+    processors back. ``options`` go to every processor (``per_head``, ``keep_grad``,
+    ``accumulate``). ``capture_attention`` is the scoped form."""
+    layers = list(layers)  # a generator would be used up by the checks below
     original = module.attn_processors
     known = {key.removesuffix(".processor") for key in original}
-    # layers given by name are looked up in a UNet's table (kind, level and heads come from it)
+    # layers given by name are looked up in the module's table (kind, level and heads come from it)
     by_name = {}
-    if any(isinstance(layer, str) for layer in layers) and hasattr(module, "down_blocks"):
-        by_name = {layer.name: layer for layer in attention_layers(module)}
+    if any(isinstance(layer, str) for layer in layers):
+        if hasattr(module, "down_blocks"):
+            by_name = {layer.name: layer for layer in attention_layers(module)}
+        elif hasattr(module, "transformer_blocks"):
+            by_name = {layer.name: layer for layer in joint_attention_layers(module)}
     chosen = []
     for layer in layers:
         if isinstance(layer, str):
             if layer not in by_name:
-                raise ValueError(f"{layer!r} is not an attention layer of this UNet")
+                raise ValueError(f"{layer!r} is not an attention layer of this {type(module).__name__}")
             layer = by_name[layer]
-        elif layer.name not in known:
-            raise ValueError(f"{layer.name!r} is not an attention layer of this {type(module).__name__}")
+        elif layer.target not in known:
+            raise ValueError(f"{layer.target!r} is not an attention layer of this {type(module).__name__}")
         chosen.append(layer)
     store = AttentionStore(chosen)
-    replaced = dict(original)
+    # one processor per attention module: a joint module serves its ":text" and ":image" maps at once
+    groups: dict[str, dict[str, AttentionLayer]] = {}
     for layer in chosen:
-        layer_heads = heads.get(layer.name) if isinstance(heads, Mapping) else heads
-        replaced[layer.name + ".processor"] = CaptureProcessor(store, layer.name, heads=layer_heads, **options)
+        groups.setdefault(layer.target, {})[layer.name] = layer
+    replaced = dict(original)
+
+    def heads_of(layer):
+        return heads.get(layer.name) if isinstance(heads, Mapping) else heads
+
+    for target, group in groups.items():
+        if any(layer.module for layer in group.values()):
+            kinds = [layer.kind for layer in group.values()]
+            if len(set(kinds)) != len(kinds):
+                raise ValueError(f"two {kinds[0]} maps of one joint attention module {target!r}: {sorted(group)}")
+            processor = JointCaptureProcessor(store, {layer.kind: layer.name for layer in group.values()},
+                                              {layer.kind: heads_of(layer) for layer in group.values()}, **options)
+        else:
+            (layer,) = group.values()
+            processor = CaptureProcessor(store, layer.name, heads=heads_of(layer), **options)
+        replaced[target + ".processor"] = processor
     module.set_attn_processor(replaced)
     return store, lambda: module.set_attn_processor(original)
 

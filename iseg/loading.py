@@ -1,8 +1,9 @@
 """Step 1: load a model (hub id, local folder, or a model we ship) as a ``LoadedModel``.
 
 A ``LoadedModel`` is the diffusers pipeline (``.pipe``) with what iseg knows about it: its name,
-default preset, closed vocabulary and label thresholds (from ``iseg.registry``). Today's family is
-the Stable Diffusion 1.x/2.x UNet: SD 1.4/1.5/2.0/2.1(-base) and the project's own shapes model.
+default preset, closed vocabulary and label thresholds (from ``iseg.registry``). The families are
+those of ``iseg.backbones.FAMILIES``: the Stable Diffusion 1.x/2.x UNet (SD 1.4/1.5/2.0/2.1(-base)
+and the project's own shapes model), SDXL, and SD3 (loaded without its T5 encoder).
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ class LoadedModel:
         with its class name and no preset."""
         if isinstance(model, LoadedModel):
             return model
-        known = _LOADED.get(model)
+        try:
+            known = _LOADED.get(model)
+        except TypeError:  # not weak-referenceable, so not a pipeline load_model made
+            known = None
         return known if known is not None else cls(model, type(model).__name__)
 
     @property
     def family(self) -> str | None:
-        """The model family (``"sd"``, ``"sdxl"``; see ``iseg.backbones.FAMILIES``)."""
+        """The model family (``"sd"``, ``"sdxl"``, ``"sd3"``; see ``iseg.backbones.FAMILIES``)."""
         return family_of(self.pipe)
 
     @property
@@ -219,6 +223,10 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
     cls = _pipeline_class(source, local_only)
     # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
     extra = dict(safety_checker=None, requires_safety_checker=False) if cls is diffusers.StableDiffusionPipeline else {}
+    if cls is diffusers.StableDiffusion3Pipeline:
+        # SD3's T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens,
+        # and the class tokens iSeg reads are CLIP tokens (see iseg.backbones.sd3)
+        extra = dict(text_encoder_3=None, tokenizer_3=None)
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()  # keep notebooks free of per-component progress bars and notices
     dlog.disable_progress_bar()

@@ -40,11 +40,12 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
     """The plan of ``s`` for a ``latent_side`` latent; a ``ValueError`` names a setting that the
     model cannot follow (a resolution it does not have, a head out of range)."""
     available = backbone.attention_layers()
-    weights = dict(s.cross_weights) if s.cross_weights is not None else {latent_side // 4: 0.7, latent_side // 2: 0.3}
+    weights = dict(s.cross_weights) if s.cross_weights is not None else backbone.default_cross_weights(latent_side)
     weights = {int(r): float(w) for r, w in weights.items() if w != 0}
     if not weights:
         raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
-                         "give at least one resolution a positive weight, e.g. {%d: 1.0}" % (latent_side // 4 or 1))
+                         "give at least one resolution a positive weight, e.g. {%d: 1.0}"
+                         % (next(iter(backbone.default_cross_weights(latent_side))) or 1))
     cross: dict[int, list[AttentionLayer]] = {}
     reference_used = True
     for r in weights:

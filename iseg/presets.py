@@ -62,7 +62,7 @@ class Settings:
     extra_words: tuple[str, ...] = ("other object", "background")
     background_words: tuple[str, ...] = VOC_BACKGROUND
     # §3 which attention to read
-    cross_weights: Mapping[int, float] | None = None  # {r: weight}; None: {latent/4: 0.7, latent/2: 0.3}
+    cross_weights: Mapping[int, float] | None = None  # {r: weight}; None: the family's default ({latent/4: 0.7, latent/2: 0.3} on UNets)
     cross_layers: str | tuple[str, ...] = "auto"  # "auto" (reference layers where they exist), "all", or names
     cross_heads: str | Mapping[int, tuple[int, ...]] | None = None  # None: all; "reference-voc"; {r: positions}
     self_resolution: int | None = None  # None: the latent side

@@ -136,3 +136,44 @@ def tiny_sdxl_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """An SD3-shaped pipeline (MM-DiT): two CLIP text encoders with projections (hidden 32 each),
+    no T5 (``text_encoder_3=None``: diffusers then appends zeros for its tokens), a 16-channel VAE
+    (x2 down, with a shift factor) and a 2-layer ``SD3Transformer2DModel`` with patch 2 on a 16x16
+    latent (32x32 images, an 8x8 token grid), under a flow-matching Euler scheduler."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                  projection_dim=32)
+    # joint_attention_dim = the two CLIP widths side by side (32 + 32): without T5 the pipeline pads
+    # the CLIP features to it and appends that many zero features per T5 token
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")

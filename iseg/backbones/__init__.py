@@ -5,7 +5,8 @@ that latent at a timestep, run one denoiser pass (during which ``iseg.capture`` 
 attention of chosen layers through the attention-processor API), name its cross- and
 self-attention layers with their resolutions and heads, and build the prompt embedding with
 Cat-Cross. ``Backbone`` is that contract; ``UNetBackbone`` (SD 1.x/2.x) is its first
-implementation and holds the reference layer and head tables; ``SDXLBackbone`` reads SDXL.
+implementation and holds the reference layer and head tables; ``SDXLBackbone`` reads SDXL;
+``SD3Backbone`` reads SD3's MM-DiT, whose joint attention gives both kinds of map.
 
     backbone = backbone_for(pipe)
     z0 = backbone.encode(pixels)              # (B, C, h, w)
@@ -17,20 +18,22 @@ implementation and holds the reference layer and head tables; ``SDXLBackbone`` r
 from __future__ import annotations
 
 from .base import Backbone
+from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone
 
-__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "FAMILIES", "backbone_for", "family_of"]
+__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FAMILIES", "backbone_for", "family_of"]
 
 # family name -> (backbone, the diffusers pipeline classes it reads), most specific first
 FAMILIES = {
     "sdxl": (SDXLBackbone, ("StableDiffusionXLPipeline",)),
+    "sd3": (SD3Backbone, ("StableDiffusion3Pipeline",)),
     "sd": (UNetBackbone, ("StableDiffusionPipeline",)),
 }
 
 
 def family_of(pipe) -> str | None:
-    """The family name of a pipeline (``"sd"``, ``"sdxl"``), or ``None`` when iseg has no backbone for it."""
+    """The family name of a pipeline (``"sd"``, ``"sdxl"``, ``"sd3"``), or ``None`` when iseg has no backbone for it."""
     for name, (backbone, _) in FAMILIES.items():
         if backbone.accepts(pipe):
             return name
@@ -42,8 +45,10 @@ def backbone_for(pipe) -> Backbone:
     family = family_of(pipe)
     if family is not None:
         return FAMILIES[family][0](pipe)
-    missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, part, None) is None]
+    denoiser = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    missing = [part for part in (denoiser, "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, part, None) is None]
     if missing:
         raise TypeError(f"the pipeline has no {missing[0]}; iSeg needs a Stable-Diffusion-style pipeline")
     supported = ", ".join(c for _, classes in FAMILIES.values() for c in classes)
-    raise TypeError(f"iSeg has no backbone for a {type(pipe.unet).__name__} denoiser; supported pipelines: {supported}")
+    raise TypeError(f"iSeg has no backbone for a {type(getattr(pipe, denoiser)).__name__} denoiser; "
+                    f"supported pipelines: {supported}")

@@ -73,6 +73,11 @@ class Backbone(ABC):
         levels = [layer.level for layer in self.attention_layers() if layer.kind == "self"]
         return math.ceil(latent_side / 2 ** min(levels)) if levels else latent_side
 
+    def default_cross_weights(self, latent_side: int) -> dict[int, float]:
+        """The cross-attention resolution weights used when ``cross_weights`` is not set: the
+        reference's ``{latent/4: 0.7, latent/2: 0.3}`` (method document §3)."""
+        return {latent_side // 4: 0.7, latent_side // 2: 0.3}
+
     def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
         """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level``;
         ``None`` where the family has no reference choice (then every layer there is read)."""

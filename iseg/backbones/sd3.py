@@ -1,0 +1,175 @@
+"""Stable Diffusion 3 (MM-DiT): a 16-channel VAE, three text encoders and an ``SD3Transformer2DModel``.
+
+What differs from SD 1.x/2.x, and how the method follows it:
+
+- Denoiser: a transformer over latent patches (``patch_size`` latent cells a side). Each block's
+  joint attention runs image and text tokens through one softmax; there is no separate cross-
+  and self-attention module. Capture splits it (``JointCaptureProcessor``): the image queries'
+  probabilities over the text keys, renormalised over those keys, are the cross-attention map
+  (layer ``transformer_blocks.{i}.attn:text``); over the image keys, renormalised likewise, the
+  self-attention map (``transformer_blocks.{i}.attn:image``). Text queries are not read. SD 3.5's
+  image-only ``attn2`` modules are not read.
+- Resolutions: every layer sits on the one patch grid, latent_side / patch_size a side (level
+  log2(patch_size)); cross-attention defaults to weight 1 there (``default_cross_weights``) and
+  self-attention is read there. The reference's layer and head tables name SD 2.1 layers and do
+  not apply.
+- Text: CLIP ViT-L and OpenCLIP ViT-bigG penultimate hidden states concatenated on the feature
+  axis (77 rows), zero-padded to the T5 width, then the T5 tokens appended along the sequence
+  (``max_sequence_length`` rows), exactly as ``StableDiffusion3Pipeline.encode_prompt``. T5 is
+  optional: without ``text_encoder_3`` (how ``load_model`` and the tests build SD3 here: it is
+  off by default, it is 4.7B parameters) diffusers appends zeros for the T5 part and so does this.
+  Class tokens are positions in the CLIP window (the first 77 rows): Cat-Cross scales those rows
+  only, never the T5 rows, which are not class tokens. Both CLIP tokenizers share one BPE
+  vocabulary; a text they split differently is refused rather than misread.
+- Pooled conditioning: both encoders' projected pooled outputs, concatenated. It travels as one
+  extra row after the token rows (``encode_text``), as with SDXL, so that one tensor goes through
+  the forward recipe; ``denoise`` splits it off.
+- Noise: rectified flow, z_t = (1 - sigma) z0 + sigma eps with sigma = t / 1000 for the
+  ``timestep`` setting t (0..999), without the scheduler's resolution shift (sigma is what the
+  setting says); the transformer gets the float timestep 1000 sigma = t, as the pipeline passes
+  ``scheduler.timesteps`` (= sigmas * 1000) to it.
+- Latents: z0 = (mean - shift_factor) * scaling_factor, the inverse of the pipeline's decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..capture import AttentionLayer, joint_attention_layers
+from ..prompts import Prompt, token_ids
+from .base import Backbone
+from .sdxl import _until_end
+from .unet import posterior_mean
+
+__all__ = ["SD3Backbone"]
+
+
+class SD3Backbone(Backbone):
+    """A ``StableDiffusion3Pipeline``: ``transformer``, ``vae``, ``text_encoder``/``text_encoder_2``
+    (CLIP with projection), optional ``text_encoder_3`` (T5), ``tokenizer``.. ``tokenizer_3`` and a
+    flow-matching ``scheduler``."""
+
+    #: the T5 rows after the CLIP rows, as ``encode_prompt``'s default
+    max_sequence_length = 256
+
+    def __init__(self, pipe):
+        self.encoding = posterior_mean
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
+        self.tokenizer = pipe.tokenizer
+        self._layers: list[AttentionLayer] | None = None
+
+    @staticmethod
+    def accepts(pipe) -> bool:
+        parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+        if not all(getattr(pipe, p, None) is not None for p in parts):
+            return False
+        transformer = pipe.transformer
+        return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "context_embedder") \
+            and hasattr(transformer.config, "joint_attention_dim") and hasattr(transformer.config, "patch_size")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def latent_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.denoiser.config.patch_size)
+
+    @property
+    def native_size(self) -> int:
+        sample = self.denoiser.config.sample_size
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return int(sample) * self.latent_scale
+
+    def size_step(self) -> int:
+        return self.latent_scale * self.patch_size
+
+    # -- the noisy forward pass ------------------------------------------------------------------
+    def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
+        vae = self.pipe.vae
+        x = (2 * pixels - 1).to(self.device, next(vae.parameters()).dtype)
+        z0 = (self.encoding if encoder is None else encoder)(vae, x)
+        shift = vae.config.shift_factor or 0.0
+        return (z0 - shift) * vae.config.scaling_factor
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = (t.to(z0.device, torch.float32) / 1000).view(-1, 1, 1, 1)
+        return ((1 - sigma) * z0.float() + sigma * noise.float()).to(z0.dtype)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
+        hidden, pooled = embedding[:, :-1], embedding[:, -1, : self._pooled_dim]
+        timestep = t.float()  # the pipeline passes its float32 timesteps, sigma * 1000
+        (self.denoiser if module is None else module)(
+            hidden_states=z_t, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=timestep,
+            return_dict=False)
+
+    @property
+    def _pooled_dim(self) -> int:
+        return self.pipe.text_encoder.config.projection_dim + self.pipe.text_encoder_2.config.projection_dim
+
+    # -- attention layers ------------------------------------------------------------------------
+    def attention_layers(self) -> list[AttentionLayer]:
+        if self._layers is None:
+            self._layers = joint_attention_layers(self.denoiser)
+        return list(self._layers)
+
+    def default_self_resolution(self, latent_side: int) -> int:
+        return math.ceil(latent_side / self.patch_size)
+
+    def default_cross_weights(self, latent_side: int) -> dict[int, float]:
+        return {math.ceil(latent_side / self.patch_size): 1.0}  # every joint layer sits on the patch grid
+
+    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+        return None  # the reference tables name SD 2.1 layers
+
+    def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
+        return None
+
+    # -- the prompt ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompt: Prompt) -> torch.Tensor:
+        ids_1 = list(prompt.input_ids)
+        tok_2 = self.pipe.tokenizer_2
+        ids_2 = token_ids(tok_2, prompt.text, padding="max_length", max_length=len(ids_1), truncation=True)
+        end_1, end_2 = _until_end(ids_1, self.tokenizer), _until_end(ids_2, tok_2)
+        if end_1 != end_2:
+            raise ValueError(f"SD3's two CLIP tokenizers split the prompt {prompt.text!r} differently "
+                             f"({len(end_1)} and {len(end_2)} tokens); class token positions would not match")
+        hidden, pooled = [], []
+        for encoder, ids in ((self.pipe.text_encoder, ids_1), (self.pipe.text_encoder_2, ids_2)):
+            device = next(encoder.parameters()).device
+            out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # the penultimate layer of both, as the pipeline
+            pooled.append(out[0])  # the projected pooled output
+        device = hidden[-1].device
+        clip = torch.cat([h.to(device, torch.float32) for h in hidden], dim=-1)  # (1, 77, D1 + D2)
+        pooled = torch.cat([p.to(device, torch.float32) for p in pooled], dim=-1)  # (1, P1 + P2)
+        t5 = self._t5(prompt.text, device)  # (1, max_sequence_length, joint_attention_dim)
+        width = t5.shape[-1]
+        if clip.shape[-1] > width or pooled.shape[-1] > width:
+            raise ValueError(f"the CLIP features ({clip.shape[-1]}) or pooled vector ({pooled.shape[-1]}) are wider "
+                             f"than the transformer's joint_attention_dim ({width})")
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        row = torch.nn.functional.pad(pooled, (0, width - pooled.shape[-1]))[:, None]
+        return torch.cat([clip, t5, row], dim=1)  # (1, 77 + max_sequence_length + 1, joint_attention_dim)
+
+    def _t5(self, text: str, device) -> torch.Tensor:
+        width = self.denoiser.config.joint_attention_dim
+        encoder = getattr(self.pipe, "text_encoder_3", None)
+        if encoder is None:  # as diffusers: zeros in place of the T5 tokens
+            return torch.zeros(1, self.max_sequence_length, width, device=device)
+        ids = token_ids(self.pipe.tokenizer_3, text, padding="max_length", max_length=self.max_sequence_length,
+                        truncation=True, add_special_tokens=True)
+        out = encoder(torch.tensor([ids], device=next(encoder.parameters()).device))[0]
+        return out.to(device, torch.float32)
+
+    def offload_text_encoder(self) -> None:
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(self.pipe, name, None)
+            if encoder is not None:
+                encoder.to("cpu", torch.float32)
