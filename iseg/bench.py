@@ -190,7 +190,7 @@ def run(args) -> int:
         seg.offload_text_encoder()
     if args.channels_last:
         # convolutions on tensor cores prefer NHWC; cuDNN picks its fastest kernel per shape
-        pipe.unet.to(memory_format=torch.channels_last)
+        seg.backbone.denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
