@@ -219,6 +219,11 @@ class SelfAttentionView(_View):
                     lam=lam_slider(self.lam))
 
 
+def _raw_power(seg) -> float | None:
+    # raw maps are labelled at the model's own raw rule where it has one (a fair comparison)
+    return seg.model.raw_bg_power
+
+
 class RefinementView(_View):
     """The label overlay and one class's map after N refinement steps, for any lam."""
 
@@ -244,12 +249,13 @@ class RefinementView(_View):
                 self.state[key] = value
         r = self.result(self.state["lam"])
         n = min(self.state["iterations"], self.max_iterations)
-        labels = r.labels_at(n)
+        labels = r.labels_at(n, _raw_power(self.seg) if n == 0 else None)
         picture = np.asarray(overlay(r.image, labels))
         self.im_over.set_data(picture)
         score = r.scores(n)[r.classes.index(self.state["cls"])]
         self.im_map.set_data(score)
-        self.ax_over.set_title(f"labels after {n} iteration(s)", fontsize=9)
+        rule = f" (bg_power {_raw_power(self.seg):g})" if n == 0 and _raw_power(self.seg) is not None else ""
+        self.ax_over.set_title(f"labels after {n} iteration(s){rule}", fontsize=9)
         self.ax_map.set_title(f"{self.state['cls']}, lam={self.state['lam']:g}", fontsize=9)
         self._redraw()
         return labels
@@ -271,7 +277,7 @@ class GammaView(_View):
         self.fig, axes = _figure(len(self.classes) + 1)
         self.ax_labels, self.ax_maps = axes[0], axes[1:]
         first = self.segment(self.gamma)
-        self.im_labels = self.ax_labels.imshow(first.overlay())
+        self.im_labels = self.ax_labels.imshow(overlay(first.image, first.labels_at(0, _raw_power(seg))))
         self.im_maps = [ax.imshow(s, cmap=MAP_CMAP, vmin=0, vmax=1) for ax, s in zip(self.ax_maps, first.scores(0))]
         for ax, c in zip(self.ax_maps, self.classes):
             ax.set_title(c, fontsize=9)
@@ -284,7 +290,7 @@ class GammaView(_View):
         if gamma is not None:
             self.gamma = gamma
         r = self.segment(self.gamma)
-        self.im_labels.set_data(np.asarray(r.overlay()))
+        self.im_labels.set_data(np.asarray(overlay(r.image, r.labels_at(0, _raw_power(self.seg)))))
         self.ax_labels.set_title(f"raw labels, gamma={self.gamma:g}", fontsize=9)
         for im, s in zip(self.im_maps, r.scores(0)):
             im.set_data(s)

@@ -98,6 +98,12 @@ class LoadedModel:
         return None if words is None else frozenset(w.lower() for w in words)
 
     @property
+    def raw_bg_power(self) -> float | None:
+        """The background power at which this model's raw (N = 0) maps are labelled best, where
+        its plug-in measured one (the shapes model: chosen on validation), else ``None``."""
+        return self._plugin("RAW_BG_POWER")
+
+    @property
     def label_thresholds(self) -> Mapping | None:
         """Thresholds for ``iseg.labels``' attention method chosen for this model, if any."""
         return self._plugin("LABEL_THRESHOLDS")

@@ -60,11 +60,14 @@ class SegmentationResult:
         maps = torch.from_numpy(self.maps[iteration])
         return minmax(to_original(maps, self.geometry, self.size)).numpy()
 
-    def labels_at(self, iteration: int) -> np.ndarray:
-        """The label map after ``iteration`` refinement steps (0 = raw Cat-Cross maps)."""
+    def labels_at(self, iteration: int, bg_power: float | None = None) -> np.ndarray:
+        """The label map after ``iteration`` refinement steps (0 = raw Cat-Cross maps), by the
+        settings' background rule, or with another ``bg_power`` (raw maps are peaked and have
+        their own best power: ``LoadedModel.raw_bg_power``)."""
         s = self.settings
         scores = torch.from_numpy(self.scores(iteration))
-        return maps_to_labels(scores, s.background, s.bg_power, s.threshold).numpy()
+        power = s.bg_power if bg_power is None else bg_power
+        return maps_to_labels(scores, s.background, power, s.threshold).numpy()
 
     def mask(self, name: str) -> np.ndarray:
         """Boolean mask of one class at the original size."""

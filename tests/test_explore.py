@@ -67,6 +67,13 @@ def test_refinement_view_iterations(seg, shape):  # notebook 03
     refined = view.update(iterations=10)
     assert not np.array_equal(raw, refined)
     assert not np.array_equal(over_raw, _data(view.im_over))
+    # raw maps are labelled at the model's own raw rule (bg_power 5 on shapes), refined ones at the preset's
+    r = view.result(view.state["lam"])
+    assert seg.model.raw_bg_power == 5.0
+    assert np.array_equal(raw, r.labels_at(0, 5.0)) and not np.array_equal(raw, r.labels_at(0))
+    assert np.array_equal(refined, r.labels_at(10))
+    view.update(iterations=0)
+    assert "bg_power 5" in view.ax_over.get_title()
 
 
 def test_gamma_view(seg, shape):  # notebook 04

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from .dataset import ShapesDataset
 from .model import EXTRA_WORDS
-from .preset import LABEL_THRESHOLDS, SHAPES_INTERACTIVE, SHAPES_PRESET
+from .preset import LABEL_THRESHOLDS, RAW_BG_POWER, SHAPES_INTERACTIVE, SHAPES_PRESET
 from .world import SPLITS, sample, vocabulary
 
-__all__ = ["PRESETS", "KNOWN_WORDS", "LABEL_THRESHOLDS", "DATASETS", "example"]
+__all__ = ["PRESETS", "KNOWN_WORDS", "LABEL_THRESHOLDS", "RAW_BG_POWER", "DATASETS", "example"]
 
 PRESETS = {"shapes": SHAPES_PRESET, "shapes-interactive": SHAPES_INTERACTIVE}
 
