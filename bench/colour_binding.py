@@ -52,8 +52,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=50, help="seeds 0 .. SEEDS-1")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    pipe = iseg.load_pipeline("shapes", device="cpu")
-    seg = iseg.ISeg(pipe)
+    seg = iseg.ISeg(iseg.load_model("shapes", device="cpu"))
     t0 = time.perf_counter()
     rows = [measure(seg, s) for s in range(args.seeds)]
     drew = [r for r in rows if r["both_colours"]]
