@@ -18,6 +18,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from os import PathLike
 
 import torch
 from tqdm.auto import tqdm
@@ -77,6 +78,8 @@ class ISeg:
     """
 
     def __init__(self, model, preset: str | None = None, **overrides):
+        if isinstance(model, (str, PathLike)):
+            raise TypeError(f"ISeg takes a loaded model, not its name: ISeg(iseg.load_model({str(model)!r}))")
         self.model = LoadedModel.of(model)
         self.backbone = backbone_for(self.model.pipe)
         self.preset = preset if preset is not None else self.model.preset

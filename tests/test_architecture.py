@@ -89,6 +89,8 @@ def test_backbone_is_the_only_model_family_code(shapes_pipe, tiny_pipe):
 
     with pytest.raises(TypeError, match="the pipeline has no vae"):
         iseg.ISeg(NoVae())
+    with pytest.raises(TypeError, match=r"not its name: ISeg\(iseg.load_model\('shapes'\)\)"):
+        iseg.ISeg("shapes")
 
 
 def test_decode_needs_no_pipeline_and_equals_segment(shapes_pipe):
