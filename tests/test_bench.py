@@ -17,3 +17,18 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     for row in report["rows"]:
         for key in ("vae_encode_ms", "unet_sdpa_ms", "segment_ms", "refine_ms", "ratio", "peak_memory_mb"):
             assert row[key] > 0
+
+
+def test_full_size_architectures_have_the_published_parameter_counts():
+    # built on the meta device (no memory, no time): the configs are SDXL-base's and SD3-medium's
+    import torch
+
+    from iseg import bench
+
+    with torch.device("meta"):
+        sdxl, sd3 = bench.sdxl_components(), bench.sd3_medium_components()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(sdxl["unet"]) == 2_567_463_684
+    assert count(sd3["transformer"]) == 2_028_328_000
+    assert sdxl["text_encoder_2"].config.projection_dim == 1280 and sd3["text_encoder_3"] is None
+    assert set(bench.ARCHITECTURES) == {"sd21-arch", "sdxl-arch", "sd3-arch"}
