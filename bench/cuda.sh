@@ -29,4 +29,11 @@ timeout 120 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 --repeats 10
 stage "sd21: text encoder on the CPU"
 timeout 60 python3 -m iseg.bench --model sd21-arch --batch-sizes 1 8 --repeats 10 --offload-text-encoder \
     --overwrite --out "$out/sd21-cuda-offload.json"
+# the newer families at 1024x1024 (issue: ratio to VAE encode + one denoiser pass, memory over weights)
+stage "sdxl-base architecture, fp16"
+timeout 240 python3 -m iseg.bench --model sdxl-arch --batch-sizes 1 4 --repeats 5 --compile none cuda-graph \
+    --overwrite --out "$out/sdxl-cuda.json"
+stage "sd3-medium architecture, bf16"
+timeout 240 python3 -m iseg.bench --model sd3-arch --dtype bfloat16 --batch-sizes 1 4 --repeats 5 \
+    --overwrite --out "$out/sd3-cuda.json"
 stage "done"
