@@ -529,7 +529,9 @@ class FluxCaptureProcessor(JointCaptureProcessor):
     ``text_length``, which a forward pre-hook on the block sets from its ``encoder_hidden_states``
     (``install_capture`` registers it). The probabilities are taken from the rotated queries and
     keys, in float32, with the scale ``head_dim ** -0.5`` that the attention uses; the recording
-    is ``JointCaptureProcessor``'s (``layers``, ``heads``, ``per_head``, ``keep_grad``, ``accumulate``)."""
+    is ``JointCaptureProcessor``'s (``layers``, ``heads``, ``per_head``, ``keep_grad``, ``accumulate``).
+    An ``attention_mask`` (``FluxPipeline`` passes none) reaches the output, not the recorded maps,
+    as with ``JointCaptureProcessor``."""
 
     def __init__(self, store: AttentionStore, layers: Mapping[str, str],
                  heads: Mapping[str, Sequence[int] | None] | None = None, original=None, **options):

@@ -109,7 +109,7 @@ class LoadedModel:
 
     # the pipeline's parts, for code written against a diffusers pipeline
     unet = property(lambda self: self.pipe.unet)
-    # the network that denoises: the UNet of SD and SDXL, the transformer of SD3
+    # the network that denoises: the UNet of SD and SDXL, the transformer of SD3 and FLUX
     denoiser = property(lambda self: getattr(self.pipe, "unet", None) or self.pipe.transformer)
     vae = property(lambda self: self.pipe.vae)
     text_encoder = property(lambda self: self.pipe.text_encoder)

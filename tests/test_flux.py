@@ -79,6 +79,19 @@ def test_the_native_size_follows_the_pipelines_default_sample_size(flux_pipe):
         flux_pipe.default_sample_size = before
 
 
+def test_the_t5_window_is_the_pipelines_max_sequence_length(flux_pipe):
+    # a T5 tokenizer with a longer (or unset) window reads the pipeline's 512 rows; the pipeline's
+    # own tokenizer is left as it is
+    tok = flux_pipe.tokenizer_2
+    tok.model_max_length = 10**30
+    try:
+        backbone = FluxBackbone(flux_pipe)
+        assert backbone.tokenizer is not tok and backbone.tokenizer.model_max_length == 512
+        assert tok.model_max_length == 10**30
+    finally:
+        tok.model_max_length = T5_ROWS
+
+
 def test_t5_class_spans(flux_pipe):
     tok = flux_pipe.tokenizer_2
     text = "a photograph of cat and motorbike and other object"
