@@ -12,7 +12,10 @@ during the forward pass, and restores the original processors on exit, also afte
 An MM-DiT (SD3) has no separate cross- and self-attention: each joint attention module attends
 from image and text tokens to both at once. ``joint_attention_layers`` names two maps per module,
 ``<module>:text`` (cross) and ``<module>:image`` (self), and one ``JointCaptureProcessor`` on the
-module records both, each renormalised over its own keys.
+module records both, each renormalised over its own keys. FLUX's transformer has joint
+(double-stream) blocks and single-stream blocks whose one sequence is ``[text; image]``;
+``flux_attention_layers`` names the same two maps for both, and ``FluxCaptureProcessor`` records
+them with the rotary embedding applied as diffusers applies it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ __all__ = [
     "AttentionStore",
     "CaptureProcessor",
     "JointCaptureProcessor",
+    "FluxCaptureProcessor",
     "attention_layers",
     "joint_attention_layers",
+    "flux_attention_layers",
     "select_layers",
     "pick_layers",
     "capture_attention",
@@ -109,6 +114,25 @@ def joint_attention_layers(transformer) -> list[AttentionLayer]:
         heads = int(module.heads)
         layers.append(AttentionLayer(name=name + ":text", kind="cross", level=level, heads=heads, module=name))
         layers.append(AttentionLayer(name=name + ":image", kind="self", level=level, heads=heads, module=name))
+    return layers
+
+
+def flux_attention_layers(transformer) -> list[AttentionLayer]:
+    """The two maps of every attention module of a ``FluxTransformer2DModel``: for each double-stream
+    block ``transformer_blocks.{i}.attn:text`` (cross) and ``...:image`` (self), then the same for
+    each single-stream block ``single_transformer_blocks.{i}.attn``.
+
+    All sit on the grid of packed 2x2 latent patches (``FluxPipeline._pack_latents``), level 1
+    below the latent: the transformer's own ``patch_size`` is 1, the packing is done outside it."""
+    modules = dict(transformer.named_modules())
+    layers = []
+    for key in transformer.attn_processors:
+        name = key.removesuffix(".processor")
+        if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            continue
+        heads = int(modules[name].heads)
+        layers.append(AttentionLayer(name=name + ":text", kind="cross", level=1, heads=heads, module=name))
+        layers.append(AttentionLayer(name=name + ":image", kind="self", level=1, heads=heads, module=name))
     return layers
 
 
@@ -446,17 +470,25 @@ class JointCaptureProcessor:
             return hidden_states, encoder_hidden_states
         return hidden_states
 
-    def _record(self, attn, query, key, n_image: int) -> None:
-        """Record the image queries' probabilities over the image keys and over the text keys."""
-        n_heads = attn.heads
-        parts = {"self": slice(0, n_image), "cross": slice(n_image, key.shape[2])}
+    def _record(self, attn, query, key, n_image: int, text_first: bool = False, scale: float | None = None) -> None:
+        """Record the image queries' probabilities over the image keys and over the text keys.
+
+        ``query`` and ``key`` are ``(B, heads, n, head_dim)``; the keys are ``[image; text]``, or
+        ``[text; image]`` with ``text_first``. ``scale`` defaults to ``attn.scale``."""
+        n_heads = query.shape[1]
+        scale = attn.scale if scale is None else scale
+        n_text = key.shape[2] - n_image
+        if text_first:
+            parts = {"self": slice(n_text, key.shape[2]), "cross": slice(0, n_text)}
+        else:
+            parts = {"self": slice(0, n_image), "cross": slice(n_image, key.shape[2])}
         kinds = [k for k in self.layers if k == "self" or key.shape[2] > n_image]  # no text keys: no cross map
         if not kinds:
             return
         chosen = {kind: self._chosen(kind, n_heads) for kind in kinds}
 
         def probs(q, k, kind):  # fp32 scores and softmax over one kind's keys
-            scores = (q.float() @ k[:, :, parts[kind]].float().transpose(-1, -2)) * attn.scale
+            scores = (q.float() @ k[:, :, parts[kind]].float().transpose(-1, -2)) * scale
             return scores.softmax(dim=-1)
 
         def keep(x):
@@ -485,6 +517,96 @@ class JointCaptureProcessor:
                 self.store.record_sum(self.layers[kind], keep(total), len(chosen[kind]), self.accumulate)
 
 
+class FluxCaptureProcessor(JointCaptureProcessor):
+    """An attention processor for FLUX's ``FluxAttention`` that returns what diffusers'
+    ``FluxAttnProcessor`` returns and records the image queries' attention, split by key.
+
+    The output runs diffusers' own code path: the same projections (``_get_qkv_projections``),
+    RMS norms, rotary embedding (``apply_rotary_emb``) and ``dispatch_attention_fn`` with the
+    replaced processor's attention backend. In a double-stream block the joint sequence is
+    ``[text; image]`` (the text tokens first, unlike SD3); in a single-stream block the module gets
+    that sequence already joined, with no separate context, so the text length comes from
+    ``text_length``, which a forward pre-hook on the block sets from its ``encoder_hidden_states``
+    (``install_capture`` registers it). The probabilities are taken from the rotated queries and
+    keys, in float32, with the scale ``head_dim ** -0.5`` that the attention uses; the recording
+    is ``JointCaptureProcessor``'s (``layers``, ``heads``, ``per_head``, ``keep_grad``, ``accumulate``).
+    An ``attention_mask`` (``FluxPipeline`` passes none) reaches the output, not the recorded maps,
+    as with ``JointCaptureProcessor``."""
+
+    def __init__(self, store: AttentionStore, layers: Mapping[str, str],
+                 heads: Mapping[str, Sequence[int] | None] | None = None, original=None, **options):
+        super().__init__(store, layers, heads, **options)
+        self.text_length: int | None = None
+        # the attention backend of the processor this one replaces, so the output is computed alike
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+        elif self.text_length is not None:
+            n_text = self.text_length
+        else:
+            raise RuntimeError(f"{sorted(self.layers.values())}: a single-stream FLUX attention module needs the "
+                               "text length; install the processor with install_capture (or set text_length)")
+        # (B, n, heads, head_dim) -> (B, heads, n, head_dim); image queries only
+        n_image = query.shape[1] - n_text
+        self._record(attn, query[:, n_text:].transpose(1, 2), key.transpose(1, 2), n_image, text_first=True,
+                     scale=query.shape[-1] ** -0.5)
+
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def _is_flux_attention(module) -> bool:
+    return any(cls.__name__ == "FluxAttention" for cls in type(module).__mro__)
+
+
+def _text_length_hook(processor: FluxCaptureProcessor):
+    """A forward pre-hook for a FLUX single-stream block: its ``encoder_hidden_states`` (keyword,
+    or second positional argument under gradient checkpointing) give the text length."""
+
+    def hook(block, args, kwargs):
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        processor.text_length = None if context is None else int(context.shape[1])
+
+    return hook
+
+
 def install_capture(
     module,
     layers: Iterable[AttentionLayer | str],
@@ -494,8 +616,9 @@ def install_capture(
     """Put a ``CaptureProcessor`` on each of ``layers`` of ``module`` (a denoiser with diffusers'
     ``attn_processors``/``set_attn_processor``), or one ``JointCaptureProcessor`` on each joint
     attention module that the layers name (``AttentionLayer.module``), serving its ":text" and
-    ":image" maps together; returns ``(store, restore)``, where ``restore()`` puts the module's own
-    processors back. ``options`` go to every processor (``per_head``, ``keep_grad``,
+    ":image" maps together (a ``FluxCaptureProcessor`` on FLUX's attention modules, with a hook on
+    each single-stream block that tells it the text length); returns ``(store, restore)``, where
+    ``restore()`` puts the module's own processors back and removes those hooks. ``options`` go to every processor (``per_head``, ``keep_grad``,
     ``accumulate``). ``capture_attention`` is the scoped form."""
     layers = list(layers)  # a generator would be used up by the checks below
     original = module.attn_processors
@@ -503,7 +626,9 @@ def install_capture(
     # layers given by name are looked up in the module's table (kind, level and heads come from it)
     by_name = {}
     if any(isinstance(layer, str) for layer in layers):
-        if hasattr(module, "down_blocks"):
+        if hasattr(module, "single_transformer_blocks"):
+            by_name = {layer.name: layer for layer in flux_attention_layers(module)}
+        elif hasattr(module, "down_blocks"):
             by_name = {layer.name: layer for layer in attention_layers(module)}
         elif hasattr(module, "transformer_blocks"):
             by_name = {layer.name: layer for layer in joint_attention_layers(module)}
@@ -526,19 +651,37 @@ def install_capture(
     def heads_of(layer):
         return heads.get(layer.name) if isinstance(heads, Mapping) else heads
 
+    modules = dict(module.named_modules()) if any(layer.module for layer in chosen) else {}
+    single_stream = []  # (block, processor): a text-length hook each, once the processors are in place
     for target, group in groups.items():
         if any(layer.module for layer in group.values()):
             kinds = [layer.kind for layer in group.values()]
             if len(set(kinds)) != len(kinds):
                 raise ValueError(f"two {kinds[0]} maps of one joint attention module {target!r}: {sorted(group)}")
-            processor = JointCaptureProcessor(store, {layer.kind: layer.name for layer in group.values()},
-                                              {layer.kind: heads_of(layer) for layer in group.values()}, **options)
+            names = {layer.kind: layer.name for layer in group.values()}
+            chosen_heads = {layer.kind: heads_of(layer) for layer in group.values()}
+            attn = modules.get(target)
+            if attn is not None and _is_flux_attention(attn):
+                processor = FluxCaptureProcessor(store, names, chosen_heads, original=original[target + ".processor"],
+                                                 **options)
+                if getattr(attn, "added_kv_proj_dim", None) is None:  # single-stream: the block knows the text
+                    single_stream.append((modules[target.rpartition(".")[0]], processor))
+            else:
+                processor = JointCaptureProcessor(store, names, chosen_heads, **options)
         else:
             (layer,) = group.values()
             processor = CaptureProcessor(store, layer.name, heads=heads_of(layer), **options)
         replaced[target + ".processor"] = processor
     module.set_attn_processor(replaced)
-    return store, lambda: module.set_attn_processor(original)
+    hooks = [block.register_forward_pre_hook(_text_length_hook(processor), with_kwargs=True)
+             for block, processor in single_stream]
+
+    def restore():
+        for hook in hooks:
+            hook.remove()
+        module.set_attn_processor(original)
+
+    return store, restore
 
 
 @contextmanager

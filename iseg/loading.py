@@ -3,7 +3,7 @@
 A ``LoadedModel`` is the diffusers pipeline (``.pipe``) with what iseg knows about it: its name,
 default preset, closed vocabulary and label thresholds (from ``iseg.registry``). The families are
 those of ``iseg.backbones.FAMILIES``: the Stable Diffusion 1.x/2.x UNet (SD 1.4/1.5/2.0/2.1(-base)
-and the project's own shapes model), SDXL, and SD3 (loaded without its T5 encoder).
+and the project's own shapes model), SDXL, SD3 (loaded without its T5 encoder) and FLUX.1.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class LoadedModel:
 
     @property
     def family(self) -> str | None:
-        """The model family (``"sd"``, ``"sdxl"``, ``"sd3"``; see ``iseg.backbones.FAMILIES``)."""
+        """The model family (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``; see ``iseg.backbones.FAMILIES``)."""
         return family_of(self.pipe)
 
     @property
@@ -115,7 +115,7 @@ class LoadedModel:
 
     # the pipeline's parts, for code written against a diffusers pipeline
     unet = property(lambda self: self.pipe.unet)
-    # the network that denoises: the UNet of SD and SDXL, the transformer of SD3
+    # the network that denoises: the UNet of SD and SDXL, the transformer of SD3 and FLUX
     denoiser = property(lambda self: getattr(self.pipe, "unet", None) or self.pipe.transformer)
     vae = property(lambda self: self.pipe.vae)
     text_encoder = property(lambda self: self.pipe.text_encoder)

@@ -177,3 +177,80 @@ def tiny_sd3_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+# words of the prompts the tests build (the reference prompt's prefix, joiner, extra and background
+# words, and class names); every one is a single "▁word" piece of the tiny T5 vocabulary
+T5_WORDS = ("a photograph of and other object background ground land grass tree building wall sky lake water "
+            "river sea railway cat dog person bird car horse sheep cow bus train boat chair table plant bottle "
+            "sofa aeroplane bicycle tv monitor dining").split()
+# pieces that are not whole words: names built from them split into several T5 tokens, as
+# "motorbike" and "potted" would in T5's own vocabulary
+T5_PIECES = ("moto", "r", "bi", "ke", "pot", "ted", "zebra")
+
+
+def t5_tokenizer(max_length: int = 64):
+    """A T5 (sentencepiece Unigram) tokenizer with a tiny vocabulary, built from scratch.
+
+    There is no sentencepiece model file offline (diffusers' own Flux tests download
+    ``hf-internal-testing/tiny-random-t5``), so this builds transformers' ``T5Tokenizer`` (backed by
+    a ``tokenizers`` Unigram model, as ``T5TokenizerFast`` was) from a vocabulary list: T5's layout
+    (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, pieces, then the sentinels), ``▁``-prefixed whole words,
+    a few sub-word pieces and every letter and punctuation mark as a fallback, so that words split
+    into pieces with a leading ``▁`` like T5's, no start token, ``</s>`` at the end. ``max_length``
+    is the window (the pipeline's ``max_sequence_length``; 512 for FLUX.1, shorter here).
+    """
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    vocab += [("▁" + w, -1.0) for w in T5_WORDS]
+    vocab += [("▁" + p, -2.0) for p in T5_PIECES] + [(p, -2.0) for p in T5_PIECES]
+    vocab += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz,.-'"]
+    seen, unique = set(), []
+    for piece, score in vocab:
+        if piece not in seen:
+            seen.add(piece)
+            unique.append((piece, score))
+    for i in range(7, -1, -1):
+        unique.append((f"<extra_id_{i}>", 0.0))
+    return T5Tokenizer(vocab=unique, extra_ids=8, model_max_length=max_length)
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A FLUX.1-shaped pipeline, as diffusers' own Flux pipeline tests build it: a CLIP text encoder
+    (hidden 32; only its pooled output is used), a T5 encoder (d_model 32) whose token embeddings
+    the transformer reads, a 4-channel VAE (x2 down, with FLUX's shift and scale factors), and a
+    ``FluxTransformer2DModel`` with one double-stream and one single-stream block (2 heads of 16,
+    RoPE axes 4 + 4 + 8, guidance embedding as FLUX.1-dev) over packed 2x2 latent patches
+    (in_channels = 4 latent channels x 4). ``default_sample_size`` is 16 latent cells (32x32
+    images, a 16x16 latent, an 8x8 token grid); FLUX.1's is 128. The T5 window is 64 tokens."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    )
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    tokenizer_2 = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=37, d_kv=8, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
+        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipe.default_sample_size = 16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to("cpu")

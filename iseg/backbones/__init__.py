@@ -6,7 +6,8 @@ attention of chosen layers through the attention-processor API), name its cross-
 self-attention layers with their resolutions and heads, and build the prompt embedding with
 Cat-Cross. ``Backbone`` is that contract; ``UNetBackbone`` (SD 1.x/2.x) is its first
 implementation and holds the reference layer and head tables; ``SDXLBackbone`` reads SDXL;
-``SD3Backbone`` reads SD3's MM-DiT, whose joint attention gives both kinds of map.
+``SD3Backbone`` reads SD3's MM-DiT, whose joint attention gives both kinds of map;
+``FluxBackbone`` reads FLUX.1's double- and single-stream blocks the same way.
 
     backbone = backbone_for(pipe)
     z0 = backbone.encode(pixels)              # (B, C, h, w)
@@ -18,22 +19,24 @@ implementation and holds the reference layer and head tables; ``SDXLBackbone`` r
 from __future__ import annotations
 
 from .base import Backbone
+from .flux import FluxBackbone
 from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone
 
-__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FAMILIES", "backbone_for", "family_of"]
+__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for", "family_of"]
 
 # family name -> (backbone, the diffusers pipeline classes it reads), most specific first
 FAMILIES = {
     "sdxl": (SDXLBackbone, ("StableDiffusionXLPipeline",)),
+    "flux": (FluxBackbone, ("FluxPipeline",)),
     "sd3": (SD3Backbone, ("StableDiffusion3Pipeline",)),
     "sd": (UNetBackbone, ("StableDiffusionPipeline",)),
 }
 
 
 def family_of(pipe) -> str | None:
-    """The family name of a pipeline (``"sd"``, ``"sdxl"``, ``"sd3"``), or ``None`` when iseg has no backbone for it."""
+    """The family name of a pipeline (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``), or ``None`` when iseg has no backbone for it."""
     for name, (backbone, _) in FAMILIES.items():
         if backbone.accepts(pipe):
             return name

@@ -69,7 +69,8 @@ class SD3Backbone(Backbone):
             return False
         transformer = pipe.transformer
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "context_embedder") \
-            and hasattr(transformer.config, "joint_attention_dim") and hasattr(transformer.config, "patch_size")
+            and hasattr(transformer.config, "joint_attention_dim") and hasattr(transformer.config, "patch_size") \
+            and not hasattr(transformer, "single_transformer_blocks")  # FLUX's transformer has these too
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
