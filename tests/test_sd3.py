@@ -272,13 +272,13 @@ def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(sd3
 def test_a_text_the_two_clip_tokenizers_split_differently_is_refused(sd3_pipe, monkeypatch):
     seg = iseg.ISeg(sd3_pipe)
     prompt = seg.prompt_for(["cat"])
-    real = iseg.backbones.sd3.token_ids
+    real = iseg.backbones.base.token_ids
 
     def one_more(tokenizer, text, **options):  # the second tokenizer splits one word in two
         ids = real(tokenizer, text, **options)
         return ids[:2] + ids[1:-1]
 
-    monkeypatch.setattr(iseg.backbones.sd3, "token_ids", one_more)
+    monkeypatch.setattr(iseg.backbones.base, "token_ids", one_more)
     with pytest.raises(ValueError, match="split the prompt .* differently"):
         seg.backbone.encode_text(prompt)
 

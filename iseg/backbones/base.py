@@ -9,9 +9,63 @@ from collections.abc import Sequence
 import torch
 
 from ..capture import AttentionLayer
-from ..prompts import Prompt
+from ..prompts import Prompt, token_ids
 
-__all__ = ["Backbone"]
+__all__ = ["Backbone", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
+           "two_clip_encodings"]
+
+
+def posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """The mean of the VAE's latent distribution (the reference encodes without sampling)."""
+    return vae.encode(x).latent_dist.mean
+
+
+def vae_latents(vae, pixels: torch.Tensor, device, encoding) -> torch.Tensor:
+    """``(B, 3, S, S)`` images in [0, 1] -> ``(mean - shift_factor) * scaling_factor``, the latent
+    every family here feeds its denoiser (SD's VAEs have no shift)."""
+    x = (2 * pixels - 1).to(device, next(vae.parameters()).dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (encoding(vae, x) - shift) * vae.config.scaling_factor
+
+
+def flow_matching_noise(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``z_t = (1 - s) z0 + s eps`` with ``s = t / 1000`` (SD3, FLUX; no resolution shift)."""
+    sigma = (t.to(z0.device, torch.float32) / 1000).view(-1, 1, 1, 1)
+    return ((1 - sigma) * z0.float() + sigma * noise.float()).to(z0.dtype)
+
+
+def second_tokenizer_ids(prompt: Prompt, first, second, family: str) -> list[int]:
+    """The prompt's ids under a second tokenizer of the same vocabulary (SDXL's and SD3's two
+    CLIPs), padded to the first's window; refused where the two split the text differently, since
+    the class token positions would then not match."""
+    ids_1 = list(prompt.input_ids)
+    ids_2 = token_ids(second, prompt.text, padding="max_length", max_length=len(ids_1), truncation=True)
+    end_1, end_2 = _until_end(ids_1, first), _until_end(ids_2, second)
+    if end_1 != end_2:
+        raise ValueError(f"{family}'s two tokenizers split the prompt {prompt.text!r} differently "
+                         f"({len(end_1)} and {len(end_2)} tokens); class token positions would not match")
+    return ids_2
+
+
+def two_clip_encodings(pipe, prompt: Prompt, tokenizer, family: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """SDXL's and SD3's two CLIP encoders on one prompt: their penultimate hidden states
+    concatenated on the features, ``(1, T, D1 + D2)`` in float32, and each encoder's first output
+    (the projected pooled vector where the encoder has a projection)."""
+    ids_2 = second_tokenizer_ids(prompt, tokenizer, pipe.tokenizer_2, family)
+    hidden, first = [], []
+    for encoder, ids in ((pipe.text_encoder, list(prompt.input_ids)), (pipe.text_encoder_2, ids_2)):
+        device = next(encoder.parameters()).device
+        out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # both families read the penultimate layer
+        first.append(out[0])
+    device = hidden[-1].device
+    return torch.cat([h.to(device, torch.float32) for h in hidden], dim=-1), [o.to(device, torch.float32) for o in first]
+
+
+def _until_end(ids: Sequence[int], tokenizer) -> list[int]:
+    end = tokenizer.eos_token_id
+    ids = list(ids)
+    return ids[: ids.index(end) + 1] if end in ids else ids
 
 
 class Backbone(ABC):
@@ -26,9 +80,14 @@ class Backbone(ABC):
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def latent_scale(self) -> int:
         """Image pixels per latent cell along one side (the VAE's factor)."""
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def config_sample_side(self) -> int:
+        """The denoiser's configured latent side (``sample_size``, one number or a pair)."""
+        sample = self.denoiser.config.sample_size
+        return int(sample[0] if isinstance(sample, (list, tuple)) else sample)
 
     @property
     @abstractmethod
@@ -47,11 +106,22 @@ class Backbone(ABC):
     def dtype(self) -> torch.dtype:
         return next(self.denoiser.parameters()).dtype
 
+    def __init__(self, pipe, denoiser, tokenizer):
+        self.pipe = pipe
+        self.denoiser = denoiser
+        self.tokenizer = tokenizer
+        self.encoding = posterior_mean
+        self._layers: list[AttentionLayer] | None = None
+
+    @staticmethod
+    def has_parts(pipe, parts: Sequence[str]) -> bool:
+        return all(getattr(pipe, p, None) is not None for p in parts)
+
     # -- the noisy forward pass ------------------------------------------------------------------
-    @abstractmethod
     def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
         """``(B, 3, S, S)`` images in [0, 1] -> the latent ``z0`` the denoiser sees. ``encoder``
         replaces the VAE's encoding call (e.g. a compiled one) with the same signature."""
+        return vae_latents(self.pipe.vae, pixels, self.device, self.encoding if encoder is None else encoder)
 
     @abstractmethod
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,7 @@ import torch
 
 from ..capture import AttentionLayer, flux_attention_layers
 from ..prompts import Prompt, token_ids
-from .base import Backbone
-from .unet import posterior_mean
+from .base import Backbone, flow_matching_noise
 
 __all__ = ["FluxBackbone"]
 
@@ -65,23 +64,19 @@ class FluxBackbone(Backbone):
     default_sample_size = 128
 
     def __init__(self, pipe):
-        self.encoding = posterior_mean
-        self.pipe = pipe
-        self.denoiser = pipe.transformer
         tokenizer = pipe.tokenizer_2
         window = min(int(tokenizer.model_max_length), self.max_sequence_length)
         if window != tokenizer.model_max_length:  # a copy with the pipeline's window, the pipeline's own untouched
             tokenizer = copy.deepcopy(tokenizer)
             tokenizer.model_max_length = window
-        #: the T5 tokenizer: class token spans index the T5 rows the transformer reads
-        self.tokenizer = tokenizer
-        self._layers: list[AttentionLayer] | None = None
+        # the T5 tokenizer: class token spans index the T5 rows the transformer reads
+        super().__init__(pipe, pipe.transformer, tokenizer)
         self._ids: dict[tuple, tuple] = {}
 
-    @staticmethod
-    def accepts(pipe) -> bool:
-        parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        if not all(getattr(pipe, p, None) is not None for p in parts):
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                    "scheduler")):
             return False
         if not (hasattr(pipe, "_pack_latents") and hasattr(pipe, "_prepare_latent_image_ids")):
             return False
@@ -92,10 +87,6 @@ class FluxBackbone(Backbone):
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    @property
     def native_size(self) -> int:
         return int(getattr(self.pipe, "default_sample_size", None) or self.default_sample_size) * self.latent_scale
 
@@ -103,16 +94,8 @@ class FluxBackbone(Backbone):
         return self.latent_scale * 2  # the latent is packed into 2x2 patches
 
     # -- the noisy forward pass ------------------------------------------------------------------
-    def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
-        vae = self.pipe.vae
-        x = (2 * pixels - 1).to(self.device, next(vae.parameters()).dtype)
-        z0 = (self.encoding if encoder is None else encoder)(vae, x)
-        shift = vae.config.shift_factor or 0.0
-        return (z0 - shift) * vae.config.scaling_factor
-
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = (t.to(z0.device, torch.float32) / 1000).view(-1, 1, 1, 1)
-        return ((1 - sigma) * z0.float() + sigma * noise.float()).to(z0.dtype)
+        return flow_matching_noise(z0, noise, t)
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
         batch, _, height, width = z_t.shape

@@ -40,9 +40,7 @@ import torch
 
 from ..capture import AttentionLayer, joint_attention_layers
 from ..prompts import Prompt, token_ids
-from .base import Backbone
-from .sdxl import _until_end
-from .unet import posterior_mean
+from .base import Backbone, flow_matching_noise, two_clip_encodings
 
 __all__ = ["SD3Backbone"]
 
@@ -56,16 +54,12 @@ class SD3Backbone(Backbone):
     max_sequence_length = 256
 
     def __init__(self, pipe):
-        self.encoding = posterior_mean
-        self.pipe = pipe
-        self.denoiser = pipe.transformer
-        self.tokenizer = pipe.tokenizer
-        self._layers: list[AttentionLayer] | None = None
+        super().__init__(pipe, pipe.transformer, pipe.tokenizer)
 
-    @staticmethod
-    def accepts(pipe) -> bool:
-        parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        if not all(getattr(pipe, p, None) is not None for p in parts):
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                    "scheduler")):
             return False
         transformer = pipe.transformer
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "context_embedder") \
@@ -74,33 +68,19 @@ class SD3Backbone(Backbone):
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    @property
     def patch_size(self) -> int:
         return int(self.denoiser.config.patch_size)
 
     @property
     def native_size(self) -> int:
-        sample = self.denoiser.config.sample_size
-        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        return int(sample) * self.latent_scale
+        return self.config_sample_side() * self.latent_scale
 
     def size_step(self) -> int:
         return self.latent_scale * self.patch_size
 
     # -- the noisy forward pass ------------------------------------------------------------------
-    def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
-        vae = self.pipe.vae
-        x = (2 * pixels - 1).to(self.device, next(vae.parameters()).dtype)
-        z0 = (self.encoding if encoder is None else encoder)(vae, x)
-        shift = vae.config.shift_factor or 0.0
-        return (z0 - shift) * vae.config.scaling_factor
-
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        sigma = (t.to(z0.device, torch.float32) / 1000).view(-1, 1, 1, 1)
-        return ((1 - sigma) * z0.float() + sigma * noise.float()).to(z0.dtype)
+        return flow_matching_noise(z0, noise, t)
 
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
         hidden, pooled = embedding[:, :-1], embedding[:, -1, : self._pooled_dim]
@@ -134,22 +114,9 @@ class SD3Backbone(Backbone):
     # -- the prompt ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompt: Prompt) -> torch.Tensor:
-        ids_1 = list(prompt.input_ids)
-        tok_2 = self.pipe.tokenizer_2
-        ids_2 = token_ids(tok_2, prompt.text, padding="max_length", max_length=len(ids_1), truncation=True)
-        end_1, end_2 = _until_end(ids_1, self.tokenizer), _until_end(ids_2, tok_2)
-        if end_1 != end_2:
-            raise ValueError(f"SD3's two CLIP tokenizers split the prompt {prompt.text!r} differently "
-                             f"({len(end_1)} and {len(end_2)} tokens); class token positions would not match")
-        hidden, pooled = [], []
-        for encoder, ids in ((self.pipe.text_encoder, ids_1), (self.pipe.text_encoder_2, ids_2)):
-            device = next(encoder.parameters()).device
-            out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # the penultimate layer of both, as the pipeline
-            pooled.append(out[0])  # the projected pooled output
-        device = hidden[-1].device
-        clip = torch.cat([h.to(device, torch.float32) for h in hidden], dim=-1)  # (1, 77, D1 + D2)
-        pooled = torch.cat([p.to(device, torch.float32) for p in pooled], dim=-1)  # (1, P1 + P2)
+        clip, first = two_clip_encodings(self.pipe, prompt, self.tokenizer, "SD3")  # (1, 77, D1 + D2)
+        device = clip.device
+        pooled = torch.cat(first, dim=-1)  # (1, P1 + P2): both encoders project
         t5 = self._t5(prompt.text, device)  # (1, max_sequence_length, joint_attention_dim)
         width = t5.shape[-1]
         if clip.shape[-1] > width or pooled.shape[-1] > width:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 
 from ..capture import AttentionLayer
-from ..prompts import Prompt, token_ids
+from ..prompts import Prompt
+from .base import two_clip_encodings
 from .unet import UNetBackbone
 
 __all__ = ["SDXLBackbone"]
@@ -40,10 +41,10 @@ class SDXLBackbone(UNetBackbone):
         if getattr(vae.config, "force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
             vae.to(torch.float32)  # SDXL's VAE overflows to inf/NaN in float16
 
-    @staticmethod
-    def accepts(pipe) -> bool:
+    @classmethod
+    def accepts(cls, pipe) -> bool:
         parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        return all(getattr(pipe, p, None) is not None for p in parts) and hasattr(pipe.unet, "down_blocks")
+        return cls.has_parts(pipe, parts) and hasattr(pipe.unet, "down_blocks")
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -72,30 +73,13 @@ class SDXLBackbone(UNetBackbone):
 
     # -- the prompt ------------------------------------------------------------------------------
     def encode_text(self, prompt: Prompt) -> torch.Tensor:
-        ids_1 = list(prompt.input_ids)
-        tok_2 = self.pipe.tokenizer_2
-        ids_2 = token_ids(tok_2, prompt.text, padding="max_length", max_length=len(ids_1), truncation=True)
-        end_1, end_2 = _until_end(ids_1, self.tokenizer), _until_end(ids_2, tok_2)
-        if end_1 != end_2:
-            raise ValueError(f"SDXL's two tokenizers split the prompt {prompt.text!r} differently "
-                             f"({len(end_1)} and {len(end_2)} tokens); class token positions would not match")
-        hidden, pooled = [], None
-        for encoder, ids in ((self.pipe.text_encoder, ids_1), (self.pipe.text_encoder_2, ids_2)):
-            device = next(encoder.parameters()).device
-            out = encoder(torch.tensor([ids], device=device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # SDXL reads the penultimate layer of both
-            pooled = out[0] if out[0].ndim == 2 else pooled  # the projected pooled output of the second
-        hidden = torch.cat([h.to(hidden[-1].device, torch.float32) for h in hidden], dim=-1)  # (1, T, D1 + D2)
+        hidden, first = two_clip_encodings(self.pipe, prompt, self.tokenizer, "SDXL")  # (1, T, D1 + D2)
+        pooled = first[1]  # the second encoder's projected pooled output
         row = torch.zeros(1, 1, hidden.shape[-1], device=hidden.device)
-        row[0, 0, : pooled.shape[-1]] = pooled[0].float()
+        row[0, 0, : pooled.shape[-1]] = pooled[0]
         return torch.cat([hidden, row], dim=1)  # (1, T + 1, D1 + D2)
 
     def offload_text_encoder(self) -> None:
         self.pipe.text_encoder.to("cpu", torch.float32)
         self.pipe.text_encoder_2.to("cpu", torch.float32)
 
-
-def _until_end(ids: Sequence[int], tokenizer) -> list[int]:
-    end = tokenizer.eos_token_id
-    ids = list(ids)
-    return ids[: ids.index(end) + 1] if end in ids else ids

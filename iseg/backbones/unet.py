@@ -40,39 +40,23 @@ class UNetBackbone(Backbone):
     and a ``UNet2DConditionModel`` (``pipe.unet``)."""
 
     def __init__(self, pipe):
-        self.encoding = posterior_mean
-        self.pipe = pipe
-        self.denoiser = pipe.unet
-        self.tokenizer = pipe.tokenizer
-        self._layers: list[AttentionLayer] | None = None
+        super().__init__(pipe, pipe.unet, pipe.tokenizer)
 
-    @staticmethod
-    def accepts(pipe) -> bool:
-        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-        return all(getattr(pipe, p, None) is not None for p in parts) and hasattr(pipe.unet, "down_blocks")
+    @classmethod
+    def accepts(cls, pipe) -> bool:
+        return cls.has_parts(pipe, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")) and hasattr(
+            pipe.unet, "down_blocks")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
-
-    @property
     def native_size(self) -> int:
-        sample = self.denoiser.config.sample_size
-        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        return int(sample) * self.latent_scale
+        return self.config_sample_side() * self.latent_scale
 
     def size_step(self) -> int:
         # the VAE's factor times the UNet's downsampling: every level must halve an integer side
         return self.latent_scale * 2 ** max(0, len(self.denoiser.down_blocks) - 1)
 
     # -- the noisy forward pass ------------------------------------------------------------------
-    def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
-        vae = self.pipe.vae
-        x = (2 * pixels - 1).to(self.device, next(vae.parameters()).dtype)
-        z0 = (self.encoding if encoder is None else encoder)(vae, x)
-        return z0 * vae.config.scaling_factor
-
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.pipe.scheduler.add_noise(z0, noise, t)
 
@@ -109,11 +93,6 @@ class UNetBackbone(Backbone):
 
     def offload_text_encoder(self) -> None:
         self.pipe.text_encoder.to("cpu", torch.float32)
-
-
-def posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
-    """The mean of the VAE's latent distribution (the reference encodes without sampling)."""
-    return vae.encode(x).latent_dist.mean
 
 
 def _covers(layers: Sequence[AttentionLayer], prefixes: Sequence[str]) -> bool:
