@@ -41,7 +41,6 @@ What differs from SD3, and how the method follows it:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 
@@ -137,12 +136,6 @@ class FluxBackbone(Backbone):
 
     def default_cross_weights(self, latent_side: int) -> dict[int, float]:
         return {latent_side // 2: 1.0}  # every layer sits on the packed grid
-
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
-        return None  # the reference tables name SD 2.1 layers
-
-    def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
-        return None
 
     # -- the prompt ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,7 +34,6 @@ What differs from SD 1.x/2.x, and how the method follows it:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
@@ -104,12 +103,6 @@ class SD3Backbone(Backbone):
 
     def default_cross_weights(self, latent_side: int) -> dict[int, float]:
         return {math.ceil(latent_side / self.patch_size): 1.0}  # every joint layer sits on the patch grid
-
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
-        return None  # the reference tables name SD 2.1 layers
-
-    def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
-        return None
 
     # -- the prompt ------------------------------------------------------------------------------
     @torch.no_grad()
