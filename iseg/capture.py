@@ -330,14 +330,7 @@ class CaptureProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _split_heads(attn, query, key, value)
 
         if self.heads is not None and (max(self.heads) >= attn.heads or min(self.heads) < -attn.heads):
             raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
@@ -370,7 +363,7 @@ class CaptureProcessor:
                     total = p[:, 0] if total is None else total + p[:, 0]
             out = torch.cat(outs, dim=1)
             self.store.record_sum(self.name, total if self.keep_grad else total.detach(), len(chosen), self.accumulate)
-        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
 
         out = attn.to_out[0](out.to(query.dtype))
         out = attn.to_out[1](out)
@@ -428,26 +421,12 @@ class JointCaptureProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                         attn.to_v(hidden_states))
         if encoder_hidden_states is not None:
-            q_text = attn.add_q_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            k_text = attn.add_k_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            v_text = attn.add_v_proj(encoder_hidden_states).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                q_text = attn.norm_added_q(q_text)
-            if attn.norm_added_k is not None:
-                k_text = attn.norm_added_k(k_text)
+            q_text, k_text, v_text = _split_heads(
+                attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k)
             n_image = query.shape[2]
             query = torch.cat([query, q_text], dim=2)
             key = torch.cat([key, k_text], dim=2)
@@ -458,7 +437,7 @@ class JointCaptureProcessor:
         self._record(attn, query[:, :, :n_image], key, n_image)
 
         hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
@@ -682,6 +661,20 @@ def install_capture(
         module.set_attn_processor(original)
 
     return store, restore
+
+
+def _split_heads(attn, query, key, value, norm_q=..., norm_k=...):
+    """``(B, n, heads * d)`` projections -> ``(B, heads, n, d)``, with the module's q/k norms (or
+    the given ones) applied, as diffusers' processors do."""
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    norm_q = attn.norm_q if norm_q is ... else norm_q
+    norm_k = attn.norm_k if norm_k is ... else norm_k
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
 
 
 @contextmanager
