@@ -15,7 +15,7 @@ import torch
 from . import refine as R
 from .images import to_original
 from .masks import maps_to_labels, minmax
-from .presets import Settings, make_settings
+from .presets import FORWARD_FIELDS, Settings, make_settings
 from .results import Observation, SegmentationResult
 
 __all__ = ["decode", "decode_one", "DECODE_BYTES"]
@@ -30,6 +30,10 @@ def decode(observations: Sequence[Observation], **overrides) -> list[Segmentatio
     attention grid and image geometry are refined as one batch, with one copy to the host per
     batch. ``overrides`` change settings that act after the forward pass (``DECODE_FIELDS``, and
     ``cross_weights`` among the captured resolutions)."""
+    forward_only = sorted(set(overrides) & set(FORWARD_FIELDS) - {"cross_weights"})
+    if forward_only:
+        raise ValueError(f"{', '.join(forward_only)} act(s) before decoding: the observations were made with other "
+                         "values; run observe (or segment) again with them")
     groups: dict[tuple, list[int]] = {}
     settings: dict[Settings, Settings] = {}
     for i, obs in enumerate(observations):

@@ -18,6 +18,20 @@ __all__ = ["Settings", "SettingsError", "FrozenMap", "PRESETS", "register_preset
            "preset_names", "parse_overrides"]
 
 
+def _freeze(value):
+    """Lists and sets as tuples and maps as ``FrozenMap``, at any depth; other values as they are."""
+    if isinstance(value, FrozenMap):
+        return value
+    if isinstance(value, Mapping):
+        return FrozenMap((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not isinstance(value, str):
+        items = tuple(_freeze(v) for v in value)
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value)) else items
+    if isinstance(value, (set, frozenset)):
+        return tuple(sorted(value, key=repr))
+    return value
+
+
 class FrozenMap(Mapping):
     """A read-only, hashable mapping: what ``Settings`` holds where a field is a map, so that
     settings can key caches and group observations (a ``dict`` would make them unhashable)."""
@@ -87,13 +101,9 @@ class Settings:
         # maps and lists given directly (not through make_settings) are frozen too: Settings is hashable
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Mapping) and not isinstance(value, FrozenMap):
-                value = FrozenMap((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items())
-            elif isinstance(value, list):
-                value = tuple(value)
-            else:
-                continue
-            object.__setattr__(self, f.name, value)
+            frozen = _freeze(value)
+            if frozen is not value:
+                object.__setattr__(self, f.name, frozen)
 
     def forward_key(self) -> tuple:
         """The values of the settings that act before decoding (``FORWARD_FIELDS``): two settings
@@ -257,9 +267,12 @@ def _text(name: str, value) -> str:
 def _words(name: str, value) -> tuple[str, ...]:
     if isinstance(value, str):
         raise SettingsError(f"setting {name} must be a list of words, not one string {value!r}")
-    if not isinstance(value, Iterable) or isinstance(value, Mapping) or not all(isinstance(w, str) for w in value):
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise _fail(name, "a list of words", value)
-    return tuple(value)
+    value = tuple(value)  # once: a generator would be used up by the check
+    if not all(isinstance(w, str) for w in value):
+        raise _fail(name, "a list of words", value)
+    return value
 
 
 def _resolution(name: str, key) -> int:

@@ -183,6 +183,11 @@ def run(args) -> int:
     out = _output_folder(Path(args.out))
     names = output_names(images)
     targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
+    inputs = {path.resolve() for path in images}
+    clash = [t for files in targets for t in files if t.resolve() in inputs]
+    if clash:  # --overwrite replaces earlier results, never an image being segmented
+        raise CommandError(f"a result would be written over the input image {clash[0]}; choose another --out "
+                           "(or rename the image)")
     earlier = [t for files in targets for t in files if _taken(t)]
     if earlier and not args.overwrite:
         listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")

@@ -238,6 +238,8 @@ class ISeg:
 
         For looking inside the model (the notebooks); ``segment`` reads only the layers it needs.
         """
+        if kind not in (None, "cross", "self"):
+            raise ValueError(f"kind must be 'cross', 'self' or None (every layer), got {kind!r}")
         s = self.with_settings(**overrides)
         size = self.image_size(s)
         prompt = self.prompt_for(classes, s)
@@ -387,7 +389,9 @@ class ISeg:
     def prompt_session(self, image, **overrides) -> PromptSession:
         """Prepare one image for interactive prompts (method §7): the forward pass runs now, and
         ``session.segment(points=...)``, ``box=``, ``line=`` cost only the refinement; each new
-        ``text=`` description runs one more pass (also kept)."""
+        ``text=`` description runs one more pass (also kept). The refinement uses
+        ``interactive_defaults(seg)`` (lam, iterations, clamp_max, threshold, clustering), not those
+        of ``seg.settings``: give them here or per ``segment`` call to change them."""
         return PromptSession(self, image, **overrides)
 
     # sessions kept for segment_prompt; with PromptSession's 4 passes each, at most 16 passes in all

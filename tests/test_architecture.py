@@ -177,3 +177,19 @@ def test_command_modules_do_not_import_the_command_line_that_loads_them():
         if path.name == "__main__.py":
             continue
         assert "iseg.cli" not in _module_imports(path), f"{path.relative_to(PACKAGE)} imports iseg.cli"
+
+
+def test_decode_refuses_settings_that_act_before_decoding(shapes_pipe):
+    seg = iseg.ISeg(shapes_pipe)
+    observations = seg.observe([sample(2_000_001).image], ["circle", "star"])
+    with pytest.raises(ValueError, match="seed, timestep act.* before decoding.*observe"):
+        iseg.decode.decode(observations, timestep=900, seed=7)
+    with pytest.raises(ValueError, match="kind must be 'cross', 'self' or None"):
+        seg.trace(sample(2_000_001).image, ["circle"], kind="bogus")
+    assert iseg.decode.decode(observations, lam=1.0)[0].settings.lam == 1.0
+
+
+def test_settings_given_directly_are_frozen_at_any_depth():
+    s = iseg.Settings(cross_heads={16: [[1]]}, self_heads={2, 1}, extra_words=["x"])
+    assert hash(s) and s.cross_heads[16] == ((1,),) and s.self_heads == (1, 2) and s.extra_words == ("x",)
+    assert iseg.make_settings(extra_words=(w for w in ["a", "b"])).extra_words == ("a", "b")  # a generator, once

@@ -485,3 +485,19 @@ def test_commands_exit_2_without_a_traceback(tmp_path, image, argv, prog):
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 2, done.stderr
     _one_error_line(done.stderr, prog)
+
+
+def test_segment_never_writes_over_an_input_image(tmp_path, capsys):
+    # x.png's label map is x.labels.png: when that is also an image being segmented, even
+    # --overwrite must not replace it
+    folder = tmp_path / "o"
+    folder.mkdir()
+    Image.open(SAMPLES / "shapes_2009001.png").save(folder / "x.png")
+    Image.open(SAMPLES / "shapes_2009002.png").save(folder / "x.labels.png")
+    before = (folder / "x.labels.png").read_bytes()
+    argv = ["segment", str(folder / "x.png"), str(folder / "x.labels.png"), "--classes", "circle", "--model", "shapes",
+            "--out", str(folder), "--overwrite"]
+    assert cli.main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "over the input image" in line and "x.labels.png" in line
+    assert (folder / "x.labels.png").read_bytes() == before

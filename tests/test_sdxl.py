@@ -123,3 +123,12 @@ def test_load_model_reads_the_family_from_model_index(sdxl_pipe, tmp_path):
     (tmp_path / "sdxl" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(iseg.loading.UnsupportedPipelineError, match="KandinskyPipeline.*StableDiffusionXLPipeline"):
         iseg.load_model(tmp_path / "sdxl", device="cpu", verbose=False)
+
+
+def test_float16_unet_with_a_float32_vae_segments():
+    # SDXL keeps its VAE in float32 (force_upcast); the latents must reach the UNet in its own dtype
+    pipe = tiny.tiny_sdxl_pipeline(seed=2).to(dtype=torch.float16)
+    seg = iseg.ISeg(pipe, iterations=2, clustering=False)
+    assert next(pipe.vae.parameters()).dtype == torch.float32
+    r = seg.segment(_image(3), ["cat", "dog"])
+    assert np.isfinite(r.maps).all() and r.labels.shape == (32, 32)

@@ -121,7 +121,8 @@ class Backbone(ABC):
     def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
         """``(B, 3, S, S)`` images in [0, 1] -> the latent ``z0`` the denoiser sees. ``encoder``
         replaces the VAE's encoding call (e.g. a compiled one) with the same signature."""
-        return vae_latents(self.pipe.vae, pixels, self.device, self.encoding if encoder is None else encoder)
+        latents = vae_latents(self.pipe.vae, pixels, self.device, self.encoding if encoder is None else encoder)
+        return latents.to(self.dtype)  # a VAE kept in float32 (SDXL's) feeds a float16 denoiser
 
     @abstractmethod
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
