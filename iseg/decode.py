@@ -30,15 +30,11 @@ def decode(observations: Sequence[Observation], **overrides) -> list[Segmentatio
     attention grid and image geometry are refined as one batch, with one copy to the host per
     batch. ``overrides`` change settings that act after the forward pass (``DECODE_FIELDS``, and
     ``cross_weights`` among the captured resolutions)."""
-    forward_only = sorted(set(overrides) & set(FORWARD_FIELDS) - {"cross_weights"})
-    if forward_only:
-        raise ValueError(f"{', '.join(forward_only)} act(s) before decoding: the observations were made with other "
-                         "values; run observe (or segment) again with them")
     groups: dict[tuple, list[int]] = {}
     settings: dict[Settings, Settings] = {}
     for i, obs in enumerate(observations):
         if obs.settings not in settings:
-            settings[obs.settings] = make_settings(None, base=obs.settings, **overrides) if overrides else obs.settings
+            settings[obs.settings] = _decode_settings(obs.settings, overrides)
         groups.setdefault((settings[obs.settings], len(obs.prompt.classes), obs.grid, obs.geometry, obs.size), []).append(i)
     results: list[SegmentationResult | None] = [None] * len(observations)
     for (s, _, grid, _, _), members in groups.items():
@@ -48,6 +44,20 @@ def decode(observations: Sequence[Observation], **overrides) -> list[Segmentatio
             for i, result in zip(part, _decode_group([observations[i] for i in part], s)):
                 results[i] = result
     return results
+
+
+def _decode_settings(made: Settings, overrides: dict) -> Settings:
+    """``made`` with the overrides; a setting that acts before decoding may only repeat the value
+    the observation was made with (a new value would need a new forward pass)."""
+    if not overrides:
+        return made
+    s = make_settings(None, base=made, **overrides)
+    changed = [f for f in FORWARD_FIELDS if f != "cross_weights" and getattr(s, f) != getattr(made, f)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} act(s) before decoding: the observations were made with "
+                         f"{', '.join(f'{f}={getattr(made, f)!r}' for f in changed)}; run observe (or segment) "
+                         "again with the new value(s)")
+    return s
 
 
 def decode_one(obs: Observation, **overrides) -> SegmentationResult:

@@ -182,8 +182,10 @@ def test_command_modules_do_not_import_the_command_line_that_loads_them():
 def test_decode_refuses_settings_that_act_before_decoding(shapes_pipe):
     seg = iseg.ISeg(shapes_pipe)
     observations = seg.observe([sample(2_000_001).image], ["circle", "star"])
-    with pytest.raises(ValueError, match="seed, timestep act.* before decoding.*observe"):
+    with pytest.raises(ValueError, match="timestep, seed act.* before decoding.*made with timestep=100, seed=1101.*observe"):
         iseg.decode.decode(observations, timestep=900, seed=7)
+    same = iseg.decode.decode(observations, timestep=100, gamma=1.6)[0]  # repeating the pass's own values is fine
+    assert np.array_equal(same.labels, iseg.decode.decode(observations)[0].labels)
     with pytest.raises(ValueError, match="kind must be 'cross', 'self' or None"):
         seg.trace(sample(2_000_001).image, ["circle"], kind="bogus")
     assert iseg.decode.decode(observations, lam=1.0)[0].settings.lam == 1.0
