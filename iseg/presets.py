@@ -98,12 +98,14 @@ class Settings:
     return_self_attention: bool = False
 
     def __post_init__(self):
-        # maps and lists given directly (not through make_settings) are frozen too: Settings is hashable
+        # every value is checked and normalised however Settings is made (directly, replace(),
+        # make_settings), and maps and lists are frozen: Settings is hashable
         for f in fields(self):
             value = getattr(self, f.name)
-            frozen = _freeze(value)
-            if frozen is not value:
-                object.__setattr__(self, f.name, frozen)
+            rule = _RULES.get(f.name)
+            checked = _freeze(rule(value) if rule is not None else value)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
 
     def forward_key(self) -> tuple:
         """The values of the settings that act before decoding (``FORWARD_FIELDS``): two settings
@@ -370,13 +372,8 @@ _RULES = {
 
 
 def _validate(s: Settings) -> Settings:
-    """``s`` with every field checked and normalised (see ``make_settings``); raises ``SettingsError``."""
-    checked = {}
-    for f in fields(Settings):
-        value = getattr(s, f.name)
-        rule = _RULES.get(f.name)
-        checked[f.name] = rule(value) if rule is not None else value
-    return Settings(**checked)
+    """``s``, checked: a ``Settings`` checks and normalises its values when it is made."""
+    return s
 
 
 def parse_overrides(items) -> dict:

@@ -192,6 +192,10 @@ def test_decode_refuses_settings_that_act_before_decoding(shapes_pipe):
 
 
 def test_settings_given_directly_are_frozen_at_any_depth():
-    s = iseg.Settings(cross_heads={16: [[1]]}, self_heads={2, 1}, extra_words=["x"])
-    assert hash(s) and s.cross_heads[16] == ((1,),) and s.self_heads == (1, 2) and s.extra_words == ("x",)
+    s = iseg.Settings(cross_heads={16: [1, 0]}, self_heads=(2, 1), extra_words=["x"])
+    assert hash(s) and s.cross_heads[16] == (1, 0) and s.self_heads == (2, 1) and s.extra_words == ("x",)
     assert iseg.make_settings(extra_words=(w for w in ["a", "b"])).extra_words == ("a", "b")  # a generator, once
+    # made directly, values are checked and normalised as make_settings does
+    with pytest.raises(iseg.SettingsError, match="setting lam must be a finite number >= 0, got 'abc'"):
+        iseg.Settings(lam="abc")
+    assert iseg.Settings(cross_weights={"16": 1}) == iseg.make_settings(cross_weights={"16": 1})
