@@ -18,7 +18,7 @@ from .masks import maps_to_labels, minmax
 from .presets import FORWARD_FIELDS, Settings, make_settings
 from .results import Observation, SegmentationResult
 
-__all__ = ["decode", "decode_one", "DECODE_BYTES"]
+__all__ = ["decode", "DECODE_BYTES"]
 
 # self-attention matrices refined together at most (bytes of float32), so that a batch of
 # 4096-pixel maps does not multiply the memory the refinement needs
@@ -58,10 +58,6 @@ def _decode_settings(made: Settings, overrides: dict) -> Settings:
                          f"{', '.join(f'{f}={getattr(made, f)!r}' for f in changed)}; run observe (or segment) "
                          "again with the new value(s)")
     return s
-
-
-def decode_one(obs: Observation, **overrides) -> SegmentationResult:
-    return decode([obs], **overrides)[0]
 
 
 def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationResult]:

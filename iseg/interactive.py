@@ -197,8 +197,10 @@ class PromptSession:
         self.settings = seg.with_settings(**{**interactive_defaults(seg), **overrides})
         self._passes: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
+        # points, lines and boxes are read with the prompt of no words: tokenised once per session
+        self._empty = empty_prompt(seg.backbone.tokenizer)
         if observe:
-            self.observation(empty_prompt(seg.backbone.tokenizer), self.settings)
+            self.observation(self._empty, self.settings)
 
     @staticmethod
     def image_key(arr: np.ndarray) -> str:
@@ -229,7 +231,7 @@ class PromptSession:
         s = make_settings(None, base=self.settings, **overrides) if overrides else self.settings
         # points, lines and boxes always use the pass with the empty prompt (the self-attention depends
         # on the prompt a little), so a result never depends on which prompts came before it
-        prompt = text_prompt(self.seg, value, s) if kind == "text" else empty_prompt(self.seg.backbone.tokenizer)
+        prompt = text_prompt(self.seg, value, s) if kind == "text" else self._empty
         obs = self.observation(prompt, s)
         return prompt_result(obs, prompt, kind, value, s)
 

@@ -155,7 +155,7 @@ _TEXT_FIELDS = ("aspect", "prompt_prefix", "prompt_joiner", "background")
 def register_preset(name: str, **settings) -> None:
     """Add (or replace) a named preset; used by models that ship their own defaults."""
     _check_names(settings)
-    _validate(replace(Settings(), **settings))  # a bad preset fails here, not when first used
+    replace(Settings(), **settings)  # a bad preset fails here (Settings checks itself), not when first used
     PRESETS[name] = dict(settings)
 
 
@@ -205,7 +205,7 @@ def make_settings(preset: str | None = None, base: Settings | None = None, **ove
         settings = replace(settings, **values)
     _check_names(overrides)
     settings = replace(settings, **overrides)
-    return _validate(settings)
+    return settings
 
 
 # Upper bounds for values nobody can mean. The reference runs 5-10 refinement iterations (50 in the
@@ -369,11 +369,6 @@ _RULES = {
     "batch_size": lambda v: _int("batch_size", v, 1),
     "return_self_attention": lambda v: _bool("return_self_attention", v),
 }
-
-
-def _validate(s: Settings) -> Settings:
-    """``s``, checked: a ``Settings`` checks and normalises its values when it is made."""
-    return s
 
 
 def parse_overrides(items) -> dict:
