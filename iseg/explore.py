@@ -17,7 +17,8 @@ from .examples import example
 from .refine import entropy_reduce
 from .viz import MAP_CMAP, overlay
 
-__all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "GenerationView",
+__all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
+           "GenerationView",
            "generate", "row_entropy",
            "figure_widget", "redraw", "lam_slider"]
 
@@ -329,6 +330,64 @@ class ExampleView(_View):
         import ipywidgets as w
 
         return dict(index=w.IntSlider(min=0, max=30, value=self.index))
+
+
+class CompareView(_View):
+    """Several models on the same example image: per model (``segs``: name -> ``ISeg``), the labels
+    and the first class's map after N iterations. N = 0 is labelled at each model's raw rule.
+    Moving N re-decodes only; a new image runs each model's forward pass once (cached)."""
+
+    def __init__(self, segs, index: int = 0, max_iterations: int = 10):
+        self.segs = dict(segs)
+        if not self.segs:
+            raise ValueError("CompareView needs at least one model")
+        self.max_iterations = max_iterations
+        first = next(iter(self.segs.values()))
+        self.state = dict(index=index, iterations=first.settings.iterations)
+        self._results: dict[tuple[str, int], object] = {}
+        import matplotlib.pyplot as plt
+
+        rows = len(self.segs)
+        with plt.ioff():
+            self.fig, axes = plt.subplots(rows, 2, figsize=(5.6, 2.8 * rows + 0.3), squeeze=False, layout="constrained")
+        for ax in axes.ravel():
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self.axes = axes
+        self.im_over = [axes[r, 0].imshow(np.zeros((8, 8, 3))) for r in range(rows)]
+        self.im_map = [axes[r, 1].imshow(np.zeros((8, 8)), cmap=MAP_CMAP, vmin=0, vmax=1) for r in range(rows)]
+        self.update()
+
+    def result(self, name: str, index: int):
+        key = (name, index)
+        if key not in self._results:
+            seg = self.segs[name]
+            image, classes = example(seg, index)
+            self._results[key] = seg.segment(image, classes, iterations=self.max_iterations)
+        return self._results[key]
+
+    def update(self, index: int | None = None, iterations: int | None = None):
+        for key, value in dict(index=index, iterations=iterations).items():
+            if value is not None:
+                self.state[key] = value
+        n = min(self.state["iterations"], self.max_iterations)
+        out = {}
+        for row, (name, seg) in enumerate(self.segs.items()):
+            r = self.result(name, self.state["index"])
+            labels = r.labels_at(n, _raw_power(seg) if n == 0 else None)
+            _set_picture(self.im_over[row], overlay(r.image, labels))
+            _set_picture(self.im_map[row], r.scores(n)[0])
+            self.axes[row, 0].set_title(f"{name}: labels, N={n}", fontsize=9)
+            self.axes[row, 1].set_title(f"{name}: {r.classes[0]} map", fontsize=9)
+            out[name] = labels
+        self._redraw()
+        return out
+
+    def controls(self):
+        import ipywidgets as w
+
+        return dict(index=w.IntSlider(min=0, max=30, value=self.state["index"]),
+                    iterations=w.IntSlider(min=0, max=self.max_iterations, value=self.state["iterations"]))
 
 
 def generate(pipe, prompt: str, seed: int = 0, steps: int = 30, guidance: float = 4.0):

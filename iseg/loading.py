@@ -252,13 +252,22 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+#: what ``load_model("auto", family=...)`` looks for: the full-size model (its weights in the local
+#: cache and a GPU), else the shipped shapes model of the same family
+AUTO_MODELS = {
+    "sd": (DEFAULT_MODEL, "shapes"),
+    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "shapes-mmdit"),
+}
+
+
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
-               verbose: bool = True) -> LoadedModel:
+               verbose: bool = True, family: str | None = None) -> LoadedModel:
     """Load a model for iSeg and move it to ``device``; returns a ``LoadedModel``.
 
     ``model`` is a hub id (default: SD 2.1-base), a local folder in diffusers layout, a short name
     of a shipped model (``"shapes"``), or ``"auto"``: SD 2.1-base when its weights are in the local
-    cache and a GPU is present, else the shapes model. ``device`` defaults to CUDA when present;
+    cache and a GPU is present, else the shapes model; ``"auto"`` with ``family="sd3"`` picks SD3-medium
+    the same way, else the shapes MM-DiT (``"shapes-mmdit"``). ``device`` defaults to CUDA when present;
     ``dtype`` to float16 on CUDA and float32 elsewhere. Missing weights raise
     ``ModelNotAvailableError`` with the ways out; with ``HF_HUB_OFFLINE=1`` nothing touches the
     network.
@@ -267,21 +276,27 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     dtype = dtype or _default_dtype(device)
     name = os.fspath(model)
 
+    if family is not None and name != "auto":
+        raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
     if name == "auto":
+        key = family or "sd"
+        if key not in AUTO_MODELS:
+            raise ValueError(f"load_model('auto') knows the families {sorted(AUTO_MODELS)}, not {family!r}")
+        full, small = AUTO_MODELS[key]
         pipe = None
         if device.type == "cuda":
             try:
-                pipe = _from_pretrained(DEFAULT_MODEL, dtype, local_only=True)
-                name = DEFAULT_MODEL
+                pipe = _from_pretrained(full, dtype, local_only=True)
+                name = full
             except Exception:  # noqa: BLE001 - anything missing means: fall back
                 pipe = None
         if pipe is None:
             shipped = shipped_models()
-            if "shapes" not in shipped:
-                raise _unavailable("auto", "neither SD 2.1-base weights with a GPU nor the shapes model were found")
-            name = "shapes"
+            if small not in shipped:
+                raise _unavailable("auto", f"neither {full} weights with a GPU nor the {small} model were found")
+            name = small
         if verbose:
-            why = "" if name != "shapes" else " (SD 2.1-base needs its weights in the cache and a GPU)"
+            why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
             print(f"iseg: model 'auto' -> {name}{why}", file=sys.stderr)
         if pipe is not None:
             return _finish(pipe, device, name)
@@ -337,7 +352,7 @@ def _finish(pipe, device, name: str) -> LoadedModel:
 
 
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
-                  verbose: bool = True) -> LoadedModel:
+                  verbose: bool = True, family: str | None = None) -> LoadedModel:
     """The older name of ``load_model``; it returns the same ``LoadedModel`` (``.pipe`` is the
     diffusers pipeline)."""
-    return load_model(model, device=device, dtype=dtype, verbose=verbose)
+    return load_model(model, device=device, dtype=dtype, verbose=verbose, family=family)

@@ -46,6 +46,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {
     "shapes": ModelEntry("shapes", preset="shapes", plugin="iseg.shapes.plugin"),
+    "shapes-mmdit": ModelEntry("shapes-mmdit", preset="shapes-mmdit", plugin="iseg.shapes.mmdit_plugin"),
 }
 
 

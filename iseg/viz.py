@@ -11,7 +11,8 @@ from PIL import Image
 from .images import to_uint8
 
 __all__ = ["MAP_CMAP", "palette", "colorize", "overlay", "label_png", "label_legend", "iteration_frames",
-           "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence"]
+           "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence",
+           "compare_grid", "plot_iteration_curves"]
 
 # Maps are shown in a perceptually uniform colour map: equal steps in value look like equal steps
 # in colour, which "jet" does not give (its bright bands read as edges that are not in the data).
@@ -121,6 +122,59 @@ def iteration_grid(result, steps: Sequence[int] = (0, 1, 2, 5, 10), cls: int = 0
     fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01)
     label_legend(fig, result.classes)
     return fig
+
+
+def compare_grid(results, steps: Sequence[int] = (1, 2, 5), cls: int = 0, size: float = 2.0):
+    """A figure comparing models on one image: a row per model (``results``: name ->
+    ``SegmentationResult``), with class ``cls``'s raw cross-attention map (N = 0), its map after the
+    last of ``steps``, and the labels after each of ``steps``."""
+    import matplotlib.pyplot as plt
+
+    results = dict(results)
+    if not results:
+        raise ValueError("compare_grid needs at least one result")
+    last = max(steps)
+    cols = 2 + len(steps)
+    fig, axes = plt.subplots(len(results), cols, figsize=(size * cols + 1.6, size * len(results) + 0.3), squeeze=False,
+                             layout="constrained")
+    im = None
+    for row, (name, result) in enumerate(results.items()):
+        if last > result.iterations:
+            raise ValueError(f"{name}'s result has {result.iterations} iterations; steps ask for {last}")
+        name_cls = result.classes[cls]
+        im = axes[row, 0].imshow(result.scores(0)[cls], cmap=MAP_CMAP, vmin=0, vmax=1)
+        axes[row, 1].imshow(result.scores(last)[cls], cmap=MAP_CMAP, vmin=0, vmax=1)
+        for col, n in enumerate(steps, start=2):
+            axes[row, col].imshow(result.overlay(iteration=n))
+        axes[row, 0].set_ylabel(name, fontsize=9)
+        titles = [f"{name_cls}: cross-attn", f"{name_cls}: N={last}"] + [f"labels N={n}" for n in steps]
+        for ax, title in zip(axes[row], titles):
+            ax.set_title(title, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(im, ax=axes[:, :2].ravel().tolist(), fraction=0.03, pad=0.01)
+    label_legend(fig, next(iter(results.values())).classes)
+    return fig
+
+
+def plot_iteration_curves(curves, raw=None, ax=None):
+    """mIoU against refinement iterations N, a line per model (``curves``: name -> {N: mIoU}); a
+    star per model at N = 0 for its raw maps at their own label rule (``raw``: name -> mIoU)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
+    for name, curve in curves.items():
+        ns = sorted(int(n) for n in curve)
+        line, = ax.plot(ns, [curve[n] if n in curve else curve[str(n)] for n in ns], "o-", ms=3, label=name)
+        if raw and name in raw:
+            ax.plot([0], [raw[name]], "*", ms=11, color=line.get_color(), label=f"{name}, raw at its own rule")
+    ax.set_xlabel("refinement iterations N")
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
 
 
 def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int = 250, min_side: int = 128) -> Path:

@@ -54,3 +54,17 @@ def test_shapes_is_shipped_and_auto_falls_back_to_it(capsys):
     assert pipe.name == "shapes" and pipe.preset == "shapes"
     assert "auto' -> shapes" in capsys.readouterr().err
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
+
+
+def test_auto_picks_the_shapes_mmdit_for_the_sd3_family(capsys):
+    assert "shapes-mmdit" in iseg.shipped_models()
+    model = iseg.load_model("auto", device="cpu", family="sd3")
+    assert (model.name, model.family, model.preset) == ("shapes-mmdit", "sd3", "shapes-mmdit")
+    assert "auto' -> shapes-mmdit (stabilityai/stable-diffusion-3-medium-diffusers needs" in capsys.readouterr().err
+    assert type(model.pipe.transformer).__name__ == "SD3Transformer2DModel"
+    # "shapes" stays the UNet; family only chooses for "auto"
+    assert iseg.load_model("auto", device="cpu", family="sd", verbose=False).name == "shapes"
+    with pytest.raises(ValueError, match="knows the families \\['sd', 'sd3'\\], not 'flux'"):
+        iseg.load_model("auto", device="cpu", family="flux")
+    with pytest.raises(ValueError, match="only chooses what load_model\\('auto'\\) loads"):
+        iseg.load_model("shapes", device="cpu", family="sd3")

@@ -36,6 +36,7 @@ ACTIONS = {
     "07_interactive": dict(click=(47.5 / 64, 47.5 / 64)),  # the circle of example 8
     "08_evaluation": None,
     "09_open_vocabulary": None,
+    "10_model_families": dict(slider=True),
 }
 
 

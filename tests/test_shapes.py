@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import iseg
 from iseg.shapes import CLASSES, COLORS, SPLITS, caption_for, sample
@@ -85,26 +86,65 @@ def test_refinement_beats_raw_cross_attention_on_50_test_images(shapes_pipe):
     assert report["timesteps"][str(seg.settings.timestep)]["discrimination"] >= 0.85
 
 
-@pytest.mark.parametrize("latent_side", [16, 32])
-def test_training_script_writes_a_loadable_folder(tmp_path, latent_side):
+@pytest.mark.parametrize("family,latent_side", [("unet", 16), ("unet", 32), ("sd3", 32)])
+def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side):
     out = tmp_path / "tiny-shapes"
     cmd = [sys.executable, "-m", "iseg.shapes.train", "--out", str(out), "--images", "64", "--workers", "1",
            "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--batch-size", "4", "--device", "cpu",
-           "--vocab", "0.3", "--latent-side", str(latent_side), "--group-target", "hard"]
+           "--vocab", "0.3", "--latent-side", str(latent_side), "--group-target", "hard", "--family", family,
+           "--layers", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "training.json"):
+    denoiser = "transformer" if family == "sd3" else "unet"
+    encoders = ("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)
+    for part in ("model_index.json", denoiser, *encoders, "vae", "tokenizer", "scheduler", "training.json"):
         assert (out / part).exists(), part
     log = [json.loads(line) for line in (tmp_path / "tiny-shapes.work" / "loss.jsonl").read_text().splitlines()]
-    assert any(r["stage"] == "unet" and r["vocab"] > 0 for r in log)
-    pipe = iseg.load_pipeline(str(out), device="cpu")
-    assert pipe.unet.config.sample_size == latent_side
-    assert json.loads((out / "training.json").read_text())["latent_side"] == latent_side
-    r = iseg.ISeg(pipe, preset="shapes", iterations=2).segment(sample(5).image, list(sample(5).classes))
+    assert any(r["stage"] == family and r["vocab"] > 0 and r["ground"] > 0 and r["group"] > 0 for r in log)
+    model = iseg.load_model(str(out), device="cpu")
+    assert model.family == family and getattr(model.pipe, denoiser).config.sample_size == latent_side
+    info = json.loads((out / "training.json").read_text())
+    assert info["latent_side"] == latent_side and info["family"] == family and denoiser in info["parameters"]
+    preset = "shapes-mmdit" if family == "sd3" else "shapes"
+    r = iseg.ISeg(model, preset=preset, iterations=2).segment(sample(5).image, list(sample(5).classes))
     assert r.labels.shape == (64, 64) and r.maps.shape[-1] == latent_side  # self-attention at the latent's side
     # resuming a finished run changes nothing and still writes the folder
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_mmdit_training_reads_what_iseg_feeds_the_transformer():
+    """The training's text conditioning for an MM-DiT is the backbone's ``encode_text``, batched:
+    the two CLIPs' penultimate states side by side, T5's zero rows after them, the pooled vectors."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from iseg.backbones import backbone_for
+    from iseg.prompts import build_prompt, make_prompt
+    from iseg.shapes.model import make_flow_scheduler, make_mmdit, make_projected_text_encoder, make_tokenizer, make_vae
+    from iseg.shapes.train import MMDiTTask
+
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    encoders = [make_projected_text_encoder(len(tok)).eval() for _ in range(2)]
+    transformer = make_mmdit(32, layers=1)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=make_flow_scheduler(), vae=make_vae(32),
+                                    text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1],
+                                    tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+    backbone = backbone_for(pipe)
+    text = build_prompt(["star", "circle"], prefix="a", extra=(), background_words=(), joiner=" and a ")
+    prompt = make_prompt(tok, text, ["star", "circle"])
+    row = backbone.encode_text(prompt)  # (1, 24 + 256 + 1, 128): tokens, T5 zeros, pooled row
+    task = MMDiTTask(transformer, encoders)
+    with torch.no_grad():
+        hidden, pooled = task.embed(torch.tensor([list(prompt.input_ids)]))
+    assert hidden.shape == row[:, :-1].shape
+    torch.testing.assert_close(hidden, row[:, :-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, row[:, -1, :pooled.shape[-1]], rtol=1e-5, atol=1e-6)
+    # flow matching: z_t on the line from z0 (t = 0) to the noise (t = 1000), velocity target
+    z0, eps = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    z_t, target = task.noisy(z0, eps, torch.tensor([250]))
+    torch.testing.assert_close(z_t, torch.full_like(z0, 0.75))
+    torch.testing.assert_close(target, -z0)
 
 
 def test_non_editable_install_finds_the_shipped_model(tmp_path):

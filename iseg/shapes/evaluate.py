@@ -47,7 +47,7 @@ from ..segmenter import ISeg
 from .dataset import ShapesDataset
 from .world import CLASSES, SPLITS, sample
 
-__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "main"]
+__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "iteration_curve", "main"]
 
 NUM_LABELS = len(CLASSES) + 1
 
@@ -169,6 +169,20 @@ def evaluate(
                          for lam in lams} for p in bg_powers}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def iteration_curve(report: dict, lam: float, raw_bg_power: float | None = None, timestep: int | None = None):
+    """``({N: mIoU}, raw)`` from an ``evaluate`` report: the curve at ``lam`` under the settings'
+    label rule, and the raw maps (N = 0) under their own rule ``raw_bg_power`` (``None`` where the
+    report was made without that power in ``bg_powers``, or none is given)."""
+    t = str(timestep) if timestep is not None else next(iter(report["timesteps"]))
+    r = report["timesteps"][t]
+    curve = {int(n): v for n, v in r["miou"][str(lam)].items()}
+    raw = None
+    if raw_bg_power is not None:
+        table = r.get("miou_by_bg_power", {}).get(str(float(raw_bg_power)))
+        raw = None if table is None else table[str(lam)].get("0")
+    return curve, raw
 
 
 def format_table(report: dict) -> str:

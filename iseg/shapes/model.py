@@ -15,8 +15,13 @@ import torch
 
 from .world import SIZE, vocabulary
 
-__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet", "make_scheduler", "inner_unet_weights", "LATENT_SIDES",
-           "count_parameters"]
+__all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet",
+           "make_scheduler", "inner_unet_weights", "LATENT_SIDES", "count_parameters", "FAMILIES", "make_mmdit",
+           "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH"]
+
+#: the denoiser families ``iseg train-shapes --family`` builds: a UNet (SD 1.x/2.x layout) or an
+#: MM-DiT (SD3 layout)
+FAMILIES = ("unet", "sd3")
 
 MAX_LENGTH = 24  # tokens; the longest caption has 13 with its start and end tokens
 EXTRA_WORDS = ("background", "other", "object", "an", "the", "of", "photo")
@@ -149,3 +154,36 @@ def make_scheduler():
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+MMDIT_WIDTH = 128  # the transformer's width; also its joint_attention_dim: the two 64-wide CLIPs side by side
+
+
+def make_projected_text_encoder(vocab_size: int, max_length: int = MAX_LENGTH):
+    """The SD3 layout's CLIP: the shapes text encoder with a 64-wide projection of its pooled output."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=64,
+    ))
+
+
+def make_mmdit(latent_side: int = 32, layers: int = 4):
+    """An ``SD3Transformer2DModel`` on the 32x32 latent with patch size 1, so that its joint attention
+    sits on a 32x32 grid (the grid the UNet's finest, best-grouping level has), 4 heads of 32."""
+    from diffusers import SD3Transformer2DModel
+
+    _check_latent_side(latent_side)
+    return SD3Transformer2DModel(
+        sample_size=latent_side, patch_size=1, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=32, num_attention_heads=MMDIT_WIDTH // 32, joint_attention_dim=MMDIT_WIDTH,
+        caption_projection_dim=MMDIT_WIDTH, pooled_projection_dim=MMDIT_WIDTH, pos_embed_max_size=latent_side,
+    )
+
+
+def make_flow_scheduler():
+    """SD3's rectified-flow Euler scheduler without a resolution shift (iseg reads sigma = t / 1000)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

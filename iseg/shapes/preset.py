@@ -31,3 +31,19 @@ SHAPES_INTERACTIVE = dict(SHAPES_PRESET, lam=100.0, iterations=5, clamp_max=None
 # the best open-vocabulary mIoU with the preset above (iseg labels --split val --objective
 # miou): 88.79 there, label F1 0.982. The model card has the test figures.
 LABEL_THRESHOLDS = dict(min_share=0.0, min_peak=0.175, min_labels=1)
+
+
+# -- the shapes MM-DiT (data/models/shapes-mmdit, iseg.load_model("shapes-mmdit")) ---------------
+# Every joint attention layer sits on the 32x32 token grid (patch size 1), so cross-attention is
+# read there alone; the rest was chosen on validation (the model card has the tables).
+MMDIT_PRESET = dict(
+    SHAPES_PRESET,
+    cross_weights={32: 1.0},
+    timestep=100,
+    lam=100.0,
+    iterations=5,
+    bg_power=0.2,
+)
+MMDIT_RAW_BG_POWER = 5.0
+MMDIT_INTERACTIVE = dict(MMDIT_PRESET, clamp_max=None, threshold=0.7)
+MMDIT_LABEL_THRESHOLDS = dict(LABEL_THRESHOLDS)

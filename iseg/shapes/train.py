@@ -35,13 +35,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..capture import attention_layers, capture_attention
+from ..capture import attention_layers, capture_attention, joint_attention_layers
 from ..cli_options import CommandError, device_option, module_main, overwrite_option
 from .model import (
+    FAMILIES,
     LATENT_SIDES,
     MAX_LENGTH,
     count_parameters,
     inner_unet_weights,
+    make_flow_scheduler,
+    make_mmdit,
+    make_projected_text_encoder,
     make_scheduler,
     make_text_encoder,
     make_tokenizer,
@@ -262,20 +266,74 @@ def encode_all(vae, images, device, batch=512):
     return torch.cat(out)
 
 
-def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
+class UNetTask:
+    """The UNet family's side of training: DDPM noise, epsilon prediction, one CLIP."""
+
+    def __init__(self, unet, text_encoders):
+        self.denoiser, self.text_encoders = unet, list(text_encoders)
+        self.alphas = make_scheduler().alphas_cumprod
+        layers = attention_layers(unet)
+        self.cross_layers = [layer for layer in layers if layer.kind == "cross"]
+        self.self_layers = [layer for layer in layers if layer.kind == "self" and layer.level == 0]
+
+    def noisy(self, z0, noise, t):
+        """``(z_t, target)`` for the loss at integer timesteps ``t``."""
+        ab = self.alphas.to(z0.device)[t].view(-1, 1, 1, 1)
+        return ab.sqrt() * z0 + (1 - ab).sqrt() * noise, noise
+
+    def embed(self, ids):
+        return self.text_encoders[0](ids)[0]
+
+    def predict(self, z_t, t, cond):
+        return self.denoiser(z_t, t, encoder_hidden_states=cond).sample
+
+
+class MMDiTTask:
+    """The SD3 family's side: rectified flow (z_t = (1 - s) z0 + s eps, s = t / 1000, velocity
+    target eps - z0), two CLIPs whose penultimate states sit side by side and whose projected pooled
+    outputs condition the blocks, and the zero rows diffusers appends in place of T5's tokens (the
+    shipped model has no T5, so it is trained on exactly what ``iseg`` feeds it)."""
+
+    t5_rows = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+    def __init__(self, transformer, text_encoders):
+        self.denoiser, self.text_encoders = transformer, list(text_encoders)
+        layers = joint_attention_layers(transformer)
+        self.cross_layers = [layer for layer in layers if layer.kind == "cross"]
+        self.self_layers = [layer for layer in layers if layer.kind == "self"]
+
+    def noisy(self, z0, noise, t):
+        s = (t.float() / 1000).view(-1, 1, 1, 1)
+        return (1 - s) * z0 + s * noise, noise - z0
+
+    def embed(self, ids):
+        outs = [encoder(ids, output_hidden_states=True) for encoder in self.text_encoders]
+        hidden = torch.cat([o.hidden_states[-2] for o in outs], -1)
+        width = self.denoiser.config.joint_attention_dim
+        hidden = F.pad(hidden, (0, width - hidden.shape[-1]))
+        t5 = hidden.new_zeros(len(ids), self.t5_rows, width)
+        return torch.cat([hidden, t5], 1), torch.cat([o[0] for o in outs], -1)
+
+    def predict(self, z_t, t, cond):
+        hidden, pooled = cond
+        return self.denoiser(hidden_states=z_t, encoder_hidden_states=hidden, pooled_projections=pooled,
+                             timestep=t.float(), return_dict=False)[0]
+
+
+def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
                deadline=None, labels=None):
-    scheduler = make_scheduler()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    """The denoiser stage (UNet or MM-DiT, as ``task``): its diffusion loss plus the attention losses."""
+    denoiser, encoders = task.denoiser, task.text_encoders
+    params = list(denoiser.parameters()) + [p for e in encoders for p in e.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     if state.get("unet_opt"):
         opt.load_state_dict(state["unet_opt"])
-    ema = state.get("ema") or {k: v.detach().clone().float() for k, v in unet.state_dict().items()}
+    ema = state.get("ema") or {k: v.detach().clone().float() for k, v in denoiser.state_dict().items()}
     ema = {k: v.to(device) for k, v in ema.items()}
-    alphas = scheduler.alphas_cumprod.to(device)
-    cross_layers = [layer for layer in attention_layers(unet) if layer.kind == "cross"]
-    self_layers = [layer for layer in attention_layers(unet) if layer.kind == "self" and layer.level == 0]
+    cross_layers, self_layers = task.cross_layers, task.self_layers
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")["input_ids"][0]
     (ids_c, own_c), (ids_n, own_n) = captions
+    window = ids_c.shape[1]  # the CLIP rows; an MM-DiT's text keys go on with the T5 rows
     gen = torch.Generator().manual_seed(args.seed + 2)
     vocab_gen = torch.Generator().manual_seed(args.seed + 3)
     vocab = getattr(args, "vocab", 0.0)
@@ -285,17 +343,17 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
     for _ in range(start):
         _draw(gen, len(latents), args.batch_size)
     use_amp = device.type == "cuda"
-    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
-    unet.train()
-    text_encoder.train()
+    bar = tqdm(range(start, args.unet_steps), desc=args.family, initial=start, total=args.unet_steps)
+    denoiser.train()
+    for e in encoders:
+        e.train()
     for step in bar:
         idx, t, colour_drop, cap_drop, noise_seed = _draw(gen, len(latents), args.batch_size)
         idx, colour_drop, cap_drop = idx.to(latents.device), colour_drop.to(latents.device), cap_drop.to(latents.device)
         z0 = latents[idx].to(device)
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
         t = t.to(device)
-        ab = alphas[t].view(-1, 1, 1, 1)
-        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        z_t, target = task.noisy(z0, noise, t)
         ids = torch.where(colour_drop[:, None], ids_n[idx], ids_c[idx])
         owner = torch.where(colour_drop[:, None], own_n[idx], own_c[idx])
         ids = torch.where(cap_drop[:, None], empty[None].to(ids.device), ids).to(device)
@@ -303,11 +361,10 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
         obj = objects[idx].to(device).float()
         valid = (~cap_drop).to(device) & (t < args.attn_loss_max_t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            with capture_attention(unet, cross_layers + self_layers, keep_grad=True) as store:
-                emb = text_encoder(ids)[0]
-                pred = unet(z_t, t, encoder_hidden_states=emb).sample
-            mse = F.mse_loss(pred.float(), noise)
-            cross = {n: store.mean(n) for n in store.names("cross")}
+            with capture_attention(denoiser, cross_layers + self_layers, keep_grad=True) as store:
+                pred = task.predict(z_t, t, task.embed(ids))
+            mse = F.mse_loss(pred.float(), target)
+            cross = {n: store.mean(n)[..., :window] for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
             group = grouping_loss(selfs, obj, valid, hard=args.group_target == "hard") if args.group > 0 else mse * 0
@@ -318,8 +375,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
                 lab = labels[idx.to(labels.device)[sub.cpu()]].to(device).long()  # (b, H, W)
                 masks = F.one_hot(lab, len(CLASSES) + 1)[..., 1:].permute(0, 3, 1, 2).float()  # (b, K, H, W)
                 v_ids, v_pos = vocabulary_prompts(tokenizer, masks.flatten(2).amax(-1) > 0, vocab_gen)
-                with capture_attention(unet, cross_layers, keep_grad=True) as vstore:
-                    unet(z_t[sub], t[sub], encoder_hidden_states=text_encoder(v_ids.to(device))[0])
+                with capture_attention(denoiser, cross_layers, keep_grad=True) as vstore:
+                    task.predict(z_t[sub], t[sub], task.embed(v_ids.to(device)))
                 vloss = vocabulary_loss({n: vstore.mean(n) for n in vstore.names("cross")}, v_pos.to(device), masks)
             loss = mse + args.ground * ground + args.group * group + vocab * vloss
         opt.zero_grad(set_to_none=True)
@@ -331,28 +388,31 @@ def train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, 
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
-            for k, v in unet.state_dict().items():
+            for k, v in denoiser.state_dict().items():
                 if v.dtype.is_floating_point:
                     ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
-        if step % 50 == 0 or step == args.unet_steps - 1:
-            rec = {"stage": "unet", "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
+        if step % args.log_every == 0 or step == args.unet_steps - 1:
+            rec = {"stage": args.family, "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
                    "group": group.item(), "vocab": vloss.item(), "time": time.time()}
             bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}",
                             vocab=f"{rec['vocab']:.3f}")
             _log(log_path, rec)
-        if deadline is not None and time.time() > deadline:
-            print(f"time limit reached after {step + 1} UNet steps")
+        stop = deadline is not None and time.time() > deadline
+        if stop:
+            print(f"time limit reached after {step + 1} {args.family} steps")
             args.unet_steps = step + 1
-            break
-        if (step + 1) % args.save_every == 0:
-            state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), unet_opt=opt.state_dict(),
-                         ema={k: v.cpu() for k, v in ema.items()}, unet_step=step + 1)
+        if stop or (step + 1) % args.save_every == 0:
+            state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders],
+                         unet_opt=opt.state_dict(), ema={k: v.cpu() for k, v in ema.items()}, unet_step=step + 1)
             _save(ckpt, state)
-    state.update(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), unet_opt=opt.state_dict(),
+        if stop:
+            break
+    state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders], unet_opt=opt.state_dict(),
                  ema={k: v.cpu() for k, v in ema.items()}, unet_step=args.unet_steps)
     _save(ckpt, state)
-    unet.eval()
-    text_encoder.eval()
+    denoiser.eval()
+    for e in encoders:
+        e.eval()
     return ema
 
 
@@ -365,44 +425,65 @@ def _draw(gen, n, batch):
     return idx, t, colour_drop, cap_drop, noise_seed
 
 
-def write_pipeline(out: Path, vae, text_encoder, tokenizer, unet, dtype=torch.float16):
-    from diffusers import StableDiffusionPipeline
+def write_pipeline(out: Path, vae, text_encoders, tokenizer, denoiser, dtype=torch.float16):
+    """Save in diffusers layout: a ``StableDiffusionPipeline`` (UNet) or a
+    ``StableDiffusion3Pipeline`` (MM-DiT; its two CLIPs share the word-level tokenizer, no T5)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if len(text_encoders) == 1:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizer, unet=denoiser,
+                                       scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        pipe = StableDiffusion3Pipeline(transformer=denoiser, scheduler=make_flow_scheduler(), vae=vae,
+                                        text_encoder=text_encoders[0], tokenizer=tokenizer,
+                                        text_encoder_2=text_encoders[1], tokenizer_2=tokenizer,
+                                        text_encoder_3=None, tokenizer_3=None)
     pipe.to("cpu", dtype)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
 
 
-INIT_PARTS = ("vae", "text_encoder", "unet", "unet-inner")
+INIT_PARTS = ("vae", "text_encoder", "unet", "unet-inner", "transformer")
 
 
-def _load_init(folder: Path, vae, text_encoder, unet, parts=("vae", "text_encoder", "unet")):
+def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_encoder", "unet")):
     """Load parts of an existing model folder. ``unet-inner`` puts a latent-16 UNet on the inner
-    levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew.
+    ``text_encoder`` seeds every text encoder of the new model from the folder's (first) one, so an
+    MM-DiT can start from the UNet model's word embeddings; a missing projection starts afresh."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     unknown = set(parts) - set(INIT_PARTS)
     if unknown:
         raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
-    if "unet" in parts and "vae" not in parts:
-        raise ValueError("--init-parts unet needs the folder's VAE too (the UNet was trained on its latents)")
+    transformer = isinstance(denoiser, SD3Transformer2DModel)
+    wrong = set(parts) & ({"unet", "unet-inner"} if transformer else {"transformer"})
+    if wrong:
+        raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {'sd3' if transformer else 'unet'} model")
+    if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
+        raise ValueError("--init-parts unet/transformer needs the folder's VAE too (the denoiser was trained on its latents)")
     if "vae" in parts:
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
     if "text_encoder" in parts:
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict())
+        weights = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict()
+        for encoder in text_encoders:  # the bare CLIP transformer goes into the projected model's text_model
+            target = encoder.text_model if hasattr(encoder, "text_projection") else encoder
+            missing, unexpected = target.load_state_dict(weights, strict=False)
+            if unexpected or missing:
+                raise ValueError(f"the text encoder of {folder} does not fit: missing {missing}, unexpected {unexpected}")
     if "unet" in parts:
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
+        denoiser.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
+    if "transformer" in parts:
+        denoiser.load_state_dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float().state_dict())
     if "unet-inner" in parts:
         small = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict()
-        weights = inner_unet_weights(small, unet)
-        unet.load_state_dict(weights, strict=False)
-        print(f"--init unet-inner: {len(weights)} of {len(unet.state_dict())} UNet tensors taken from {folder}")
+        weights = inner_unet_weights(small, denoiser)
+        denoiser.load_state_dict(weights, strict=False)
+        print(f"--init unet-inner: {len(weights)} of {len(denoiser.state_dict())} UNet tensors taken from {folder}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -411,6 +492,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     overwrite_option(p, "a model folder that --out already holds (--resume continues its own run)")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--family", default="unet", choices=FAMILIES,
+                   help="the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT (SD3 layout, patch 1 on a 32x32 latent)")
+    p.add_argument("--layers", type=int, default=4, help="transformer blocks of an sd3 model")
     p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes that render the images")
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -430,6 +514,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--attn-loss-max-t", type=int, default=600)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss-log records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
@@ -470,16 +555,27 @@ def run(args) -> int:
     images, masks, info = render_dataset(args.images, args.workers)
     images, masks = torch.from_numpy(images), torch.from_numpy(masks)
     tokenizer = make_tokenizer(MAX_LENGTH)
-    vae, text_encoder, unet = make_vae(args.latent_side), make_text_encoder(len(tokenizer)), make_unet(args.latent_side)
+    vae = make_vae(args.latent_side)
+    if args.family == "sd3":
+        text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
+        denoiser = make_mmdit(args.latent_side, args.layers)
+    else:
+        text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
     init_parts = set(args.init_parts.split(",")) if args.init is not None else set()
     if args.init is not None and "unet" not in state:
-        _load_init(args.init, vae, text_encoder, unet, parts=init_parts)
+        try:
+            _load_init(args.init, vae, text_encoders, denoiser, parts=init_parts)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
         state.update(init=str(args.init))
         if "vae" in init_parts:
             state.update(vae=vae.state_dict(), vae_step=args.vae_steps)
-    for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+    for name, module in (("vae", vae), ("unet", denoiser)):
         if state.get(name):
             module.load_state_dict(state[name])
+    saved = state.get("text_encoder")
+    for encoder, weights in zip(text_encoders, [saved] if isinstance(saved, dict) else saved or []):
+        encoder.load_state_dict(weights)
     vae.to(device)
     train_vae(vae, images, args, device, ckpt, log_path, state)
     latents = encode_all(vae, images, device)
@@ -488,27 +584,30 @@ def run(args) -> int:
     latents = latents * scale
     objects = object_masks(masks, info)
     captions = (tokenize_captions(tokenizer, info, True), tokenize_captions(tokenizer, info, False))
-    unet.to(device)
-    text_encoder.to(device)
+    denoiser.to(device)
+    for encoder in text_encoders:
+        encoder.to(device)
     if device.type == "cuda":  # the whole training set fits on the GPU; no host copies per step
         latents, objects = latents.to(device), objects.to(device)
         captions = tuple(tuple(x.to(device) for x in pair) for pair in captions)
     deadline = t_start + args.time_limit if args.time_limit else None
-    ema = train_unet(unet, text_encoder, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
+    task = (MMDiTTask if args.family == "sd3" else UNetTask)(denoiser, text_encoders)
+    ema = train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
                      labels=masks if args.vocab > 0 else None)
-    unet.load_state_dict({k: v.to(unet.dtype) for k, v in ema.items()})
+    denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
     elapsed = state["elapsed"] + time.time() - t_start
     state["elapsed"] = elapsed
     _save(ckpt, state)
-    write_pipeline(args.out, vae.cpu(), text_encoder.cpu(), tokenizer, unet.cpu())
+    write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
-        "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+        "family": args.family, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
         "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "seed": args.seed,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
-        "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
-                       "unet": count_parameters(unet)},
+        "parameters": {"vae": count_parameters(vae),
+                       "text_encoder": sum(count_parameters(e) for e in text_encoders),
+                       "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
     }
     (args.out / "training.json").write_text(json.dumps(info_out, indent=2))
     print(json.dumps(info_out, indent=2))
