@@ -3,17 +3,22 @@
 Stages (each resumable from ``--workdir/checkpoint.pt``):
 1. data: ``--images`` training samples of the shapes world, rendered once (in parallel);
 2. vae: the autoencoder on pixels (MSE + a small KL term); latents = posterior means;
-3. unet: UNet and text encoder with the epsilon-prediction loss, 10% caption dropout, colour
-   words dropped from 30% of captions, and two auxiliary attention losses that stand in for the
-   word-region binding Stable Diffusion learned from billions of images (``--ground``,
-   ``--group``; both only for t < 600):
+3. denoiser (``--family unet``: a UNet with one CLIP and the epsilon-prediction loss; ``--family
+   sd3``: an MM-DiT, ``SD3Transformer2DModel`` with two CLIPs and the rectified-flow velocity
+   loss) and text encoders, 10% caption dropout, colour words dropped from 30% of captions
+   (``--colour-drop``), and auxiliary attention losses that stand in for the word-region binding
+   Stable Diffusion learned from billions of images (``--ground``, ``--group``, ``--vocab``; only
+   for t < 600). On an MM-DiT they act on the two parts of each joint attention that iSeg reads
+   (image queries over the text keys, and over the image keys):
    - grounding: for every class word and its colour word, 1 - the share of the token's spatially
      normalised cross-attention inside its object, plus 0.2 x a BCE between the max-normalised
      map and the object mask, on every cross-attention layer;
    - grouping: for every query pixel of the finest self-attention (the latent's grid), 1 - the
      attention mass inside its own group (its object, or the background; by area fraction per
      cell, or with ``--group-target hard`` the group covering most of the cell), every group of
-     an image weighted equally.
+     an image weighted equally;
+   - vocabulary: a second pass under a class-list prompt ("a star and a circle", present and
+     absent classes in random order): each listed word wins its own object's pixels.
 The trained pipeline is written in diffusers layout (fp16 weights) to ``--out``.
 iSeg itself stays training-free: nothing is trained at segmentation time.
 """
@@ -341,14 +346,14 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         raise ValueError("the vocabulary loss needs the label maps of the training images")
     start = state.get("unet_step", 0)
     for _ in range(start):
-        _draw(gen, len(latents), args.batch_size)
+        _draw(gen, len(latents), args.batch_size, args.colour_drop)
     use_amp = device.type == "cuda"
     bar = tqdm(range(start, args.unet_steps), desc=args.family, initial=start, total=args.unet_steps)
     denoiser.train()
     for e in encoders:
         e.train()
     for step in bar:
-        idx, t, colour_drop, cap_drop, noise_seed = _draw(gen, len(latents), args.batch_size)
+        idx, t, colour_drop, cap_drop, noise_seed = _draw(gen, len(latents), args.batch_size, args.colour_drop)
         idx, colour_drop, cap_drop = idx.to(latents.device), colour_drop.to(latents.device), cap_drop.to(latents.device)
         z0 = latents[idx].to(device)
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
@@ -416,10 +421,10 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
     return ema
 
 
-def _draw(gen, n, batch):
+def _draw(gen, n, batch, colour_drop_p=0.3):
     idx = torch.randint(0, n, (batch,), generator=gen)
     t = torch.randint(0, 1000, (batch,), generator=gen)
-    colour_drop = torch.rand(batch, generator=gen) < 0.3
+    colour_drop = torch.rand(batch, generator=gen) < colour_drop_p
     cap_drop = torch.rand(batch, generator=gen) < 0.1
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     return idx, t, colour_drop, cap_drop, noise_seed
@@ -513,6 +518,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=float, default=0.0,
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--attn-loss-max-t", type=int, default=600)
+    p.add_argument("--colour-drop", type=float, default=0.3,
+                   help="share of captions without their colour words: the shape words alone must then find their "
+                        "objects (a model that can bind through the colour words learns that shortcut first)")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50, help="steps between loss-log records")
     p.add_argument("--seed", type=int, default=0)
@@ -602,7 +610,7 @@ def run(args) -> int:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
         "family": args.family, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
-        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "seed": args.seed,
+        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "colour_drop": args.colour_drop, "seed": args.seed,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae),
