@@ -93,11 +93,14 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
            "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--batch-size", "4", "--device", "cpu",
            "--vocab", "0.3", "--latent-side", str(latent_side), "--group-target", "hard", "--family", family,
            "--layers", "2"]
+    shipped = iseg.shipped_models()["shapes"]
+    if family == "sd3":  # the MM-DiT is trained on the shipped model's VAE, and from its word embeddings
+        cmd += ["--init", str(shipped), "--init-parts", "vae,text_encoder", "--patch-size", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     denoiser = "transformer" if family == "sd3" else "unet"
     encoders = ("text_encoder", "text_encoder_2") if family == "sd3" else ("text_encoder",)
-    for part in ("model_index.json", denoiser, *encoders, "vae", "tokenizer", "scheduler", "training.json"):
+    for part in ("model_index.json", denoiser, *encoders, "vae", "tokenizer", "scheduler", "training.json", "loss.png"):
         assert (out / part).exists(), part
     log = [json.loads(line) for line in (tmp_path / "tiny-shapes.work" / "loss.jsonl").read_text().splitlines()]
     assert any(r["stage"] == family and r["vocab"] > 0 and r["ground"] > 0 and r["group"] > 0 for r in log)
@@ -107,10 +110,17 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
     assert info["latent_side"] == latent_side and info["family"] == family and denoiser in info["parameters"]
     preset = "shapes-mmdit" if family == "sd3" else "shapes"
     r = iseg.ISeg(model, preset=preset, iterations=2).segment(sample(5).image, list(sample(5).classes))
-    assert r.labels.shape == (64, 64) and r.maps.shape[-1] == latent_side  # self-attention at the latent's side
+    assert r.labels.shape == (64, 64)
+    assert r.maps.shape[-1] == latent_side // (2 if family == "sd3" else 1)  # self-attention on the latent's (token) grid
     # resuming a finished run changes nothing and still writes the folder
+    scale = json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # with the latent scale of the first run (a resumed run once fell back to 1.0 with an --init VAE)
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == scale
+    if family == "sd3":
+        assert scale == json.loads((shipped / "vae" / "config.json").read_text())["scaling_factor"]
+        assert model.pipe.transformer.config.patch_size == 2 and r.maps.shape[-1] == latent_side // 2
 
 
 def test_mmdit_training_reads_what_iseg_feeds_the_transformer():

@@ -34,11 +34,11 @@ LABEL_THRESHOLDS = dict(min_share=0.0, min_peak=0.175, min_labels=1)
 
 
 # -- the shapes MM-DiT (data/models/shapes-mmdit, iseg.load_model("shapes-mmdit")) ---------------
-# Every joint attention layer sits on the 32x32 token grid (patch size 1), so cross-attention is
-# read there alone; the rest was chosen on validation (the model card has the tables).
+# Every joint attention layer sits on the one token grid, where the family's default reads both
+# maps (cross_weights None); the rest was chosen on validation (the model card has the tables).
 MMDIT_PRESET = dict(
     SHAPES_PRESET,
-    cross_weights={32: 1.0},
+    cross_weights=None,
     timestep=100,
     lam=100.0,
     iterations=5,

@@ -430,6 +430,35 @@ def _draw(gen, n, batch, colour_drop_p=0.3):
     return idx, t, colour_drop, cap_drop, noise_seed
 
 
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    """The loss curves of a run's ``loss.jsonl`` as a small PNG (the model card shows it): the VAE
+    stage where the run trained one, and the denoiser stage's losses."""
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    vae = [r for r in rows if r["stage"] == "vae"]
+    den = [r for r in rows if r["stage"] in FAMILIES]
+    fig, axes = plt.subplots(1, 2 if vae else 1, figsize=(7 if vae else 4.5, 2.8), dpi=80, squeeze=False)
+    axes = axes[0]
+    if vae:
+        axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
+        axes[0].set_yscale("log")
+        axes[0].set_title("VAE reconstruction MSE", fontsize=9)
+    target = "velocity MSE" if den and den[0]["stage"] == "sd3" else "epsilon MSE"
+    for key, label in (("mse", target), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary")):
+        if den and any(r.get(key) for r in den):
+            axes[-1].plot([r["step"] for r in den], [r.get(key, float("nan")) for r in den], lw=1, label=label)
+    axes[-1].set_yscale("log")
+    axes[-1].set_title(f"{den[0]['stage'] if den else 'denoiser'} + text encoders", fontsize=9)
+    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
 def write_pipeline(out: Path, vae, text_encoders, tokenizer, denoiser, dtype=torch.float16):
     """Save in diffusers layout: a ``StableDiffusionPipeline`` (UNet) or a
     ``StableDiffusion3Pipeline`` (MM-DiT; its two CLIPs share the word-level tokenizer, no T5)."""
@@ -483,7 +512,15 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     if "unet" in parts:
         denoiser.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
     if "transformer" in parts:
-        denoiser.load_state_dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float().state_dict())
+        # the blocks do not depend on the patch size: a patch-2 model's blocks can seed a patch-1 one
+        # (progressive resolution, as SD3 itself was trained); the patch embedding and the output
+        # projection are taken only where their shapes fit
+        source = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float()
+        target = denoiser.state_dict()
+        weights = {k: v for k, v in source.state_dict().items() if k in target and target[k].shape == v.shape}
+        denoiser.load_state_dict(weights, strict=False)
+        print(f"--init transformer: {len(weights)} of {len(target)} tensors taken from {folder} "
+              f"(patch size {source.config.patch_size} -> {denoiser.config.patch_size})")
     if "unet-inner" in parts:
         small = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict()
         weights = inner_unet_weights(small, denoiser)
@@ -500,6 +537,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="unet", choices=FAMILIES,
                    help="the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT (SD3 layout, patch 1 on a 32x32 latent)")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks of an sd3 model")
+    p.add_argument("--patch-size", type=int, default=1, choices=[1, 2],
+                   help="latent cells per token side of an sd3 model (1: a 32x32 token grid; 2: 16x16, faster)")
     p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes that render the images")
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -566,7 +605,7 @@ def run(args) -> int:
     vae = make_vae(args.latent_side)
     if args.family == "sd3":
         text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
-        denoiser = make_mmdit(args.latent_side, args.layers)
+        denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
     else:
         text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
     init_parts = set(args.init_parts.split(",")) if args.init is not None else set()
@@ -587,7 +626,17 @@ def run(args) -> int:
     vae.to(device)
     train_vae(vae, images, args, device, ckpt, log_path, state)
     latents = encode_all(vae, images, device)
-    scale = float(vae.config.scaling_factor) if "vae" in init_parts else float(1.0 / latents.std())
+    # the latent scale is part of the run: a resumed run must not recompute it (its VAE comes from
+    # the checkpoint, not from --init, so the config would say 1.0)
+    if "scaling_factor" in state:
+        scale = float(state["scaling_factor"])
+    elif "vae" in init_parts:
+        from diffusers import AutoencoderKL
+
+        scale = float(AutoencoderKL.load_config(args.init, subfolder="vae")["scaling_factor"])
+    else:
+        scale = float(1.0 / latents.std())
+    state["scaling_factor"] = scale
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     objects = object_masks(masks, info)
@@ -611,6 +660,8 @@ def run(args) -> int:
     info_out = {
         "family": args.family, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
         "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "colour_drop": args.colour_drop, "seed": args.seed,
+        "layers": args.layers if args.family == "sd3" else None,
+        "patch_size": args.patch_size if args.family == "sd3" else None,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae),
@@ -618,6 +669,7 @@ def run(args) -> int:
                        "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
     }
     (args.out / "training.json").write_text(json.dumps(info_out, indent=2))
+    plot_loss(log_path, args.out / "loss.png")
     print(json.dumps(info_out, indent=2))
     return 0
 
