@@ -141,6 +141,8 @@ def compare_grid(results, steps: Sequence[int] = (1, 2, 5), cls: int = 0, size: 
     for row, (name, result) in enumerate(results.items()):
         if last > result.iterations:
             raise ValueError(f"{name}'s result has {result.iterations} iterations; steps ask for {last}")
+        if not 0 <= cls < len(result.classes):
+            raise ValueError(f"cls={cls} is not a class index of {name}'s result (classes {list(result.classes)})")
         name_cls = result.classes[cls]
         im = axes[row, 0].imshow(result.scores(0)[cls], cmap=MAP_CMAP, vmin=0, vmax=1)
         axes[row, 1].imshow(result.scores(last)[cls], cmap=MAP_CMAP, vmin=0, vmax=1)

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 
 import iseg  # noqa: E402
 from iseg import explore  # noqa: E402
+from iseg.examples import example  # noqa: E402
 from iseg.shapes import SPLITS, sample  # noqa: E402
 
 
@@ -98,3 +99,46 @@ def test_lam_slider_keeps_every_preset_value():
     for lam in [p["lam"] for p in PRESETS.values() if "lam" in p] + [30.0, 0.002]:
         assert explore.lam_slider(lam).value == pytest.approx(lam)
     assert explore.lam_slider(0.0).value == pytest.approx(1e-3)  # a log slider cannot show 0: its lowest value
+
+
+def test_compare_view_iterations_and_image(seg):  # notebook 10
+    other = iseg.ISeg(seg.model, lam=0.1)  # a second "model": the same weights, another preset value
+    view = explore.CompareView({"preset": seg, "lam 0.1": other}, index=3, max_iterations=5)
+    refined = view.update(iterations=5)
+    pictures = [_data(im) for im in view.im_over]
+    raw = view.update(iterations=0)
+    assert all(not np.array_equal(a, _data(im)) for a, im in zip(pictures, view.im_over))
+    image, classes = example(seg, 3)
+    expected = seg.segment(image, classes, iterations=5)
+    assert np.array_equal(refined["preset"], expected.labels)
+    assert np.array_equal(raw["preset"], expected.labels_at(0, seg.model.raw_bg_power))  # raw at its own rule
+    assert not np.array_equal(refined["preset"], refined["lam 0.1"])
+    before = _data(view.im_map[0])
+    view.update(index=4)
+    assert not np.array_equal(before, _data(view.im_map[0]))
+    assert view.axes[1, 0].get_title() == "lam 0.1: labels, N=0"
+    with pytest.raises(ValueError, match="at least one model"):
+        explore.CompareView({})
+
+
+def test_compare_grid_and_iteration_curves(seg, shape):
+    from iseg.shapes.evaluate import iteration_curve
+    from iseg.viz import compare_grid, plot_iteration_curves
+
+    r = seg.segment(shape.image, shape.classes, iterations=5)
+    fig = compare_grid({"a": r, "b": r}, steps=(1, 5), cls=0)
+    assert len(fig.axes) >= 8  # 2 rows x 4 panels (and a colour bar)
+    assert np.array_equal(fig.axes[0].images[0].get_array(), r.scores(0)[0])
+    assert fig.axes[1].get_title() == f"{r.classes[0]}: N=5"
+    with pytest.raises(ValueError, match="cls=3 is not a class index"):
+        compare_grid({"a": r}, steps=(1,), cls=3)
+    with pytest.raises(ValueError, match="steps ask for 9"):
+        compare_grid({"a": r}, steps=(9,))
+    report = {"timesteps": {"100": {"miou": {"100.0": {"0": 30.0, "1": 80.0, "5": 85.0}},
+                                    "miou_by_bg_power": {"5.0": {"100.0": {"0": 70.0, "1": 60.0}}}}}}
+    curve, raw = iteration_curve(report, 100.0, 5.0)
+    assert curve == {0: 30.0, 1: 80.0, 5: 85.0} and raw == 70.0
+    assert iteration_curve(report, 100.0)[1] is None and iteration_curve(report, 100.0, 2.0)[1] is None
+    ax = plot_iteration_curves({"m": {k: v for k, v in curve.items() if k > 0}}, {"m": raw})
+    xs, ys = ax.lines[0].get_data()
+    assert list(xs) == [1, 5] and list(ys) == [80.0, 85.0] and list(ax.lines[1].get_data()[1]) == [70.0]

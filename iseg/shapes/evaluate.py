@@ -269,9 +269,15 @@ def run(args) -> int:
             if not path.is_file():
                 raise CommandError(f"--choose {path} does not exist or is not a file")
         reports = [json.loads(path.read_text()) for path in args.choose]
-        for t in reports[0]["timesteps"]:
+        shared = [t for t in reports[0]["timesteps"] if all(t in r["timesteps"] for r in reports)]
+        if not shared:
+            raise CommandError("the --choose reports have no timestep in common")
+        for t in shared:  # a timestep only some reports measured cannot be chosen on all of them
             tables = [r["timesteps"][t]["miou_by_bg_power"] for r in reports]
-            print(f"t = {t}:", json.dumps(choose_label_rule(tables)))
+            try:
+                print(f"t = {t}:", json.dumps(choose_label_rule(tables)))
+            except ValueError as err:
+                print(f"t = {t}: {err}")
         return 0
     if args.count < 1 or args.offset < 0:
         raise CommandError(f"--count must be at least 1 and --offset at least 0, got {args.count} and {args.offset}")
