@@ -42,8 +42,10 @@ MMDIT_PRESET = dict(
     timestep=100,
     lam=100.0,
     iterations=5,
-    bg_power=0.2,
+    bg_power=0.3,
 )
-MMDIT_RAW_BG_POWER = 5.0
+# Raw maps of this model are best with (almost) no background at all: mIoU rose with bg_power up to
+# the largest searched, 32 (47.97 on validation set A; 44.50 at the UNet's 5).
+MMDIT_RAW_BG_POWER = 32.0
 MMDIT_INTERACTIVE = dict(MMDIT_PRESET, clamp_max=None, threshold=0.7)
 MMDIT_LABEL_THRESHOLDS = dict(LABEL_THRESHOLDS)

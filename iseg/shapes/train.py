@@ -658,7 +658,7 @@ def run(args) -> int:
     write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
-        "family": args.family, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+        "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
         "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "colour_drop": args.colour_drop, "seed": args.seed,
         "layers": args.layers if args.family == "sd3" else None,
         "patch_size": args.patch_size if args.family == "sd3" else None,
