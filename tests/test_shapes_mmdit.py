@@ -3,7 +3,6 @@ preset chosen on validation by the UNet's rule, and floors under what its model 
 
 import json
 
-import numpy as np
 import pytest
 
 import iseg
@@ -47,5 +46,55 @@ def test_the_raw_rule_is_the_best_raw_bg_power_on_validation():
     a, _ = _reports()
     table = a["timesteps"][str(MMDIT_PRESET["timestep"])]["miou_by_bg_power"]
     raw = {float(p): row[str(MMDIT_PRESET["lam"])]["0"] for p, row in table.items()}
-    assert len(raw) >= 10 and max(raw) >= 4 * MMDIT_RAW_BG_POWER
-    assert max(raw, key=raw.get) == MMDIT_RAW_BG_POWER
+    assert len(raw) >= 10 and max(raw, key=raw.get) == MMDIT_RAW_BG_POWER
+    # the best is the largest power searched: raw mIoU only rises towards "no background at all"
+    powers = sorted(raw)
+    assert MMDIT_RAW_BG_POWER == powers[-1] and all(raw[b] >= raw[a] for a, b in zip(powers[4:], powers[5:]))
+
+
+# Measured with the shipped MM-DiT and its preset on test seeds 2,000,000-2,000,049: raw 31.30 at the
+# preset's rule and 57.01 at its own (bg_power 32), refined 46.47 / 53.77 / 55.65 / 56.36 / 56.48 at
+# N = 1-5, discrimination 0.639, grouping ratio 11.43. Floors sit a little under; the ceilings say
+# what the model card says: its class words hardly discriminate, so refinement does not beat raw.
+def test_what_the_mmdit_does_on_50_test_images(mmdit):
+    seg = iseg.ISeg(mmdit)
+    n = seg.settings.iterations
+    its = list(range(n + 1))
+    report = evaluate(seg, "test", 50, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=its,
+                      progress=False, bg_powers=[MMDIT_RAW_BG_POWER])
+    r = report["timesteps"][str(seg.settings.timestep)]
+    row = {int(k): v for k, v in r["miou"][str(seg.settings.lam)].items()}
+    raw_own = r["miou_by_bg_power"][str(MMDIT_RAW_BG_POWER)][str(seg.settings.lam)]["0"]
+    assert row[n] >= 54 and row[n] >= row[0] + 20  # refined far above raw at the same rule
+    assert all(row[b] >= row[a] - 0.05 for a, b in zip(its, its[1:])), row  # every step up to N helps
+    assert abs(row[n] - raw_own) < 3  # but not above raw at raw's own rule
+    assert 0.55 <= r["discrimination"] < 0.75  # weak binding of the bare class words
+    assert r["grouping_ratio"] > 10  # self-attention groups objects as well as the UNet's (12.1)
+
+
+def test_colour_words_bind_where_shape_words_do_not(mmdit):
+    from iseg.shapes.world import CLASSES, SPLITS, sample
+
+    seg = iseg.ISeg(mmdit)
+    s = sample(SPLITS["test"].start + 8)  # a circle, a square and a cross (notebook 10)
+
+    def ious(names):
+        labels = seg.segment(s.image, names).labels
+        return [((labels == k) & (s.mask == CLASSES.index(c) + 1)).sum()
+                / max(1, ((labels == k) | (s.mask == CLASSES.index(c) + 1)).sum())
+                for k, c in enumerate(s.classes, start=1)]
+
+    bare = ious(list(s.classes))
+    coloured = ious([f"{colour} {name}" for name, colour in zip(s.classes, s.colors)])
+    assert max(bare) < 0.1, bare  # measured: 0, 0, 0
+    assert min(coloured) > 0.7, coloured  # measured: 0.85, 0.83, 0.77
+
+
+def test_interactive_prompts_and_labels_use_the_mmdits_own_values(mmdit):
+    from iseg.interactive import interactive_defaults
+    from iseg.shapes.preset import MMDIT_LABEL_THRESHOLDS
+
+    seg = iseg.ISeg(mmdit)
+    assert interactive_defaults(seg)["threshold"] == 0.5 and interactive_defaults(seg)["lam"] == 100.0
+    assert mmdit.label_thresholds == MMDIT_LABEL_THRESHOLDS and mmdit.raw_bg_power == MMDIT_RAW_BG_POWER
+    assert mmdit.known_words == iseg.load_model("shapes", device="cpu", verbose=False).known_words
