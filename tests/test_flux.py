@@ -12,6 +12,12 @@ import tiny
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from family_checks import (
+    assert_encode_inverts_decoding,
+    assert_flow_matching_noise,
+    assert_prompt_session_runs_the_denoiser_once,
+    assert_segments_alike,
+)
 
 import iseg
 from iseg.backbones import FluxBackbone, family_of
@@ -135,23 +141,12 @@ def test_cat_cross_scales_the_class_tokens_t5_rows_only(flux_pipe):
 
 
 def test_noise_is_the_flow_matching_interpolation(flux_pipe):
-    seg = iseg.ISeg(flux_pipe, seed=3, timestep=250)
-    z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    z_t, t = seg.noisy_latents(z0)
-    eps = torch.randn(4, 16, 16, generator=torch.Generator("cpu").manual_seed(3))
-    assert torch.equal(t, torch.tensor([250, 250]))
-    assert torch.allclose(z_t, 0.75 * z0 + 0.25 * eps, atol=1e-6)
+    assert_flow_matching_noise(flux_pipe, channels=4)
 
 
 def test_encode_is_the_inverse_of_the_pipelines_decoding(flux_pipe):
-    seg = iseg.ISeg(flux_pipe)
-    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    vae = flux_pipe.vae
-    with torch.no_grad():
-        mean = vae.encode(2 * pixels - 1).latent_dist.mean
-        z0 = seg.encode_images(pixels)
-    assert z0.shape == (1, 4, 16, 16)
-    assert torch.allclose(z0 / vae.config.scaling_factor + vae.config.shift_factor, mean, atol=1e-5)
+    assert_encode_inverts_decoding(flux_pipe, channels=4)
+
 
 
 def test_denoise_calls_the_transformer_as_the_pipeline_does(flux_pipe):
@@ -205,11 +200,8 @@ def test_capture_returns_what_the_flux_processor_returns(flux_pipe):
     assert store.by_resolution("self")[8].shape == (1, 64, 64)
 
 
-def _hand(pipe, z_t, t, emb, module: str):
-    """(B, heads, image queries, image keys) and (..., text keys) of one attention module: the
-    softmax over the joint [text; image] keys with the rotary embedding applied to the queries and
-    keys, each part renormalised over its keys (in float64)."""
-    attn = pipe.transformer.get_submodule(module)
+def _call_kwargs(pipe, attn, z_t, t, emb) -> dict:
+    """The keyword arguments one attention module is called with in a forward pass."""
     seen = {}
     hook = attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     try:
@@ -217,6 +209,15 @@ def _hand(pipe, z_t, t, emb, module: str):
             _run(pipe, z_t, t, emb)
     finally:
         hook.remove()
+    return seen
+
+
+def _hand(pipe, z_t, t, emb, module: str):
+    """(B, heads, image queries, image keys) and (..., text keys) of one attention module: the
+    softmax over the joint [text; image] keys with the rotary embedding applied to the queries and
+    keys, each part renormalised over its keys (in float64)."""
+    attn = pipe.transformer.get_submodule(module)
+    seen = _call_kwargs(pipe, attn, z_t, t, emb)
     x, c, (cos, sin) = seen["hidden_states"], seen.get("encoder_hidden_states"), seen["image_rotary_emb"]
     n_text = emb.shape[1] - 1
 
@@ -271,13 +272,7 @@ def test_the_rotary_embedding_matters(flux_pipe):
     z_t, t, emb = _inputs(seg)
     image, _ = _hand(flux_pipe, z_t, t, emb, SINGLE)
     attn = flux_pipe.transformer.get_submodule(SINGLE)
-    seen = {}
-    hook = attn.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            _run(flux_pipe, z_t, t, emb)
-    finally:
-        hook.remove()
+    seen = _call_kwargs(flux_pipe, attn, z_t, t, emb)
     with torch.no_grad():
         x = seen["hidden_states"]
         q = attn.norm_q(attn.to_q(x).view(1, -1, 2, 16)).transpose(1, 2).double()
@@ -298,26 +293,13 @@ def test_a_single_stream_processor_without_its_text_length_refuses(flux_pipe):
 def test_segment_trace_and_session_end_to_end(flux_pipe):
     seg = iseg.ISeg(flux_pipe, iterations=3, clustering=False)
     images = [_image(1), _image(2)]
-    both = seg.segment(images, ["cat", "dog"])
-    again = seg.segment(images, ["cat", "dog"])
-    single = seg.segment(images[1], ["cat", "dog"])
+    both = assert_segments_alike(seg, images)
     assert both[0].maps.shape == (4, 2, 8, 8) and both[0].labels.shape == (32, 32)
-    assert all(np.isfinite(r.maps).all() for r in both)
-    assert np.array_equal(both[0].labels, again[0].labels)  # same inputs and seed, same masks
-    assert np.array_equal(both[0].maps, again[0].maps)
-    assert np.allclose(both[1].maps, single.maps, atol=1e-5)  # batch equals singles
     trace = seg.trace(images[0], ["cat"])
     assert {layer.kind for layer in trace.layers()} == {"self", "cross"}
     assert trace.class_map(SINGLE + ":text", "cat").shape == (8, 8)
     assert trace.store.heads(SINGLE + ":image").shape == (1, 2, 64, 64)
-    calls = []
-    hook = flux_pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        session = seg.prompt_session(images[0])
-        point, box = session.segment(points=[(4, 4)]), session.segment(box=(0, 0, 16, 16))
-    finally:
-        hook.remove()
-    assert len(calls) == 1 and point.mask.shape == box.mask.shape == (32, 32)
+    assert_prompt_session_runs_the_denoiser_once(seg, flux_pipe.transformer, images[0])
 
 
 def test_load_model_reads_the_family_from_model_index(flux_pipe, tmp_path):

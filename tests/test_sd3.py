@@ -10,6 +10,7 @@ import pytest
 import tiny
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
+from family_checks import assert_encode_inverts_decoding, assert_flow_matching_noise
 
 import iseg
 from iseg.backbones import SD3Backbone, family_of
@@ -104,23 +105,12 @@ def test_cat_cross_scales_the_class_tokens_clip_rows_only(sd3_pipe):
 
 
 def test_noise_is_the_flow_matching_interpolation(sd3_pipe):
-    seg = iseg.ISeg(sd3_pipe, seed=3, timestep=250)
-    z0 = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    z_t, t = seg.noisy_latents(z0)
-    eps = torch.randn(16, 16, 16, generator=torch.Generator("cpu").manual_seed(3))
-    assert torch.equal(t, torch.tensor([250, 250]))
-    assert torch.allclose(z_t, 0.75 * z0 + 0.25 * eps, atol=1e-6)
+    assert_flow_matching_noise(sd3_pipe, channels=16)
 
 
 def test_encode_is_the_inverse_of_the_pipelines_decoding(sd3_pipe):
-    seg = iseg.ISeg(sd3_pipe)
-    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    vae = sd3_pipe.vae
-    with torch.no_grad():
-        mean = vae.encode(2 * pixels - 1).latent_dist.mean
-        z0 = seg.encode_images(pixels)
-    assert z0.shape == (1, 16, 16, 16)
-    assert torch.allclose(z0 / vae.config.scaling_factor + vae.config.shift_factor, mean, atol=1e-5)
+    assert_encode_inverts_decoding(sd3_pipe, channels=16)
+
 
 
 def test_capture_returns_what_the_joint_processor_returns(sd3_pipe):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from family_checks import assert_prompt_session_runs_the_denoiser_once, assert_segments_alike
 
 import iseg
 from iseg.backbones import SDXLBackbone, backbone_for, family_of
@@ -87,24 +88,12 @@ def test_capture_returns_what_sdpa_returns_and_rows_sum_to_one(sdxl_pipe):
 def test_segment_trace_and_session_end_to_end(sdxl_pipe):
     seg = iseg.ISeg(sdxl_pipe, iterations=3, clustering=False)
     images = [_image(1), _image(2)]
-    both = seg.segment(images, ["cat", "dog"])
-    again = seg.segment(images, ["cat", "dog"])
-    single = seg.segment(images[1], ["cat", "dog"])
+    both = assert_segments_alike(seg, images)
     assert both[0].maps.shape == (4, 2, 8, 8) and both[0].labels.shape == (32, 32)
-    assert all(np.isfinite(r.maps).all() for r in both)
-    assert np.array_equal(both[0].labels, again[0].labels)  # same inputs and seed, same masks
-    assert np.allclose(both[1].maps, single.maps, atol=1e-5)  # batch equals singles
     trace = seg.trace(images[0], ["cat"])
     assert {layer.kind for layer in trace.layers()} == {"self", "cross"}
     assert trace.class_map(trace.layers("cross")[0].name, "cat").shape in {(4, 4), (8, 8)}
-    calls = []
-    hook = sdxl_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        session = seg.prompt_session(images[0])
-        point, box = session.segment(points=[(4, 4)]), session.segment(box=(0, 0, 16, 16))
-    finally:
-        hook.remove()
-    assert len(calls) == 1 and point.mask.shape == box.mask.shape == (32, 32)
+    assert_prompt_session_runs_the_denoiser_once(seg, sdxl_pipe.unet, images[0])
 
 
 def test_a_float16_vae_that_needs_upcasting_encodes_in_float32():

@@ -138,13 +138,26 @@ def tiny_sdxl_pipeline(seed: int = 0):
     return pipe.to("cpu")
 
 
+def flow_vae(latent_channels: int):
+    """The tiny VAE of the flow-matching families (x2 down, with SD3's shift and scale factors):
+    16 latent channels as SD3, 4 as FLUX packs them here."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
 def tiny_sd3_pipeline(seed: int = 0):
     """An SD3-shaped pipeline (MM-DiT): two CLIP text encoders with projections (hidden 32 each),
     no T5 (``text_encoder_3=None``: diffusers then appends zeros for its tokens), a 16-channel VAE
     (x2 down, with a shift factor) and a 2-layer ``SD3Transformer2DModel`` with patch 2 on a 16x16
     latent (32x32 images, an 8x8 token grid), under a flow-matching Euler scheduler."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -162,13 +175,7 @@ def tiny_sd3_pipeline(seed: int = 0):
         joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
         pos_embed_max_size=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = flow_vae(16)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer=clip_tokenizer(),
@@ -224,7 +231,7 @@ def tiny_flux_pipeline(seed: int = 0):
     RoPE axes 4 + 4 + 8, guidance embedding as FLUX.1-dev) over packed 2x2 latent patches
     (in_channels = 4 latent channels x 4). ``default_sample_size`` is 16 latent cells (32x32
     images, a 16x16 latent, an 8x8 token grid); FLUX.1's is 128. The T5 window is 64 tokens."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -240,13 +247,7 @@ def tiny_flux_pipeline(seed: int = 0):
     tokenizer_2 = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=37, d_kv=8, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=8)).eval()
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32,
-        shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = flow_vae(4)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(),
         text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,

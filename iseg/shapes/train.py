@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backbones.base import flow_matching_noise
+from ..backbones.sd3 import SD3Backbone
 from ..capture import attention_layers, capture_attention, joint_attention_layers
 from ..cli_options import CommandError, device_option, module_main, overwrite_option
 from .model import (
@@ -299,7 +301,7 @@ class MMDiTTask:
     outputs condition the blocks, and the zero rows diffusers appends in place of T5's tokens (the
     shipped model has no T5, so it is trained on exactly what ``iseg`` feeds it)."""
 
-    t5_rows = 256  # StableDiffusion3Pipeline's default max_sequence_length
+    t5_rows = SD3Backbone.max_sequence_length  # what encode_text appends: the pipeline's default
 
     def __init__(self, transformer, text_encoders):
         self.denoiser, self.text_encoders = transformer, list(text_encoders)
@@ -308,8 +310,7 @@ class MMDiTTask:
         self.self_layers = [layer for layer in layers if layer.kind == "self"]
 
     def noisy(self, z0, noise, t):
-        s = (t.float() / 1000).view(-1, 1, 1, 1)
-        return (1 - s) * z0 + s * noise, noise - z0
+        return flow_matching_noise(z0, noise, t), noise - z0
 
     def embed(self, ids):
         outs = [encoder(ids, output_hidden_states=True) for encoder in self.text_encoders]
