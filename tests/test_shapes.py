@@ -333,3 +333,15 @@ def test_raw_rule_is_the_best_raw_bg_power_on_validation():
     raw = {float(p): row[str(SHAPES_PRESET["lam"])]["0"] for p, row in table.items()}
     assert len(raw) >= 10 and max(raw) >= 4 * RAW_BG_POWER  # the range searched goes well past the choice
     assert max(raw, key=raw.get) == RAW_BG_POWER
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--family", "sd3", "--layers", "0"], "--layers must be at least 1"),
+    (["--colour-drop", "1.5"], "--colour-drop is a share of captions"),
+])
+def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, extra, message):
+    from iseg.shapes.train import main as train_main
+
+    assert train_main(["--out", str(tmp_path / "m"), "--images", "8", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.work").exists()  # nothing rendered or written

@@ -586,6 +586,10 @@ def run(args) -> int:
                            "--resume to continue its run, or choose another --out")
     if args.init is not None and not args.init.is_dir():
         raise CommandError(f"--init {args.init} is not a model folder")
+    if args.layers < 1:
+        raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
+    if not 0 <= args.colour_drop <= 1:
+        raise CommandError(f"--colour-drop is a share of captions, between 0 and 1; got {args.colour_drop}")
     device = device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
