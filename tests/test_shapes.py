@@ -95,7 +95,8 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
            "--layers", "2"]
     shipped = iseg.shipped_models()["shapes"]
     if family == "sd3":  # the MM-DiT is trained on the shipped model's VAE, and from its word embeddings
-        cmd += ["--init", str(shipped), "--init-parts", "vae,text_encoder", "--patch-size", "2"]
+        cmd += ["--init", str(shipped), "--init-parts", "vae,text_encoder", "--patch-size", "2", "--shape-head", "0.5",
+                "--log-every", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     denoiser = "transformer" if family == "sd3" else "unet"
@@ -104,6 +105,9 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
         assert (out / part).exists(), part
     log = [json.loads(line) for line in (tmp_path / "tiny-shapes.work" / "loss.jsonl").read_text().splitlines()]
     assert any(r["stage"] == family and r["vocab"] > 0 and r["ground"] > 0 and r["group"] > 0 for r in log)
+    if family == "sd3":  # the training-only shape classifier ran (a cross-entropy over 6 classes) and is not shipped
+        assert any(r.get("shape", 0) > 0 and 0 <= r["shape_acc"] <= 1 for r in log)
+        assert not any("head" in f.name for f in (out / "transformer").iterdir())
     model = iseg.load_model(str(out), device="cpu")
     assert model.family == {"unet": "sd", "sd3": "sd3"}[family]  # the backbone family of iseg.backbones
     assert getattr(model.pipe, denoiser).config.sample_size == latent_side
@@ -338,6 +342,8 @@ def test_raw_rule_is_the_best_raw_bg_power_on_validation():
 @pytest.mark.parametrize("extra,message", [
     (["--family", "sd3", "--layers", "0"], "--layers must be at least 1"),
     (["--colour-drop", "1.5"], "--colour-drop is a share of captions"),
+    (["--shape-head", "1"], "--shape-head is for --family sd3"),
+    (["--family", "sd3", "--shape-head", "-1"], "--shape-head is a loss weight"),
 ])
 def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, extra, message):
     from iseg.shapes.train import main as train_main
@@ -345,3 +351,43 @@ def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, ext
     assert train_main(["--out", str(tmp_path / "m"), "--images", "8", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.work").exists()  # nothing rendered or written
+
+
+def test_token_classes_by_hand():
+    """A 4x4 label map on a 2x2 token grid: each token is the class covering at least 60% of its
+    four pixels (indices 0..5), else -1; background never counts as a class."""
+    from iseg.shapes.train import token_classes
+
+    labels = torch.tensor([[[1, 1, 2, 2],
+                            [1, 1, 2, 0],
+                            [0, 0, 3, 3],
+                            [0, 4, 3, 5]]])
+    # cells: all 1 -> 0; three 2s + 0 -> 75% -> 1; three 0s + a 4 -> background majority -> -1;
+    # three 3s + a 5 -> 75% -> 2
+    assert token_classes(labels, 2).tolist() == [[0, 1, -1, 2]]
+    # at purity 0.8, the 75% cells no longer count
+    assert token_classes(labels, 2, purity=0.8).tolist() == [[0, -1, -1, -1]]
+
+
+def test_shape_head_loss_falls_when_tokens_carry_the_class():
+    """The head is a plain classifier: tokens that hold their class as a one-hot feature reach
+    near-zero loss and full accuracy after training the head alone; -1 tokens are ignored."""
+    from iseg.shapes.train import ShapeHead
+
+    torch.manual_seed(0)
+    target = torch.randint(-1, 6, (2, 16))
+    states = [_one_hot_states(target, 16)]
+    head = ShapeHead(16, 1)
+    loss0, _ = head(states, target)
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    for _ in range(200):
+        loss, acc = head(states, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss0 > 1.0 and loss < 0.05 and acc == 1.0
+
+
+def _one_hot_states(target, width):
+    """Token states that hold the class as a one-hot feature (slot 0 for the ignored -1)."""
+    return torch.nn.functional.one_hot(target + 1, width).float()

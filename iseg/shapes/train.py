@@ -18,7 +18,12 @@ Stages (each resumable from ``--workdir/checkpoint.pt``):
      cell, or with ``--group-target hard`` the group covering most of the cell), every group of
      an image weighted equally;
    - vocabulary: a second pass under a class-list prompt ("a star and a circle", present and
-     absent classes in random order): each listed word wins its own object's pixels.
+     absent classes in random order): each listed word wins its own object's pixels;
+   - shape head (``--shape-head``, MM-DiT only): a linear classifier, used in training and then
+     thrown away, reads every image token that leaves a block whose output feeds another block's
+     attention, and names the shape of the object the token lies on. It makes the tokens carry
+     their object's shape, which a patch token cannot see by itself (a UNet's convolutions can):
+     the queries of the next blocks then have something for the shape words to bind to.
 The trained pipeline is written in diffusers layout (fp16 weights) to ``--out``.
 iSeg itself stays training-free: nothing is trained at segmentation time.
 """
@@ -168,6 +173,35 @@ def grouping_loss(selfs: dict[str, torch.Tensor], objects: torch.Tensor, valid: 
         present = (weight > 0.5).float() * valid[:, None].float()
         losses.append((per_group * present).sum() / present.sum().clamp_min(1))
     return torch.stack(losses).mean()
+
+
+def token_classes(labels: torch.Tensor, side: int, purity: float = 0.6) -> torch.Tensor:
+    """The class index (0..K-1) of the object under each cell of a ``side x side`` token grid,
+    ``(B, side * side)`` long; -1 where background or no class covers ``purity`` of the cell.
+    ``labels`` is ``(B, H, W)`` (0 background, k = class k - 1)."""
+    onehot = F.one_hot(labels.long(), len(CLASSES) + 1).permute(0, 3, 1, 2).float()
+    frac = F.adaptive_avg_pool2d(onehot, side).flatten(2)  # (B, K + 1, n)
+    best, cls = frac.max(1)
+    return torch.where((cls > 0) & (best >= purity), cls - 1, torch.full_like(cls, -1))
+
+
+class ShapeHead(torch.nn.Module):
+    """Training-only linear classifiers of the object shape under each image token, one per block
+    output that feeds a later block's attention (not part of the shipped model)."""
+
+    def __init__(self, width: int, blocks: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(width, len(CLASSES)) for _ in range(blocks)])
+
+    def forward(self, states: list[torch.Tensor], target: torch.Tensor):
+        """Mean cross-entropy over heads and labelled tokens, and the heads' mean accuracy."""
+        y = target.flatten()
+        losses, hits = [], []
+        for head, h in zip(self.heads, states):
+            logits = head(h.float()).reshape(-1, len(CLASSES))
+            losses.append(F.cross_entropy(logits, y, ignore_index=-1))
+            hits.append((logits.argmax(1) == y)[y >= 0].float().mean())
+        return torch.stack(losses).mean(), torch.stack(hits).mean()
 
 
 def vocabulary_prompts(tokenizer, labels: torch.Tensor, gen: torch.Generator):
@@ -320,6 +354,10 @@ class MMDiTTask:
         t5 = hidden.new_zeros(len(ids), self.t5_rows, width)
         return torch.cat([hidden, t5], 1), torch.cat([o[0] for o in outs], -1)
 
+    def token_blocks(self):
+        """The blocks whose image-token output feeds a later block's attention (all but the last)."""
+        return list(self.denoiser.transformer_blocks)[:-1]
+
     def predict(self, z_t, t, cond):
         hidden, pooled = cond
         return self.denoiser(hidden_states=z_t, encoder_hidden_states=hidden, pooled_projections=pooled,
@@ -345,6 +383,18 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
     vocab = getattr(args, "vocab", 0.0)
     if vocab > 0 and labels is None:
         raise ValueError("the vocabulary loss needs the label maps of the training images")
+    shape_w = getattr(args, "shape_head", 0.0)
+    head = head_opt = None
+    hooks, token_states = [], []
+    if shape_w > 0:
+        blocks = task.token_blocks()
+        head = ShapeHead(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim, len(blocks)).to(device)
+        head_opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2)
+        if state.get("shape_head"):
+            head.load_state_dict(state["shape_head"])
+            head_opt.load_state_dict(state["shape_head_opt"])
+        # a block returns (text states, image states); keep the image tokens of this forward pass
+        hooks = [b.register_forward_hook(lambda module, inputs, out: token_states.append(out[1])) for b in blocks]
     start = state.get("unet_step", 0)
     for _ in range(start):
         _draw(gen, len(latents), args.batch_size, args.colour_drop)
@@ -367,9 +417,17 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         obj = objects[idx].to(device).float()
         valid = (~cap_drop).to(device) & (t < args.attn_loss_max_t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            token_states.clear()
             with capture_attention(denoiser, cross_layers + self_layers, keep_grad=True) as store:
                 pred = task.predict(z_t, t, task.embed(ids))
             mse = F.mse_loss(pred.float(), target)
+            shape_loss = shape_acc = mse * 0
+            if head is not None and bool((t < args.attn_loss_max_t).any()):
+                states = list(token_states)
+                low = torch.nonzero(t < args.attn_loss_max_t).flatten()
+                side = math.isqrt(states[0].shape[1])
+                target_cls = token_classes(labels[idx.to(labels.device)[low.cpu()]].to(device), side)
+                shape_loss, shape_acc = head([h[low] for h in states], target_cls)
             cross = {n: store.mean(n)[..., :window] for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
@@ -384,10 +442,14 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
                 with capture_attention(denoiser, cross_layers, keep_grad=True) as vstore:
                     task.predict(z_t[sub], t[sub], task.embed(v_ids.to(device)))
                 vloss = vocabulary_loss({n: vstore.mean(n) for n in vstore.names("cross")}, v_pos.to(device), masks)
-            loss = mse + args.ground * ground + args.group * group + vocab * vloss
+            loss = mse + args.ground * ground + args.group * group + vocab * vloss + shape_w * shape_loss
         opt.zero_grad(set_to_none=True)
+        if head_opt is not None:
+            head_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if head_opt is not None:
+            head_opt.step()
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -400,6 +462,8 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         if step % args.log_every == 0 or step == args.unet_steps - 1:
             rec = {"stage": args.family, "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
                    "group": group.item(), "vocab": vloss.item(), "time": time.time()}
+            if head is not None:
+                rec.update(shape=shape_loss.item(), shape_acc=shape_acc.item())
             bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}",
                             vocab=f"{rec['vocab']:.3f}")
             _log(log_path, rec)
@@ -410,11 +474,17 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         if stop or (step + 1) % args.save_every == 0:
             state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders],
                          unet_opt=opt.state_dict(), ema={k: v.cpu() for k, v in ema.items()}, unet_step=step + 1)
+            if head is not None:
+                state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
             _save(ckpt, state)
         if stop:
             break
+    for hook in hooks:
+        hook.remove()
     state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders], unet_opt=opt.state_dict(),
                  ema={k: v.cpu() for k, v in ema.items()}, unet_step=args.unet_steps)
+    if head is not None:
+        state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
     _save(ckpt, state)
     denoiser.eval()
     for e in encoders:
@@ -557,6 +627,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grouping loss groups: area fractions per cell (soft) or the majority group per cell (hard)")
     p.add_argument("--vocab", type=float, default=0.0,
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
+    p.add_argument("--shape-head", type=float, default=0.0,
+                   help="weight of the training-only shape classifier on an sd3 model's image tokens (0: off)")
     p.add_argument("--attn-loss-max-t", type=int, default=600)
     p.add_argument("--colour-drop", type=float, default=0.3,
                    help="share of captions without their colour words: the shape words alone must then find their "
@@ -588,6 +660,10 @@ def run(args) -> int:
         raise CommandError(f"--init {args.init} is not a model folder")
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
+    if args.shape_head and args.family != "sd3":
+        raise CommandError("--shape-head is for --family sd3 (a UNet's convolutions see shape already); leave it at 0")
+    if args.shape_head < 0:
+        raise CommandError(f"--shape-head is a loss weight, 0 or more; got {args.shape_head}")
     if not 0 <= args.colour_drop <= 1:
         raise CommandError(f"--colour-drop is a share of captions, between 0 and 1; got {args.colour_drop}")
     device = device_option(args.device)
@@ -655,7 +731,7 @@ def run(args) -> int:
     deadline = t_start + args.time_limit if args.time_limit else None
     task = (MMDiTTask if args.family == "sd3" else UNetTask)(denoiser, text_encoders)
     ema = train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
-                     labels=masks if args.vocab > 0 else None)
+                     labels=masks if args.vocab > 0 or args.shape_head > 0 else None)
     denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
     elapsed = state["elapsed"] + time.time() - t_start
     state["elapsed"] = elapsed
@@ -664,7 +740,7 @@ def run(args) -> int:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
     info_out = {
         "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
-        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "colour_drop": args.colour_drop, "seed": args.seed,
+        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "shape_head": args.shape_head, "colour_drop": args.colour_drop, "seed": args.seed,
         "layers": args.layers if args.family == "sd3" else None,
         "patch_size": args.patch_size if args.family == "sd3" else None,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
