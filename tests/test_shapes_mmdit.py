@@ -47,15 +47,15 @@ def test_the_raw_rule_is_the_best_raw_bg_power_on_validation():
     table = a["timesteps"][str(MMDIT_PRESET["timestep"])]["miou_by_bg_power"]
     raw = {float(p): row[str(MMDIT_PRESET["lam"])]["0"] for p, row in table.items()}
     assert len(raw) >= 10 and max(raw, key=raw.get) == MMDIT_RAW_BG_POWER
-    # the best is the largest power searched: raw mIoU only rises towards "no background at all"
+    # the best lies inside the range searched: raw mIoU rises towards it and falls after
     powers = sorted(raw)
-    assert MMDIT_RAW_BG_POWER == powers[-1] and all(raw[b] >= raw[a] for a, b in zip(powers[4:], powers[5:]))
+    assert powers[0] < MMDIT_RAW_BG_POWER < powers[-1]
 
 
-# Measured with the shipped MM-DiT and its preset on test seeds 2,000,000-2,000,049: raw 31.30 at the
-# preset's rule and 57.01 at its own (bg_power 32), refined 46.47 / 53.77 / 55.65 / 56.36 / 56.48 at
-# N = 1-5, discrimination 0.639, grouping ratio 11.43. Floors sit a little under; the ceilings say
-# what the model card says: its class words hardly discriminate, so refinement does not beat raw.
+# Measured with the shipped MM-DiT and its preset on test seeds 2,000,000-2,000,049: raw 38.02 at the
+# preset's rule and 79.09 at its own (bg_power 16), refined 64.72 / 75.60 / 77.76 / 78.57 / 78.76 at
+# N = 1-5, discrimination 0.951, grouping ratio 10.60. Floors sit a little under; the last bound
+# says what the model card says: refinement ends level with raw at raw's own rule, not 5 points over.
 def test_what_the_mmdit_does_on_50_test_images(mmdit):
     seg = iseg.ISeg(mmdit)
     n = seg.settings.iterations
@@ -65,14 +65,15 @@ def test_what_the_mmdit_does_on_50_test_images(mmdit):
     r = report["timesteps"][str(seg.settings.timestep)]
     row = {int(k): v for k, v in r["miou"][str(seg.settings.lam)].items()}
     raw_own = r["miou_by_bg_power"][str(MMDIT_RAW_BG_POWER)][str(seg.settings.lam)]["0"]
-    assert row[n] >= 54 and row[n] >= row[0] + 20  # refined far above raw at the same rule
+    assert row[n] >= 76 and row[n] >= row[0] + 30  # refined far above raw at the same rule
     assert all(row[b] >= row[a] - 0.05 for a, b in zip(its, its[1:])), row  # every step up to N helps
-    assert abs(row[n] - raw_own) < 3  # but not above raw at raw's own rule
-    assert 0.55 <= r["discrimination"] < 0.75  # weak binding of the bare class words
-    assert r["grouping_ratio"] > 10  # self-attention groups objects as well as the UNet's (12.1)
+    assert abs(row[n] - raw_own) < 3  # but only level with raw at raw's own rule
+    assert r["discrimination"] >= 0.9  # the bare class words find their own objects
+    assert r["grouping_ratio"] > 10  # self-attention groups objects about as well as the UNet's (12.1)
 
 
-def test_colour_words_bind_where_shape_words_do_not(mmdit):
+def test_shape_words_bind_as_well_as_colour_words(mmdit):
+    """Early in training only the colour words bound; the shipped model binds the bare shape words."""
     from iseg.shapes.world import CLASSES, SPLITS, sample
 
     seg = iseg.ISeg(mmdit)
@@ -86,8 +87,9 @@ def test_colour_words_bind_where_shape_words_do_not(mmdit):
 
     bare = ious(list(s.classes))
     coloured = ious([f"{colour} {name}" for name, colour in zip(s.classes, s.colors)])
-    assert max(bare) < 0.1, bare  # measured: 0, 0, 0
-    assert min(coloured) > 0.7, coloured  # measured: 0.85, 0.83, 0.77
+    assert min(bare) > 0.7, bare  # measured: 0.86, 0.81, 0.76
+    assert min(coloured) > 0.7, coloured  # measured: 0.86, 0.81, 0.77
+    assert abs(sum(bare) - sum(coloured)) < 0.1
 
 
 def test_interactive_prompts_and_labels_use_the_mmdits_own_values(mmdit):
@@ -95,6 +97,6 @@ def test_interactive_prompts_and_labels_use_the_mmdits_own_values(mmdit):
     from iseg.shapes.preset import MMDIT_LABEL_THRESHOLDS
 
     seg = iseg.ISeg(mmdit)
-    assert interactive_defaults(seg)["threshold"] == 0.5 and interactive_defaults(seg)["lam"] == 100.0
+    assert interactive_defaults(seg)["threshold"] == 0.7 and interactive_defaults(seg)["lam"] == 100.0
     assert mmdit.label_thresholds == MMDIT_LABEL_THRESHOLDS and mmdit.raw_bg_power == MMDIT_RAW_BG_POWER
     assert mmdit.known_words == iseg.load_model("shapes", device="cpu", verbose=False).known_words

@@ -516,7 +516,8 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         axes[0].set_yscale("log")
         axes[0].set_title("VAE reconstruction MSE", fontsize=9)
     target = "velocity MSE" if den and den[0]["stage"] == "sd3" else "epsilon MSE"
-    for key, label in (("mse", target), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary")):
+    for key, label in (("mse", target), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary"),
+                       ("shape", "shape head")):
         if den and any(r.get(key) for r in den):
             axes[-1].plot([r["step"] for r in den], [r.get(key, float("nan")) for r in den], lw=1, label=label)
     axes[-1].set_yscale("log")
