@@ -388,12 +388,12 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
     hooks, token_states = [], []
     if shape_w > 0:
         blocks = task.token_blocks()
-        head = ShapeHead(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim, len(blocks)).to(device)
+        head = ShapeHead(denoiser.inner_dim, len(blocks)).to(device)
         head_opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2)
         if state.get("shape_head"):
             head.load_state_dict(state["shape_head"])
             head_opt.load_state_dict(state["shape_head_opt"])
-        # a block returns (text states, image states); keep the image tokens of this forward pass
+        # a block returns (text states, image states); keep the image tokens (cleared after each step)
         hooks = [b.register_forward_hook(lambda module, inputs, out: token_states.append(out[1])) for b in blocks]
     start = state.get("unet_step", 0)
     for _ in range(start):
@@ -415,19 +415,18 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         ids = torch.where(cap_drop[:, None], empty[None].to(ids.device), ids).to(device)
         owner = torch.where(cap_drop[:, None], torch.zeros_like(owner), owner).to(device)
         obj = objects[idx].to(device).float()
-        valid = (~cap_drop).to(device) & (t < args.attn_loss_max_t)
+        low_t = t < args.attn_loss_max_t
+        valid = (~cap_drop).to(device) & low_t
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            token_states.clear()
             with capture_attention(denoiser, cross_layers + self_layers, keep_grad=True) as store:
                 pred = task.predict(z_t, t, task.embed(ids))
             mse = F.mse_loss(pred.float(), target)
             shape_loss = shape_acc = mse * 0
-            if head is not None and bool((t < args.attn_loss_max_t).any()):
-                states = list(token_states)
-                low = torch.nonzero(t < args.attn_loss_max_t).flatten()
-                side = math.isqrt(states[0].shape[1])
+            if head is not None and bool(low_t.any()):
+                low = torch.nonzero(low_t).flatten()
+                side = math.isqrt(token_states[0].shape[1])
                 target_cls = token_classes(labels[idx.to(labels.device)[low.cpu()]].to(device), side)
-                shape_loss, shape_acc = head([h[low] for h in states], target_cls)
+                shape_loss, shape_acc = head([h[low] for h in token_states], target_cls)
             cross = {n: store.mean(n)[..., :window] for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
             ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
@@ -447,6 +446,7 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
         if head_opt is not None:
             head_opt.zero_grad(set_to_none=True)
         loss.backward()
+        token_states.clear()  # the vocabulary pass appended its own; neither is needed past backward
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         if head_opt is not None:
             head_opt.step()
