@@ -344,6 +344,7 @@ def test_raw_rule_is_the_best_raw_bg_power_on_validation():
     (["--colour-drop", "1.5"], "--colour-drop is a share of captions"),
     (["--shape-head", "1"], "--shape-head is for --family sd3"),
     (["--family", "sd3", "--shape-head", "-1"], "--shape-head is a loss weight"),
+    (["--family", "sd3", "--shape-head", "nan"], "--shape-head is a loss weight"),
 ])
 def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, extra, message):
     from iseg.shapes.train import main as train_main

@@ -661,10 +661,10 @@ def run(args) -> int:
         raise CommandError(f"--init {args.init} is not a model folder")
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
-    if args.shape_head and args.family != "sd3":
+    if args.shape_head != 0 and args.family != "sd3":
         raise CommandError("--shape-head is for --family sd3 (a UNet's convolutions see shape already); leave it at 0")
-    if args.shape_head < 0:
-        raise CommandError(f"--shape-head is a loss weight, 0 or more; got {args.shape_head}")
+    if not math.isfinite(args.shape_head) or args.shape_head < 0:
+        raise CommandError(f"--shape-head is a loss weight, a finite number 0 or more; got {args.shape_head}")
     if not 0 <= args.colour_drop <= 1:
         raise CommandError(f"--colour-drop is a share of captions, between 0 and 1; got {args.colour_drop}")
     device = device_option(args.device)
