@@ -206,12 +206,17 @@ _TOKENIZER_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
 
 
-def token_ids(tokenizer, text: str, **options) -> list[int]:
-    """``tokenizer(text, **options)["input_ids"]``, one call at a time per tokenizer."""
+def tokenize(tokenizer, text, **options):
+    """``tokenizer(text, **options)``, one call at a time per tokenizer."""
     with _LOCKS_LOCK:
         lock = _TOKENIZER_LOCKS.setdefault(tokenizer, threading.Lock())
     with lock:
-        return tokenizer(text, **options)["input_ids"]
+        return tokenizer(text, **options)
+
+
+def token_ids(tokenizer, text: str, **options) -> list[int]:
+    """``tokenizer(text, **options)["input_ids"]``, one call at a time per tokenizer."""
+    return tokenize(tokenizer, text, **options)["input_ids"]
 
 
 def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[int] | None = None,

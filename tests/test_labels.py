@@ -185,6 +185,38 @@ def test_clip_method_end_to_end_with_a_tiny_random_clip(tiny_clip_folder):
         assert names == [c for c, q in zip(CLASSES, p) if q >= tagger.relative_threshold * p.max()]
 
 
+def test_clip_text_features_from_two_threads_tokenize_one_at_a_time(tiny_clip_folder):
+    import threading
+    import time
+
+    tagger = L.load_clip(tiny_clip_folder, device="cpu")
+    alone = {v: tagger.text_features(v).clone() for v in (("star", "circle"), ("heart", "cross", "square"))}
+
+    class Watched:  # the tokenizer, slowed down, counting how many threads are inside it at once
+        def __init__(self, tokenizer):
+            self.tokenizer, self.inside, self.most = tokenizer, 0, 0
+
+        def __call__(self, *args, **kwargs):
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            time.sleep(0.02)
+            try:
+                return self.tokenizer(*args, **kwargs)
+            finally:
+                self.inside -= 1
+
+    tagger.tokenizer, tagger._text_cache = Watched(tagger.tokenizer), {}
+    got = {}
+    threads = [threading.Thread(target=lambda v=v: got.__setitem__(v, tagger.text_features(v))) for v in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tagger.tokenizer.most == 1
+    for v in alone:
+        assert torch.allclose(got[v], alone[v], atol=1e-6)
+
+
 def test_clip_selection_rule_by_hand():
     tagger = L.ClipTagger.__new__(L.ClipTagger)
     tagger.relative_threshold, tagger.min_labels = 0.5, 1

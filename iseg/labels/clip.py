@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..images import as_image_list, read_pixels, to_uint8
 from ..loading import ModelNotAvailableError, hub_offline, resolve_device
-from ..prompts import check_class_names
+from ..prompts import check_class_names, tokenize
 
 __all__ = ["DEFAULT_CLIP", "CLIP_TEMPLATES", "ClipTagger", "load_clip", "clip_available"]
 
@@ -59,8 +59,8 @@ class ClipTagger:
         if key not in self._text_cache:
             feats = []
             for name in key:
-                tok = self.tokenizer([t.format(name) for t in self.templates], padding=True, truncation=True,
-                                     return_tensors="pt").to(self.device)
+                tok = tokenize(self.tokenizer, [t.format(name) for t in self.templates], padding=True,
+                               truncation=True, return_tensors="pt").to(self.device)
                 f = _unit(_features(self.model.get_text_features(**tok)))
                 feats.append(_unit(f.mean(0)))
             self._text_cache[key] = torch.stack(feats)
