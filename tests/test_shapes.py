@@ -392,3 +392,58 @@ def test_shape_head_loss_falls_when_tokens_carry_the_class():
 def _one_hot_states(target, width):
     """Token states that hold the class as a one-hot feature (slot 0 for the ignored -1)."""
     return torch.nn.functional.one_hot(target + 1, width).float()
+
+
+def test_patch1_weights_start_a_patch1_mmdit_where_the_patch2_one_was():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from iseg.shapes.model import _token_positions, make_mmdit, patch1_weights
+
+    torch.manual_seed(0)
+    old, new = make_mmdit(32, layers=1, patch_size=2), make_mmdit(32, layers=1, patch_size=1)
+    weights = patch1_weights(old, new)
+    assert set(weights) == set(new.state_dict())  # nothing is left at its random start
+    new.load_state_dict(weights, strict=False)
+    # the positions: diffusers stores a 32-wide grid with base size 16 and crops its centre 16 for
+    # patch 2, so old token i sits at 4 + i / 2; the new cells 2i and 2i + 1 straddle it by 1/8
+    cells = _token_positions(old.pos_embed, 2, 32)
+    assert cells[:3].tolist() == [3.875, 4.125, 4.375]
+    assert torch.allclose((cells[0::2] + cells[1::2]) / 2, 4 + torch.arange(16, dtype=torch.float64) / 2)
+    stored = get_2d_sincos_pos_embed(128, 32, base_size=16, output_type="pt").float().reshape(32, 32, 128)
+    assert torch.allclose(old.pos_embed.pos_embed.reshape(32, 32, 128), stored)  # what _token_positions assumes
+    # halfway between two new cells lies the old token: the x embedding's slowest sine (index 31 of
+    # the first 64) is nearly linear in x, so the mean of a new pair is the old token's value
+    slow = new.pos_embed.pos_embed[0].reshape(32, 32, 128)[0, :, 31]
+    assert torch.allclose((slow[0::2] + slow[1::2]) / 2, stored[8, 8:24, 31], rtol=1e-4, atol=0)
+    assert not torch.allclose(slow[0::2], stored[8, 8:24, 31], rtol=1e-2, atol=0)  # the cells are not the tokens
+    # a new cell's embedding is sincos at its own position (x, y) = (3.875 + j / 4, 3.875 + i / 4)
+    x = 3.875 + torch.arange(32, dtype=torch.float64) / 4
+    want = torch.sin(x * 10000.0 ** (-31 / 32)).float().expand(32, 32)  # every row, the slowest sine
+    assert torch.allclose(new.pos_embed.pos_embed[0].reshape(32, 32, 128)[:, :, 31], want, atol=1e-6)
+    # the patch embedding: a latent whose cells agree within each 2x2 patch gives each cell its old token
+    z = torch.randn(1, 4, 16, 16).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    with torch.no_grad():
+        assert torch.allclose(new.pos_embed.proj(z)[..., 0::2, 1::2], old.pos_embed.proj(z), atol=1e-5)
+        # the output projection: each cell's velocity is the mean of the old patch's four
+        h = torch.randn(5, 128)
+        assert torch.allclose(new.proj_out(h), old.proj_out(h).reshape(5, 2, 2, 4).mean(dim=(1, 2)), atol=1e-6)
+    with pytest.raises(ValueError, match="makes a patch-1 model"):
+        patch1_weights(new, old)
+
+
+def test_init_seeds_each_mmdit_text_encoder_from_its_own(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from iseg.shapes.model import make_projected_text_encoder
+    from iseg.shapes.train import _load_init
+
+    folder = Path(iseg.__file__).parent.parent / "data" / "models" / "shapes-mmdit"
+    if not folder.is_dir():
+        pytest.skip("an installed package without the repository's data folder")
+    vocab_size = CLIPTextConfig.from_pretrained(folder / "text_encoder").vocab_size
+    encoders = [make_projected_text_encoder(vocab_size) for _ in range(2)]
+    _load_init(folder, None, encoders, None, parts={"text_encoder"})
+    for encoder, sub in zip(encoders, ["text_encoder", "text_encoder_2"]):
+        want = CLIPTextModelWithProjection.from_pretrained(folder / sub).float().state_dict()
+        assert all(torch.equal(encoder.state_dict()[k], v) for k, v in want.items())
+    assert not torch.equal(encoders[0].text_projection.weight, encoders[1].text_projection.weight)

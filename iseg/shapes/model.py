@@ -17,7 +17,7 @@ from .world import SIZE, vocabulary
 
 __all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet",
            "make_scheduler", "inner_unet_weights", "LATENT_SIDES", "count_parameters", "FAMILIES", "make_mmdit",
-           "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH"]
+           "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH", "patch1_weights"]
 
 #: the denoiser families ``iseg train-shapes --family`` builds: a UNet (SD 1.x/2.x layout) or an
 #: MM-DiT (SD3 layout)
@@ -182,6 +182,57 @@ def make_mmdit(latent_side: int = 32, layers: int = 4, patch_size: int = 1):
         attention_head_dim=32, num_attention_heads=MMDIT_WIDTH // 32, joint_attention_dim=MMDIT_WIDTH,
         caption_projection_dim=MMDIT_WIDTH, pooled_projection_dim=MMDIT_WIDTH, pos_embed_max_size=latent_side,
     )
+
+
+def _token_positions(embed, patch_size: int, cells: int) -> torch.Tensor:
+    """Where the sincos embedding of ``embed`` (a patch-``patch_size`` model's ``PatchEmbed``) puts
+    the centre of each of ``cells`` latent cells along one side, in its own grid units."""
+    tokens = cells // patch_size
+    top = (embed.pos_embed_max_size - tokens) // 2  # diffusers crops the centre of the stored grid
+    index = (torch.arange(cells, dtype=torch.float64) + 0.5) / patch_size - 0.5  # fractional token index
+    return (top + index) / (embed.pos_embed_max_size / embed.base_size) / embed.interpolation_scale
+
+
+def patch1_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict:
+    """The weights of a patch-``p`` ``SD3Transformer2DModel`` carried over to a patch-1 one on the same
+    latent (progressive resolution, as SD3 itself was trained): returns a state dict for
+    ``target.load_state_dict(..., strict=False)``.
+
+    The blocks do not depend on the patch size and are taken as they are. The three parts that do
+    are converted so that the new model starts where the old one was:
+    - the patch embedding: a patch-1 token sees one latent cell; its kernel is the sum of the old
+      p x p kernel, which is what the old one gave a patch whose cells are all equal;
+    - the positions: each cell gets the sincos embedding of where its centre lay in the old grid
+      (between the old token centres), not a grid of its own that the blocks never saw;
+    - the output projection: each cell's velocity is the mean of the old p x p outputs."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    p = source.config.patch_size
+    if target.config.patch_size != 1:
+        raise ValueError(f"patch1_weights makes a patch-1 model, not patch {target.config.patch_size}")
+    if source.config.sample_size != target.config.sample_size:
+        raise ValueError(f"the models sit on different latents ({source.config.sample_size} vs {target.config.sample_size})")
+    have, want = source.state_dict(), target.state_dict()
+    out = {k: v for k, v in have.items() if k in want and want[k].shape == v.shape}
+    if p == 1:
+        return out
+    out["pos_embed.proj.weight"] = have["pos_embed.proj.weight"].sum(dim=(2, 3), keepdim=True)
+    out["pos_embed.proj.bias"] = have["pos_embed.proj.bias"]
+    c = target.config.out_channels
+    width = have["proj_out.weight"].shape[1]
+    # diffusers unpatchifies the last dimension as (p, p, channels)
+    out["proj_out.weight"] = have["proj_out.weight"].reshape(p, p, c, width).mean(dim=(0, 1))
+    out["proj_out.bias"] = have["proj_out.bias"].reshape(p, p, c).mean(dim=(0, 1))
+    side = target.config.sample_size
+    old = _token_positions(source.pos_embed, p, side)  # every cell of the latent, in the old grid's units
+    stored = target.pos_embed.pos_embed_max_size
+    first = (stored - side) // 2  # the new grid stores `stored` cells and crops the centre `side`
+    step = old[1] - old[0]
+    line = old[0] + (torch.arange(stored, dtype=torch.float64) - first) * step
+    grid = torch.stack(torch.meshgrid(line, line, indexing="xy")).reshape(2, 1, stored, stored)
+    out["pos_embed.pos_embed"] = get_2d_sincos_pos_embed_from_grid(
+        want["pos_embed.pos_embed"].shape[-1], grid.float(), output_type="pt").float().unsqueeze(0)
+    return out
 
 
 def make_flow_scheduler():

@@ -63,6 +63,7 @@ from .model import (
     make_tokenizer,
     make_unet,
     make_vae,
+    patch1_weights,
 )
 from .world import CLASSES, SIZE, SPLITS, caption_for, sample
 
@@ -558,7 +559,9 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     """Load parts of an existing model folder. ``unet-inner`` puts a latent-16 UNet on the inner
     levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew.
     ``text_encoder`` seeds every text encoder of the new model from the folder's (first) one, so an
-    MM-DiT can start from the UNet model's word embeddings; a missing projection starts afresh."""
+    MM-DiT can start from the UNet model's word embeddings (a missing projection starts afresh);
+    from an MM-DiT's folder each encoder takes its own. ``transformer`` takes the blocks of an
+    MM-DiT of any patch size (``patch1_weights``)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -575,21 +578,28 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
     if "text_encoder" in parts:
-        weights = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict()
-        for encoder in text_encoders:  # the bare CLIP transformer goes into the projected model's text_model
-            target = encoder.text_model if hasattr(encoder, "text_projection") else encoder
+        sources = [folder / "text_encoder"]
+        if len(text_encoders) > 1 and (folder / "text_encoder_2").is_dir():
+            sources = [folder / "text_encoder", folder / "text_encoder_2"]  # an MM-DiT seeds an MM-DiT encoder by encoder
+        for i, encoder in enumerate(text_encoders):
+            source = sources[min(i, len(sources) - 1)]
+            if len(sources) > 1:
+                weights, target = type(encoder).from_pretrained(source).float().state_dict(), encoder
+            else:  # the bare CLIP transformer goes into the projected model's text_model
+                weights = CLIPTextModel.from_pretrained(source).float().state_dict()
+                target = encoder.text_model if hasattr(encoder, "text_projection") else encoder
             missing, unexpected = target.load_state_dict(weights, strict=False)
             if unexpected or missing:
                 raise ValueError(f"the text encoder of {folder} does not fit: missing {missing}, unexpected {unexpected}")
     if "unet" in parts:
         denoiser.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
     if "transformer" in parts:
-        # the blocks do not depend on the patch size: a patch-2 model's blocks can seed a patch-1 one
-        # (progressive resolution, as SD3 itself was trained); the patch embedding and the output
-        # projection are taken only where their shapes fit
         source = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float()
         target = denoiser.state_dict()
-        weights = {k: v for k, v in source.state_dict().items() if k in target and target[k].shape == v.shape}
+        if denoiser.config.patch_size == 1:  # a patch-2 model's blocks seed a patch-1 one (see patch1_weights)
+            weights = patch1_weights(source, denoiser)
+        else:
+            weights = {k: v for k, v in source.state_dict().items() if k in target and target[k].shape == v.shape}
         denoiser.load_state_dict(weights, strict=False)
         print(f"--init transformer: {len(weights)} of {len(target)} tensors taken from {folder} "
               f"(patch size {source.config.patch_size} -> {denoiser.config.patch_size})")
