@@ -142,12 +142,15 @@ def interactive_defaults(seg) -> dict:
 
     The ``interactive`` preset (the reference demo's lam 0.1, N 50, threshold 0.5), or the
     model's own ``<preset>-interactive`` preset where it registers one (the shapes model does:
-    its values were chosen on validation images, see its model card).
+    its values were chosen on validation images, see its model card). A field given to ``ISeg`` by
+    hand (``ISeg(model, lam=5)``) wins over both.
     """
     base = find_preset("interactive")
     own = find_preset(f"{seg.preset}-interactive") if seg.preset else None
     preset = own if own is not None else base
-    return {k: preset.get(k, base.get(k, getattr(Settings(), k))) for k in INTERACTIVE_FIELDS}
+    chosen = getattr(seg, "overrides", {})
+    return {k: chosen[k] if k in chosen else preset.get(k, base.get(k, getattr(Settings(), k)))
+            for k in INTERACTIVE_FIELDS}
 
 
 def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:

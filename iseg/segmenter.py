@@ -84,6 +84,7 @@ class ISeg:
         self.backbone = backbone_for(self.model.pipe)
         self.preset = preset if preset is not None else self.model.preset
         self.settings = make_settings(self.preset, **overrides)
+        self.overrides = dict(overrides)  # what the caller set by hand; interactive prompts keep these too
         self.forward = NoisyForward(self.backbone)
         self._lock = _denoiser_lock(self.backbone.denoiser)
         self._embeddings: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()

@@ -131,4 +131,9 @@ def test_text_prompts_use_the_model_prompt_template(shapes_pipe, tiny_pipe):
     assert interactive_defaults(seg) == dict(lam=100.0, iterations=5, clamp_max=None, threshold=0.7, clustering=False)
     sd_like = iseg.ISeg(tiny_pipe)
     assert interactive_defaults(sd_like) == dict(lam=0.1, iterations=50, clamp_max=1.0, threshold=0.5, clustering=False)
+    # what the user gave ISeg by hand wins over the interactive preset; the rest stays the preset's
+    mine = iseg.ISeg(shapes_pipe, lam=5.0, iterations=3)
+    assert interactive_defaults(mine) == dict(lam=5.0, iterations=3, clamp_max=None, threshold=0.7, clustering=False)
+    assert mine.prompt_session(sample(8).image).settings.lam == 5.0
+    assert iseg.ISeg(shapes_pipe, preset="shapes").overrides == {}
     assert seg.segment_prompt(sample(8).image, text="cross", iterations=2).maps.shape[0] == 3  # overrides win
