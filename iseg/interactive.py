@@ -143,13 +143,13 @@ def interactive_defaults(seg) -> dict:
     The ``interactive`` preset (the reference demo's lam 0.1, N 50, threshold 0.5), or the
     model's own ``<preset>-interactive`` preset where it registers one (the shapes model does:
     its values were chosen on validation images, see its model card). A field given to ``ISeg`` by
-    hand (``ISeg(model, lam=5)``) wins over both.
+    hand (``ISeg(model, lam=5)``) is read from ``seg.settings`` instead.
     """
     base = find_preset("interactive")
     own = find_preset(f"{seg.preset}-interactive") if seg.preset else None
     preset = own if own is not None else base
-    chosen = getattr(seg, "overrides", {})
-    return {k: chosen[k] if k in chosen else preset.get(k, base.get(k, getattr(Settings(), k)))
+    hand_set = getattr(seg, "hand_set", frozenset())
+    return {k: getattr(seg.settings, k) if k in hand_set else preset.get(k, base.get(k, getattr(Settings(), k)))
             for k in INTERACTIVE_FIELDS}
 
 

@@ -84,7 +84,9 @@ class ISeg:
         self.backbone = backbone_for(self.model.pipe)
         self.preset = preset if preset is not None else self.model.preset
         self.settings = make_settings(self.preset, **overrides)
-        self.overrides = dict(overrides)  # what the caller set by hand; interactive prompts keep these too
+        # the fields the caller set by hand: interactive prompts take these from ``self.settings``
+        # too, instead of from the interactive preset
+        self.hand_set = frozenset(overrides)
         self.forward = NoisyForward(self.backbone)
         self._lock = _denoiser_lock(self.backbone.denoiser)
         self._embeddings: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()

@@ -135,5 +135,9 @@ def test_text_prompts_use_the_model_prompt_template(shapes_pipe, tiny_pipe):
     mine = iseg.ISeg(shapes_pipe, lam=5.0, iterations=3)
     assert interactive_defaults(mine) == dict(lam=5.0, iterations=3, clamp_max=None, threshold=0.7, clustering=False)
     assert mine.prompt_session(sample(8).image).settings.lam == 5.0
-    assert iseg.ISeg(shapes_pipe, preset="shapes").overrides == {}
+    assert iseg.ISeg(shapes_pipe, preset="shapes").hand_set == frozenset()
+    # the checked value, and the current one when settings are replaced later
+    assert interactive_defaults(iseg.ISeg(shapes_pipe, clustering="no"))["clustering"] is False
+    mine.settings = mine.with_settings(lam=1.0)
+    assert interactive_defaults(mine)["lam"] == 1.0
     assert seg.segment_prompt(sample(8).image, text="cross", iterations=2).maps.shape[0] == 3  # overrides win
