@@ -157,6 +157,8 @@ def lam_slider(value: float):
     import ipywidgets as w
 
     low, high = -3, 2  # powers of ten; the slider cannot reach 0, so 0 starts at its lowest value
+    if value > 10.0**high:  # a larger value set by hand stays what it is (a slider clamps what it cannot show)
+        high = math.ceil(math.log10(value))
     return w.FloatLogSlider(value=min(max(value, 10.0**low), 10.0**high), base=10, min=low, max=high, step=0.1,
                             readout_format=".3g")
 

@@ -46,8 +46,12 @@ class PromptWidget:
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="Your image")
         self.lam = lam_slider(preset["lam"])
         self.lam.description = "lam"
-        self.iterations = w.IntSlider(min=0, max=100, value=preset["iterations"], description="iterations")
-        self.threshold = w.FloatSlider(min=0.05, max=0.95, step=0.05, value=preset["threshold"], description="threshold")
+        # a range that holds the starting value: a slider clamps a value outside it, and would then
+        # send the clamped one with every redraw
+        self.iterations = w.IntSlider(min=0, max=max(100, preset["iterations"]), value=preset["iterations"],
+                                      description="iterations")
+        self.threshold = w.FloatSlider(min=min(0.05, preset["threshold"]), max=max(0.95, preset["threshold"]), step=0.05,
+                                       value=preset["threshold"], description="threshold")
         self.status = w.Label()
         self.segment_button.on_click(lambda _: self.run())
         self.clear_button.on_click(lambda _: self.clear())

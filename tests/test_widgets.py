@@ -91,3 +91,8 @@ def test_upload_replaces_the_image(widget):
     widget.on_press(_event(widget, 20, 15))
     assert widget.result.mask.shape == (30, 40)
     widget.set_image(widget.sample.image)  # leave the shared widget as the other tests expect
+
+
+def test_sliders_start_at_hand_set_values_outside_their_usual_range(shapes_pipe):
+    w = PromptWidget(iseg.ISeg(shapes_pipe, iterations=200, threshold=0.99, lam=1000.0), sample(8).image)
+    assert (w.iterations.value, w.threshold.value, w.lam.value) == (200, 0.99, 1000.0)
