@@ -17,7 +17,7 @@ from .world import SIZE, vocabulary
 
 __all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet",
            "make_scheduler", "inner_unet_weights", "LATENT_SIDES", "count_parameters", "FAMILIES", "make_mmdit",
-           "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH", "patch1_weights"]
+           "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH", "patch1_weights", "fitting_weights"]
 
 #: the denoiser families ``iseg train-shapes --family`` builds: a UNet (SD 1.x/2.x layout) or an
 #: MM-DiT (SD3 layout)
@@ -138,9 +138,8 @@ def inner_unet_weights(small: dict, large: torch.nn.Module) -> dict:
             key = f"down_blocks.{int(i) + 1}.{rest}"
         elif not key.startswith(("up_blocks.", "mid_block.", "time_embedding.")):
             continue  # conv_in, conv_out and their norms belong to the new outer level
-        if key in target and target[key].shape == value.shape:
-            out[key] = value
-    return out
+        out[key] = value
+    return fitting_weights(out, target)
 
 
 def make_scheduler():
@@ -184,6 +183,11 @@ def make_mmdit(latent_side: int = 32, layers: int = 4, patch_size: int = 1):
     )
 
 
+def fitting_weights(have: dict, want: dict) -> dict:
+    """The tensors of state dict ``have`` whose name and shape ``want`` (a state dict) also has."""
+    return {k: v for k, v in have.items() if k in want and want[k].shape == v.shape}
+
+
 def _token_positions(embed, patch_size: int, cells: int) -> torch.Tensor:
     """Where the sincos embedding of ``embed`` (a patch-``patch_size`` model's ``PatchEmbed``) puts
     the centre of each of ``cells`` latent cells along one side, in its own grid units."""
@@ -213,7 +217,7 @@ def patch1_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict:
     if source.config.sample_size != target.config.sample_size:
         raise ValueError(f"the models sit on different latents ({source.config.sample_size} vs {target.config.sample_size})")
     have, want = source.state_dict(), target.state_dict()
-    out = {k: v for k, v in have.items() if k in want and want[k].shape == v.shape}
+    out = fitting_weights(have, want)
     if p == 1:
         return out
     out["pos_embed.proj.weight"] = have["pos_embed.proj.weight"].sum(dim=(2, 3), keepdim=True)

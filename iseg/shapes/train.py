@@ -54,6 +54,7 @@ from .model import (
     LATENT_SIDES,
     MAX_LENGTH,
     count_parameters,
+    fitting_weights,
     inner_unet_weights,
     make_flow_scheduler,
     make_mmdit,
@@ -396,6 +397,14 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
             head_opt.load_state_dict(state["shape_head_opt"])
         # a block returns (text states, image states); keep the image tokens (cleared after each step)
         hooks = [b.register_forward_hook(lambda module, inputs, out: token_states.append(out[1])) for b in blocks]
+
+    def save(steps_done: int) -> None:
+        state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders],
+                     unet_opt=opt.state_dict(), ema={k: v.cpu() for k, v in ema.items()}, unet_step=steps_done)
+        if head is not None:
+            state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
+        _save(ckpt, state)
+
     start = state.get("unet_step", 0)
     for _ in range(start):
         _draw(gen, len(latents), args.batch_size, args.colour_drop)
@@ -473,20 +482,12 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
             print(f"time limit reached after {step + 1} {args.family} steps")
             args.unet_steps = step + 1
         if stop or (step + 1) % args.save_every == 0:
-            state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders],
-                         unet_opt=opt.state_dict(), ema={k: v.cpu() for k, v in ema.items()}, unet_step=step + 1)
-            if head is not None:
-                state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
-            _save(ckpt, state)
+            save(step + 1)
         if stop:
             break
     for hook in hooks:
         hook.remove()
-    state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders], unet_opt=opt.state_dict(),
-                 ema={k: v.cpu() for k, v in ema.items()}, unet_step=args.unet_steps)
-    if head is not None:
-        state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
-    _save(ckpt, state)
+    save(args.unet_steps)
     denoiser.eval()
     for e in encoders:
         e.eval()
@@ -578,16 +579,14 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
     if "text_encoder" in parts:
-        sources = [folder / "text_encoder"]
-        if len(text_encoders) > 1 and (folder / "text_encoder_2").is_dir():
-            sources = [folder / "text_encoder", folder / "text_encoder_2"]  # an MM-DiT seeds an MM-DiT encoder by encoder
-        for i, encoder in enumerate(text_encoders):
-            source = sources[min(i, len(sources) - 1)]
-            if len(sources) > 1:
-                weights, target = type(encoder).from_pretrained(source).float().state_dict(), encoder
-            else:  # the bare CLIP transformer goes into the projected model's text_model
-                weights = CLIPTextModel.from_pretrained(source).float().state_dict()
-                target = encoder.text_model if hasattr(encoder, "text_projection") else encoder
+        if len(text_encoders) > 1 and (folder / "text_encoder_2").is_dir():  # an MM-DiT's: encoder by encoder
+            pairs = [(encoder, type(encoder).from_pretrained(folder / sub).float().state_dict())
+                     for encoder, sub in zip(text_encoders, ("text_encoder", "text_encoder_2"))]
+        else:  # the bare CLIP transformer goes into the projected model's text_model
+            weights = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float().state_dict()
+            pairs = [(encoder.text_model if hasattr(encoder, "text_projection") else encoder, weights)
+                     for encoder in text_encoders]
+        for target, weights in pairs:
             missing, unexpected = target.load_state_dict(weights, strict=False)
             if unexpected or missing:
                 raise ValueError(f"the text encoder of {folder} does not fit: missing {missing}, unexpected {unexpected}")
@@ -599,7 +598,7 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
         if denoiser.config.patch_size == 1:  # a patch-2 model's blocks seed a patch-1 one (see patch1_weights)
             weights = patch1_weights(source, denoiser)
         else:
-            weights = {k: v for k, v in source.state_dict().items() if k in target and target[k].shape == v.shape}
+            weights = fitting_weights(source.state_dict(), target)
         denoiser.load_state_dict(weights, strict=False)
         print(f"--init transformer: {len(weights)} of {len(target)} tensors taken from {folder} "
               f"(patch size {source.config.patch_size} -> {denoiser.config.patch_size})")
