@@ -70,10 +70,10 @@ class NoisyForward:
 
     @torch.no_grad()
     def run(self, pixels: torch.Tensor, embedding: torch.Tensor, plan: LayerPlan, seed: int, timestep: int,
-            self_attention: bool = True):
-        """``({r: cross (B, r*r, T)}, self (B, n, n) or None)`` of one pass over ``pixels``."""
+            self_attention: bool = True, cross_attention: bool = True):
+        """``({r: cross (B, r*r, T)} or {}, self (B, n, n) or None)`` of one pass over ``pixels``."""
         z_t, t = self.noisy(self.encode(pixels), seed, timestep)
-        layers = plan.layers(self_attention)
+        layers = plan.layers(self_attention, cross_attention)
         if self.launcher is not None:
             # the store belongs to the graph or compiled module; by_resolution returns new tensors
             store = self.launcher(self.backbone, layers, plan.heads, z_t, t, embedding)

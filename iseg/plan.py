@@ -30,9 +30,9 @@ class LayerPlan:
     self_resolution: int
     heads: FrozenMap  # {layer name: tuple of head indices}
 
-    def layers(self, self_attention: bool = True) -> list[AttentionLayer]:
+    def layers(self, self_attention: bool = True, cross_attention: bool = True) -> list[AttentionLayer]:
         """Every layer to capture: the cross-attention ones, then the self-attention ones."""
-        out = [layer for group in self.cross.values() for layer in group]
+        out = [layer for group in self.cross.values() for layer in group] if cross_attention else []
         return out + list(self.self_layers) if self_attention else out
 
 

@@ -82,6 +82,10 @@ class Settings:
     self_resolution: int | None = None  # None: the latent side
     self_layers: str | tuple[str, ...] = "auto"
     self_heads: str | tuple[int, ...] | None = None  # None: all; "reference" = heads (1, 2) on SD 2.x
+    # None: the self-attention comes from the same pass as the cross-attention (the method as
+    # written). A side: a second pass over the image resized to it gives the self-attention, on a
+    # finer grid where the model's own grid is coarse (the shapes MM-DiT's 16x16 tokens)
+    self_image_size: int | None = None
     # §4 initial maps
     clustering: bool = True
     cluster_rounds: int = 20
@@ -144,7 +148,7 @@ _FIELDS = {f.name for f in fields(Settings)}
 # any of them cannot stand for another (interactive sessions and the layer plan key on them).
 FORWARD_FIELDS = ("image_size", "aspect", "timestep", "seed", "gamma", "prompt_prefix", "prompt_joiner",
                   "extra_words", "background_words", "cross_weights", "cross_layers", "cross_heads",
-                  "self_resolution", "self_layers", "self_heads")
+                  "self_resolution", "self_layers", "self_heads", "self_image_size")
 # The others act only on the observation (``decode``) or on how the work is split.
 DECODE_FIELDS = ("clustering", "cluster_rounds", "lam", "iterations", "clamp_max", "background", "bg_power",
                  "threshold", "batch_size", "return_self_attention")
@@ -357,6 +361,7 @@ _RULES = {
     "self_resolution": lambda v: None if v is None else _int("self_resolution", v, 1),
     "self_layers": lambda v: _layers("self_layers", v),
     "self_heads": _self_heads,
+    "self_image_size": lambda v: None if v is None else _int("self_image_size", v, 8, MAX_IMAGE_SIZE),
     "clustering": lambda v: _bool("clustering", v),
     "cluster_rounds": lambda v: _int("cluster_rounds", v, 1, MAX_CLUSTER_ROUNDS),
     "lam": lambda v: _real("lam", v, "a finite number >= 0", lambda x: x >= 0),

@@ -18,7 +18,9 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from os import PathLike
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -56,6 +58,18 @@ def _denoiser_lock(module) -> threading.RLock:
 SIZE_RANGE = (0.25, 2.0)
 
 
+class PassPlans(NamedTuple):
+    """What ``ISeg.pass_plans`` returns: the settings and plan of the pass that gives the
+    cross-attention and of the one that gives the self-attention (the same pass unless
+    ``self_image_size`` asks for a second), and the side of the second pass's square."""
+
+    cross_settings: Settings
+    self_settings: Settings
+    cross_plan: LayerPlan
+    self_plan: LayerPlan
+    self_size: int
+
+
 class ISeg:
     """Training-free segmentation with a diffusion model's attention (the iSeg method).
 
@@ -72,8 +86,8 @@ class ISeg:
     decoding (clustering, refinement, labels) runs in parallel. Results equal those of
     sequential calls.
 
-    Sizes: ``image_size`` must be a multiple of ``size_step()`` and lie within ``SIZE_RANGE``
-    times the model's native size. ``batch_size`` images are segmented together, but a forward
+    Sizes: ``image_size`` (and ``self_image_size``, where a second pass gives the self-attention)
+    must be a multiple of ``size_step()`` and lie within ``SIZE_RANGE`` times the model's native size. ``batch_size`` images are segmented together, but a forward
     pass never holds more images than a memory budget allows (see ``forward_chunk``).
     """
 
@@ -92,7 +106,7 @@ class ISeg:
         self._embeddings: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._plans: OrderedDict[tuple, LayerPlan] = OrderedDict()
         self._sessions: OrderedDict[tuple, PromptSession] = OrderedDict()  # for segment_prompt
-        self.image_size()  # a size this model cannot mean is refused now, not at the first image
+        self.self_image_size()  # a size this model cannot mean is refused now, not at the first image
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -131,15 +145,25 @@ class ISeg:
     def image_size(self, settings: Settings | None = None) -> int:
         """The side of the square the model sees: ``settings.image_size``, checked, or the native size."""
         s = settings or self.settings
-        if s.image_size is None:
-            return self.native_size
-        size, native, step = s.image_size, self.native_size, self.size_step()
+        return self.native_size if s.image_size is None else self._checked_size("image_size", s.image_size)
+
+    def self_image_size(self, settings: Settings | None = None) -> int:
+        """The side of the square whose pass gives the self-attention: ``settings.self_image_size``,
+        checked, or ``image_size`` (one pass gives both attentions)."""
+        s = settings or self.settings
+        if s.self_image_size is None:
+            return self.image_size(s)
+        return self._checked_size("self_image_size", s.self_image_size)
+
+    def _checked_size(self, name: str, size: int) -> int:
+        native, step = self.native_size, self.size_step()
         lo = max(step, math.ceil(native * SIZE_RANGE[0] / step) * step)
         hi = int(native * SIZE_RANGE[1]) // step * step
         if not (lo <= size <= hi and size % step == 0):
+            none = f"{name}=None for {native}" if name == "image_size" else f"{name}=None for image_size's pass"
             raise ValueError(
-                f"image_size={size} does not suit the {self.model_name!r} model: it was trained on {native}x{native} "
-                f"images; give a multiple of {step} from {lo} to {hi}, or image_size=None for {native}")
+                f"{name}={size} does not suit the {self.model_name!r} model: it was trained on {native}x{native} "
+                f"images; give a multiple of {step} from {lo} to {hi}, or {none}")
         return size
 
     def with_settings(self, **overrides) -> Settings:
@@ -229,12 +253,12 @@ class ISeg:
             return self.forward.noisy(z0, s.seed, s.timestep)
 
     def attend(self, pixels: torch.Tensor, embeddings: torch.Tensor, settings: Settings | None = None,
-               self_attention: bool = True):
-        """One noisy forward pass; returns ``({r: cross (B, r*r, T)}, self (B, n, n) or None)``."""
+               self_attention: bool = True, cross_attention: bool = True):
+        """One noisy forward pass; returns ``({r: cross (B, r*r, T)} or {}, self (B, n, n) or None)``."""
         s = settings or self.settings
         plan = self.plan(pixels.shape[-1] // self.vae_scale, s)
         with self._lock:
-            return self.forward.run(pixels, embeddings, plan, s.seed, s.timestep, self_attention)
+            return self.forward.run(pixels, embeddings, plan, s.seed, s.timestep, self_attention, cross_attention)
 
     def trace(self, image, classes, kind: str | None = None, per_head: bool = True, **overrides) -> Trace:
         """One forward pass with every attention layer (of ``kind``, or all) captured per head.
@@ -269,7 +293,7 @@ class ISeg:
         """The forward pass of one image with a prompt made elsewhere (``prompt_for``, a text query)."""
         s = settings or self.settings
         size = self.image_size(s)
-        self.plan(size // self.vae_scale, s)  # bad layer or weight settings fail before the model runs
+        self.pass_plans(s, size)  # bad layer or weight settings fail before the model runs
         return self._observe_batch([image], [prompt], s, size, names=["image"])[0]
 
     def segment(self, images, classes=None, progress: bool | None = None, *, vocabulary=None,
@@ -337,7 +361,7 @@ class ISeg:
         10000 is run in chunks, with the same results)."""
         s = settings or self.settings
         size = size or self.image_size(s)
-        plan = self.plan(size // self.vae_scale, s)  # also checks the layer and head settings now
+        plan = self.pass_plans(s, size).self_plan  # also checks the layer and head settings now
         n = plan.self_resolution**2
         heads = max([layer.heads for layer in plan.self_layers] + [1])
         per_image = 4 * n * n * (heads + len(plan.self_layers))  # one layer's heads at a time, every layer's mean
@@ -358,19 +382,48 @@ class ISeg:
             return classes
         return [classes] * count
 
+    def pass_plans(self, settings: Settings | None = None, size: int | None = None):
+        """The forward passes of ``settings`` for images of side ``size`` (a ``PassPlans``).
+
+        One pass (``self_image_size`` None or equal to ``size``) gives both attentions, and both
+        settings are ``settings``. Otherwise the cross-attention comes from the pass at ``size``
+        and the self-attention from a second pass at ``self_image_size``; each pass's plan is made
+        with the other attention's layer settings left at their defaults, which that pass does not
+        read (an explicit ``cross_weights`` resolution need not exist on the finer grid).
+        """
+        s = settings or self.settings
+        size = size or self.image_size(s)
+        self_size = self.self_image_size(s) if s.self_image_size is not None else size
+        if self_size == size:
+            plan = self.plan(size // self.vae_scale, s)
+            return PassPlans(s, s, plan, plan, size)
+        base = Settings()
+        cross_s = replace(s, self_resolution=base.self_resolution, self_layers=base.self_layers,
+                          self_heads=base.self_heads)
+        self_s = replace(s, cross_weights=base.cross_weights, cross_layers=base.cross_layers,
+                         cross_heads=base.cross_heads)
+        return PassPlans(cross_s, self_s, self.plan(size // self.vae_scale, cross_s),
+                         self.plan(self_size // self.vae_scale, self_s), self_size)
+
     def _observe_batch(self, items, prompts: list[Prompt], s: Settings, size: int, names) -> list[Observation]:
         t0 = time.perf_counter()
-        arrays, prepared = [], []
+        cross_s, self_s, cross_plan, self_plan, self_size = self.pass_plans(s, size)
+        arrays, prepared, for_self = [], [], []
         for item, name in zip(items, names):
             # read and resize one image at a time: only 8-bit copies of the batch stay on the host
             arr = read_pixels(item, name)
             prepared.append(prepare(arr, size, s.aspect, device=self.device))
+            if self_size != size:
+                for_self.append(prepare(arr, self_size, s.aspect, device=self.device)[0])
             arrays.append(to_uint8(arr))
             del arr
         pixels = torch.stack([p[0] for p in prepared])
         embeddings = torch.cat([self.embedding(p, s.gamma) for p in prompts])
-        cross, attn_self = self.attend(pixels, embeddings, s)
-        plan = self.plan(size // self.vae_scale, s)
+        cross, attn_self = self.attend(pixels, embeddings, cross_s, self_attention=not for_self)
+        if for_self:
+            # the second pass (Settings.self_image_size): same prompt, seed and timestep
+            del pixels
+            _, attn_self = self.attend(torch.stack(for_self), embeddings, self_s, cross_attention=False)
         per = (time.perf_counter() - t0) / len(items)
         return [
             Observation(
@@ -379,9 +432,9 @@ class ISeg:
                 prompt=prompt,
                 image=arr,
                 geometry=geometry,
-                size=size,
-                grid=plan.self_resolution,
-                weights=dict(plan.weights),
+                size=self_size,  # the maps are brought back to the image through the self-attention grid
+                grid=self_plan.self_resolution,
+                weights=dict(cross_plan.weights),
                 settings=s,
                 forward_s=per,
             )

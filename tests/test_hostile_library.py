@@ -50,6 +50,9 @@ SETTINGS = [
                                         r" images; give a multiple of 8 from 16 to 128"),
     (dict(image_size=8), ValueError, r"image_size=8 .*from 16 to 128"),
     (dict(image_size=60), ValueError, r"multiple of 8"),
+    (dict(self_image_size=256), ValueError, r"self_image_size=256 does not suit the 'shapes' model: .* from 16 to 128"
+                                            r", or self_image_size=None for image_size's pass"),
+    (dict(self_image_size=100), ValueError, r"self_image_size=100 .*multiple of 8"),
 ]
 
 
@@ -284,6 +287,7 @@ def test_every_setting_is_classified_as_forward_or_decode():
 
 NEW_FORWARD = [
     dict(timestep=300), dict(seed=7), dict(gamma=1.0), dict(image_size=32), dict(self_resolution=16),
+    dict(self_image_size=128),
     dict(self_heads=(0,)), dict(self_layers=("up_blocks.2.attentions.0.transformer_blocks.0.attn1",)),
     dict(cross_weights={16: 1.0}), dict(cross_heads={8: (0, 1), 16: (2,)}),
     dict(cross_layers=("down_blocks.1.attentions.0.transformer_blocks.0.attn2",

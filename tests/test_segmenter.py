@@ -393,3 +393,31 @@ def test_one_iseg_from_two_threads_equals_sequential_calls(shapes_pipe):
     for i, expected in enumerate(sequential):
         assert np.array_equal(out[i], expected), f"call {i} ({jobs[i][0]}) differs from the sequential result"
     assert {k: type(v) for k, v in shapes_pipe.unet.attn_processors.items()} == before
+
+
+def test_self_image_size_takes_the_self_attention_from_a_second_pass(tiny_pipe):
+    seg = ISeg(tiny_pipe, iterations=2)
+    native = seg.image_size()
+    big = 2 * native
+    image, classes = _image(3), ["cat", "dog"]
+    one = seg.observe(image, classes)[0]
+    large = seg.observe(image, classes, image_size=big)[0]
+    two = seg.observe(image, classes, self_image_size=big)[0]
+    # the cross-attention of the pass at image_size, the self-attention of the pass at big (up to
+    # float rounding: layers that are not captured keep diffusers' fused attention)
+    assert two.cross.keys() == one.cross.keys() and two.weights == one.weights
+    assert all(torch.equal(two.cross[r], one.cross[r]) for r in one.cross)
+    assert torch.allclose(two.self_attention, large.self_attention, rtol=1e-4, atol=1e-8)
+    assert (two.grid, two.size) == (2 * one.grid, big) and two.self_attention.shape == (4 * one.grid**2,) * 2
+    r = seg.decode(two)
+    assert r.maps.shape == (3, 2, 2 * one.grid, 2 * one.grid) and r.labels.shape == (40, 50)
+    assert np.allclose(r.maps.reshape(3, 2, -1).sum(-1), 1.0, atol=1e-5)
+    assert not np.allclose(r.scores(), seg.decode(one).scores())
+    # a cross_weights resolution that only the first pass has: the second pass does not read it
+    coarse = min(one.cross)
+    assert set(seg.observe(image, classes, self_image_size=big, cross_weights={coarse: 1.0})[0].cross) == {coarse}
+    # the same size as image_size is the one-pass method; the memory budget counts the finer grid
+    same = seg.segment(image, classes, self_image_size=native)
+    assert np.array_equal(same.maps, seg.segment(image, classes).maps)
+    wide = dict(batch_size=10**6)
+    assert seg.forward_chunk(seg.with_settings(self_image_size=big, **wide)) < seg.forward_chunk(seg.with_settings(**wide))
