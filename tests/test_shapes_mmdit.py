@@ -52,12 +52,14 @@ def test_the_raw_rule_is_the_best_raw_bg_power_on_validation():
     assert powers[0] < MMDIT_RAW_BG_POWER < powers[-1]
 
 
-# Measured with the shipped MM-DiT and its preset on test seeds 2,000,000-2,000,049: raw 38.02 at the
-# preset's rule and 79.09 at its own (bg_power 16), refined 64.72 / 75.60 / 77.76 / 78.57 / 78.76 at
-# N = 1-5, discrimination 0.951, grouping ratio 10.60. Floors sit a little under; the last bound
-# says what the model card says: refinement ends level with raw at raw's own rule, not 5 points over.
+# Measured with the shipped MM-DiT and its preset (a second pass at 128x128 for the self-attention)
+# on test seeds 2,000,000-2,000,049: raw 41.97 at the preset's rule and 79.66 at its own (bg_power
+# 16), refined 73.78 / 82.73 / 85.34 / 85.63 / 85.89 at N = 1-5, discrimination 0.951, grouping
+# ratio 10.54. With one pass (16x16 self-attention) refined ended level with raw at raw's own
+# rule; the last two bounds say that the second pass is what changes that. Floors sit a little under.
 def test_what_the_mmdit_does_on_50_test_images(mmdit):
     seg = iseg.ISeg(mmdit)
+    assert seg.settings.self_image_size == 128
     n = seg.settings.iterations
     its = list(range(n + 1))
     report = evaluate(seg, "test", 50, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=its,
@@ -65,11 +67,14 @@ def test_what_the_mmdit_does_on_50_test_images(mmdit):
     r = report["timesteps"][str(seg.settings.timestep)]
     row = {int(k): v for k, v in r["miou"][str(seg.settings.lam)].items()}
     raw_own = r["miou_by_bg_power"][str(MMDIT_RAW_BG_POWER)][str(seg.settings.lam)]["0"]
-    assert row[n] >= 76 and row[n] >= row[0] + 30  # refined far above raw at the same rule
+    assert row[n] >= 84 and row[n] >= row[0] + 40  # refined far above raw at the same rule
     assert all(row[b] >= row[a] - 0.05 for a, b in zip(its, its[1:])), row  # every step up to N helps
-    assert abs(row[n] - raw_own) < 3  # but only level with raw at raw's own rule
+    assert row[n] >= raw_own + 5  # and above raw at raw's own rule
     assert r["discrimination"] >= 0.9  # the bare class words find their own objects
     assert r["grouping_ratio"] > 10  # self-attention groups objects about as well as the UNet's (12.1)
+    one_pass = evaluate(seg, "test", 50, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=[n],
+                        progress=False, self_image_size=None)["timesteps"][str(seg.settings.timestep)]["miou"]
+    assert row[n] >= one_pass[str(seg.settings.lam)][str(n)] + 3, (row, one_pass)
 
 
 def test_shape_words_bind_as_well_as_colour_words(mmdit):
@@ -87,8 +92,8 @@ def test_shape_words_bind_as_well_as_colour_words(mmdit):
 
     bare = ious(list(s.classes))
     coloured = ious([f"{colour} {name}" for name, colour in zip(s.classes, s.colors)])
-    assert min(bare) > 0.7, bare  # measured: 0.86, 0.81, 0.76
-    assert min(coloured) > 0.7, coloured  # measured: 0.86, 0.81, 0.77
+    assert min(bare) > 0.75, bare  # measured: 0.97, 0.93, 0.83
+    assert min(coloured) > 0.75, coloured  # measured: 0.97, 0.94, 0.84
     assert abs(sum(bare) - sum(coloured)) < 0.1
 
 
@@ -97,6 +102,6 @@ def test_interactive_prompts_and_labels_use_the_mmdits_own_values(mmdit):
     from iseg.shapes.preset import MMDIT_LABEL_THRESHOLDS
 
     seg = iseg.ISeg(mmdit)
-    assert interactive_defaults(seg)["threshold"] == 0.7 and interactive_defaults(seg)["lam"] == 100.0
+    assert interactive_defaults(seg)["threshold"] == 0.7 and interactive_defaults(seg)["lam"] == 1.0
     assert mmdit.label_thresholds == MMDIT_LABEL_THRESHOLDS and mmdit.raw_bg_power == MMDIT_RAW_BG_POWER
     assert mmdit.known_words == iseg.load_model("shapes", device="cpu", verbose=False).known_words
