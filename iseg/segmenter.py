@@ -264,6 +264,8 @@ class ISeg:
         """One forward pass with every attention layer (of ``kind``, or all) captured per head.
 
         For looking inside the model (the notebooks); ``segment`` reads only the layers it needs.
+        The pass is at ``image_size``: ``self_image_size`` does not apply here (to look at what a
+        second pass's self-attention sees, trace with ``image_size`` set to that size).
         """
         if kind not in (None, "cross", "self"):
             raise ValueError(f"kind must be 'cross', 'self' or None (every layer), got {kind!r}")
