@@ -87,8 +87,9 @@ class ISeg:
     sequential calls.
 
     Sizes: ``image_size`` (and ``self_image_size``, where a second pass gives the self-attention)
-    must be a multiple of ``size_step()`` and lie within ``SIZE_RANGE`` times the model's native size. ``batch_size`` images are segmented together, but a forward
-    pass never holds more images than a memory budget allows (see ``forward_chunk``).
+    must be a multiple of ``size_step()`` and lie within ``SIZE_RANGE`` times the model's native
+    size. ``batch_size`` images are segmented together, but a forward pass never holds more images
+    than a memory budget allows (see ``forward_chunk``).
     """
 
     def __init__(self, model, preset: str | None = None, **overrides):
@@ -384,7 +385,7 @@ class ISeg:
             return classes
         return [classes] * count
 
-    def pass_plans(self, settings: Settings | None = None, size: int | None = None):
+    def pass_plans(self, settings: Settings | None = None, size: int | None = None) -> PassPlans:
         """The forward passes of ``settings`` for images of side ``size`` (a ``PassPlans``).
 
         One pass (``self_image_size`` None or equal to ``size``) gives both attentions, and both
