@@ -52,14 +52,15 @@ def test_the_raw_rule_is_the_best_raw_bg_power_on_validation():
     assert powers[0] < MMDIT_RAW_BG_POWER < powers[-1]
 
 
-# Measured with the shipped MM-DiT and its preset (a second pass at 128x128 for the self-attention)
-# on test seeds 2,000,000-2,000,049: raw 41.97 at the preset's rule and 79.66 at its own (bg_power
-# 16), refined 73.78 / 82.73 / 85.34 / 85.63 / 85.89 at N = 1-5, discrimination 0.951, grouping
-# ratio 10.54. With one pass (16x16 self-attention) refined ended level with raw at raw's own
-# rule; the last two bounds say that the second pass is what changes that. Floors sit a little under.
+# Measured with the shipped MM-DiT and its preset (class maps from the last block, a second pass at
+# 128x128 for the self-attention) on test seeds 2,000,000-2,000,049: raw 40.05 at the preset's rule
+# and 79.71 at its own (bg_power 16), refined 72.05 / 82.06 / 84.05 / 84.64 / 84.83 at N = 1-5,
+# discrimination 0.951, grouping ratio 10.54; with one pass 79.94 at N = 5. On all 500 test images
+# refined ends 7.4 over raw at raw's own rule; with one pass and every block, level with it.
+# Floors sit a little under.
 def test_what_the_mmdit_does_on_50_test_images(mmdit):
     seg = iseg.ISeg(mmdit)
-    assert seg.settings.self_image_size == 128
+    assert seg.settings.self_image_size == 128 and seg.settings.cross_layers == ("transformer_blocks.3.attn:text",)
     n = seg.settings.iterations
     its = list(range(n + 1))
     report = evaluate(seg, "test", 50, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=its,
@@ -69,8 +70,8 @@ def test_what_the_mmdit_does_on_50_test_images(mmdit):
     raw_own = r["miou_by_bg_power"][str(MMDIT_RAW_BG_POWER)][str(seg.settings.lam)]["0"]
     assert row[n] >= 84 and row[n] >= row[0] + 40  # refined far above raw at the same rule
     assert all(row[b] >= row[a] - 0.05 for a, b in zip(its, its[1:])), row  # every step up to N helps
-    assert row[n] >= raw_own + 5  # and above raw at raw's own rule
-    assert r["discrimination"] >= 0.9  # the bare class words find their own objects
+    assert row[n] >= raw_own + 4  # and above raw at raw's own rule (+5.1 on these 50, +7.4 on 500)
+    assert r["discrimination"] >= 0.93  # the bare class words find their own objects
     assert r["grouping_ratio"] > 10  # self-attention groups objects about as well as the UNet's (12.1)
     one_pass = evaluate(seg, "test", 50, timesteps=[seg.settings.timestep], lams=[seg.settings.lam], iterations=[n],
                         progress=False, self_image_size=None)["timesteps"][str(seg.settings.timestep)]["miou"]
@@ -92,8 +93,8 @@ def test_shape_words_bind_as_well_as_colour_words(mmdit):
 
     bare = ious(list(s.classes))
     coloured = ious([f"{colour} {name}" for name, colour in zip(s.classes, s.colors)])
-    assert min(bare) > 0.75, bare  # measured: 0.97, 0.93, 0.83
-    assert min(coloured) > 0.75, coloured  # measured: 0.97, 0.94, 0.84
+    assert min(bare) > 0.75, bare  # measured: 0.97, 0.93, 0.80
+    assert min(coloured) > 0.75, coloured  # measured: 0.97, 0.94, 0.82
     assert abs(sum(bare) - sum(coloured)) < 0.1
 
 
