@@ -107,7 +107,8 @@ class ISeg:
         self._embeddings: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._plans: OrderedDict[tuple, LayerPlan] = OrderedDict()
         self._sessions: OrderedDict[tuple, PromptSession] = OrderedDict()  # for segment_prompt
-        self.self_image_size()  # a size this model cannot mean is refused now, not at the first image
+        self.image_size()  # a size this model cannot mean is refused now, not at the first image
+        self.self_image_size()
 
     # -- model facts ---------------------------------------------------------------------------
     @property

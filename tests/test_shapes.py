@@ -115,7 +115,7 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
     assert info["latent_side"] == latent_side and info["family"] == family and denoiser in info["parameters"]
     preset = "shapes-mmdit" if family == "sd3" else "shapes"
     # one pass (the MM-DiT's preset takes its self-attention from a second, larger one)
-    r = iseg.ISeg(model, preset=preset, iterations=2, self_image_size=None).segment(sample(5).image, list(sample(5).classes))
+    r = iseg.ISeg(model, preset=preset, iterations=2, self_image_size=None, cross_layers="auto").segment(sample(5).image, list(sample(5).classes))
     assert r.labels.shape == (64, 64)
     assert r.maps.shape[-1] == latent_side // (2 if family == "sd3" else 1)  # self-attention on the latent's (token) grid
     # resuming a finished run changes nothing and still writes the folder
