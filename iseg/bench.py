@@ -201,7 +201,7 @@ def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
     results = seg.segment(images, classes, progress=False)
     if not all(np.isfinite(r.maps).all() for r in results):  # fp16 must never produce NaNs
         raise RuntimeError(f"non-finite class maps at batch {b} in {seg.backbone.dtype}")
-    n = seg.plan(z0.shape[-1]).self_resolution ** 2
+    n = seg.pass_plans().self_plan.self_resolution ** 2  # the grid refinement runs on (a second pass's, if any)
     attn = torch.rand(b, n, n, device=device).softmax(-1)
     maps = torch.rand(b, n, len(classes), device=device)
     refine_s = _timed(lambda: R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations),

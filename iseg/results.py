@@ -27,7 +27,7 @@ class Observation:
     prompt: Prompt
     image: np.ndarray  # (H, W, 3) uint8
     geometry: Geometry
-    size: int  # side of the square the model saw
+    size: int  # side of the square whose pass gave the self-attention (the maps go back to the image through it)
     grid: int  # side of the self-attention grid
     weights: dict[int, float]  # the plan's resolution weights
     settings: Settings
@@ -47,7 +47,7 @@ class SegmentationResult:
     image: np.ndarray  # (H, W, 3) uint8, the input as read
     settings: Settings
     geometry: Geometry
-    size: int  # side of the square the model saw
+    size: int  # side of the square whose pass gave the self-attention (the maps go back to the image through it)
     self_attention: np.ndarray | None = None  # (n, n) when return_self_attention=True
     timing: dict = field(default_factory=dict)
 

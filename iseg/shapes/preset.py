@@ -40,7 +40,8 @@ LABEL_THRESHOLDS = dict(min_share=0.0, min_peak=0.175, min_labels=1)
 # 0.799 against 0.727) and refined better (set A 86.6 against 84.8 at this N). The self-attention
 # (every block) comes from a second pass at 128x128, a 32x32 token grid (the finest its position
 # table allows; one pass gives 16x16), while the class words are read at the 64x64 the model was
-# trained on (at 128 its discrimination falls to 0.61). lam, N and bg_power were chosen on
+# trained on (at 128 its discrimination falls to 0.72 reading the last block, 0.61 reading every
+# block). lam, N and bg_power were chosen on
 # validation by the UNet's rule (the model card has the tables).
 MMDIT_PRESET = dict(
     SHAPES_PRESET,
@@ -53,8 +54,8 @@ MMDIT_PRESET = dict(
     bg_power=0.3,
 )
 # Raw maps of this model are best with little background: on validation set A raw mIoU rose with
-# bg_power up to 16 (76.38) and fell at 32 (74.39); 73.14 at the UNet's 5 (raw maps do not depend
-# on the second pass; one pass's report gave 76.35, 75.68 and 71.83 through its coarser upsampling).
+# bg_power up to 16 (76.84) and fell at 32 (75.67); 72.29 at the UNet's 5. Raw maps come from the
+# first pass; one pass with every block's maps gave the same rule (76.35, 75.68 and 71.83).
 MMDIT_RAW_BG_POWER = 16.0
 # threshold chosen on 20 multi-object validation images (52 objects) from {0.5, 0.7}: mean IoU of
 # points / boxes / text 0.878 / 0.885 / 0.546 at 0.5, 0.836 / 0.893 / 0.591 at 0.7 (the higher sum)
