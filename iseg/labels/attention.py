@@ -172,10 +172,17 @@ def label_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[st
     return {"precision": precision, "recall": recall, "f1": f1, "correct": tp, "predicted": n_pred, "ground_truth": n_true}
 
 
-def _threshold_grid(evidence: Sequence[Mapping[str, dict]], min_labels: int, shares: int = 100) -> list[AttentionThresholds]:
-    values = np.array([v["share"] for ev in evidence for v in ev.values()])
-    share_grid = np.unique(np.concatenate([[0.0], np.quantile(values, np.linspace(0, 0.99, shares))]))
-    return [AttentionThresholds(float(ms), float(mp), min_labels) for ms in share_grid for mp in np.linspace(0, 1, 41)]
+def _threshold_grid(evidence: Sequence[Mapping[str, dict]], min_labels: int, shares: int = 100,
+                    peaks: int = 40) -> list[AttentionThresholds]:
+    # Both axes follow the evidence's own quantiles: relative peaks of absent classes can sit orders
+    # of magnitude under the image's strongest class, far below the first step of an even grid
+    # (0.025), and a model's best cut may lie there. The even grid is kept as well, so the search
+    # only ever gains candidates.
+    share_values = np.array([v["share"] for ev in evidence for v in ev.values()])
+    share_grid = np.unique(np.concatenate([[0.0], np.quantile(share_values, np.linspace(0, 0.99, shares))]))
+    peak_values = np.array([v["relative_peak"] for ev in evidence for v in ev.values()])
+    peak_grid = np.unique(np.concatenate([np.linspace(0, 1, 41), np.quantile(peak_values, np.linspace(0, 0.99, peaks))]))
+    return [AttentionThresholds(float(ms), float(mp), min_labels) for ms in share_grid for mp in peak_grid]
 
 
 def choose_thresholds(evidence: Sequence[Mapping[str, dict]], truth: Sequence[Sequence[str]],
