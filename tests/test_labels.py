@@ -68,7 +68,6 @@ def test_label_scores_and_threshold_search_by_hand():
     assert score["f1"] == 1.0 and 0.02 < th.min_share <= 0.1
 
 
-
 def test_threshold_search_finds_a_peak_cut_below_the_even_grid():
     """Relative peaks of absent classes can lie far under 0.025, the first step of an even grid: the
     search follows the evidence's quantiles too. Here shares cannot tell present from absent and
@@ -82,6 +81,9 @@ def test_threshold_search_finds_a_peak_cut_below_the_even_grid():
     th, score = L.choose_thresholds(evidence, truth)
     assert score["f1"] == 1.0 and 0.01 < th.min_peak <= 0.02
     assert L.label_scores([L.select_by_evidence(ev, th) for ev in evidence], truth)["f1"] == 1.0
+    with pytest.raises(ValueError, match="at least one labelled image"):
+        L.choose_thresholds([], [])
+
 
 def test_attention_evidence_matches_the_observation(shapes_seg):
     import torch.nn.functional as F

@@ -172,16 +172,21 @@ def label_scores(predicted: Sequence[Sequence[str]], truth: Sequence[Sequence[st
     return {"precision": precision, "recall": recall, "f1": f1, "correct": tp, "predicted": n_pred, "ground_truth": n_true}
 
 
+def _quantile_grid(values: np.ndarray, count: int, always) -> np.ndarray:
+    return np.unique(np.concatenate([always, np.quantile(values, np.linspace(0, 0.99, count))]))
+
+
 def _threshold_grid(evidence: Sequence[Mapping[str, dict]], min_labels: int, shares: int = 100,
                     peaks: int = 40) -> list[AttentionThresholds]:
     # Both axes follow the evidence's own quantiles: relative peaks of absent classes can sit orders
     # of magnitude under the image's strongest class, far below the first step of an even grid
     # (0.025), and a model's best cut may lie there. The even grid is kept as well, so the search
     # only ever gains candidates.
-    share_values = np.array([v["share"] for ev in evidence for v in ev.values()])
-    share_grid = np.unique(np.concatenate([[0.0], np.quantile(share_values, np.linspace(0, 0.99, shares))]))
-    peak_values = np.array([v["relative_peak"] for ev in evidence for v in ev.values()])
-    peak_grid = np.unique(np.concatenate([np.linspace(0, 1, 41), np.quantile(peak_values, np.linspace(0, 0.99, peaks))]))
+    if not any(evidence):
+        raise ValueError("choosing label thresholds needs the evidence of at least one labelled image; got none")
+    share_grid = _quantile_grid(np.array([v["share"] for ev in evidence for v in ev.values()]), shares, [0.0])
+    peak_grid = _quantile_grid(np.array([v["relative_peak"] for ev in evidence for v in ev.values()]), peaks,
+                               np.linspace(0, 1, 41))
     return [AttentionThresholds(float(ms), float(mp), min_labels) for ms in share_grid for mp in peak_grid]
 
 
