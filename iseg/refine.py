@@ -20,6 +20,7 @@ __all__ = [
     "spatial_normalize",
     "aggregate_cross_attention",
     "kl_cluster",
+    "symmetric_kl",
     "class_maps",
     "mass_inside",
 ]
@@ -124,40 +125,73 @@ def aggregate_cross_attention(
 
 
 def _grid_seeds(size: int, count: int = 6) -> torch.Tensor:
-    # The reference seeds a 6x6 grid with step 11 on a 64x64 map; scale the step to other sizes.
-    step = max(1, (size * 11) // 64)
-    coords = [min(i * step, size - 1) for i in range(count)]
+    """Pixel indices of the ``count x count`` seed grid on a ``size x size`` map (method.md §4).
+
+    The reference seeds rows and columns 0, 11, .., 55 of a 64x64 map. On other sizes the
+    coordinates keep their place relative to the side, ``round(i * 11 * size / 64)``: 0, 3, 6, 8,
+    11, 14 on 16x16 and 0, 1, 3, 4, 6, 7 on 8x8. Below 6x6 coordinates coincide and repeated seeds
+    are kept once (a 4x4 map has 16 seeds, one per pixel).
+    """
+    coords = sorted({min((2 * 11 * i * size + 64) // 128, size - 1) for i in range(count)})
     return torch.tensor([y * size + x for y in coords for x in coords])
 
 
 # method.md §4: zeros are floored at 1e-6 before the divergence and 1e-5 is added inside the logs
 CLUSTER_FLOOR = 1e-6
 CLUSTER_LOG_EPS = 1e-5
+# bytes of the (rows, K, T) block that symmetric_kl builds at a time
+CLUSTER_CHUNK_BYTES = 32 * 2**20
 
 
-def _symmetric_kl(p: torch.Tensor, q: torch.Tensor, log_eps: float = CLUSTER_LOG_EPS) -> torch.Tensor:
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor, log_eps: float = CLUSTER_LOG_EPS,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``0.5 * (KL(p||q) + KL(q||p))`` with ``log_eps`` inside every log: ``(B, n, T)`` x ``(B, K, T)`` -> ``(B, n, K)``.
 
-    Expanded as ``0.5 * sum (p - q) * (log(p + eps) - log(q + eps))`` so that no ``(B, n, K, T)``
-    tensor is built.
+    Every term of ``0.5 * sum_t (p - q) * (log(p + eps) - log(q + eps))`` is >= 0 (log is
+    increasing), while the distances that decide a pixel's cluster differ by 1e-6 to 1e-3. In
+    ``float64`` (the default) the sum is expanded into ``sum p log p - sum p log q - sum q log p +
+    sum q log q``, two matrix products: the four sums are about 7, so the expansion's rounding is
+    about 1e-13, far below those gaps (in float32 it is about 1e-6, and assignments flipped). In
+    any other ``dtype`` (e.g. ``torch.float16``, to see what that arithmetic decides) the direct
+    form is summed, where nothing cancels, with rows of ``p`` taken in chunks so that the
+    ``(rows, K, T)`` block stays within ``CLUSTER_CHUNK_BYTES``. Each image is computed on its own,
+    so a batch gives what single calls give. Returns ``(B, n, K)`` in ``dtype``.
     """
+    if p.ndim != 3 or q.ndim != 3 or p.shape[0] != q.shape[0] or p.shape[-1] != q.shape[-1]:
+        raise ValueError(f"symmetric_kl needs (B, n, T) and (B, K, T), got {tuple(p.shape)} and {tuple(q.shape)}")
+    p, q = p.to(dtype), q.to(dtype)
     logp, logq = (p + log_eps).log(), (q + log_eps).log()
-    self_p = (p * logp).sum(-1, keepdim=True)
-    self_q = (q * logq).sum(-1).unsqueeze(-2)
-    cross_pq = p @ logq.transpose(-1, -2)
-    cross_qp = logp @ q.transpose(-1, -2)
-    return 0.5 * (self_p - cross_pq + self_q - cross_qp)
+    batch, n, tokens = p.shape
+    k = q.shape[1]
+    out = torch.empty(batch, n, k, dtype=dtype, device=p.device)
+    if dtype == torch.float64:
+        self_p = (p * logp).sum(-1, keepdim=True)  # (B, n, 1)
+        self_q = (q * logq).sum(-1)  # (B, K)
+        for b in range(batch):
+            out[b] = self_p[b] + self_q[b] - p[b] @ logq[b].T - logp[b] @ q[b].T
+        return 0.5 * out
+    rows = max(1, CLUSTER_CHUNK_BYTES // max(1, k * tokens * p.element_size()))
+    for b in range(batch):
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            dp = p[b, start:stop, None, :] - q[b, None]  # (rows, K, T)
+            dlog = logp[b, start:stop, None, :] - logq[b, None]
+            out[b, start:stop] = (dp * dlog).sum(-1)
+    return 0.5 * out
 
 
-def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The optional clustering step of method.md §4, as the reference does it.
 
     k-means on the pixel vectors of ``x`` (``(B, n, T)``, ``n`` a square) **as they are** (values
     floored at 1e-6, not rescaled to sum 1), with the symmetric KL divergence
     ``0.5 * (KL(p||q) + KL(q||p))`` (1e-5 added inside the logs), seeded on a regular 6x6 grid of
-    pixels (step 11 on a 64x64 map, scaled to other sizes) or on ``seeds``, for ``rounds`` rounds.
-    Prototypes are the means of their members; a cluster that loses all its members is dropped.
-    Returns ``x`` with every pixel's vector replaced by the mean vector of its cluster.
+    pixels (``_grid_seeds``: step 11 on a 64x64 map, in proportion on other sizes) or on
+    ``seeds``, for ``rounds`` rounds. Prototypes are the means of their members; a cluster that
+    loses all its members is dropped for good. Distances and prototypes are computed in ``dtype``
+    (float64 by default, see ``symmetric_kl``), every image on its own. Returns ``x`` with every
+    pixel's vector replaced by the mean vector of its cluster, in ``x``'s dtype.
     """
     if x.ndim != 3:
         raise ValueError(f"kl_cluster needs (B, n, T) vectors, got shape {tuple(x.shape)}")
@@ -170,26 +204,30 @@ def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.T
     seed_idx = _grid_seeds(size) if seeds is None else torch.as_tensor(seeds, dtype=torch.long)
     if seed_idx.numel() == 0 or seed_idx.min() < 0 or seed_idx.max() >= n:
         raise ValueError(f"cluster seeds must be pixel indices in [0, {n}), got {seed_idx.tolist()}")
-    assign = _kl_assign(x.clamp_min(CLUSTER_FLOOR), seed_idx.to(x.device), int(rounds))
-    onehot = F.one_hot(assign, seed_idx.numel()).to(x.dtype)
+    wide = x.to(dtype)
+    assign = _kl_assign(wide.clamp_min(CLUSTER_FLOOR), seed_idx.to(x.device), int(rounds), dtype)
+    onehot = F.one_hot(assign, seed_idx.numel()).to(dtype)
     counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)
-    cluster_means = (onehot.transpose(1, 2) @ x) / counts
-    return onehot @ cluster_means
+    cluster_means = (onehot.transpose(1, 2) @ wide) / counts
+    return (onehot @ cluster_means).to(x.dtype)
 
 
-def _kl_assign(dist: torch.Tensor, seed_idx: torch.Tensor, rounds: int) -> torch.Tensor:
+def _kl_assign(dist: torch.Tensor, seed_idx: torch.Tensor, rounds: int,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Cluster index of every vector of ``dist`` (``(B, n, T)``, positive) after ``rounds`` rounds."""
+    dist = dist.to(dtype)
     batch, n, _ = dist.shape
     k = seed_idx.numel()
     centers = dist[:, seed_idx, :]
     alive = torch.ones(batch, k, dtype=torch.bool, device=dist.device)
     assign = torch.zeros(batch, n, dtype=torch.long, device=dist.device)
     for _ in range(rounds):
-        d = _symmetric_kl(dist, centers).masked_fill(~alive.unsqueeze(1), math.inf)
+        d = symmetric_kl(dist, centers, dtype=dtype).masked_fill(~alive.unsqueeze(1), math.inf)
         assign = d.argmin(-1)  # ties go to the lower seed index
-        onehot = F.one_hot(assign, k).to(dist.dtype)  # (B, n, K)
+        onehot = F.one_hot(assign, k).to(dtype)  # (B, n, K)
         counts = onehot.sum(1)  # (B, K)
-        alive = counts > 0  # an empty cluster is dropped for good
+        alive = counts > 0  # an empty cluster is dropped for good: its distance stays inf
+        # a matrix product, not scatter_add: CUDA's atomics would sum in a different order each run
         centers = (onehot.transpose(1, 2) @ dist) / counts.clamp_min(1).unsqueeze(-1)
     return assign
 
