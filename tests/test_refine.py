@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,3 +217,127 @@ def test_pool_labels_takes_the_majority_of_each_cell():
     assert pool_labels(labels, 2).tolist() == [[0, 0], [0, 1]]
     with pytest.raises(ValueError, match="does not tile"):
         pool_labels(np.zeros((5, 4), np.uint8), 2)
+
+
+# -- clustering against an independent float64 reference (numpy, no iseg code) -----------------------
+
+
+def _reference_seeds(size):
+    # the reference's rows/columns 0, 11, .., 55 of 64, kept in proportion on other sides, once each
+    coords = sorted({min(int(math.floor(i * 11 * size / 64 + 0.5)), size - 1) for i in range(6)})
+    return [y * size + x for y in coords for x in coords]
+
+
+def _reference_distances(p, centers):
+    # symmetric KL, direct form, float64, (n, T) x (K, T) -> (n, K), in row chunks
+    out = np.empty((len(p), len(centers)))
+    lc = np.log(centers + 1e-5)
+    for s in range(0, len(p), 512):
+        pp = p[s : s + 512, None, :]
+        out[s : s + 512] = 0.5 * ((pp - centers[None]) * (np.log(pp + 1e-5) - lc[None])).sum(-1)
+    return out
+
+
+def _reference_cluster(x, seeds, rounds):
+    """k-means of method.md §4 in float64: returns (assignments, clustered x, last distances)."""
+    x = np.asarray(x, dtype=np.float64)
+    p = np.maximum(x, 1e-6)
+    centers = p[seeds].copy()
+    alive = np.ones(len(seeds), bool)
+    for _ in range(rounds):
+        d = _reference_distances(p, centers)
+        d[:, ~alive] = np.inf
+        assign = d.argmin(1)
+        counts = np.bincount(assign, minlength=len(seeds))
+        alive = counts > 0
+        for k in np.flatnonzero(alive):
+            centers[k] = p[assign == k].mean(0)
+    out = np.empty_like(x)
+    for k in np.flatnonzero(alive):
+        out[assign == k] = x[assign == k].mean(0)
+    return assign, out, d
+
+
+def _near_tie_map(size, tokens, seed, gap=1e-6):
+    """A (size*size, tokens) float32 map like an aggregated cross-attention X whose every non-seed pixel lies between two seed vectors, ``gap`` closer to
+    one of them (in float64 symmetric KL)."""
+    rng = np.random.default_rng(seed)
+    n = size * size
+    seeds = _reference_seeds(size)
+    # seed k: a low random floor and a bump of 3 on two tokens of its own, so that a mixture of two
+    # seeds is far from every third seed
+    x = rng.uniform(0.02, 0.08, (n, tokens))
+    for k, s in enumerate(seeds):
+        x[s, [2 * k, 2 * k + 1]] += 3.0 * rng.uniform(0.5, 1.5, 2)
+    a = rng.integers(0, len(seeds), n)
+    b = (a + 1 + rng.integers(0, len(seeds) - 1, n)) % len(seeds)
+    va, vb = x[seeds][a], x[seeds][b]
+    target = gap * rng.choice([-1.0, 1.0], n) * rng.uniform(0.5, 1.5, n)
+    lo, hi = np.zeros(n), np.ones(n)
+
+    def f(t):  # d(v, A) - d(v, B) - target, increasing in t
+        v = (1 - t)[:, None] * va + t[:, None] * vb
+        da = 0.5 * ((v - va) * (np.log(v + 1e-5) - np.log(va + 1e-5))).sum(-1)
+        db = 0.5 * ((v - vb) * (np.log(v + 1e-5) - np.log(vb + 1e-5))).sum(-1)
+        return da - db - target
+
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        up = f(mid) > 0
+        hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
+    mixed = (1 - lo)[:, None] * va + lo[:, None] * vb
+    keep = np.zeros(n, bool)
+    keep[seeds] = True
+    x = np.where(keep[:, None], x, mixed)
+    return x.astype(np.float32), seeds
+
+
+@pytest.mark.parametrize("size, tokens", [(64, 77), (16, 77), (32, 333)], ids=["unet-64", "unet-16", "mmdit-32"])
+def test_kl_cluster_agrees_with_float64_reference_on_near_ties(size, tokens):
+    # Every non-seed pixel sits about 1e-6 (symmetric KL) closer to one of two seeds, while each
+    # distance is about 1 and the expanded sums about 7: float32 cancellation is larger than the gaps
+    x32, seeds = _near_tie_map(size, tokens, seed=size + tokens)
+    assert R._grid_seeds(size).tolist() == seeds
+    p = np.maximum(x32.astype(np.float64), 1e-6)
+    d = _reference_distances(p, p[seeds])
+    best2 = np.sort(d, 1)[:, :2]
+    others = np.setdiff1d(np.arange(size * size), seeds)
+    gaps = (best2[:, 1] - best2[:, 0])[others]
+    assert np.median(gaps) < 3e-6 and np.median(best2[others, 0]) > 0.1  # the inputs are near ties
+    # what the float32 expansion (this project's former distance) decides: it flips some of them
+    p32 = torch.from_numpy(p).float()
+    lp = (p32 + 1e-5).log()
+    c32, lc = p32[seeds], lp[seeds]
+    expanded = 0.5 * ((p32 * lp).sum(-1, keepdim=True) - p32 @ lc.T + (c32 * lc).sum(-1) - lp @ c32.T)
+    assert (expanded.argmin(1).numpy() != d.argmin(1)).mean() > 0.01
+    # iseg's distance and one round: the reference's nearest seed for every pixel
+    ours = R.symmetric_kl(torch.from_numpy(p)[None], torch.from_numpy(p[seeds])[None])[0].numpy()
+    assert np.abs(ours - d).max() < 1e-11
+    x = torch.from_numpy(x32)[None]
+    assign1, _, _ = _reference_cluster(x32, seeds, 1)
+    assert R._kl_assign(x.clamp_min(1e-6), torch.tensor(seeds), 1)[0].numpy().tolist() == assign1.tolist()
+    # and the whole k-means, 3 rounds, in a batch of two with the image alone
+    assign, expected, _ = _reference_cluster(x32, seeds, 3)
+    other = torch.from_numpy(_near_tie_map(size, tokens, seed=1)[0])[None]
+    out = R.kl_cluster(torch.cat([other, x]), rounds=3)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out[1].double().numpy(), expected, rtol=1e-6, atol=1e-9)
+    assert torch.equal(out[1:], R.kl_cluster(x, rounds=3))  # a batch computes what one image computes
+
+
+def test_kl_cluster_seed_grid_below_64():
+    assert R._grid_seeds(16).tolist() == [y * 16 + x for y in (0, 3, 6, 8, 11, 14) for x in (0, 3, 6, 8, 11, 14)]
+    assert R._grid_seeds(8).tolist() == [y * 8 + x for y in (0, 1, 3, 4, 6, 7) for x in (0, 1, 3, 4, 6, 7)]
+    assert R._grid_seeds(4).tolist() == list(range(16))  # repeated coordinates kept once
+    x = torch.rand(1, 16, 3, dtype=torch.float64)
+    assert torch.allclose(R.kl_cluster(x), x)  # every pixel its own seed: nothing moves
+
+
+def test_symmetric_kl_in_float16_sums_the_direct_form():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(1, 40, 9, generator=g, dtype=torch.float64) + 0.1
+    q = p[:, :5] * 1.5
+    exact = R.symmetric_kl(p, q)
+    half = R.symmetric_kl(p, q, dtype=torch.float16)
+    assert half.dtype == torch.float16 and (half >= 0).all()
+    torch.testing.assert_close(half.double(), exact, rtol=2e-2, atol=1e-3)
