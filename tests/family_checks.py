@@ -53,3 +53,20 @@ def assert_prompt_session_runs_the_denoiser_once(seg, denoiser, image) -> None:
     finally:
         hook.remove()
     assert len(calls) == 1 and point.mask.shape == box.mask.shape == (32, 32)
+
+
+def assert_batch_equals_single_with_clustering(seg, images, classes=("cat", "dog"), **overrides):
+    """With the KL clustering on (the dataset presets), a batch gives the maps of single calls up to
+    float rounding and the same labels (a near-tie pixel may round the other way: at most 0.1%).
+    Batched convolutions differ from single ones by ~1e-8, which the clustering's distances must
+    not turn into other clusters. ``classes``: one list for every image or one list per image."""
+    import numpy as np
+
+    per_image = [list(c) for c in classes] if isinstance(classes[0], (list, tuple)) else [list(classes)] * len(images)
+    batch = seg.segment(images, per_image, clustering=True, batch_size=len(images), **overrides)
+    assert batch[0].settings.clustering
+    for image, names, in_batch in zip(images, per_image, batch):
+        alone = seg.segment(image, names, clustering=True, **overrides)
+        assert np.isfinite(in_batch.maps).all()
+        np.testing.assert_allclose(in_batch.maps, alone.maps, rtol=1e-4, atol=1e-5)
+        assert (in_batch.labels == alone.labels).mean() >= 0.999

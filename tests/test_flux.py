@@ -13,6 +13,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from family_checks import (
+    assert_batch_equals_single_with_clustering,
     assert_encode_inverts_decoding,
     assert_flow_matching_noise,
     assert_prompt_session_runs_the_denoiser_once,
@@ -288,6 +289,10 @@ def test_a_single_stream_processor_without_its_text_length_refuses(flux_pipe):
     processor = FluxCaptureProcessor(AttentionStore(), {"cross": SINGLE + ":text"})
     with pytest.raises(RuntimeError, match="text length"):
         processor(attn, torch.randn(1, 8, 32))
+
+
+def test_batch_equals_single_with_clustering(flux_pipe):
+    assert_batch_equals_single_with_clustering(iseg.ISeg(flux_pipe, iterations=3), [_image(i) for i in range(4)])
 
 
 def test_segment_trace_and_session_end_to_end(flux_pipe):

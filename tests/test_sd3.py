@@ -10,7 +10,11 @@ import pytest
 import tiny
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from family_checks import assert_encode_inverts_decoding, assert_flow_matching_noise
+from family_checks import (
+    assert_batch_equals_single_with_clustering,
+    assert_encode_inverts_decoding,
+    assert_flow_matching_noise,
+)
 
 import iseg
 from iseg.backbones import SD3Backbone, family_of
@@ -206,6 +210,10 @@ def test_one_processor_serves_one_kind_alone_and_accumulates(sd3_pipe):
     with pytest.raises(ValueError, match="has 4 heads"):
         with capture_attention(backbone.denoiser, text_only, heads=[5]):
             _run(backbone, z_t, t, emb)
+
+
+def test_batch_equals_single_with_clustering(sd3_pipe):
+    assert_batch_equals_single_with_clustering(iseg.ISeg(sd3_pipe, iterations=3), [_image(i) for i in range(4)])
 
 
 def test_segment_trace_and_session_end_to_end(sd3_pipe):

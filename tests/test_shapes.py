@@ -86,6 +86,15 @@ def test_refinement_beats_raw_cross_attention_on_50_test_images(shapes_pipe):
     assert report["timesteps"][str(seg.settings.timestep)]["discrimination"] >= 0.85
 
 
+def test_batch_equals_single_with_clustering(shapes_pipe):
+    from family_checks import assert_batch_equals_single_with_clustering
+
+    # each image with its own classes: a class that is absent can leave two maps equal to 1e-8,
+    # a tie that any rounding decides
+    samples = [sample(SPLITS["test"].start + i) for i in range(3)]
+    assert_batch_equals_single_with_clustering(iseg.ISeg(shapes_pipe), [s.image for s in samples], [s.classes for s in samples])
+
+
 @pytest.mark.parametrize("family,latent_side", [("unet", 16), ("unet", 32), ("sd3", 32)])
 def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side):
     out = tmp_path / "tiny-shapes"

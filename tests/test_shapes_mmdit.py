@@ -78,6 +78,17 @@ def test_what_the_mmdit_does_on_50_test_images(mmdit):
     assert row[n] >= one_pass[str(seg.settings.lam)][str(n)] + 3, (row, one_pass)
 
 
+def test_batch_equals_single_with_clustering(mmdit):
+    from family_checks import assert_batch_equals_single_with_clustering
+
+    from iseg.shapes.world import SPLITS, sample
+
+    # each image with its own classes: a class that is absent can leave two maps equal to 1e-8,
+    # a tie that any rounding decides
+    samples = [sample(SPLITS["test"].start + i) for i in range(3)]
+    assert_batch_equals_single_with_clustering(iseg.ISeg(mmdit), [s.image for s in samples], [s.classes for s in samples])
+
+
 def test_shape_words_bind_as_well_as_colour_words(mmdit):
     """Early in training only the colour words bound; the shipped model binds the bare shape words."""
     from iseg.shapes.world import CLASSES, SPLITS, sample
