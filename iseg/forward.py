@@ -22,6 +22,7 @@ import torch
 
 from .backbones import Backbone
 from .capture import AttentionLayer, AttentionStore, capture_attention, install_capture
+from .numerics import check_finite
 from .plan import LayerPlan
 
 __all__ = ["NoisyForward", "GraphedForward", "CompiledForward", "make_launcher", "require_cuda", "METHODS"]
@@ -79,13 +80,29 @@ class NoisyForward:
             store = self.launcher(self.backbone, layers, plan.heads, z_t, t, embedding)
             cross = store.by_resolution("cross")
             attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
-            return cross, attn_self
-        with capture_attention(self.backbone.denoiser, layers, heads=dict(plan.heads)) as store:
-            self.backbone.denoise(z_t, t, embedding)
-        cross = store.by_resolution("cross")
-        attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
-        store.clear()
+        else:
+            with capture_attention(self.backbone.denoiser, layers, heads=dict(plan.heads)) as store:
+                self.backbone.denoise(z_t, t, embedding)
+            cross = store.by_resolution("cross")
+            attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
+            store.clear()
+        self.check(embedding, z_t, cross, attn_self)
         return cross, attn_self
+
+    def check(self, embedding, z_t, cross=None, attn_self=None) -> None:
+        """Stop with ``NonFiniteError`` where the pass made NaN or infinity, naming the first stage."""
+        dtype = str(self.backbone.dtype).replace("torch.", "")
+        weights = f"the weights of the {{}} (a NaN in a checkpoint spreads everywhere) and the dtype ({dtype}"
+        weights += ": float16 overflows above 65504; try float32 or bfloat16)"
+        check_finite([
+            ("the prompt embedding (text encoder output, times gamma)", embedding,
+             weights.format("text encoder") + ", and the setting gamma"),
+            ("the noisy latents z_t (VAE encoding plus noise)", z_t,
+             weights.format("VAE") + ", the image, and the VAE's scaling_factor and shift_factor"),
+            *((f"the cross-attention captured at resolution {r}", a, weights.format("denoiser") + ", and gamma")
+              for r, a in (cross or {}).items()),
+            ("the captured self-attention", attn_self, weights.format("denoiser")),
+        ])
 
     @torch.no_grad()
     def trace(self, pixels: torch.Tensor, embedding: torch.Tensor, layers: Sequence[AttentionLayer], seed: int,
@@ -93,6 +110,7 @@ class NoisyForward:
         """Every one of ``layers`` captured (per head) in one pass; returns the store and the latent side."""
         z0 = self.encode(pixels)
         z_t, t = self.noisy(z0, seed, timestep)
+        self.check(embedding, z_t)
         with capture_attention(self.backbone.denoiser, layers, per_head=per_head) as store:
             self.backbone.denoise(z_t, t, embedding)
         return store, z0.shape[-1]

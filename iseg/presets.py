@@ -219,6 +219,11 @@ def make_settings(preset: str | None = None, base: Settings | None = None, **ove
 MAX_ITERATIONS = 1000
 MAX_CLUSTER_ROUNDS = 1000
 MAX_IMAGE_SIZE = 4096  # a 512x512 latent; its self-attention alone would be 2**36 entries
+# Real settings multiply float32 (or float16) tensors: float32 holds magnitudes from about 1e-38 to
+# 3.4e38, so a factor is kept within 1e-30..1e30, which leaves 8 orders of magnitude for the
+# products it enters (gamma * embedding, lam * log10 of an attention, a weight * a map). Beyond
+# that, 1e40 became inf and 1e-320 became 0 in float32, and the mask was silently all background.
+REAL_MIN, REAL_MAX = 1e-30, 1e30
 _TRUE_WORDS = ("true", "yes", "1")
 _FALSE_WORDS = ("false", "no", "0")
 
@@ -256,6 +261,16 @@ def _real(name: str, value, allowed: str, ok) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
         raise _fail(name, allowed, value)
     return float(value)
+
+
+def _factor(name: str, value, allowed: str, ok, zero: bool = False, low: float = REAL_MIN) -> float:
+    """``_real``, then the range float32 arithmetic can hold: ``low .. REAL_MAX`` (or 0 if ``zero``)."""
+    value = _real(name, value, allowed, ok)
+    if not ((zero and value == 0) or low <= value <= REAL_MAX):
+        span = f"from {low:g} to {REAL_MAX:g}" if low > 0 else f"at most {REAL_MAX:g}"
+        raise SettingsError(f"setting {name}={value!r} is beyond what float32 arithmetic holds (about 1e-38 to 3e38, "
+                            f"with room for the products it enters): give {'0 or ' if zero and low > 0 else ''}a value {span}")
+    return value
 
 
 def _choice(name: str, value, choices: tuple[str, ...]) -> str:
@@ -305,7 +320,7 @@ def _cross_weights(value):
         return None
     if not isinstance(value, Mapping) or not value:
         raise _fail(name, 'null or a map {resolution: weight}, e.g. {"16": 0.3, "8": 0.7}', value)
-    out = {_resolution(name, r): _real(name, w, "non-negative numbers as weights", lambda x: x >= 0)
+    out = {_resolution(name, r): _factor(name, w, "non-negative numbers as weights", lambda x: x >= 0, zero=True)
            for r, w in value.items()}
     if len(out) != len(value):
         raise SettingsError(f"setting {name} names a resolution twice: {value!r}")
@@ -350,7 +365,7 @@ _RULES = {
     "aspect": lambda v: _choice("aspect", v, ("stretch", "pad")),
     "timestep": lambda v: _int("timestep", v, 0, 999),
     "seed": lambda v: _int("seed", v, 0, 2**64 - 1, "an integer in [0, 2**64)"),  # torch.Generator's range
-    "gamma": lambda v: _real("gamma", v, "a finite number > 0", lambda x: x > 0),
+    "gamma": lambda v: _factor("gamma", v, "a finite number > 0", lambda x: x > 0),
     "prompt_prefix": lambda v: _text("prompt_prefix", v),
     "prompt_joiner": lambda v: _text("prompt_joiner", v),
     "extra_words": lambda v: _words("extra_words", v),
@@ -364,12 +379,12 @@ _RULES = {
     "self_image_size": lambda v: None if v is None else _int("self_image_size", v, 8, MAX_IMAGE_SIZE),
     "clustering": lambda v: _bool("clustering", v),
     "cluster_rounds": lambda v: _int("cluster_rounds", v, 1, MAX_CLUSTER_ROUNDS),
-    "lam": lambda v: _real("lam", v, "a finite number >= 0", lambda x: x >= 0),
+    "lam": lambda v: _factor("lam", v, "a finite number >= 0", lambda x: x >= 0, zero=True, low=0),
     "iterations": lambda v: _int("iterations", v, 0, MAX_ITERATIONS),
     # clamp_max <= 0 would clamp every Ent-Self entry to it and silently switch the step off
-    "clamp_max": lambda v: None if v is None else _real("clamp_max", v, "null or a finite number > 0", lambda x: x > 0),
+    "clamp_max": lambda v: None if v is None else _factor("clamp_max", v, "null or a finite number > 0", lambda x: x > 0),
     "background": lambda v: _choice("background", v, ("power", "threshold")),
-    "bg_power": lambda v: _real("bg_power", v, "a finite number > 0", lambda x: x > 0),
+    "bg_power": lambda v: _factor("bg_power", v, "a finite number > 0", lambda x: x > 0),
     "threshold": lambda v: _real("threshold", v, "a number in (0, 1)", lambda x: 0 < x < 1),
     "batch_size": lambda v: _int("batch_size", v, 1),
     "return_self_attention": lambda v: _bool("return_self_attention", v),

@@ -355,6 +355,12 @@ def test_raw_rule_is_the_best_raw_bg_power_on_validation():
     (["--shape-head", "1"], "--shape-head is for --family sd3"),
     (["--family", "sd3", "--shape-head", "-1"], "--shape-head is a loss weight"),
     (["--family", "sd3", "--shape-head", "nan"], "--shape-head is a loss weight"),
+    (["--ground", "nan"], "--ground is a loss weight, a finite number"),
+    (["--group", "inf"], "--group is a loss weight, a finite number"),
+    (["--vocab", "-1"], "--vocab is a loss weight"),
+    (["--vae-kl", "1e300"], "--vae-kl is a loss weight"),
+    (["--ema", "nan"], "--ema is a decay"),
+    (["--ema", "inf"], "--ema is a decay"),
 ])
 def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, extra, message):
     from iseg.shapes.train import main as train_main
@@ -362,6 +368,31 @@ def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, ext
     assert train_main(["--out", str(tmp_path / "m"), "--images", "8", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.work").exists()  # nothing rendered or written
+
+
+def test_a_nan_loss_stops_training_before_the_weights_take_it(tmp_path, capsys, monkeypatch):
+    import iseg.shapes.train as train
+
+    # a grounding loss that turns NaN at the second denoiser step: the run stops there, exit 2,
+    # names the step and the term, and writes no model; the checkpoint keeps finite weights
+    calls = []
+
+    def nan_on_second(*args, **kwargs):
+        calls.append(1)
+        value = torch.tensor(0.5, requires_grad=True)
+        return value * (math.nan if len(calls) >= 2 else 1.0)
+
+    monkeypatch.setattr(train, "grounding_loss", nan_on_second)
+    out = tmp_path / "m"
+    code = train.main(["--out", str(out), "--images", "8", "--workers", "1", "--vae-steps", "1", "--vae-batch", "2",
+                       "--unet-steps", "4", "--batch-size", "2", "--device", "cpu", "--save-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "unet step 1: the loss terms ground are not finite" in err
+    assert not (out / "model_index.json").exists()
+    state = torch.load(tmp_path / "m.work" / "checkpoint.pt", weights_only=False)
+    assert state["unet_step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
 
 
 def test_token_classes_by_hand():

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..capture import AttentionLayer
+from ..numerics import check_scale
 from ..prompts import Prompt, token_ids
 
 __all__ = ["Backbone", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
@@ -25,6 +26,9 @@ def vae_latents(vae, pixels: torch.Tensor, device, encoding) -> torch.Tensor:
     every family here feeds its denoiser (SD's VAEs have no shift)."""
     x = (2 * pixels - 1).to(device, next(vae.parameters()).dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
+    check_scale("scaling_factor", vae.config.scaling_factor)
+    if not math.isfinite(shift):
+        check_scale("shift_factor", shift)
     return (encoding(vae, x) - shift) * vae.config.scaling_factor
 
 

@@ -263,6 +263,30 @@ def _save(path: Path, state: dict):
     os.replace(tmp, path)
 
 
+def check_loss_weights(args) -> None:
+    """Loss weights and the EMA decay must be finite numbers in range: a NaN or infinite weight
+    trained a model of NaN weights and exited 0."""
+    for name in ("ground", "group", "vocab", "shape_head", "vae_kl"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0 <= value <= 1e6):
+            raise CommandError(f"--{name.replace('_', '-')} is a loss weight, a finite number from 0 to 1e6; got {value}")
+    if not (math.isfinite(args.ema) and 0 <= args.ema < 1):
+        raise CommandError(f"--ema is a decay, a number in [0, 1); got {args.ema}")
+
+
+def stop_if_not_finite(stage: str, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, parts: dict) -> None:
+    """Stop the run before ``opt.step`` writes NaN into the weights (one host synchronisation per
+    step): ``CommandError`` naming the step and the loss terms that are not finite."""
+    if bool(torch.isfinite(loss + grad_norm)):
+        return
+    bad = [name for name, value in parts.items() if not math.isfinite(float(value.detach()))]
+    what = f"the loss terms {', '.join(bad)} are" if bad else "the gradient norm is"
+    raise CommandError(
+        f"{stage} step {step}: {what} not finite (loss {float(loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}); "
+        "training stopped before the weights took NaN. The last checkpoint is intact: check the loss weights and "
+        "--lr, and the dtype; resume with --resume after changing them")
+
+
 def _log(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -288,6 +312,8 @@ def train_vae(vae, images, args, device, ckpt, log_path, state):
         loss = mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        norm = torch.stack([p.grad.norm() for p in vae.parameters() if p.grad is not None]).norm()
+        stop_if_not_finite("vae", step, loss, norm, {"mse": mse, "kl": kl})
         opt.step()
         if step % 50 == 0 or step == args.vae_steps - 1:
             bar.set_postfix(mse=f"{mse.item():.4f}")
@@ -457,7 +483,9 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
             head_opt.zero_grad(set_to_none=True)
         loss.backward()
         token_states.clear()  # the vocabulary pass appended its own; neither is needed past backward
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        stop_if_not_finite(args.family, step, loss, norm, {"mse": mse, "ground": ground, "group": group,
+                                                           "vocab": vloss, "shape": shape_loss})
         if head_opt is not None:
             head_opt.step()
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
@@ -674,6 +702,7 @@ def run(args) -> int:
         raise CommandError("--shape-head is for --family sd3 (a UNet's convolutions see shape already); leave it at 0")
     if not math.isfinite(args.shape_head) or args.shape_head < 0:
         raise CommandError(f"--shape-head is a loss weight, a finite number 0 or more; got {args.shape_head}")
+    check_loss_weights(args)
     if not 0 <= args.colour_drop <= 1:
         raise CommandError(f"--colour-drop is a share of captions, between 0 and 1; got {args.colour_drop}")
     device = device_option(args.device)
