@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from oracle import reference_cluster, reference_distances, reference_seeds
 
 from iseg import refine as R
 
@@ -219,43 +220,7 @@ def test_pool_labels_takes_the_majority_of_each_cell():
         pool_labels(np.zeros((5, 4), np.uint8), 2)
 
 
-# -- clustering against an independent float64 reference (numpy, no iseg code) -----------------------
-
-
-def _reference_seeds(size):
-    # the reference's rows/columns 0, 11, .., 55 of 64, kept in proportion on other sides, once each
-    coords = sorted({min(int(math.floor(i * 11 * size / 64 + 0.5)), size - 1) for i in range(6)})
-    return [y * size + x for y in coords for x in coords]
-
-
-def _reference_distances(p, centers):
-    # symmetric KL, direct form, float64, (n, T) x (K, T) -> (n, K), in row chunks
-    out = np.empty((len(p), len(centers)))
-    lc = np.log(centers + 1e-5)
-    for s in range(0, len(p), 512):
-        pp = p[s : s + 512, None, :]
-        out[s : s + 512] = 0.5 * ((pp - centers[None]) * (np.log(pp + 1e-5) - lc[None])).sum(-1)
-    return out
-
-
-def _reference_cluster(x, seeds, rounds):
-    """k-means of method.md §4 in float64: returns (assignments, clustered x, last distances)."""
-    x = np.asarray(x, dtype=np.float64)
-    p = np.maximum(x, 1e-6)
-    centers = p[seeds].copy()
-    alive = np.ones(len(seeds), bool)
-    for _ in range(rounds):
-        d = _reference_distances(p, centers)
-        d[:, ~alive] = np.inf
-        assign = d.argmin(1)
-        counts = np.bincount(assign, minlength=len(seeds))
-        alive = counts > 0
-        for k in np.flatnonzero(alive):
-            centers[k] = p[assign == k].mean(0)
-    out = np.empty_like(x)
-    for k in np.flatnonzero(alive):
-        out[assign == k] = x[assign == k].mean(0)
-    return assign, out, d
+# -- clustering against an independent float64 reference (tests/oracle.py: numpy, no iseg code) --------
 
 
 def _near_tie_map(size, tokens, seed, gap=1e-6):
@@ -263,7 +228,7 @@ def _near_tie_map(size, tokens, seed, gap=1e-6):
     one of them (in float64 symmetric KL)."""
     rng = np.random.default_rng(seed)
     n = size * size
-    seeds = _reference_seeds(size)
+    seeds = reference_seeds(size)
     # seed k: a low random floor and a bump of 3 on two tokens of its own, so that a mixture of two
     # seeds is far from every third seed
     x = rng.uniform(0.02, 0.08, (n, tokens))
@@ -299,7 +264,7 @@ def test_kl_cluster_agrees_with_float64_reference_on_near_ties(size, tokens):
     x32, seeds = _near_tie_map(size, tokens, seed=size + tokens)
     assert R._grid_seeds(size).tolist() == seeds
     p = np.maximum(x32.astype(np.float64), 1e-6)
-    d = _reference_distances(p, p[seeds])
+    d = reference_distances(p, p[seeds])
     best2 = np.sort(d, 1)[:, :2]
     others = np.setdiff1d(np.arange(size * size), seeds)
     gaps = (best2[:, 1] - best2[:, 0])[others]
@@ -314,10 +279,10 @@ def test_kl_cluster_agrees_with_float64_reference_on_near_ties(size, tokens):
     ours = R.symmetric_kl(torch.from_numpy(p)[None], torch.from_numpy(p[seeds])[None])[0].numpy()
     assert np.abs(ours - d).max() < 1e-11
     x = torch.from_numpy(x32)[None]
-    assign1, _, _ = _reference_cluster(x32, seeds, 1)
+    assign1, _, _ = reference_cluster(x32, seeds, 1)
     assert R._kl_assign(x.clamp_min(1e-6), torch.tensor(seeds), 1)[0].numpy().tolist() == assign1.tolist()
     # and the whole k-means, 3 rounds, in a batch of two with the image alone
-    assign, expected, _ = _reference_cluster(x32, seeds, 3)
+    assign, expected, _ = reference_cluster(x32, seeds, 3)
     other = torch.from_numpy(_near_tie_map(size, tokens, seed=1)[0])[None]
     out = R.kl_cluster(torch.cat([other, x]), rounds=3)
     assert out.dtype == torch.float32
