@@ -22,6 +22,7 @@ from .loading import (
     register_model,
     shipped_models,
 )
+from .numerics import NonFiniteError
 from .presets import PRESETS, Settings, SettingsError, make_settings, preset_names, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
 from .results import Observation, SegmentationResult
@@ -38,6 +39,7 @@ __all__ = [
     "LoadedModel",
     "Observation",
     "ModelNotAvailableError",
+    "NonFiniteError",
     "PRESETS",
     "PromptTooLongError",
     "SegmentationResult",
