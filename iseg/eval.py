@@ -47,6 +47,7 @@ from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
 from .loading import DEFAULT_MODEL, load_model, resolve_device
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, make_settings, parse_overrides
+from .safe_files import write_atomic, write_json, write_text
 from .segmenter import ISeg
 from .viz import label_png
 
@@ -260,7 +261,7 @@ def evaluate_dataset(
             (out / "masks").mkdir(exist_ok=True)
         _barrier(state)
         if main_process:
-            previous.write_text(json.dumps(manifest, indent=1))
+            write_json(previous, manifest)  # never rewritten in place: a kill leaves the old or the new
         done = load_records(out)
     batch_size = settings.batch_size
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -308,7 +309,7 @@ def evaluate_dataset(
                 h = confusion(pred, item.label, num_labels)
                 hist += h
                 if save_masks and out is not None:
-                    label_png(pred).save(out / "masks" / f"{item.id}.png")
+                    write_atomic(out / "masks" / f"{item.id}.png", lambda p, m=pred: label_png(m).save(p, format="PNG"))
                 rec = {"id": item.id, "hist": _sparse(h), "classes": list(per_image[k]),
                        "gt_classes": list(item.classes), "seconds": round(seconds, 5)}
                 done[item.id] = rec
@@ -336,8 +337,8 @@ def evaluate_dataset(
         if missing:
             raise RuntimeError(f"{len(missing)} images have no record after the run (e.g. {missing[:3]})")
         metrics = _metrics(records, dataset, manifest, wall, computed, world)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out / "results.md").write_text(format_results(metrics))
+        write_json(out / "metrics.json", metrics)
+        write_text(out / "results.md", format_results(metrics))
     _barrier(state)
     if metrics is None:
         metrics = json.loads((out / "metrics.json").read_text())
