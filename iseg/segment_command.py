@@ -151,6 +151,29 @@ def _read_classes_file(path: Path) -> dict:
     return table
 
 
+def _check_image(path: Path) -> None:
+    """Read the image's header now: a file that is not an image, or one too small, is refused before
+    the model loads and before any result is written (the pixels are read when it is segmented)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .images import MIN_SIDE
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                img.verify()  # the chunks' checksums (PNG): a file cut short is refused now
+    except Image.DecompressionBombError as err:
+        raise CommandError(f"image {path} is too large to open safely ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CommandError(f"image {path} cannot be read as an image ({err}); is the file corrupt or not an image?") from None
+    if min(width, height) < MIN_SIDE:
+        raise CommandError(f"image {path} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
+
+
 def _output_folder(out: Path) -> Path:
     try:
         return check_folder(out, "--out")
@@ -168,6 +191,7 @@ def run(args) -> int:
     for path in images:
         if not path.is_file():
             raise CommandError(f"image not found: {path}" if not path.exists() else f"image {path} is not a file")
+        _check_image(path)
     per_image = _classes_for(images, args.classes, args.classes_file)
     overrides = settings_overrides(args.set, args.preset)
     device = device_option(args.device)

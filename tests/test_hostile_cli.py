@@ -704,3 +704,83 @@ def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):
     assert _train(tmp_path) == 2
     assert "is a symbolic link to" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
     assert not (tmp_path / "m.work").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not an image", r"image .*bad.png cannot be read as an image"),
+    (None, r"image .*bad.png cannot be read as an image"),  # a PNG cut short
+    ("tiny", r"image .*bad.png is 4x4 pixels; iSeg needs at least 8x8"),
+])
+def test_segment_reads_every_image_header_before_the_model_loads(tmp_path, image, capsys, monkeypatch, content, message):
+    import re
+
+    _no_model(monkeypatch)
+    bad = tmp_path / "bad.png"
+    if content is None:
+        bad.write_bytes(image.read_bytes()[:-30])
+    elif content == "tiny":
+        Image.new("RGB", (4, 4)).save(bad)
+    else:
+        bad.write_bytes(content)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(image), str(bad), "--classes", "square", "--model", "shapes", "--out", str(out)]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
+    assert not out.exists()
+
+
+def test_segment_reads_a_long_thin_image(tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (9000, 12), (200, 30, 30)).save(strip)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(strip), "--classes", "square", "--model", "shapes", "--out", str(out),
+                     "--no-gif"]) == 0
+    assert Image.open(out / "strip.labels.png").size == (9000, 12)
+
+
+@pytest.mark.parametrize("prepare, argv, message", [
+    (lambda t: os.symlink(t / "gone", t / "run"), [], r"--out .*run is a symbolic link to .*gone, which does not exist"),
+    (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("")), [],
+     r"run.json is not the record of an iseg-eval run; use another --out"),
+    (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("{")), ["--restart"],
+     r"--restart: .*run.json is not an iseg-eval run.json .* nothing was deleted"),
+    (lambda t: None, ["--task", "wsss", "--labels", "{labels}"], r"--task wsss uses the ground-truth image labels"),
+    (lambda t: None, ["--task", "ovs", "--labels", "{labels}"], r"not a shapes class|has no entry|is not"),
+])
+def test_eval_checks_its_inputs_before_the_model_loads(tmp_path, capsys, monkeypatch, prepare, argv, message):
+    import re
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(ev, "load_model", refuse)
+    prepare(tmp_path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"2000000": ["dog"]}))
+    argv = [a.replace("{labels}", str(labels)) for a in argv]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert ev.main([*EVAL, "--out", str(tmp_path / "run"), *argv]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg-eval")), message
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing deleted
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init", "{tmp}"], r"--init .* is not a model folder \(it has no model_index.json\)"),
+    (["--init", "{shapes}", "--init-parts", "vae,unet,bogus"], r"unknown --init-parts \['bogus'\]"),
+    (["--init", "{shapes}", "--init-parts", "transformer"], r"--init-parts \['transformer'\] do not fit a unet model"),
+    (["--init", "{shapes}", "--init-parts", "unet"], r"needs the folder's VAE too"),
+    (["--init", "{shapes}", "--init-parts", "vae,text_encoder", "--family", "sd3", "--init", "{empty_model}"],
+     r"has no vae/ \(with its config.json\)"),
+])
+def test_train_shapes_checks_init_before_rendering(tmp_path, capsys, extra, message):
+    import re
+
+    import iseg
+
+    empty_model = tmp_path / "empty"
+    empty_model.mkdir()
+    (empty_model / "model_index.json").write_text("{}")
+    extra = [a.replace("{tmp}", str(tmp_path)).replace("{shapes}", str(iseg.shipped_models()["shapes"]))
+             .replace("{empty_model}", str(empty_model)) for a in extra]
+    assert _train(tmp_path, *extra) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert not (tmp_path / "m.work").exists()

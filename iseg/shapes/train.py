@@ -622,6 +622,25 @@ def write_pipeline(out: Path, vae, text_encoders, tokenizer, denoiser, dtype=tor
 INIT_PARTS = ("vae", "text_encoder", "unet", "unet-inner", "transformer")
 
 
+def check_init_parts(parts, family: str, folder: Path | None = None) -> None:
+    """``--init-parts`` names parts that exist, fit the family and, with ``folder``, are in it."""
+    unknown = set(parts) - set(INIT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
+    wrong = set(parts) & ({"unet", "unet-inner"} if family == "sd3" else {"transformer"})
+    if wrong:
+        raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {family} model")
+    if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
+        raise ValueError("--init-parts unet/transformer needs the folder's VAE too (the denoiser was trained on its latents)")
+    if folder is not None:
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"--init {folder} is not a model folder (it has no model_index.json)")
+        for part in parts:
+            sub = {"unet-inner": "unet"}.get(part, part)
+            if not (folder / sub / "config.json").is_file():
+                raise ValueError(f"--init {folder} has no {sub}/ (with its config.json) for --init-parts {part}")
+
+
 def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_encoder", "unet")):
     """Load parts of an existing model folder. ``unet-inner`` puts a latent-16 UNet on the inner
     levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew.
@@ -632,15 +651,7 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unknown = set(parts) - set(INIT_PARTS)
-    if unknown:
-        raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
-    transformer = isinstance(denoiser, SD3Transformer2DModel)
-    wrong = set(parts) & ({"unet", "unet-inner"} if transformer else {"transformer"})
-    if wrong:
-        raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {'sd3' if transformer else 'unet'} model")
-    if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
-        raise ValueError("--init-parts unet/transformer needs the folder's VAE too (the denoiser was trained on its latents)")
+    check_init_parts(parts, "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet")
     if "vae" in parts:
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
@@ -749,6 +760,11 @@ def run(args) -> int:
     state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
     if args.init is not None and not args.init.is_dir():
         raise CommandError(f"--init {args.init} is not a model folder")
+    if args.init is not None:
+        try:
+            check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
     if args.shape_head != 0 and args.family != "sd3":
@@ -779,7 +795,7 @@ def run(args) -> int:
         denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
     else:
         text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
-    init_parts = set(args.init_parts.split(",")) if args.init is not None else set()
+    init_parts = {p.strip() for p in args.init_parts.split(",")} if args.init is not None else set()
     if args.init is not None and "unet" not in state:
         try:
             _load_init(args.init, vae, text_encoders, denoiser, parts=init_parts)
