@@ -39,6 +39,7 @@ from .cli_options import (
     settings_overrides,
 )
 from .loading import LoadedModel, load_model
+from .safe_files import write_text
 from .segmenter import ISeg
 from .shapes.model import make_tokenizer
 
@@ -308,7 +309,7 @@ def run(args) -> int:
             if where.startswith(variant):
                 print(f"  failed ({where}): {err}")
         if out:
-            out.write_text(json.dumps(report, indent=1))
+            write_text(out, json.dumps(report, indent=1))
     if report["errors"]:
         return 1
     return 0

@@ -99,8 +99,14 @@ def read_label(path: Path, num_labels: int, what: str = "label") -> np.ndarray:
     if arr.ndim != 2:
         raise DatasetError(f"{what} file {path} is a {mode} colour image; expected an index PNG (mode P or L) whose "
                            "pixel values are class ids - convert colour-coded masks to ids first")
+    if mode == "1":  # a 1-bit mask reads as True/False: its "1" is not a class id
+        raise DatasetError(f"{what} file {path} is a 1-bit (black and white) mask; expected an index PNG (mode P or "
+                           "L) whose pixel values are class ids (0 background, 1.. classes, 255 ignored)")
     values = np.unique(arr)
-    bad = values[(values >= num_labels) & (values != IGNORE)]
+    if arr.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise DatasetError(f"{what} file {path} holds fractional values such as {values[values != np.round(values)][0]}; "
+                           "class ids are whole numbers")
+    bad = values[((values >= num_labels) & (values != IGNORE)) | (values < 0)]
     if bad.size:
         raise DatasetError(f"{what} file {path} holds values {bad[:8].tolist()} outside 0..{num_labels - 1} and "
                            f"{IGNORE}; is it from another dataset or convention?")
@@ -108,10 +114,17 @@ def read_label(path: Path, num_labels: int, what: str = "label") -> np.ndarray:
 
 
 def _read_image(path: Path) -> Image.Image:
+    """The image on its stored pixel grid, as its label is: an EXIF orientation tag is dropped, not
+    applied (turning the image would put predictions on another grid than the label's)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
+            rgb = img.convert("RGB") if img.mode != "RGB" else img.copy()
+            rgb.info.pop("exif", None)
+            if rgb.getexif().get(0x0112, 1) not in (0, 1):
+                exif = rgb.getexif()
+                del exif[0x0112]
+            return rgb
     except FileNotFoundError:
         raise DatasetError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -127,11 +140,19 @@ def _need_dir(path: Path, dataset: str, hint: str) -> Path:
 def _read_list(path: Path, dataset: str) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{dataset}: expected the image list {path}")
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of a name
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{dataset}: the image list {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     # SegmentationAug lists hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs
     ids = [Path(i).stem for i in ids]
     if not ids:
         raise DatasetError(f"{dataset}: the image list {path} is empty")
+    if len(set(ids)) != len(ids):  # an image listed twice would count twice in some sums and once in others
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))
+        raise DatasetError(f"{dataset}: the image list {path} names {twice!r} more than once; list each image once")
     return ids
 
 
@@ -348,6 +369,9 @@ def open_dataset(name: str, root=None, split: str | None = None, **options) -> S
     """A dataset reader by name (``voc``, ``context``, ``coco-object``, ``coco-object-164k``, and
     datasets of registered models such as ``shapes``, which are generated and need no folder)."""
     cls = dataset_class(name)
+    if split is not None and (not isinstance(split, str) or not split.strip() or any(c in split for c in "/\\")
+                              or split.startswith(".")):
+        raise DatasetError(f"{name}: split {split!r} is not a split name (such as train or val)")
     if getattr(cls, "needs_root", True):
         if root is None:
             raise DatasetError(f"{name}: give the dataset folder with --root (nothing is downloaded)")

@@ -47,6 +47,7 @@ from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
 from .loading import DEFAULT_MODEL, load_model, resolve_device
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, make_settings, parse_overrides
+from .safe_files import check_folder, write_atomic, write_json, write_text
 from .segmenter import ISeg
 from .viz import label_png
 
@@ -260,7 +261,7 @@ def evaluate_dataset(
             (out / "masks").mkdir(exist_ok=True)
         _barrier(state)
         if main_process:
-            previous.write_text(json.dumps(manifest, indent=1))
+            write_json(previous, manifest)  # never rewritten in place: a kill leaves the old or the new
         done = load_records(out)
     batch_size = settings.batch_size
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -308,7 +309,7 @@ def evaluate_dataset(
                 h = confusion(pred, item.label, num_labels)
                 hist += h
                 if save_masks and out is not None:
-                    label_png(pred).save(out / "masks" / f"{item.id}.png")
+                    write_atomic(out / "masks" / f"{item.id}.png", lambda p, m=pred: label_png(m).save(p, format="PNG"))
                 rec = {"id": item.id, "hist": _sparse(h), "classes": list(per_image[k]),
                        "gt_classes": list(item.classes), "seconds": round(seconds, 5)}
                 done[item.id] = rec
@@ -336,8 +337,8 @@ def evaluate_dataset(
         if missing:
             raise RuntimeError(f"{len(missing)} images have no record after the run (e.g. {missing[:3]})")
         metrics = _metrics(records, dataset, manifest, wall, computed, world)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out / "results.md").write_text(format_results(metrics))
+        write_json(out / "metrics.json", metrics)
+        write_text(out / "results.md", format_results(metrics))
     _barrier(state)
     if metrics is None:
         metrics = json.loads((out / "metrics.json").read_text())
@@ -572,8 +573,13 @@ def run(args) -> int:
         raise ValueError(f"--preset: {err}") from None
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 (the number of images to evaluate), got {args.limit}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a folder; give a folder name")
+    check_folder(args.out, "--out")  # a file, a dangling link or a read-only folder: refused now, not after loading
+    previous = args.out / "run.json"
+    if previous.is_file() and _read_run(previous) is None and not args.restart:
+        raise RunMismatchError(f"{previous} is not the record of an iseg-eval run; use another --out")
+    if args.restart and previous.exists() and _read_run(previous) is None:
+        raise ValueError(f"--restart: {previous} is not an iseg-eval run.json, so the files in {args.out} are not "
+                         "known to be a run's; nothing was deleted. Choose another --out, or remove them yourself")
     if args.labels is not None and not args.labels.is_file():
         raise ValueError(f"--labels {args.labels} does not exist or is not a file")
     try:
@@ -582,6 +588,8 @@ def run(args) -> int:
         raise ValueError(f"--device: {err}") from None
     state = PartialState(cpu=(device is not None and device.type == "cpu") or not torch.cuda.is_available())
     dataset = open_dataset(args.dataset, args.root, split)
+    if args.task == "wsss" or args.labels is not None or args.label_method in ("gt", "file"):
+        _classes_source(args.task, dataset, args.labels, args.label_method)  # the labels file read now, not after loading
     if state.distributed_type.name != "NO" and args.device is None:
         device = state.device
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -44,7 +44,8 @@ class Geometry:
 
 
 def _reduce_factor(width: int, height: int) -> int:
-    return max(1, math.ceil(max(width, height) / MAX_SIDE))
+    # never below MIN_SIDE on the short side: a 9000x12 strip is small enough as it is
+    return max(1, min(math.ceil(max(width, height) / MAX_SIDE), min(width, height) // MIN_SIDE))
 
 
 def _reduced(img: Image.Image, name: str, size: tuple[int, int] | None = None) -> Image.Image:
@@ -61,7 +62,7 @@ def _reduced(img: Image.Image, name: str, size: tuple[int, int] | None = None) -
             img = img.convert({"1": "L", "P": "RGBA", "PA": "RGBA"}.get(img.mode, "I"))
         img = img.reduce(factor)
     w, h = size or before
-    if max(w, h) > MAX_SIDE:
+    if max(img.size) < max(w, h):  # reduced here or by a JPEG draft (turning upright keeps the longer side)
         warnings.warn(f"{name} is {w}x{h} pixels; read at {img.size[0]}x{img.size[1]} (iseg.images.MAX_SIDE = "
                       f"{MAX_SIDE}); results come at that size", stacklevel=4)
     return img

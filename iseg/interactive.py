@@ -63,9 +63,16 @@ def _grid_side(geometry: Geometry) -> tuple[float, float]:
     return float(geometry.height), float(geometry.width)
 
 
+def _coordinate(v) -> float:
+    # True and False are numbers to Python, never to a user giving pixel coordinates
+    if isinstance(v, (bool, np.bool_, str, bytes)):
+        raise TypeError(v)
+    return float(v)
+
+
 def _check_xy(p, geometry: Geometry, what: str) -> tuple[float, float]:
     try:
-        x, y = (float(v) for v in p)
+        x, y = (_coordinate(v) for v in p)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be an (x, y) pair of pixel coordinates, got {p!r}") from None
     # the right and bottom edges belong to the image: a click on the border is on the last cell
@@ -80,37 +87,89 @@ def _cell(x: float, y: float, geometry: Geometry, side: int) -> int:
     return min(side - 1, int(side * y / span_y)) * side + min(side - 1, int(side * x / span_x))
 
 
+def _xy(points, geometry: Geometry, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` of a list of ``(x, y)`` pairs as float64 arrays, every pair checked (an
+    error names the first bad one); many pairs are checked at once."""
+    arr = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points, dtype=object)
+    if arr.ndim == 2 and arr.shape[1] == 2 and not any(isinstance(v, (bool, np.bool_, str, bytes)) for v in arr.flat):
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            arr = None
+    else:
+        arr = None
+    if arr is None:  # ragged, or not numbers: pair by pair, for the error naming the pair
+        pairs = [_check_xy(p, geometry, f"{what} {i}") for i, p in enumerate(points)]
+        arr = np.array(pairs, np.float64).reshape(-1, 2)
+    x, y = arr[:, 0], arr[:, 1]
+    bad = ~(np.isfinite(x) & np.isfinite(y) & (x >= 0) & (x <= geometry.width) & (y >= 0) & (y <= geometry.height))
+    if bad.any():
+        i = int(np.argmax(bad))
+        _check_xy(points[i], geometry, f"{what} {i}")  # raises, naming the pair
+    return x, y
+
+
+def _cells(x: np.ndarray, y: np.ndarray, geometry: Geometry, side: int) -> np.ndarray:
+    span_y, span_x = _grid_side(geometry)
+    rows = np.minimum(side - 1, np.floor(side * y / span_y).astype(np.int64))
+    cols = np.minimum(side - 1, np.floor(side * x / span_x).astype(np.int64))
+    return rows * side + cols
+
+
+def _distinct(cells: np.ndarray) -> list[int]:
+    _, first = np.unique(cells, return_index=True)
+    return [int(c) for c in cells[np.sort(first)]]
+
+
+def _pairs(value, what: str):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"{what} must be a list of (x, y) pairs of pixel coordinates, got {value!r}")
+    return value
+
+
 def point_cells(points, geometry: Geometry, side: int) -> list[int]:
-    """Grid cell of every point, ``(x, y)`` pairs in image pixels (one column each)."""
-    if points is None or len(points) == 0:
+    """The distinct grid cells of the points, ``(x, y)`` pairs in image pixels, in the order first
+    clicked (one column each: clicking a cell twice asks for the same thing once, so any number of
+    clicks costs at most one column per cell)."""
+    if points is None or len(_pairs(points, "points")) == 0:
         raise ValueError("points is empty; give at least one (x, y) pair")
-    if len(points) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) for v in points):
+    if len(points) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                                for v in points):
         points = [points]  # one bare (x, y) pair
-    return [_cell(*_check_xy(p, geometry, f"point {i}"), geometry, side) for i, p in enumerate(points)]
+    x, y = _xy(points, geometry, "point")
+    return _distinct(_cells(x, y, geometry, side))
+
+
+#: samples of a stroke beyond which it is refused (a stroke across a 64-cell grid takes about 400)
+MAX_LINE_SAMPLES = 20_000_000
 
 
 def line_cells(line, geometry: Geometry, side: int) -> list[int]:
     """Every distinct grid cell a stroke through ``line``'s (x, y) points passes, in order."""
-    if line is None or len(line) == 0:
+    if line is None or len(_pairs(line, "the line")) == 0:
         raise ValueError("the line is empty; give the stroke as a list of (x, y) points")
-    pts = [_check_xy(p, geometry, f"line point {i}") for i, p in enumerate(line)]
+    x, y = _xy(line, geometry, "line point")
+    if len(x) == 1:
+        x, y = np.repeat(x, 2), np.repeat(y, 2)
     span_y, span_x = _grid_side(geometry)
     step = 0.25 * min(span_x, span_y) / side  # a quarter of a cell: no cell is skipped
-    cells: list[int] = []
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
-        count = max(1, int(math.ceil(math.hypot(x1 - x0, y1 - y0) / step)))
-        for k in range(count + 1):
-            t = k / count
-            c = _cell(x0 + t * (x1 - x0), y0 + t * (y1 - y0), geometry, side)
-            if c not in cells:
-                cells.append(c)
-    return cells
+    counts = np.maximum(1, np.ceil(np.hypot(np.diff(x), np.diff(y)) / step).astype(np.int64))
+    total = int((counts + 1).sum())
+    if total > MAX_LINE_SAMPLES:
+        raise ValueError(f"the line is too long to follow: its {len(x)} points span {total:,} quarter-cell steps "
+                         f"(at most {MAX_LINE_SAMPLES:,}); give a box, or fewer points")
+    segment = np.repeat(np.arange(len(counts)), counts + 1)
+    start = np.cumsum(counts + 1) - (counts + 1)
+    t = (np.arange(total) - start[segment]) / counts[segment]
+    xs = x[segment] + t * (x[segment + 1] - x[segment])
+    ys = y[segment] + t * (y[segment + 1] - y[segment])
+    return _distinct(_cells(xs, ys, geometry, side))
 
 
 def box_cells(box, geometry: Geometry, side: int) -> np.ndarray:
     """``(side*side,)`` 0/1 map of the cells inside ``box = (x0, y0, x1, y1)`` (image pixels)."""
     try:
-        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, y0, x1, y1 = (_coordinate(v) for v in box)
     except (TypeError, ValueError):
         raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}") from None
     if not (x1 > x0 and y1 > y0):
@@ -127,8 +186,17 @@ def box_cells(box, geometry: Geometry, side: int) -> np.ndarray:
 
 
 def _descriptions(text) -> list[str]:
+    if isinstance(text, (bytes, bytearray)):
+        raise TypeError(f"text must be a description (str) or a list of them, got bytes {bytes(text)!r}; "
+                        "decode it first (text.decode())")
+    if not isinstance(text, str) and not isinstance(text, (list, tuple)):
+        raise TypeError(f"text must be a description (str) or a list of them, got {type(text).__name__} {text!r}")
     parts = [text] if isinstance(text, str) else list(text)
-    out = [" ".join(p.split()) for item in parts for p in str(item).split(";")]
+    wrong = [p for p in parts if not isinstance(p, str)]
+    if wrong:
+        raise TypeError(f"text must be a description (str) or a list of them; {wrong[0]!r} is a "
+                        f"{type(wrong[0]).__name__}")
+    out = [" ".join(p.split()) for item in parts for p in item.split(";")]
     out = [p for p in out if p]
     if not out:
         raise ValueError("the text prompt is empty; describe what to segment, several descriptions separated by ';'")
@@ -240,6 +308,31 @@ class PromptSession:
         return prompt_result(obs, prompt, kind, value, s)
 
 
+#: bytes of refinement steps held at once: columns are refined in chunks of this size, so a line
+#: through a thousand cells needs no more memory than a few columns
+REFINE_CHUNK_BYTES = 64 * 2**20
+
+
+def refined_mean(cols: torch.Tensor, P: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``(N+1, n)``: the mean over the ``K`` columns of ``cols`` ``(n, K)`` of each column refined
+    (method §5) and max-normalised, after every step; computed a chunk of columns at a time."""
+    n, count = cols.shape
+    chunk = max(1, REFINE_CHUNK_BYTES // ((iterations + 1) * n * cols.element_size()))
+    total = None
+    for start in range(0, count, chunk):
+        part = cols[:, start : start + chunk]
+        steps = R.refine(part, P, iterations)  # (N+1, n, k)
+        # a column that is the same on every cell (a box over the whole image) stays constant under
+        # P (rows sum to 1), and nrm maps a constant to 0: it asks for everything, so it is 1 everywhere
+        whole = (part.amin(0) == part.amax(0)) & (part.amax(0) > 0)
+        if whole.any():
+            steps[..., whole] = 1.0
+        steps = steps / steps.amax(-2, keepdim=True).clamp_min(torch.finfo(steps.dtype).tiny)
+        summed = steps.sum(-1)
+        total = summed if total is None else total + summed
+    return total / count
+
+
 def empty_prompt(tokenizer) -> Prompt:
     """The prompt of no words: what points, lines and boxes are read with."""
     ids = token_ids(tokenizer, "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
@@ -262,15 +355,8 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
         cols = torch.zeros(n, len(cells), device=device)
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
-    steps = R.refine(cols.float(), P, s.iterations)  # (N+1, n, K)
-    check_refinement(cols.float(), obs.self_attention, P, steps, s)
-    # a column that is the same on every cell (a box over the whole image) stays constant under
-    # P (rows sum to 1), and nrm maps a constant to 0: it asks for everything, so it is 1 everywhere
-    whole = (cols.amin(0) == cols.amax(0)) & (cols.amax(0) > 0)
-    if whole.any():
-        steps[..., whole] = 1.0
-    steps = steps / steps.amax(-2, keepdim=True).clamp_min(torch.finfo(steps.dtype).tiny)
-    combined = steps.mean(-1)
+    combined = refined_mean(cols.float(), P, s.iterations)
+    check_refinement(cols.float(), obs.self_attention, P, combined, s)
     combined = combined / combined.amax(-1, keepdim=True).clamp_min(torch.finfo(combined.dtype).tiny)
     maps = combined.reshape(-1, side, side)
     score = to_original(maps[-1], geometry, obs.size).clamp(0, 1)

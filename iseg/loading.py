@@ -27,10 +27,13 @@ __all__ = [
     "LoadedModel",
     "ModelNotAvailableError",
     "UnsupportedPipelineError",
+    "ModelFolderError",
+    "check_components",
     "PIPELINES",
     "shipped_models",
     "register_model",
     "resolve_device",
+    "resolve_dtype",
     "load_model",
     "load_pipeline",
 ]
@@ -174,6 +177,34 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+# the names a dtype is given by: torch's own ("float16", "torch.float16") and the usual short ones
+DTYPE_NAMES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """``dtype`` as a floating ``torch.dtype`` (None: float16 on CUDA, else float32); a name such as
+    ``"float16"``, ``"torch.bfloat16"`` or ``"fp32"`` is read as that dtype. Anything else is a
+    ValueError naming the choices (never ignored)."""
+    if dtype is None:
+        return _default_dtype(device)
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not a dtype name; use float16, bfloat16 or float32 "
+                             "(or torch.float16, ...)")
+        return DTYPE_NAMES[key]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype or its name (e.g. torch.float16 or 'float16'), got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"dtype {dtype} cannot run a diffusion model; use torch.float16, torch.bfloat16 or torch.float32")
+    return dtype
+
+
 def _unavailable(model: str, reason: str) -> ModelNotAvailableError:
     shipped = sorted(shipped_models()) or ["shapes"]
     hub_id = model if model.count("/") == 1 and not Path(model).exists() else DEFAULT_MODEL
@@ -192,6 +223,10 @@ class UnsupportedPipelineError(TypeError):
     """The weights are a diffusers pipeline that iseg has no backbone for."""
 
 
+class ModelFolderError(ValueError):
+    """A model folder is malformed, incomplete, or its parts do not fit each other."""
+
+
 # the diffusers pipeline classes iseg reads, by the ``_class_name`` of their model_index.json
 PIPELINES = {name: family for family, (_, names) in FAMILIES.items() for name in names}
 
@@ -203,19 +238,90 @@ def _model_index(source: str, local_only: bool) -> dict | None:
     folder = Path(source).expanduser()
     if folder.is_dir():
         path = folder / "model_index.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_index(path) if path.is_file() else None
     cached = try_to_load_from_cache(source, "model_index.json")
     if isinstance(cached, str):
-        return json.loads(Path(cached).read_text())
+        return _read_index(Path(cached))
     if local_only:
         return None
-    return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    return _read_index(Path(hf_hub_download(source, "model_index.json")))
+
+
+def _read_index(path: Path) -> dict:
+    """A model_index.json, checked to be what diffusers reads: a JSON object whose ``_class_name``
+    is text and whose components are ``[library, class]`` pairs (or nulls)."""
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFolderError(f"{path} is not valid JSON ({err}); a diffusers model folder needs a model_index.json "
+                               "such as {\"_class_name\": \"StableDiffusionPipeline\", \"unet\": [\"diffusers\", "
+                               "\"UNet2DConditionModel\"], ...}") from None
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(index).__name__}; it must be a JSON object "
+                               "{\"_class_name\": ..., \"unet\": [\"diffusers\", \"UNet2DConditionModel\"], ...}")
+    name = index.get("_class_name", "StableDiffusionPipeline")
+    if not isinstance(name, str):
+        raise ModelFolderError(f"{path}: _class_name must be the pipeline class's name, such as "
+                               f"\"StableDiffusionPipeline\", got {name!r}")
+    for key, value in index.items():
+        if key.startswith("_") or value is None or isinstance(value, (bool, int, float)):
+            continue  # settings such as requires_safety_checker
+        if not isinstance(value, list) or len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
+            raise ModelFolderError(f"{path}: component {key!r} must be [library, class] such as "
+                                   f"[\"diffusers\", \"AutoencoderKL\"] (or [null, null]), got {value!r}")
+    return index
+
+
+def _components(index: dict) -> dict[str, tuple[str, str]]:
+    """The components a model_index.json lists as present: name -> (library, class)."""
+    return {k: tuple(v) for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and None not in v}
+
+
+def _check_folder_files(folder: Path, index: dict) -> None:
+    """Every component that model_index.json lists has its subfolder, and every safetensors file
+    there is whole (its header and the byte ranges it declares are all in the file)."""
+    for part, (library, cls) in _components(index).items():
+        sub = folder / part
+        if not sub.is_dir():
+            raise ModelFolderError(f"the model folder {folder} has no {part}/ folder, which its model_index.json "
+                                   f"lists ({library} {cls}); copy the whole folder again")
+        for weights in sorted(sub.glob("*.safetensors")):
+            problem = _safetensors_problem(weights)
+            if problem:
+                raise ModelFolderError(f"{weights} {problem}; the file is damaged or was cut short while copying. "
+                                       "Copy or download the model again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be read (``None`` when its header and sizes are sound)."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"is {size} bytes long: empty, not a safetensors file"
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > size - 8 or length > 100 * 2**20:
+            return f"declares a {length}-byte header but holds {size} bytes"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "has a header that is not valid JSON"
+    if not isinstance(header, dict):
+        return "has a header that is not a JSON object"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    data = size - 8 - length
+    if ends and max(ends) > data:
+        return f"holds {data} bytes of tensors but its header needs {max(ends)}"
+    return None
 
 
 def _pipeline_class(source: str, local_only: bool):
     import diffusers  # importing diffusers doubles the time of `import iseg`; only loading needs it
 
     index = _model_index(source, local_only) or {}
+    folder = Path(source).expanduser()
+    if folder.is_dir() and index:
+        _check_folder_files(folder, index)
     name = index.get("_class_name", "StableDiffusionPipeline")
     if name not in PIPELINES:
         raise UnsupportedPipelineError(f"{source} is a {name}; iseg reads {', '.join(PIPELINES)} "
@@ -260,7 +366,7 @@ AUTO_MODELS = {
 }
 
 
-def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
+def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | str | None = None,
                verbose: bool = True, family: str | None = None) -> LoadedModel:
     """Load a model for iSeg and move it to ``device``; returns a ``LoadedModel``.
 
@@ -268,13 +374,20 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     of a shipped model (``"shapes"``), or ``"auto"``: SD 2.1-base when its weights are in the local
     cache and a GPU is present, else the shapes model; ``"auto"`` with ``family="sd3"`` picks SD3-medium
     the same way, else the shapes MM-DiT (``"shapes-mmdit"``). ``device`` defaults to CUDA when present;
-    ``dtype`` to float16 on CUDA and float32 elsewhere. Missing weights raise
+    ``dtype`` (a torch dtype or its name, ``"float16"``) to float16 on CUDA and float32 elsewhere. Missing weights raise
     ``ModelNotAvailableError`` with the ways out; with ``HF_HUB_OFFLINE=1`` nothing touches the
     network.
     """
     device = resolve_device(device)
-    dtype = dtype or _default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a hub id, a folder or a shipped model's name, got {type(model).__name__} "
+                        f"{model!r}")
     name = os.fspath(model)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if not name.strip():
+        raise ValueError("model is empty; give a hub id, a folder, a shipped model's name or 'auto'")
 
     if family is not None and name != "auto":
         raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
@@ -306,6 +419,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         source = str(shipped[name])
         try:
             pipe = _from_pretrained(source, dtype, local_only=True)
+        except ModelFolderError:
+            raise
         except (OSError, ValueError) as err:
             raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
         return _finish(pipe, device, name)
@@ -316,11 +431,19 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
+        # a registered model's folder given by its path is that model, with its preset and vocabulary
+        known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
         try:
             pipe = _from_pretrained(str(path), dtype, local_only=True)
-        except (OSError, ValueError) as err:
-            raise _unavailable(name, f"the folder {path} could not be loaded ({err})") from err
-        return _finish(pipe, device, str(path))
+        except (ModelFolderError, UnsupportedPipelineError):
+            raise
+        except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            hint = (" (a config.json does not match the weights next to it)"
+                    if "mismatch" in str(err).lower() or "expected shape" in str(err).lower() else "")
+            raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
+                                   f"{first}") from err
+        return _finish(pipe, device, known or str(path))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise _unavailable(name, f"no such folder: {path}")
 
@@ -341,14 +464,88 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     return _finish(pipe, device, name)
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _finish(pipe, device, name: str) -> LoadedModel:
     if family_of(pipe) is None:
         raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
                                        f"it reads {', '.join(PIPELINES)}")
+    check_components(pipe, name)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = _LOADED[pipe] = LoadedModel(pipe, name, registry.MODELS.get(name))
     return model
+
+
+def _config(module, key: str):
+    config = getattr(module, "config", None)
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def check_components(pipe, name: str = "the model") -> None:
+    """Check that a pipeline's parts fit each other, so that a mismatched folder fails here, naming
+    the parts and their sizes, and not inside torch on the first image: the denoiser's latent
+    channels and the VAE's, its cross-attention width and the text encoders', its sample size, and
+    each tokenizer against its text encoder's positions and vocabulary. ``ModelFolderError`` otherwise."""
+    family = family_of(pipe)
+    denoiser_name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    required = [denoiser_name, "vae", "text_encoder", "tokenizer", "scheduler"]
+    if family in ("sdxl", "sd3", "flux"):
+        required += ["text_encoder_2", "tokenizer_2"]
+    missing = [part for part in required if getattr(pipe, part, None) is None]
+    if missing:
+        raise ModelFolderError(f"{name} has no {', '.join(missing)}; iSeg needs every part of a {type(pipe).__name__} "
+                               f"({', '.join(required)})")
+    denoiser, vae = getattr(pipe, denoiser_name), pipe.vae
+
+    def fail(message: str):
+        raise ModelFolderError(f"{name}: {message}; its parts come from different models. Use the folder of one model")
+
+    sample = _config(denoiser, "sample_size")
+    sides = list(sample) if isinstance(sample, (list, tuple)) else [sample]
+    if family != "flux" and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        raise ModelFolderError(f"{name}: {denoiser_name}/config.json has sample_size {sample!r}; it must be the "
+                               "latent side, a whole number > 0 (e.g. 64 for a 512-pixel model)")
+    latent = _config(vae, "latent_channels")
+    channels = _config(denoiser, "in_channels")
+    expected = latent * 4 if family == "flux" and latent else latent  # FLUX packs 2x2 latent cells per token
+    if latent is not None and channels is not None and channels != expected:
+        fail(f"the {denoiser_name} takes {channels} input channels but the VAE makes {latent}-channel latents"
+             + (" (x4 packed)" if family == "flux" else ""))
+    encoders = [(pipe.text_encoder, pipe.tokenizer, "text_encoder", "tokenizer")]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        encoders.append((pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2", "tokenizer_2"))
+    for encoder, tokenizer, encoder_name, tokenizer_name in encoders:
+        positions = _config(encoder, "max_position_embeddings")
+        window = getattr(tokenizer, "model_max_length", None)
+        if positions is not None and isinstance(window, int) and window > positions:  # T5 has no such limit
+            fail(f"{tokenizer_name} pads prompts to {window} tokens (model_max_length) but {encoder_name} has "
+                 f"{positions} positions (max_position_embeddings)")
+        vocab = _config(encoder, "vocab_size")
+        if vocab is not None and len(tokenizer) > vocab:
+            fail(f"{tokenizer_name} has {len(tokenizer)} tokens but {encoder_name} embeds {vocab} (vocab_size)")
+    widths = [_config(e, "hidden_size") for e, *_ in encoders]
+    if family in ("sd", "sdxl") and None not in widths:
+        cross = _config(denoiser, "cross_attention_dim")
+        width = sum(widths) if family == "sdxl" else widths[0]
+        if isinstance(cross, int) and cross != width:
+            fail(f"the UNet's cross-attention takes {cross}-wide text states (cross_attention_dim) but the text "
+                 f"encoder{'s give' if family == 'sdxl' else ' gives'} {width}")
+    if family == "sd3" and None not in widths:
+        joint = _config(denoiser, "joint_attention_dim")
+        if isinstance(joint, int) and joint < sum(widths):
+            fail(f"the transformer's text width is {joint} (joint_attention_dim) but its two CLIP text encoders "
+                 f"give {sum(widths)}")
+        pooled = _config(denoiser, "pooled_projection_dim")
+        projections = [_config(e, "projection_dim") for e, *_ in encoders]
+        if isinstance(pooled, int) and None not in projections and pooled != sum(projections):
+            fail(f"the transformer takes {pooled}-wide pooled text (pooled_projection_dim) but the text encoders' "
+                 f"projections give {sum(projections)}")
 
 
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,

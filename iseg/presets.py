@@ -293,6 +293,8 @@ def _words(name: str, value) -> tuple[str, ...]:
     value = tuple(value)  # once: a generator would be used up by the check
     if not all(isinstance(w, str) for w in value):
         raise _fail(name, "a list of words", value)
+    if any(not w.strip() for w in value):  # it would add a bare separator to the prompt
+        raise SettingsError(f"setting {name}: an empty word in {list(value)!r}; leave it out")
     return value
 
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -35,6 +32,7 @@ from tqdm.auto import tqdm
 from .cli_options import CommandError, add_set_option, device_option, settings_overrides
 from .loading import load_model
 from .prompts import check_class_names
+from .safe_files import check_folder, check_names, write_atomic
 from .segmenter import ISeg
 from .viz import iteration_frames, label_png, save_gif
 
@@ -48,7 +46,9 @@ def output_names(images: list[Path]) -> list[str]:
 
     Each image starts from its stem; every group of images that share a name (case-insensitively,
     as on macOS and Windows file systems) moves one step further: the file name, then one more
-    parent folder at a time, until all names differ.
+    parent folder at a time, until all names differ. Images whose paths differ only in case
+    (``X.png`` and ``x.png``), which no folder can tell apart, are numbered (``X-1``, ``x-2``, in
+    the order of their paths).
     """
     resolved = [p.resolve() for p in images]
     seen: dict[Path, Path] = {}
@@ -56,13 +56,21 @@ def output_names(images: list[Path]) -> list[str]:
         if real in seen:
             raise CommandError(f"image {given} is given twice (also as {seen[real]}); give each image once")
         seen[real] = given
+    by_folded: dict[str, list[int]] = {}
+    for k, real in enumerate(resolved):
+        by_folded.setdefault(str(real).casefold(), []).append(k)
+    number = [""] * len(images)
+    for group in by_folded.values():
+        if len(group) > 1:
+            for i, k in enumerate(sorted(group, key=lambda k: str(resolved[k]))):
+                number[k] = f"-{i + 1}"
+    parts = [[p for p in real.parts if p not in (real.anchor, "")] for real in resolved]
     level = [0] * len(images)
 
     def name(k: int) -> str:
         if level[k] == 0:
-            return images[k].stem
-        parts = [p for p in resolved[k].parts if p not in (resolved[k].anchor, "")]
-        return "__".join(parts[-level[k]:])
+            return images[k].stem + number[k]
+        return "__".join(parts[k][-level[k]:]) + number[k]
 
     while True:
         groups: dict[str, list[int]] = {}
@@ -71,9 +79,15 @@ def output_names(images: list[Path]) -> list[str]:
         clashes = [g for g in groups.values() if len(g) > 1]
         if not clashes:
             return [name(k) for k in range(len(images))]
+        moved = False
         for group in clashes:
             for k in group:
-                level[k] += 1
+                if level[k] < len(parts[k]):
+                    level[k] += 1
+                    moved = True
+        if not moved:  # cannot happen (numbered paths differ); never loop for ever
+            raise CommandError(f"images {', '.join(str(images[k]) for k in clashes[0])} would share the output "
+                               f"name {name(clashes[0][0])!r}; rename one of them")
 
 
 def _classes_for(images: list[Path], classes: str | None, classes_file: Path | None) -> list[list[str]]:
@@ -137,34 +151,34 @@ def _read_classes_file(path: Path) -> dict:
     return table
 
 
-def _output_folder(out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file, not a folder; give a folder name")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise CommandError(f"--out {out}: {parent} is a file, not a folder")
-    return out
+def _check_image(path: Path) -> None:
+    """Read the image's header now: a file that is not an image, or one too small, is refused before
+    the model loads and before any result is written (the pixels are read when it is segmented)."""
+    import warnings
 
+    from PIL import Image, UnidentifiedImageError
 
-def _write(target: Path, save: Callable[[Path], object]) -> None:
-    """``save(path)`` to a new temporary file next to ``target``, then rename it over ``target``:
-    a symbolic link at ``target`` is replaced instead of written through, and a failure leaves no
-    half-written result."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(fd)
+    from .images import MIN_SIDE
+
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes private files; results get the usual permissions
-        save(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                img.verify()  # the chunks' checksums (PNG): a file cut short is refused now
+    except Image.DecompressionBombError as err:
+        raise CommandError(f"image {path} is too large to open safely ({err})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CommandError(f"image {path} cannot be read as an image ({err}); is the file corrupt or not an image?") from None
+    if min(width, height) < MIN_SIDE:
+        raise CommandError(f"image {path} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+def _output_folder(out: Path) -> Path:
+    try:
+        return check_folder(out, "--out")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
 
 
 def _taken(path: Path) -> bool:
@@ -177,6 +191,7 @@ def run(args) -> int:
     for path in images:
         if not path.is_file():
             raise CommandError(f"image not found: {path}" if not path.exists() else f"image {path} is not a file")
+        _check_image(path)
     per_image = _classes_for(images, args.classes, args.classes_file)
     overrides = settings_overrides(args.set, args.preset)
     device = device_option(args.device)
@@ -185,6 +200,10 @@ def run(args) -> int:
     targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
     inputs = {path.resolve() for path in images}
     clash = [t for files in targets for t in files if t.resolve() in inputs]
+    try:
+        check_names(t for files in targets for t in files)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     if clash:  # --overwrite replaces earlier results, never an image being segmented
         raise CommandError(f"a result would be written over the input image {clash[0]}; choose another --out "
                            "(or rename the image)")
@@ -205,10 +224,10 @@ def run(args) -> int:
         labels_png, overlay_png, gif, record_json = files
         t0 = time.perf_counter()
         result = seg.segment(path, names_)
-        _write(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
-        _write(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
+        write_atomic(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
+        write_atomic(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
         if args.gif:
-            _write(gif, lambda p, r=result: save_gif(iteration_frames(r), p))
+            write_atomic(gif, lambda p, r=result: save_gif(iteration_frames(r), p))
         elif _taken(gif):
             gif.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
         record = {
@@ -223,7 +242,7 @@ def run(args) -> int:
             "settings": result.settings.as_dict(),
             "timing": dict(result.timing, wall_s=time.perf_counter() - t0),
         }
-        _write(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
+        write_atomic(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
     print(f"iseg: wrote {len(images)} result(s) to {out}", file=sys.stderr)
     return 0
 

@@ -501,3 +501,286 @@ def test_segment_never_writes_over_an_input_image(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err, "iseg")
     assert "over the input image" in line and "x.labels.png" in line
     assert (folder / "x.labels.png").read_bytes() == before
+
+
+# -- second pass (issue 32): the CLI's new surfaces ------------------------------------------------------
+def test_names_that_differ_only_in_case_get_distinct_outputs_at_once(tmp_path):
+    # X.png and x.png were once a loop that never ended (folders cannot tell them apart)
+    paths = [tmp_path / "X.png", tmp_path / "x.png", tmp_path / "y.png"]
+    assert segment_command.output_names(paths) == ["X-1", "x-2", "y"]
+    assert segment_command.output_names(paths[::-1]) == ["y", "x-2", "X-1"]
+    nested = [tmp_path / "a" / "X.png", tmp_path / "a" / "x.png", tmp_path / "b" / "X.png", tmp_path / "b" / "x.png"]
+    names = segment_command.output_names(nested)
+    assert len({n.casefold() for n in names}) == 4
+
+
+def _no_model(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(segment_command, "load_model", refuse)
+
+
+def test_segment_refuses_names_too_long_for_the_file_system_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    # NAME.iterations.gif of a 245-character file name is 256 bytes: refused at once (240 characters work)
+    longer = tmp_path / ("n" * 241 + ".png")
+    Image.open(SAMPLES / "shapes_2009001.png").save(longer)
+    capsys.readouterr()
+    assert cli.main(["segment", str(longer), "--classes", "square", "--model", "shapes", "--out", str(tmp_path / "o2")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "bytes long" in line and "allows 255" in line
+    assert not (tmp_path / "o2").exists()
+
+
+def test_segment_writes_results_of_a_240_character_name(tmp_path, capsys):
+    long = tmp_path / ("n" * 236 + ".png")
+    Image.open(SAMPLES / "shapes_2009001.png").save(long)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(long), "--classes", "square", "--model", "shapes", "--out", str(out)]) == 0
+    assert sorted(p.name[236:] for p in out.iterdir()) == [".iterations.gif", ".json", ".labels.png", ".overlay.png"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: os.symlink(t / "nowhere", t / "out"), r"--out .*out is a symbolic link to .*nowhere, which does not exist"),
+    (lambda t: (t / "ro").mkdir(mode=0o555), r"--out .*: the folder .*ro is not writable"),
+])
+def test_segment_checks_the_output_folder_before_the_model_loads(tmp_path, image, capsys, monkeypatch, make, message):
+    import re
+
+    if os.geteuid() == 0 and "ro" in message:
+        pytest.skip("root writes anywhere")
+    _no_model(monkeypatch)
+    make(tmp_path)
+    out = tmp_path / "out" if (tmp_path / "out").is_symlink() else tmp_path / "ro" / "sub"
+    assert cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(out)]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
+
+
+def test_a_write_killed_midway_leaves_nothing_behind_after_the_next_run(tmp_path, image, capsys):
+    from iseg.safe_files import stale_temporaries, write_atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # what kill -9 between creating the temporary file and renaming it leaves: a hidden 0-byte file
+    stale = out / ".x.labels.png.k2j4h5g1.png"
+    stale.write_bytes(b"")
+    mine = out / ".notes.txt"
+    mine.write_text("not ours")
+    assert stale_temporaries(out / "x.labels.png") == [stale]
+    assert cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(out)]) == 0
+    assert not stale.exists() and mine.read_text() == "not ours"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".notes.txt"]
+
+    def fail(path):
+        path.write_text("half")
+        raise RuntimeError("disk full")
+
+    before = (out / "x.json").read_text()
+    with pytest.raises(RuntimeError):
+        write_atomic(out / "x.json", fail)
+    assert (out / "x.json").read_text() == before  # the old file, whole
+    assert not stale_temporaries(out / "x.json")
+
+
+def test_run_json_is_replaced_whole_never_rewritten_in_place(tmp_path, monkeypatch):
+    # a kill while run.json is written must leave the old record (else the run can neither resume nor restart)
+    out = tmp_path / "run"
+    argv = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert ev.main(argv) == 0
+    before = (out / "run.json").read_text()
+    inode = (out / "run.json").stat().st_ino
+
+    from iseg import safe_files
+
+    def killed(target, save):
+        raise KeyboardInterrupt  # as if killed inside the write
+
+    monkeypatch.setattr(safe_files, "write_atomic", killed)
+    monkeypatch.setattr(ev, "write_json", lambda target, value: killed(target, None))
+    assert ev.main(argv) == 130
+    assert (out / "run.json").read_text() == before
+    monkeypatch.undo()
+    assert ev.main(argv) == 0  # it resumes
+    assert (out / "run.json").stat().st_ino != inode  # replaced by a rename, not written through
+
+
+def _train(tmp_path, *extra):
+    from iseg.shapes.train import main as train_main
+
+    return train_main(["--out", str(tmp_path / "m"), "--images", "8", "--workers", "1", "--device", "cpu", *extra])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--images", "0"], r"--images must be a whole number >= 1, got 0"),
+    (["--images", "2000000"], r"--images 2000000: the training split has 1,000,000 images"),
+    (["--batch-size", "0"], r"--batch-size must be a whole number >= 1, got 0"),
+    (["--vae-batch", "-2"], r"--vae-batch must be a whole number >= 1"),
+    (["--save-every", "0"], r"--save-every must be a whole number >= 1, got 0"),
+    (["--log-every", "0"], r"--log-every must be a whole number >= 1"),
+    (["--warmup", "0"], r"--warmup must be a whole number >= 1"),
+    (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 0"),
+    (["--threads", "-1"], r"--threads must be at least 1"),
+    (["--threads", "0"], r"--threads must be at least 1"),
+    (["--seed", str(10**20)], r"--seed must be a whole number from 0 to 2\*\*63 - 4, got 100000000000000000000"),
+    (["--seed", "-1"], r"--seed must be a whole number"),
+    (["--lr", "0"], r"--lr is a learning rate"),
+    (["--vae-lr", "inf"], r"--vae-lr is a learning rate"),
+    (["--ema", "1"], r"--ema is a decay"),
+    (["--time-limit", "-5"], r"--time-limit is a number of seconds"),
+])
+def test_train_shapes_numbers_are_checked_naming_the_option(tmp_path, capsys, extra, message):
+    import re
+
+    assert _train(tmp_path, *extra) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.work").exists()
+
+
+def test_train_shapes_seed_as_a_float_is_one_error_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "iseg", "train-shapes", "--out", str(tmp_path / "m"), "--seed", "1e20"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "argument --seed: invalid int value: '1e20'" in done.stderr
+    assert not (tmp_path / "m.work").exists()
+
+
+@pytest.fixture
+def finished_model(tmp_path):
+    """An --out that holds a finished model (its files stand in for one), and its empty work folder."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (model / "training.json").write_text("{}")
+    return model
+
+
+def _unchanged(model: Path) -> bool:
+    return sorted(p.name for p in model.iterdir()) == ["model_index.json", "training.json"]
+
+
+def test_resume_without_a_checkpoint_never_replaces_a_finished_model(tmp_path, finished_model, capsys):
+    assert _train(tmp_path, "--resume") == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "has no checkpoint.pt, so the run would start over and replace the model" in line and "--overwrite" in line
+    assert _unchanged(finished_model) and not (tmp_path / "m.work").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: __import__("torch").save({"args": {}, "x": _RunsCode()}, p),
+     r"checkpoint.pt holds more than tensors and plain data \(unsupported GLOBAL posix.system.*\), so it was not loaded"),
+    (lambda p: p.write_bytes(b""), r"checkpoint.pt is not a readable checkpoint"),
+    (lambda p: (__import__("torch").save({"args": {}, "w": __import__("torch").zeros(1000)}, p),
+                p.write_bytes(p.read_bytes()[:700])), r"checkpoint.pt is not a readable checkpoint \(cut short"),
+    (lambda p: __import__("torch").save(__import__("torch").zeros(3), p), r"checkpoint.pt is not a checkpoint of iseg train-shapes"),
+    (lambda p: p.write_text("not a checkpoint"), r"checkpoint.pt is not a readable checkpoint"),
+    (lambda p: __import__("torch").save({"args": {"family": "sd3"}}, p),
+     r"checkpoint.pt is a run with --family sd3, not unet; resume it with --family sd3"),
+], ids=["pickle-runs-code", "empty", "truncated", "foreign", "text", "other-family"])
+def test_resume_refuses_checkpoints_that_are_not_ours_naming_the_file(tmp_path, finished_model, capsys, monkeypatch,
+                                                                      write, message):
+    import re
+
+    work = tmp_path / "m.work"
+    work.mkdir()
+    write(work / "checkpoint.pt")
+    before = (work / "checkpoint.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert _train(tmp_path, "--resume") == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
+    assert _unchanged(finished_model) and (work / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt"]
+
+
+def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):
+    os.symlink(tmp_path / "gone", tmp_path / "m")
+    assert _train(tmp_path) == 2
+    assert "is a symbolic link to" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert not (tmp_path / "m.work").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not an image", r"image .*bad.png cannot be read as an image"),
+    (None, r"image .*bad.png cannot be read as an image"),  # a PNG cut short
+    ("tiny", r"image .*bad.png is 4x4 pixels; iSeg needs at least 8x8"),
+])
+def test_segment_reads_every_image_header_before_the_model_loads(tmp_path, image, capsys, monkeypatch, content, message):
+    import re
+
+    _no_model(monkeypatch)
+    bad = tmp_path / "bad.png"
+    if content is None:
+        bad.write_bytes(image.read_bytes()[:-30])
+    elif content == "tiny":
+        Image.new("RGB", (4, 4)).save(bad)
+    else:
+        bad.write_bytes(content)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(image), str(bad), "--classes", "square", "--model", "shapes", "--out", str(out)]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
+    assert not out.exists()
+
+
+def test_segment_reads_a_long_thin_image(tmp_path, capsys):
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (9000, 12), (200, 30, 30)).save(strip)
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(strip), "--classes", "square", "--model", "shapes", "--out", str(out),
+                     "--no-gif"]) == 0
+    assert Image.open(out / "strip.labels.png").size == (9000, 12)
+
+
+@pytest.mark.parametrize("prepare, argv, message", [
+    (lambda t: os.symlink(t / "gone", t / "run"), [], r"--out .*run is a symbolic link to .*gone, which does not exist"),
+    (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("")), [],
+     r"run.json is not the record of an iseg-eval run; use another --out"),
+    (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("{")), ["--restart"],
+     r"--restart: .*run.json is not an iseg-eval run.json .* nothing was deleted"),
+    (lambda t: None, ["--task", "wsss", "--labels", "{labels}"], r"--task wsss uses the ground-truth image labels"),
+    (lambda t: None, ["--task", "ovs", "--labels", "{labels}"], r"not a shapes class|has no entry|is not"),
+])
+def test_eval_checks_its_inputs_before_the_model_loads(tmp_path, capsys, monkeypatch, prepare, argv, message):
+    import re
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(ev, "load_model", refuse)
+    prepare(tmp_path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"2000000": ["dog"]}))
+    argv = [a.replace("{labels}", str(labels)) for a in argv]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert ev.main([*EVAL, "--out", str(tmp_path / "run"), *argv]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg-eval")), message
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing deleted
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init", "{tmp}"], r"--init .* is not a model folder \(it has no model_index.json\)"),
+    (["--init", "{shapes}", "--init-parts", "vae,unet,bogus"], r"unknown --init-parts \['bogus'\]"),
+    (["--init", "{shapes}", "--init-parts", "transformer"], r"--init-parts \['transformer'\] do not fit a unet model"),
+    (["--init", "{shapes}", "--init-parts", "unet"], r"needs the folder's VAE too"),
+    (["--init", "{shapes}", "--init-parts", "vae,text_encoder", "--family", "sd3", "--init", "{empty_model}"],
+     r"has no vae/ \(with its config.json\)"),
+])
+def test_train_shapes_checks_init_before_rendering(tmp_path, capsys, extra, message):
+    import re
+
+    import iseg
+
+    empty_model = tmp_path / "empty"
+    empty_model.mkdir()
+    (empty_model / "model_index.json").write_text("{}")
+    extra = [a.replace("{tmp}", str(tmp_path)).replace("{shapes}", str(iseg.shipped_models()["shapes"]))
+             .replace("{empty_model}", str(empty_model)) for a in extra]
+    assert _train(tmp_path, *extra) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert not (tmp_path / "m.work").exists()

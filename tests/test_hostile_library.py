@@ -333,3 +333,277 @@ PURE = [
 def test_pure_functions_refuse_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# -- second pass (issue 32): prompts, dtypes, model folders, datasets -------------------------------------
+SECOND_PROMPTS = [
+    (dict(text=b"circle"), TypeError, r"got bytes b'circle'; decode it first"),
+    (dict(text=["circle", 5]), TypeError, r"5 is a int"),
+    (dict(text=5), TypeError, r"text must be a description"),
+    (dict(points=(True, False)), ValueError, r"point 0 must be an \(x, y\) pair of pixel coordinates, got True"),
+    (dict(points=[(1, 2), (True, 3)]), ValueError, r"point 1 must be an \(x, y\) pair"),
+    (dict(points="12"), ValueError, r"points must be a list of \(x, y\) pairs"),
+    (dict(points=np.full((10, 2), 70.0)), ValueError, r"point 0 .* lies outside the 64x64 image"),
+    (dict(box=(0, 0, True, 5)), ValueError, r"box must be \(x0, y0, x1, y1\)"),
+    (dict(line=[(1, 1), (False, 2)]), ValueError, r"line point 1 must be an \(x, y\) pair"),
+]
+
+
+@pytest.mark.parametrize("prompt, error, match", SECOND_PROMPTS)
+def test_prompts_of_the_wrong_type_are_refused(seg, prompt, error, match):
+    with pytest.raises(error, match=match):
+        seg.segment_prompt(sample(0).image, **prompt)
+
+
+def test_many_clicks_are_one_column_per_cell_fast_and_the_same_answer(seg):
+    import time
+
+    image = sample(3).image
+    clicks = np.random.default_rng(0).uniform(0, 64, (100_000, 2))
+    cells = iseg.interactive.point_cells(clicks, iseg.images.Geometry(64, 64, "stretch"), 32)
+    assert len(cells) == len(set(cells)) <= 32 * 32
+    t0 = time.perf_counter()
+    many = seg.segment_prompt(image, points=clicks)
+    assert time.perf_counter() - t0 < 30  # was a 2.4 GB allocation after 54 s
+    # clicks on the same cells give the same mask as those cells clicked once each
+    centres = [((c % 32 + 0.5) * 2, (c // 32 + 0.5) * 2) for c in cells]
+    once = seg.segment_prompt(image, points=centres)
+    np.testing.assert_allclose(many.score, once.score, atol=1e-6)
+    # twice the same click is the same prompt as once
+    a = seg.segment_prompt(image, points=[(20, 20), (40, 40)])
+    b = seg.segment_prompt(image, points=[(20, 20), (40, 40), (20.3, 20.1), (40, 40)])
+    np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_refinement_in_chunks_equals_all_columns_at_once(monkeypatch):
+    from iseg import interactive
+
+    torch.manual_seed(0)
+    n = 36
+    P = R.entropy_reduce(torch.softmax(torch.randn(n, n) * 3, -1), 0.1, None)
+    cols = torch.zeros(n, 11)
+    cols[torch.randint(0, n, (11,)), torch.arange(11)] = 1
+    cols[:, 4] = 1  # a column over every cell
+    steps = R.refine(cols, P, 5)
+    steps[..., 4] = 1.0
+    expected = (steps / steps.amax(-2, keepdim=True)).mean(-1)
+    monkeypatch.setattr(interactive, "REFINE_CHUNK_BYTES", 6 * n * 4 * 3)  # 3 columns a chunk
+    torch.testing.assert_close(interactive.refined_mean(cols, P, 5), expected)
+
+
+def test_long_strokes_are_followed_quickly():
+    import time
+
+    from iseg.interactive import line_cells
+
+    geometry = iseg.images.Geometry(64, 64, "stretch")
+    t0 = time.perf_counter()
+    cells = line_cells(np.random.default_rng(1).uniform(0, 64, (20_000, 2)), geometry, 32)
+    assert time.perf_counter() - t0 < 5 and sorted(cells) == list(range(32 * 32))
+    assert line_cells([(0, 0), (63.9, 0)], geometry, 32) == list(range(32))  # the top row, in stroke order
+    assert line_cells([(10, 10)], geometry, 32) == [5 * 32 + 5]
+
+
+def test_empty_extra_words_are_refused():
+    from iseg.presets import SettingsError
+
+    for words in (["other object", ""], ["  "], ("background", "\t")):
+        with pytest.raises(SettingsError, match=r"setting extra_words: an empty word"):
+            iseg.make_settings(None, extra_words=words)
+    with pytest.raises(SettingsError, match=r"setting background_words: an empty word"):
+        iseg.make_settings(None, background_words=["sky", ""])
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("float16", torch.float16), ("torch.float16", torch.float16), ("fp16", torch.float16), ("half", torch.float16),
+    ("bfloat16", torch.bfloat16), ("BF16", torch.bfloat16), ("float32", torch.float32), (torch.float32, torch.float32),
+    (None, torch.float32),
+])
+def test_dtype_names_are_read_as_dtypes(given, expected):
+    from iseg.loading import resolve_dtype
+
+    assert resolve_dtype(given, torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("given, error, match", [
+    ("float8", ValueError, r"dtype 'float8' is not a dtype name; use float16, bfloat16 or float32"),
+    (3, TypeError, r"dtype must be a torch dtype or its name"),
+    (torch.int8, ValueError, r"dtype torch.int8 cannot run a diffusion model"),
+])
+def test_bad_dtypes_are_refused_before_loading(given, error, match):
+    with pytest.raises(error, match=match):
+        iseg.load_model("shapes", device="cpu", dtype=given, verbose=False)
+
+
+def test_a_dtype_given_by_name_is_used():
+    model = iseg.load_model("shapes", device="cpu", dtype="bfloat16", verbose=False)
+    assert model.dtype == torch.bfloat16 and model.pipe.unet.dtype == torch.bfloat16
+
+
+def test_the_shipped_folder_by_path_is_the_shipped_model():
+    folder = iseg.shipped_models()["shapes"]
+    for given in (folder, str(folder), folder / "unet" / ".."):
+        model = iseg.load_model(given, device="cpu", verbose=False)
+        assert (model.name, model.preset) == ("shapes", "shapes") and model.known_words
+    r = iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(sample(5).image, list(sample(5).classes))
+    assert r.labels.shape == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import tiny
+
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tiny.tiny_pipeline(seed=0, sd_layout=True).save_pretrained(folder)
+    return folder
+
+
+def _edited(tiny_folder, tmp_path, edit):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    edit(folder)
+    return folder
+
+
+def _config(folder, part, file="config.json", **changes):
+    import json
+
+    path = folder / part / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _unet(folder, **changes):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    UNet2DConditionModel.from_config({**unet.config, **changes}).save_pretrained(folder / "unet")
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+MODEL_FOLDERS = [
+    (lambda f: (f / "model_index.json").write_text("[1, 2]"), r"model_index.json holds a JSON list; it must be a JSON object"),
+    (lambda f: _config(f, "", "model_index.json", _class_name=["StableDiffusionPipeline"]),
+     r"_class_name must be the pipeline class's name, such as \"StableDiffusionPipeline\", got \['StableDiffusionPipeline'\]"),
+    (lambda f: (f / "model_index.json").write_text("{"), r"model_index.json is not valid JSON"),
+    (lambda f: _config(f, "", "model_index.json", unet="diffusers"), r"component 'unet' must be \[library, class\]"),
+    (lambda f: __import__("shutil").rmtree(f / "tokenizer"), r"has no tokenizer/ folder, which its model_index.json lists"),
+    (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors", -1000),
+     r"unet/diffusion_pytorch_model.safetensors holds \d+ bytes of tensors but its header needs \d+; the file is damaged"),
+    (lambda f: _truncate(f / "text_encoder" / "model.safetensors", 0), r"text_encoder/model.safetensors is 0 bytes long"),
+    (lambda f: _truncate(f / "vae" / "diffusion_pytorch_model.safetensors", 20), r"vae/diffusion_pytorch_model.safetensors declares"),
+    (lambda f: _unet(f, cross_attention_dim=48),
+     r"the UNet's cross-attention takes 48-wide text states \(cross_attention_dim\) but the text encoder gives 32"),
+    (lambda f: _unet(f, in_channels=8), r"the unet takes 8 input channels but the VAE makes 4-channel latents"),
+    (lambda f: _config(f, "unet", sample_size=0), r"unet/config.json has sample_size 0; it must be the latent side"),
+    (lambda f: _config(f, "unet", sample_size=None), r"unet/config.json has sample_size None"),
+    (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=200),
+     r"tokenizer pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 positions"),
+    (lambda f: _config(f, "text_encoder", vocab_size=1000), r"(tokenizer has 49408 tokens but text_encoder embeds 1000|could not be loaded)"),
+]
+
+
+@pytest.mark.parametrize("edit, match", MODEL_FOLDERS, ids=[
+    "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
+    "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
+    "tokenizer-window", "vocabulary"])
+def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
+    from iseg.loading import ModelFolderError
+
+    folder = _edited(tiny_folder, tmp_path, edit)
+    with pytest.raises(ModelFolderError, match=match):
+        iseg.load_model(folder, device="cpu", verbose=False)
+
+
+def test_a_sound_tiny_folder_loads(tiny_folder):
+    model = iseg.load_model(tiny_folder, device="cpu", verbose=False)
+    assert model.family == "sd" and model.preset is None
+
+
+# -- datasets ----------------------------------------------------------------------------------------
+def _voc_with(tmp_path, image: Image.Image, label: np.ndarray, exif=None, label_image=None):
+    from iseg.viz import label_png
+
+    base = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    image.save(base / "JPEGImages" / "a.jpg", quality=95, **({"exif": exif} if exif is not None else {}))
+    lab = label_image if label_image is not None else label_png(label)
+    # PNG holds no signed 32-bit or float pixels; such a "label.png" is a TIFF under that name
+    lab.save(base / "SegmentationClass" / "a.png", format="TIFF" if lab.mode in ("I", "F") else "PNG")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_bytes("\ufeffa\n".encode("utf-8"))
+    from iseg.datasets import open_dataset
+
+    return open_dataset("voc", base, "val")
+
+
+def test_dataset_images_with_an_exif_orientation_stay_on_their_labels_grid(tmp_path, seg):
+    s = sample(7)
+    image = s.image.crop((0, 0, 64, 48))  # not square: a turned image would not even fit its label
+    label = s.mask[:48].astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show"
+    plain = _voc_with(tmp_path / "plain", image, label).load("a")
+    turned = _voc_with(tmp_path / "tagged", image, label, exif=exif.tobytes())
+    assert turned.ids == ["a"]  # the list's byte-order mark is not part of the name
+    item = turned.load("a")
+    assert item.image.size == (64, 48) and item.label.shape == (48, 64)
+    np.testing.assert_array_equal(np.asarray(item.image), np.asarray(plain.image))
+    classes = list(s.classes)
+    tagged_result = seg.segment(item.image, classes)
+    plain_result = seg.segment(plain.image, classes)
+    np.testing.assert_array_equal(tagged_result.labels, plain_result.labels)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda lab: Image.fromarray(lab > 0).convert("1"), r"is a 1-bit \(black and white\) mask"),
+    (lambda lab: Image.fromarray(lab.astype(np.int32) - 3, mode="I"), r"holds values \[-3\b.*\] outside 0..20"),
+    (lambda lab: Image.fromarray(lab.astype(np.float32) + 0.5, mode="F"), r"holds fractional values such as 0.5"),
+])
+def test_label_files_that_are_not_index_maps_are_refused(tmp_path, make, match):
+    s = sample(7)
+    label = s.mask.astype(np.uint8)
+    dataset = _voc_with(tmp_path, s.image, label, label_image=make(label))
+    from iseg.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match=match):
+        dataset.load("a")
+
+
+def test_32_bit_label_files_with_class_ids_are_read(tmp_path):
+    s = sample(7)
+    label = s.mask.astype(np.uint8)
+    dataset = _voc_with(tmp_path, s.image, label, label_image=Image.fromarray(label.astype(np.int32), mode="I"))
+    np.testing.assert_array_equal(dataset.load("a").label, label)
+
+
+def test_dataset_lists_and_splits_that_cannot_be_meant_are_refused(tmp_path):
+    from iseg.datasets import DatasetError, open_dataset
+
+    s = sample(7)
+    _voc_with(tmp_path, s.image, s.mask.astype(np.uint8))
+    base = tmp_path / "VOC2012"
+    for split in ("../../etc", "a/b", "", ".hidden"):
+        with pytest.raises(DatasetError, match=r"is not a split name"):
+            open_dataset("voc", base, split)
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nb\na\n")
+    with pytest.raises(DatasetError, match=r"names 'a' more than once"):
+        open_dataset("voc", base, "val")
+    (base / "ImageSets" / "Segmentation" / "val.txt").write_bytes(b"a\xff\n")
+    with pytest.raises(DatasetError, match=r"is not UTF-8 text"):
+        open_dataset("voc", base, "val")
+
+
+@pytest.mark.parametrize("model, error, match", [
+    ("", ValueError, "model is empty"),
+    ("   ", ValueError, "model is empty"),
+    (None, TypeError, "model must be a hub id, a folder or a shipped model's name, got NoneType"),
+    (3, TypeError, "got int 3"),
+])
+def test_load_model_names_a_model_argument_that_is_no_model(model, error, match):
+    with pytest.raises(error, match=match):
+        iseg.load_model(model, device="cpu", verbose=False)

@@ -28,6 +28,7 @@ from ..labels import (
 )
 from ..loading import load_model
 from ..metrics import confusion
+from ..safe_files import write_text
 from ..segmenter import ISeg
 from .evaluate import NUM_LABELS, to_dataset_labels
 from .world import CLASSES, SPLITS, sample
@@ -80,7 +81,7 @@ def run(args) -> int:
     print(f"{args.split} ({len(recs)} images): min_share={th.min_share:.4f} min_peak={th.min_peak:.3f} "
           f"precision {score['precision']:.3f} recall {score['recall']:.3f} F1 {score['f1']:.3f}")
     if out:
-        out.write_text(json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
+        write_text(out, json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
     return 0
 
 

@@ -43,6 +43,7 @@ from ..cli_options import (
 from ..loading import load_model
 from ..masks import maps_to_labels
 from ..metrics import confusion, iou_per_class, miou
+from ..safe_files import write_text
 from ..segmenter import ISeg
 from .dataset import ShapesDataset
 from .world import CLASSES, SPLITS, sample
@@ -296,7 +297,7 @@ def run(args) -> int:
     text = format_table(report)
     print(text)
     if out:
-        out.write_text(json.dumps(report, indent=1))
+        write_text(out, json.dumps(report, indent=1))
     return 0
 
 

@@ -35,10 +35,11 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from ..backbones.base import flow_matching_noise
 from ..backbones.sd3 import SD3Backbone
 from ..capture import attention_layers, capture_attention, joint_attention_layers
 from ..cli_options import CommandError, device_option, module_main, overwrite_option
+from ..safe_files import check_folder, write_atomic, write_text
 from .model import (
     FAMILIES,
     LATENT_SIDES,
@@ -258,9 +260,73 @@ def vocabulary_loss(cross: dict[str, torch.Tensor], positions: torch.Tensor, cla
 
 # -- training ------------------------------------------------------------------------------------
 def _save(path: Path, state: dict):
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+# what a checkpoint's "args" may hold besides plain data: the paths of runs saved before they were text
+_SAFE_GLOBALS = [PosixPath, PurePosixPath, WindowsPath, PureWindowsPath]
+
+
+def load_checkpoint(path: Path, args) -> dict:
+    """A train-shapes checkpoint, read as tensors and plain data only (``weights_only=True``: a
+    crafted file cannot run code), and checked to be one of this command for the same kind of
+    model; ``CommandError`` naming the file otherwise."""
+    import pickle
+    import zipfile
+
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global)[^\n]*", str(err))
+        if found is None:  # not a pickle of anything: text, or another format
+            raise CommandError(f"--resume: {path} is not a readable checkpoint (not a torch file); delete it to "
+                               "start over") from None
+        what = f" ({found.group(0).strip().rstrip('.')})"
+        raise CommandError(f"--resume: {path} holds more than tensors and plain data{what}, so it was not loaded: "
+                           "it could run code. A train-shapes checkpoint never does; delete it to start over, or "
+                           "point --workdir elsewhere") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CommandError(f"--resume: {path} is not a readable checkpoint (cut short or not a torch file: "
+                           f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                           "delete it to start over") from None
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+        raise CommandError(f"--resume: {path} is not a checkpoint of iseg train-shapes (no recorded options); "
+                           "delete it to start over, or point --workdir elsewhere")
+    saved = state["args"]
+    for option in ("family", "latent_side", "layers", "patch_size"):
+        there, here = saved.get(option, getattr(args, option)), getattr(args, option)
+        if option in ("layers", "patch_size") and args.family != "sd3":
+            continue
+        if there != here:
+            flag = "--" + option.replace("_", "-")
+            raise CommandError(f"--resume: {path} is a run with {flag} {there}, not {here}; resume it with "
+                               f"{flag} {there}, or point --workdir elsewhere")
+    return state
+
+
+def check_options(args) -> None:
+    """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
+    whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
+             ("log_every", 1), ("vae_steps", 0), ("unet_steps", 0), ("warmup", 1)]
+    for name, low in whole:
+        value = getattr(args, name)
+        if value < low:
+            raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    if args.images > SPLITS["train"].stop - SPLITS["train"].start:
+        raise CommandError(f"--images {args.images}: the training split has {len(SPLITS['train']):,} images")
+    if args.threads is not None and args.threads < 1:
+        raise CommandError(f"--threads must be at least 1 (or left out for torch's default), got {args.threads}")
+    if not 0 <= args.seed <= 2**63 - 4:  # the run seeds generators with seed + 1 .. seed + 3
+        raise CommandError(f"--seed must be a whole number from 0 to 2**63 - 4, got {args.seed}")
+    for name in ("lr", "vae_lr"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise CommandError(f"--{name.replace('_', '-')} is a learning rate, a finite number > 0; got {value}")
+    if not 0 <= args.ema < 1:
+        raise CommandError(f"--ema is a decay, a number in [0, 1); got {args.ema}")
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise CommandError(f"--time-limit is a number of seconds > 0; got {args.time_limit}")
 
 
 def check_loss_weights(args) -> None:
@@ -584,6 +650,25 @@ def write_pipeline(out: Path, vae, text_encoders, tokenizer, denoiser, dtype=tor
 INIT_PARTS = ("vae", "text_encoder", "unet", "unet-inner", "transformer")
 
 
+def check_init_parts(parts, family: str, folder: Path | None = None) -> None:
+    """``--init-parts`` names parts that exist, fit the family and, with ``folder``, are in it."""
+    unknown = set(parts) - set(INIT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
+    wrong = set(parts) & ({"unet", "unet-inner"} if family == "sd3" else {"transformer"})
+    if wrong:
+        raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {family} model")
+    if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
+        raise ValueError("--init-parts unet/transformer needs the folder's VAE too (the denoiser was trained on its latents)")
+    if folder is not None:
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"--init {folder} is not a model folder (it has no model_index.json)")
+        for part in parts:
+            sub = {"unet-inner": "unet"}.get(part, part)
+            if not (folder / sub / "config.json").is_file():
+                raise ValueError(f"--init {folder} has no {sub}/ (with its config.json) for --init-parts {part}")
+
+
 def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_encoder", "unet")):
     """Load parts of an existing model folder. ``unet-inner`` puts a latent-16 UNet on the inner
     levels of a latent-32 one (``inner_unet_weights``); without ``vae`` the VAE is trained anew.
@@ -594,15 +679,7 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unknown = set(parts) - set(INIT_PARTS)
-    if unknown:
-        raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
-    transformer = isinstance(denoiser, SD3Transformer2DModel)
-    wrong = set(parts) & ({"unet", "unet-inner"} if transformer else {"transformer"})
-    if wrong:
-        raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {'sd3' if transformer else 'unet'} model")
-    if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
-        raise ValueError("--init-parts unet/transformer needs the folder's VAE too (the denoiser was trained on its latents)")
+    check_init_parts(parts, "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet")
     if "vae" in parts:
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
@@ -689,13 +766,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``iseg train-shapes``: every stage resumable with ``--resume``."""
-    if args.out.exists() and not args.out.is_dir():
-        raise CommandError(f"--out {args.out} is a file, not a folder; give a folder name")
-    if args.out.is_dir() and any(args.out.iterdir()) and not (args.overwrite or args.resume):
+    try:
+        check_folder(args.out, "--out")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    check_options(args)
+    workdir = args.workdir or args.out.with_name(args.out.name + ".work")
+    try:
+        check_folder(workdir, "--workdir")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
+    holds_files = args.out.is_dir() and any(args.out.iterdir())
+    if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
                            "--resume to continue its run, or choose another --out")
+    if holds_files and args.resume and not args.overwrite and not ckpt.is_file():
+        # nothing to resume: the run would start over and write over the model in --out
+        raise CommandError(f"--resume: {workdir} has no checkpoint.pt, so the run would start over and replace the "
+                           f"model in --out {args.out}; pass --overwrite to do that, or give the run's --workdir")
+    state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
     if args.init is not None and not args.init.is_dir():
         raise CommandError(f"--init {args.init} is not a model folder")
+    if args.init is not None:
+        try:
+            check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
+        except ValueError as err:
+            raise CommandError(str(err)) from None
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
     if args.shape_head != 0 and args.family != "sd3":
@@ -708,15 +805,14 @@ def run(args) -> int:
     device = device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    workdir = args.workdir or args.out.with_name(args.out.name + ".work")
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
     torch.manual_seed(args.seed)
     t_start = time.time()
-    state = torch.load(ckpt, weights_only=False) if args.resume and ckpt.exists() else {}
     if not state:
         log_path.unlink(missing_ok=True)
-    state.setdefault("args", vars(args) | {"out": str(args.out), "workdir": str(workdir)})
+    # plain data only (paths as text), so that the checkpoint loads with weights_only=True
+    state.setdefault("args", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+                     | {"workdir": str(workdir)})
     state.setdefault("elapsed", 0.0)
 
     images, masks, info = render_dataset(args.images, args.workers)
@@ -728,7 +824,7 @@ def run(args) -> int:
         denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
     else:
         text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
-    init_parts = set(args.init_parts.split(",")) if args.init is not None else set()
+    init_parts = {p.strip() for p in args.init_parts.split(",")} if args.init is not None else set()
     if args.init is not None and "unet" not in state:
         try:
             _load_init(args.init, vae, text_encoders, denoiser, parts=init_parts)
@@ -788,7 +884,7 @@ def run(args) -> int:
                        "text_encoder": sum(count_parameters(e) for e in text_encoders),
                        "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
     }
-    (args.out / "training.json").write_text(json.dumps(info_out, indent=2))
+    write_text(args.out / "training.json", json.dumps(info_out, indent=2))
     plot_loss(log_path, args.out / "loss.png")
     print(json.dumps(info_out, indent=2))
     return 0
