@@ -35,6 +35,7 @@ from .loading import LoadedModel
 from .plan import LayerPlan, make_plan
 from .presets import DECODE_FIELDS, FORWARD_FIELDS, Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, make_prompt
+from .reference import DATASET_KINDS, reference_prompt
 from .results import Observation, SegmentationResult, Trace
 
 __all__ = ["ISeg", "Observation", "SegmentationResult", "Trace", "FORWARD_FIELDS", "DECODE_FIELDS", "SIZE_RANGE"]
@@ -174,6 +175,9 @@ class ISeg:
     # -- prompts -------------------------------------------------------------------------------
     def prompt_for(self, classes: Sequence[str], settings: Settings | None = None) -> Prompt:
         s = settings or self.settings
+        if s.reference in DATASET_KINDS:  # the authors' words, order, text and token positions
+            return reference_prompt(self.backbone.tokenizer, s.reference, classes, model=self.model_name,
+                                    known=self.known_words)
         names = check_class_names(classes)
         text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
         offsets = class_offsets(names, s.prompt_prefix, s.prompt_joiner)
