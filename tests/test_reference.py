@@ -309,3 +309,45 @@ def test_interactive_map_goes_straight_from_the_grid_to_the_image(demo):
     via = F.interpolate(F.interpolate(final, size=(32, 32), mode="bilinear", align_corners=False), size=(40, 48),
                         mode="bilinear", align_corners=False)[0, 0]
     assert not np.allclose(result.score, via.clamp(0, 1).numpy(), atol=1e-4)
+
+
+# -- with everything else ----------------------------------------------------------------------------
+def test_reordered_classes_map_back_to_the_dataset_labels(tiny_pipe):
+    from iseg.datasets import ContextDataset
+
+    seg = iseg.ISeg(tiny_pipe, preset="ovs-context-reference")
+    result = seg.segment(_image(), ["bag", "person"])  # the authors' order puts person (VOC) first
+    assert result.classes == ("person", "bag") and result.given_classes == ("person", "bag")
+    mapped = ContextDataset.to_dataset_labels(result.labels, result.given_classes)
+    person, bag = ContextDataset.class_index("person"), ContextDataset.class_index("bag")
+    assert np.array_equal(mapped == person, result.labels == 1)
+    assert np.array_equal(mapped == bag, result.labels == 2)
+
+
+def test_eval_command_runs_a_reference_preset(tmp_path):
+    import json
+
+    import tiny
+    from fake_datasets import make_context
+    from PIL import Image
+
+    from iseg import eval as ev
+    from iseg.datasets import open_dataset
+
+    folder = tmp_path / "model"
+    tiny.tiny_pipeline(seed=0, sd_layout=True).save_pretrained(folder)
+    make_context(tmp_path / "data", [2_000_000, 2_000_001])
+    root = tmp_path / "data" / "VOCdevkit" / "VOC2010"
+    out = tmp_path / "run"
+    assert ev.main(["--dataset", "context", "--root", str(root), "--model", str(folder), "--device", "cpu",
+                    "--preset", "ovs-context-reference", "--out", str(out), "--no-progress", "--iterations", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["preset"] == "ovs-context-reference" and m["settings"]["reference"] == "ovs-context"
+    ds = open_dataset("context", root, "val")
+    seg = iseg.ISeg(iseg.load_pipeline(str(folder), device="cpu", verbose=False), preset="ovs-context-reference",
+                    iterations=2)
+    for i in ds.ids:
+        item = ds.load(i)
+        res = seg.segment(item.image, list(item.classes))
+        expected = ds.to_dataset_labels(res.labels, res.given_classes)
+        assert np.array_equal(np.array(Image.open(out / "masks" / f"{i}.png")), expected)
