@@ -351,3 +351,23 @@ def test_eval_command_runs_a_reference_preset(tmp_path):
         res = seg.segment(item.image, list(item.classes))
         expected = ds.to_dataset_labels(res.labels, res.given_classes)
         assert np.array_equal(np.array(Image.open(out / "masks" / f"{i}.png")), expected)
+
+
+def test_readme_gives_one_reference_command_per_table():
+    from pathlib import Path
+
+    from iseg import eval as ev
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in text.splitlines() if line.startswith("iseg eval") and "-reference" in line]
+    presets = []
+    for line in commands:
+        args = ev.build_parser().parse_args(line.split()[2:])
+        presets.append(args.preset)
+        assert args.preset in PRESETS
+    assert sorted(presets) == sorted(f"{name}-reference" for name in CASES_TABLES)
+    for number in ("75.5", "45.5", "68.6", "30.9", "38.4"):
+        assert f"paper {number}" in text
+
+
+CASES_TABLES = ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco")
