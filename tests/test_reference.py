@@ -324,18 +324,43 @@ def test_reordered_classes_map_back_to_the_dataset_labels(tiny_pipe):
     assert np.array_equal(mapped == bag, result.labels == 2)
 
 
-def test_eval_command_runs_a_reference_preset(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import tiny
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny.tiny_pipeline(seed=0, sd_layout=True).save_pretrained(folder)
+    return folder
+
+
+def test_segment_command_with_a_reference_preset(tmp_path, tiny_folder):
     import json
 
-    import tiny
+    from PIL import Image
+
+    from iseg.cli import main
+
+    path = tmp_path / "img.png"
+    Image.fromarray(_image()).save(path)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "--classes", "fire hydrant,person,tv", "--model", str(tiny_folder),
+                 "--device", "cpu", "--preset", "wsss-coco-reference", "--out", str(out), "--no-gif"]) == 0
+    record = json.loads(next(out.glob("*.json")).read_text())
+    classes, text, used, given, spans, _ = CASES["wsss-coco-reference"][0]
+    assert record["prompt"] == text and record["classes"] == list(used) and record["given_classes"] == list(given)
+    assert record["token_spans"] == [list(s) for s in spans] and record["settings"]["reference"] == "wsss-coco"
+
+
+def test_eval_command_runs_a_reference_preset(tmp_path, tiny_folder):
+    import json
+
     from fake_datasets import make_context
     from PIL import Image
 
     from iseg import eval as ev
     from iseg.datasets import open_dataset
 
-    folder = tmp_path / "model"
-    tiny.tiny_pipeline(seed=0, sd_layout=True).save_pretrained(folder)
+    folder = tiny_folder
     make_context(tmp_path / "data", [2_000_000, 2_000_001])
     root = tmp_path / "data" / "VOCdevkit" / "VOC2010"
     out = tmp_path / "run"
