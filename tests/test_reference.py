@@ -396,3 +396,17 @@ def test_readme_gives_one_reference_command_per_table():
 
 
 CASES_TABLES = ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco")
+
+
+def test_attention_labels_follow_the_reordered_prompt(tiny_pipe):
+    from iseg.labels.attention import attention_evidence, raw_class_maps
+
+    seg = iseg.ISeg(tiny_pipe, preset="ovs-context-reference")
+    vocabulary = ["bag", "sky", "aeroplane"]  # prompted as plane, sky, bag
+    evidence = attention_evidence(seg, [_image()], vocabulary)[0]
+    assert set(evidence) == set(vocabulary)
+    obs = seg.observe(_image(), vocabulary)[0]
+    assert obs.prompt.classes == ("plane", "bag", "sky") and obs.prompt.given == ("aeroplane", "bag", "sky")
+    raw = raw_class_maps(obs)
+    for c, name in enumerate(obs.prompt.given):
+        assert evidence[name]["peak"] == pytest.approx(float(raw[c].max()))
