@@ -76,8 +76,10 @@ class ISeg:
 
     ``ISeg(model, preset=None, **overrides)``: ``model`` is what ``iseg.load_model`` returns (or a
     bare Stable-Diffusion-style pipeline); ``preset`` names a preset (``wsss-voc``, ``wsss-coco``,
-    ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, and presets of shipped models such
-    as ``shapes``; see ``iseg.presets.preset_names()``); overrides are any ``Settings`` field.
+    ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, their ``-reference`` twins, which compute what
+    the authors' code computes for comparing with the paper (``iseg.reference``), and presets of
+    shipped models such as ``shapes``; see ``iseg.presets.preset_names()``); overrides are any
+    ``Settings`` field.
     Without a preset, a shipped model's own preset is used, else the reference defaults.
 
     Threads: one ``ISeg`` (or several on one model) may be called from several threads, e.g. a
