@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import reference as REF
 from . import refine as R
 from .images import to_original
 from .masks import maps_to_labels, minmax
@@ -86,11 +87,19 @@ def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationRes
                          "give at least one resolution a positive weight")
     grid, classes, count = first.grid, len(first.prompt.classes), len(group)
     cross = {r: torch.stack([o.cross[r] for o in group]) for r in weights if r in first.cross}
-    x = R.aggregate_cross_attention(cross, weights, grid)  # (B, n, T)
-    if s.clustering:
-        x = R.kl_cluster(x, rounds=s.cluster_rounds)
-    m = torch.stack([R.class_maps(x[b], o.prompt.spans) for b, o in enumerate(group)])  # (B, n, C)
     attn_self = torch.stack([o.self_attention for o in group])
+    if s.reference in REF.DATASET_KINDS:
+        # the authors' float16 pipeline: maps, mixing, clustering and class maps in float16
+        x = REF.mix_half(cross, weights, grid)
+        if s.clustering:
+            x = REF.kl_cluster_half(x, rounds=s.cluster_rounds)
+        m = torch.stack([REF.class_maps_half(x[b], o.prompt.spans) for b, o in enumerate(group)])
+        attn_self = attn_self.half().float()  # stored in float16, refined in float32
+    else:
+        x = R.aggregate_cross_attention(cross, weights, grid)  # (B, n, T)
+        if s.clustering:
+            x = R.kl_cluster(x, rounds=s.cluster_rounds)
+        m = torch.stack([R.class_maps(x[b], o.prompt.spans) for b, o in enumerate(group)])  # (B, n, C)
     P = R.entropy_reduce(attn_self, s.lam, s.clamp_max)
     steps = R.refine(m, P, s.iterations)  # (B, N+1, n, C)
     check_refinement(x, attn_self, P, steps, s)
@@ -105,6 +114,7 @@ def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationRes
         SegmentationResult(
             labels=labels[b],
             classes=obs.prompt.classes,
+            names=obs.prompt.names,
             maps=maps_np[b],
             initial=initial[b],
             prompt=obs.prompt.text,

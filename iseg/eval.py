@@ -299,7 +299,7 @@ def evaluate_dataset(
                 results = seg.segment([items[k].image for k in with_classes], [list(per_image[k]) for k in with_classes],
                                       progress=False)
                 for k, res in zip(with_classes, results):
-                    preds[k] = dataset.to_dataset_labels(res.labels, per_image[k])
+                    preds[k] = dataset.to_dataset_labels(res.labels, res.given_classes)  # label order of the result
             lines = []
             seconds = (time.perf_counter() - t0) / len(items)
             for k, item in enumerate(items):

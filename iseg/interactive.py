@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from . import reference as REF
 from . import refine as R
 from . import viz
 from .decode import check_refinement
@@ -216,6 +217,8 @@ def interactive_defaults(seg) -> dict:
     """
     base = find_preset("interactive")
     own = find_preset(f"{seg.preset}-interactive") if seg.preset else None
+    if seg.settings.reference == "interactive":  # the authors' demo (interactive-reference)
+        own = find_preset("interactive-reference")
     preset = own if own is not None else base
     hand_set = getattr(seg, "hand_set", frozenset())
     return {k: getattr(seg.settings, k) if k in hand_set else preset.get(k, base.get(k, getattr(Settings(), k)))
@@ -235,6 +238,9 @@ def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
     """
     s = settings or seg.settings
     descriptions = _descriptions(text)
+    if s.reference == "interactive":  # the demo's own template and token positions
+        return REF.interactive_text_prompt(seg.backbone.tokenizer, descriptions, model=seg.model_name,
+                                           known=seg.known_words)
     words = s.prompt_prefix.split()
     if words:
         descriptions = [_drop_repeat(d, words[-1]) for d in descriptions]
@@ -272,7 +278,11 @@ class PromptSession:
         # points, lines and boxes are read with the prompt of no words: tokenised once per session
         self._empty = empty_prompt(seg.backbone.tokenizer)
         if observe:
-            self.observation(self._empty, self.settings)
+            self.observation(self._empty_for(self.settings), self.settings)
+
+    def _empty_for(self, s: Settings) -> Prompt:
+        # the authors' demo reads points, lines and boxes with " " and its start token scaled
+        return REF.interactive_empty_prompt(self.seg.backbone.tokenizer) if s.reference == "interactive" else self._empty
 
     @staticmethod
     def image_key(arr: np.ndarray) -> str:
@@ -303,7 +313,7 @@ class PromptSession:
         s = make_settings(None, base=self.settings, **overrides) if overrides else self.settings
         # points, lines and boxes always use the pass with the empty prompt (the self-attention depends
         # on the prompt a little), so a result never depends on which prompts came before it
-        prompt = text_prompt(self.seg, value, s) if kind == "text" else self._empty
+        prompt = text_prompt(self.seg, value, s) if kind == "text" else self._empty_for(s)
         obs = self.observation(prompt, s)
         return prompt_result(obs, prompt, kind, value, s)
 
@@ -342,6 +352,7 @@ def empty_prompt(tokenizer) -> Prompt:
 def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptResult:
     """Refine the columns a prompt selects on an observation into one mask."""
     side, geometry = obs.grid, obs.geometry
+    reference = s.reference == "interactive"
     n = side * side
     device = obs.self_attention.device
     if kind == "text":
@@ -349,9 +360,15 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
         cols = R.class_maps(x, prompt.spans)  # (n, K)
         cols = minmax(cols.T.reshape(-1, side, side)).reshape(-1, n).T
     elif kind == "box":
-        cols = torch.from_numpy(box_cells(value, geometry, side)).to(device)[:, None]
+        cells = REF.box_cells(value, geometry, side) if reference else box_cells(value, geometry, side)
+        cols = torch.from_numpy(cells).to(device)[:, None]
     else:
-        cells = point_cells(value, geometry, side) if kind == "points" else line_cells(value, geometry, side)
+        if kind == "points":
+            cells = point_cells(value, geometry, side)
+        elif reference:  # the demo's line: the cells of its points only
+            cells = REF.line_cells(point_cells(value, geometry, side))
+        else:
+            cells = line_cells(value, geometry, side)
         cols = torch.zeros(n, len(cells), device=device)
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
@@ -359,7 +376,9 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
     check_refinement(cols.float(), obs.self_attention, P, combined, s)
     combined = combined / combined.amax(-1, keepdim=True).clamp_min(torch.finfo(combined.dtype).tiny)
     maps = combined.reshape(-1, side, side)
-    score = to_original(maps[-1], geometry, obs.size).clamp(0, 1)
+    # the demo resizes the map from the attention grid straight to the image; iseg goes through
+    # the processing size first, as the dataset runs do
+    score = to_original(maps[-1], geometry, side if reference else obs.size).clamp(0, 1)
     initial = cols.float().mean(-1).reshape(side, side)
     return PromptResult(
         mask=(score > s.threshold).cpu().numpy(),

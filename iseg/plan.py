@@ -41,6 +41,9 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
     model cannot follow (a resolution it does not have, a head out of range)."""
     available = backbone.attention_layers()
     weights = dict(s.cross_weights) if s.cross_weights is not None else backbone.default_cross_weights(latent_side)
+    if s.reference == "interactive" and s.cross_weights is None:
+        # the authors' demo reads text from the half-resolution grid alone (32 at 512 px), see below
+        weights = {max(1, latent_side // 2): 1.0}
     weights = {int(r): float(w) for r, w in weights.items() if w != 0}
     if not weights:
         raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
@@ -56,6 +59,9 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
         level = round(math.log2(latent_side / r)) if r > 0 else -1
         everything = pick_layers(available, "cross", [r], latent_side)
         names = backbone.reference_layers("cross", level)
+        if s.reference == "interactive" and names:
+            # ... and only from its up_blocks.2 layers (where the family has them)
+            names = [n for n in names if n.startswith("up_blocks.2.")] or names
         ref = None
         if s.cross_layers == "auto" and names and latent_side / 2**level == r:
             try:

@@ -86,6 +86,10 @@ class Settings:
     # written). A side: a second pass over the image resized to it gives the self-attention, on a
     # finer grid where the model's own grid is coarse (the shapes MM-DiT's 16x16 tokens)
     self_image_size: int | None = None
+    # None: the method as docs/method.md writes it. One of iseg.reference.REFERENCE_KINDS: what the
+    # authors' code computes for that run (their words, order, prompt text and token positions,
+    # float16, their interactive rules); set by the ``*-reference`` presets
+    reference: str | None = None
     # §4 initial maps
     clustering: bool = True
     cluster_rounds: int = 20
@@ -141,6 +145,12 @@ PRESETS: dict[str, dict] = {
                      background_words=COCO_BACKGROUND),
     "interactive": dict(iterations=50, lam=0.1, clustering=False, clamp_max=1.0, threshold=0.5),
 }
+# The authors' computation (iseg.reference): the same knobs as their twins, plus ``reference``, which
+# makes the prompt, token positions, precision and interactive rules theirs. The prompt settings
+# below only describe their text (``reference`` builds it); COCO's background words are theirs.
+PRESETS.update({f"{name}-reference": dict(PRESETS[name], reference=name)
+                for name in ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco")})
+PRESETS["interactive-reference"] = dict(PRESETS["interactive"], reference="interactive", threshold=0.4)
 
 _FIELDS = {f.name for f in fields(Settings)}
 
@@ -148,7 +158,7 @@ _FIELDS = {f.name for f in fields(Settings)}
 # any of them cannot stand for another (interactive sessions and the layer plan key on them).
 FORWARD_FIELDS = ("image_size", "aspect", "timestep", "seed", "gamma", "prompt_prefix", "prompt_joiner",
                   "extra_words", "background_words", "cross_weights", "cross_layers", "cross_heads",
-                  "self_resolution", "self_layers", "self_heads", "self_image_size")
+                  "self_resolution", "self_layers", "self_heads", "self_image_size", "reference")
 # The others act only on the observation (``decode``) or on how the work is split.
 DECODE_FIELDS = ("clustering", "cluster_rounds", "lam", "iterations", "clamp_max", "background", "bg_power",
                  "threshold", "batch_size", "return_self_attention")
@@ -352,6 +362,9 @@ def _cross_heads(value):
     raise _fail(name, "null, 'reference-voc' or a map {resolution: [head positions]}", value)
 
 
+_REFERENCE_KINDS = ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco", "interactive")
+
+
 def _self_heads(value):
     name = "self_heads"
     if value is None:
@@ -379,6 +392,7 @@ _RULES = {
     "self_layers": lambda v: _layers("self_layers", v),
     "self_heads": _self_heads,
     "self_image_size": lambda v: None if v is None else _int("self_image_size", v, 8, MAX_IMAGE_SIZE),
+    "reference": lambda v: None if v is None else _choice("reference", v, _REFERENCE_KINDS),
     "clustering": lambda v: _bool("clustering", v),
     "cluster_rounds": lambda v: _int("cluster_rounds", v, 1, MAX_CLUSTER_ROUNDS),
     "lam": lambda v: _factor("lam", v, "a finite number >= 0", lambda x: x >= 0, zero=True, low=0),

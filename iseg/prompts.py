@@ -53,6 +53,15 @@ class Prompt:
     classes: tuple[str, ...]
     input_ids: tuple[int, ...]  # padded to the tokenizer's window
     spans: tuple[tuple[int, ...], ...]  # token positions of each class (0 = start token)
+    # the caller's name of each class where the prompt uses another word for it (the ``*-reference``
+    # presets prompt with the authors' words: ``classes`` has "plane" where ``names`` has
+    # "aeroplane"); empty when they are ``classes`` themselves
+    names: tuple[str, ...] = ()
+
+    @property
+    def given(self) -> tuple[str, ...]:
+        """The caller's names of ``classes``, in the same order."""
+        return self.names or self.classes
 
 
 def check_class_names(classes: Sequence[str]) -> tuple[str, ...]:

@@ -50,6 +50,14 @@ class SegmentationResult:
     size: int  # side of the square whose pass gave the self-attention (the maps go back to the image through it)
     self_attention: np.ndarray | None = None  # (n, n) when return_self_attention=True
     timing: dict = field(default_factory=dict)
+    # the caller's name of each of ``classes`` where the prompt used another word (the
+    # ``*-reference`` presets prompt with the authors' words, in their order); empty otherwise
+    names: tuple[str, ...] = ()
+
+    @property
+    def given_classes(self) -> tuple[str, ...]:
+        """The caller's names of ``classes``, in the order of the labels (label k = ``given_classes[k-1]``)."""
+        return self.names or self.classes
 
     @property
     def iterations(self) -> int:
@@ -71,9 +79,11 @@ class SegmentationResult:
 
     def mask(self, name: str) -> np.ndarray:
         """Boolean mask of one class at the original size."""
-        if name not in self.classes:
-            raise ValueError(f"{name!r} is not one of this result's classes {list(self.classes)}")
-        return self.labels == self.classes.index(name) + 1
+        if name in self.classes:
+            return self.labels == self.classes.index(name) + 1
+        if name in self.given_classes:
+            return self.labels == self.given_classes.index(name) + 1
+        raise ValueError(f"{name!r} is not one of this result's classes {list(self.classes)}")
 
     def overlay(self, alpha: float = 0.5, iteration: int | None = None):
         """The image with the label map drawn over it, as a PIL image."""

@@ -236,6 +236,8 @@ def run(args) -> int:
             "preset": seg.preset,
             "classes": list(result.classes),
             "labels": {str(i + 1): c for i, c in enumerate(result.classes)},
+            # a -reference preset prompts with the authors' words: the names given, in label order
+            **({"given_classes": list(result.given_classes)} if result.names else {}),
             "prompt": result.prompt,
             "token_spans": [list(s) for s in result.token_spans],
             "pixels": {c: int((result.labels == i + 1).sum()) for i, c in enumerate(result.classes)},

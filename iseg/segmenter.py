@@ -35,6 +35,7 @@ from .loading import LoadedModel
 from .plan import LayerPlan, make_plan
 from .presets import DECODE_FIELDS, FORWARD_FIELDS, Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, make_prompt
+from .reference import DATASET_KINDS, reference_prompt
 from .results import Observation, SegmentationResult, Trace
 
 __all__ = ["ISeg", "Observation", "SegmentationResult", "Trace", "FORWARD_FIELDS", "DECODE_FIELDS", "SIZE_RANGE"]
@@ -75,8 +76,10 @@ class ISeg:
 
     ``ISeg(model, preset=None, **overrides)``: ``model`` is what ``iseg.load_model`` returns (or a
     bare Stable-Diffusion-style pipeline); ``preset`` names a preset (``wsss-voc``, ``wsss-coco``,
-    ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, and presets of shipped models such
-    as ``shapes``; see ``iseg.presets.preset_names()``); overrides are any ``Settings`` field.
+    ``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, their ``-reference`` twins, which compute what
+    the authors' code computes for comparing with the paper (``iseg.reference``), and presets of
+    shipped models such as ``shapes``; see ``iseg.presets.preset_names()``); overrides are any
+    ``Settings`` field.
     Without a preset, a shipped model's own preset is used, else the reference defaults.
 
     Threads: one ``ISeg`` (or several on one model) may be called from several threads, e.g. a
@@ -174,6 +177,9 @@ class ISeg:
     # -- prompts -------------------------------------------------------------------------------
     def prompt_for(self, classes: Sequence[str], settings: Settings | None = None) -> Prompt:
         s = settings or self.settings
+        if s.reference in DATASET_KINDS:  # the authors' words, order, text and token positions
+            return reference_prompt(self.backbone.tokenizer, s.reference, classes, model=self.model_name,
+                                    known=self.known_words)
         names = check_class_names(classes)
         text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
         offsets = class_offsets(names, s.prompt_prefix, s.prompt_joiner)

@@ -136,7 +136,8 @@ def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = 
                     foreground = torch.from_numpy(result.labels > 0)
                     raw = raw_class_maps(obs)
                     winner = to_original(raw, obs.geometry, obs.size).argmax(0)
-                    for c, name in enumerate(chunk):
+                    # class c of the prompt (a -reference preset reorders the classes and names them its way)
+                    for c, name in enumerate(obs.prompt.names or chunk):
                         evidence[start + k][name] = {"share": float(((winner == c) & foreground).float().mean()),
                                                      "peak": float(raw[c].max())}
                 bar.update(len(part))
