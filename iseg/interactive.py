@@ -263,7 +263,7 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
     steps = R.refine(cols.float(), P, s.iterations)  # (N+1, n, K)
-    check_refinement(cols.float(), obs.self_attention, P, steps, s)
+    check_refinement(cols.float(), [obs.self_attention], P, steps, s)
     # a column that is the same on every cell (a box over the whole image) stays constant under
     # P (rows sum to 1), and nrm maps a constant to 0: it asks for everything, so it is 1 everywhere
     whole = (cols.amin(0) == cols.amax(0)) & (cols.amax(0) > 0)
