@@ -263,7 +263,6 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
     steps = R.refine(cols.float(), P, s.iterations)  # (N+1, n, K)
-    check_refinement(cols.float(), [obs.self_attention], P, steps, s)
     # a column that is the same on every cell (a box over the whole image) stays constant under
     # P (rows sum to 1), and nrm maps a constant to 0: it asks for everything, so it is 1 everywhere
     whole = (cols.amin(0) == cols.amax(0)) & (cols.amax(0) > 0)
@@ -275,6 +274,7 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
     maps = combined.reshape(-1, side, side)
     score = to_original(maps[-1], geometry, obs.size).clamp(0, 1)
     initial = cols.float().mean(-1).reshape(side, side)
+    check_refinement(cols.float(), [obs.self_attention], P, maps, s)
     return PromptResult(
         mask=(score > s.threshold).cpu().numpy(),
         score=score.cpu().numpy(),
