@@ -62,12 +62,12 @@ def _decode_settings(made: Settings, overrides: dict) -> Settings:
     return s
 
 
-def check_refinement(x, attn_self, P, steps, s: Settings) -> None:
+def check_refinement(x, attn_self: Sequence[torch.Tensor], P, steps, s: Settings) -> None:
     """``NonFiniteError`` naming the first stage of §4-§5 with NaN or infinity (one synchronisation)."""
     check_finite([
         ("the class evidence X (cross-attention mixed by cross_weights, clustered)", x,
          f"the captured cross-attention and the setting cross_weights ({_weights_text(s)})"),
-        ("the self-attention", attn_self, "the denoiser's weights and dtype"),
+        *(("the self-attention", a, "the denoiser's weights and dtype") for a in attn_self),
         ("the Ent-Self matrix P", P, f"the settings lam ({s.lam}) and clamp_max ({s.clamp_max})"),
         ("the refined class maps", steps, f"the settings lam ({s.lam}), clamp_max ({s.clamp_max}) "
          f"and iterations ({s.iterations})"),
@@ -102,8 +102,8 @@ def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationRes
         m = torch.stack([R.class_maps(x[b], o.prompt.spans) for b, o in enumerate(group)])  # (B, n, C)
     P = R.entropy_reduce(attn_self, s.lam, s.clamp_max)
     steps = R.refine(m, P, s.iterations)  # (B, N+1, n, C)
-    check_refinement(x, attn_self, P, steps, s)
-    del P, attn_self
+    check_refinement(x, [o.self_attention for o in group], P, steps, s)
+    del P
     maps = steps.transpose(-1, -2).reshape(count, s.iterations + 1, classes, grid, grid)
     scores = minmax(to_original(maps[:, -1], first.geometry, first.size))
     labels = maps_to_labels(scores, s.background, s.bg_power, s.threshold).cpu().numpy()

@@ -373,13 +373,13 @@ def prompt_result(obs, prompt: Prompt, kind: str, value, s: Settings) -> PromptR
         cols[cells, torch.arange(len(cells))] = 1
     P = R.entropy_reduce(obs.self_attention.float(), s.lam, s.clamp_max)
     combined = refined_mean(cols.float(), P, s.iterations)
-    check_refinement(cols.float(), obs.self_attention, P, combined, s)
     combined = combined / combined.amax(-1, keepdim=True).clamp_min(torch.finfo(combined.dtype).tiny)
     maps = combined.reshape(-1, side, side)
     # the demo resizes the map from the attention grid straight to the image; iseg goes through
     # the processing size first, as the dataset runs do
     score = to_original(maps[-1], geometry, side if reference else obs.size).clamp(0, 1)
     initial = cols.float().mean(-1).reshape(side, side)
+    check_refinement(cols.float(), [obs.self_attention], P, maps, s)
     return PromptResult(
         mask=(score > s.threshold).cpu().numpy(),
         score=score.cpu().numpy(),

@@ -204,12 +204,14 @@ def kl_cluster(x: torch.Tensor, rounds: int = 20, seeds: Sequence[int] | torch.T
     seed_idx = _grid_seeds(size) if seeds is None else torch.as_tensor(seeds, dtype=torch.long)
     if seed_idx.numel() == 0 or seed_idx.min() < 0 or seed_idx.max() >= n:
         raise ValueError(f"cluster seeds must be pixel indices in [0, {n}), got {seed_idx.tolist()}")
-    wide = x.to(dtype)
-    assign = _kl_assign(wide.clamp_min(CLUSTER_FLOOR), seed_idx.to(x.device), int(rounds), dtype)
+    # Apple's MPS has no float64: cluster there on the CPU (X is small: n x T per image)
+    work = torch.device("cpu") if x.device.type == "mps" and dtype == torch.float64 else x.device
+    wide = x.to(work, dtype)
+    assign = _kl_assign(wide.clamp_min(CLUSTER_FLOOR), seed_idx.to(work), int(rounds), dtype)
     onehot = F.one_hot(assign, seed_idx.numel()).to(dtype)
     counts = onehot.sum(1).clamp_min(1).unsqueeze(-1)
     cluster_means = (onehot.transpose(1, 2) @ wide) / counts
-    return (onehot @ cluster_means).to(x.dtype)
+    return (onehot @ cluster_means).to(x.device, x.dtype)
 
 
 def _kl_assign(dist: torch.Tensor, seed_idx: torch.Tensor, rounds: int,

@@ -108,6 +108,13 @@ def test_decode_names_nan_self_attention_and_cross_attention(pipe):
     with pytest.raises(NonFiniteError, match="class evidence X .* cross_weights"):
         iseg.decode.decode([dataclasses.replace(obs, cross=bad_cross)])
     assert np.isfinite(seg.decode(obs).maps).all()
+    # an interactive prompt (a point) refines the same self-attention: the same error
+    from iseg.interactive import empty_prompt, prompt_result
+
+    bad = dataclasses.replace(obs, self_attention=bad_self)
+    with pytest.raises(NonFiniteError, match="the self-attention has NaN"):
+        prompt_result(bad, empty_prompt(pipe.tokenizer), "points", [(4, 4)], obs.settings)
+    assert prompt_result(obs, empty_prompt(pipe.tokenizer), "points", [(4, 4)], obs.settings).mask.any()
 
 
 def test_float16_arithmetic_on_cpu_gives_no_nan_and_no_silent_mask():
