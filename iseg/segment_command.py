@@ -174,7 +174,9 @@ def _check_image(path: Path) -> None:
         raise CommandError(f"image {path} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _output_folder(out: Path) -> Path:
+def _output_folder(out: Path | str) -> Path:
+    if not str(out).strip():
+        raise CommandError("--out is empty; give the folder for the results (default: iseg-out)")
     try:
         return check_folder(out, "--out")
     except ValueError as err:
@@ -195,7 +197,7 @@ def run(args) -> int:
     per_image = _classes_for(images, args.classes, args.classes_file)
     overrides = settings_overrides(args.set, args.preset)
     device = device_option(args.device)
-    out = _output_folder(Path(args.out))
+    out = _output_folder(Path(args.out) if str(args.out).strip() else "")  # Path("") would be the current folder
     names = output_names(images)
     targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
     inputs = {path.resolve() for path in images}

@@ -742,7 +742,7 @@ def test_segment_reads_a_long_thin_image(tmp_path, capsys):
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("")), [],
      r"run.json is not the record of an iseg-eval run; use another --out"),
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("{")), ["--restart"],
-     r"--restart: .*run.json is not an iseg-eval run.json .* nothing was deleted"),
+     r"--restart: .*run.json is not an iseg-eval run.json.*nothing was deleted"),
     (lambda t: None, ["--task", "wsss", "--labels", "{labels}"], r"--task wsss uses the ground-truth image labels"),
     (lambda t: None, ["--task", "ovs", "--labels", "{labels}"], r"not a shapes class|has no entry|is not"),
 ])
@@ -784,3 +784,14 @@ def test_train_shapes_checks_init_before_rendering(tmp_path, capsys, extra, mess
     assert _train(tmp_path, *extra) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
     assert not (tmp_path / "m.work").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, image, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", ""]) == 2
+    assert "--out is empty" in _one_error_line(capsys.readouterr().err, "iseg")
+    assert _train(tmp_path, "--out", "") == 2  # the last --out wins
+    assert "does not name a model folder" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -738,6 +738,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``iseg train-shapes``: every stage resumable with ``--resume``."""
+    if args.out.name in ("", ".", ".."):
+        raise CommandError(f"--out {str(args.out)!r} does not name a model folder; give one such as models/my-shapes")
     try:
         check_folder(args.out, "--out")
     except ValueError as err:
