@@ -7,13 +7,16 @@ JSON file with the prompt, the classes, the settings and the timing.
 NAME is the image's file name without its extension (``photos/cat.jpg`` -> ``cat``). Images that
 would share a NAME keep their extension (``x.png`` and ``x.jpg`` -> ``x.png``, ``x.jpg``) and, when
 that is not enough, their parent folders joined by ``__`` (``a/x.png`` and ``b/x.png`` ->
-``a__x.png``, ``b__x.png``), so every image gets its own files. The names depend on which images are
+``a__x.png``, ``b__x.png``), so every image gets its own files; names that differ only in case
+(``X.png`` and ``x.png``) are numbered (``X-1``, ``x-2``). The names depend on which images are
 given together, not on their order.
 
 Earlier results in the output folder are never replaced unless ``--overwrite`` is given; then the
 command lists what it replaces, and removes the old animation of an image rerun with ``--no-gif``.
 Files are written to a temporary name in the folder and renamed, so a symbolic link planted there
-is replaced, never written through.
+is replaced, never written through; a temporary file that a killed run left is removed by the next.
+Every input (images, classes, settings, device, the output folder and the file names' length) is
+checked before the model loads.
 
 A classes file is JSON ``{"image file name": ["class", ...]}`` (keys may also be the name without
 extension or the path as given); a single string is one class (``{"x.png": "star"}``).

@@ -622,6 +622,8 @@ def _train(tmp_path, *extra):
     (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 0"),
     (["--threads", "-1"], r"--threads must be at least 1"),
     (["--threads", "0"], r"--threads must be at least 1"),
+    (["--threads", "100000"], r"--threads 100000 is more than 4x this machine's \d+ CPUs"),
+    (["--workers", "1000000"], r"--workers 1000000 is more than 4x this machine's \d+ CPUs"),
     (["--seed", str(10**20)], r"--seed must be a whole number from 0 to 2\*\*63 - 4, got 100000000000000000000"),
     (["--seed", "-1"], r"--seed must be a whole number"),
     (["--lr", "0"], r"--lr is a learning rate"),
@@ -795,3 +797,17 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, image,
     assert _train(tmp_path, "--out", "") == 2  # the last --out wins
     assert "does not name a model folder" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_restart_also_removes_what_killed_writes_of_the_run_left(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert ev.main(argv) == 0
+    mask = sorted((out / "masks").glob("*.png"))[0]
+    stale = [out / "masks" / f".{mask.name}.a1b2c3d4.png", out / ".run.json.zz9y8x7w.json"]
+    for path in stale:
+        path.write_bytes(b"")
+    mine = out / "masks" / "mine.txt"
+    mine.write_text("keep")
+    assert ev.main([*argv, "--restart"]) == 0
+    assert not any(p.exists() for p in stale) and mine.read_text() == "keep"
