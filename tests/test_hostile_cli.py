@@ -811,3 +811,22 @@ def test_restart_also_removes_what_killed_writes_of_the_run_left(tmp_path):
     mine.write_text("keep")
     assert ev.main([*argv, "--restart"]) == 0
     assert not any(p.exists() for p in stale) and mine.read_text() == "keep"
+
+
+def test_checkpoints_of_earlier_runs_with_paths_still_load(tmp_path):
+    import argparse
+
+    import torch
+
+    from iseg.cli_options import CommandError
+    from iseg.shapes.train import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    # runs before weights_only=True recorded their options with Path objects
+    torch.save({"args": {"out": Path("m"), "init": Path("/x"), "family": "unet", "latent_side": 16},
+                "vae": {"w": torch.ones(2)}, "vae_step": 3}, path)
+    options = dict(family="unet", latent_side=16, layers=4, patch_size=1)
+    state = load_checkpoint(path, argparse.Namespace(**options))
+    assert state["vae_step"] == 3 and state["args"]["out"] == Path("m") and state["vae"]["w"].sum() == 2
+    with pytest.raises(CommandError, match=r"is a run with --latent-side 16, not 32; resume it with --latent-side 16"):
+        load_checkpoint(path, argparse.Namespace(**{**options, "latent_side": 32}))
