@@ -830,3 +830,13 @@ def test_checkpoints_of_earlier_runs_with_paths_still_load(tmp_path):
     assert state["vae_step"] == 3 and state["args"]["out"] == Path("m") and state["vae"]["w"].sum() == 2
     with pytest.raises(CommandError, match=r"is a run with --latent-side 16, not 32; resume it with --latent-side 16"):
         load_checkpoint(path, argparse.Namespace(**{**options, "latent_side": 32}))
+
+
+@pytest.mark.parametrize("command", [["bench", "--model", "shapes", "--batch-sizes", "1", "--repeats", "1"],
+                                     ["eval-shapes", "--count", "1"], ["labels", "--count", "1"]])
+def test_commands_writing_one_file_check_its_folder_before_any_work(tmp_path, capsys, command):
+    os.symlink(tmp_path / "gone", tmp_path / "results")
+    rc = cli.main([*command, "--device", "cpu", "--out", str(tmp_path / "results" / "r.json")])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "results is a symbolic link to" in line and "which does not exist" in line
