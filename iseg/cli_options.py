@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .loading import resolve_device
 from .presets import make_settings, parse_overrides
+from .safe_files import check_folder, check_names
 
 __all__ = ["CommandError", "add_set_option", "overwrite_option", "settings_overrides", "device_option", "output_file",
            "command_options", "parse_command", "run_command", "module_main"]
@@ -58,12 +59,19 @@ def output_file(path: Path | None, overwrite: bool, prog: str = "iseg") -> Path 
     file only replaced with ``--overwrite`` (then it says so)."""
     if path is None:
         return None
+    if not str(path).strip():
+        raise CommandError("--out is empty; give a file name")
     path = Path(path)
     if path.is_dir():
         raise CommandError(f"--out {path} is a folder; give a file name")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise CommandError(f"--out {path}: {parent} is a file, not a folder")
+    try:  # a dangling link or a read-only folder on the way, or a name too long: refused before any work
+        check_folder(path.parent, f"--out {path}: the folder")
+        check_names([path], "--out")
+    except ValueError as err:
+        raise CommandError(str(err)) from None
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise CommandError(f"--out {path} already exists; pass --overwrite to replace it, or choose another --out")

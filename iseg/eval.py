@@ -47,7 +47,7 @@ from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
 from .loading import DEFAULT_MODEL, load_model, resolve_device
 from .metrics import confusion, iou_per_class, miou
 from .presets import Settings, make_settings, parse_overrides
-from .safe_files import check_folder, write_atomic, write_json, write_text
+from .safe_files import check_folder, stale_temporaries, write_atomic, write_json, write_text
 from .segmenter import ISeg
 from .viz import label_png
 
@@ -422,11 +422,15 @@ def _discard_run(out: Path, ids: set[str]) -> None:
     masks = out / "masks"
     for i in ids if masks.is_dir() else []:
         (masks / f"{i}.png").unlink(missing_ok=True)
+        for stale in stale_temporaries(masks / f"{i}.png"):  # a mask whose write was killed
+            stale.unlink(missing_ok=True)
     for folder in (records, masks):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     for name in _RUN_FILES:
         (out / name).unlink(missing_ok=True)
+        for stale in stale_temporaries(out / name):
+            stale.unlink(missing_ok=True)
 
 
 def _barrier(state) -> None:

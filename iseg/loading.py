@@ -250,8 +250,12 @@ def _model_index(source: str, local_only: bool) -> dict | None:
 def _read_index(path: Path) -> dict:
     """A model_index.json, checked to be what diffusers reads: a JSON object whose ``_class_name``
     is text and whose components are ``[library, class]`` pairs (or nulls)."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise ModelFolderError(f"{path} starts with a byte-order mark, which diffusers cannot read; save it as UTF-8 "
+                               "without one")
     try:
-        index = json.loads(path.read_bytes().decode("utf-8-sig"))
+        index = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelFolderError(f"{path} is not valid JSON ({err}); a diffusers model folder needs a model_index.json "
                                "such as {\"_class_name\": \"StableDiffusionPipeline\", \"unet\": [\"diffusers\", "
@@ -259,7 +263,10 @@ def _read_index(path: Path) -> dict:
     if not isinstance(index, dict):
         raise ModelFolderError(f"{path} holds a JSON {type(index).__name__}; it must be a JSON object "
                                "{\"_class_name\": ..., \"unet\": [\"diffusers\", \"UNet2DConditionModel\"], ...}")
-    name = index.get("_class_name", "StableDiffusionPipeline")
+    if "_class_name" not in index:
+        raise ModelFolderError(f"{path} has no _class_name; add the pipeline class, such as "
+                               "\"_class_name\": \"StableDiffusionPipeline\"")
+    name = index["_class_name"]
     if not isinstance(name, str):
         raise ModelFolderError(f"{path}: _class_name must be the pipeline class's name, such as "
                                f"\"StableDiffusionPipeline\", got {name!r}")
@@ -286,11 +293,30 @@ def _check_folder_files(folder: Path, index: dict) -> None:
         if not sub.is_dir():
             raise ModelFolderError(f"the model folder {folder} has no {part}/ folder, which its model_index.json "
                                    f"lists ({library} {cls}); copy the whole folder again")
+        for config in sorted(sub.glob("*.json")):  # configs, tokenizer files: diffusers' errors would not name them
+            problem = _json_problem(config)
+            if problem:
+                raise ModelFolderError(f"{config} {problem}; copy or download the model again")
         for weights in sorted(sub.glob("*.safetensors")):
             problem = _safetensors_problem(weights)
             if problem:
                 raise ModelFolderError(f"{weights} {problem}; the file is damaged or was cut short while copying. "
                                        "Copy or download the model again")
+
+
+def _json_problem(path: Path) -> str | None:
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "starts with a byte-order mark, which diffusers and transformers cannot read"
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    if path.name.endswith("config.json") and not isinstance(value, dict):
+        return f"holds a JSON {type(value).__name__}, not the object of settings a config is"
+    return None
 
 
 def _safetensors_problem(path: Path) -> str | None:

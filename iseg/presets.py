@@ -300,6 +300,8 @@ def _words(name: str, value) -> tuple[str, ...]:
         raise SettingsError(f"setting {name} must be a list of words, not one string {value!r}")
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise _fail(name, "a list of words", value)
+    if isinstance(value, (set, frozenset)):  # no order: the prompt would change from run to run
+        raise SettingsError(f"setting {name} must be a list of words in order, not a set {sorted(value)!r}")
     value = tuple(value)  # once: a generator would be used up by the check
     if not all(isinstance(w, str) for w in value):
         raise _fail(name, "a list of words", value)

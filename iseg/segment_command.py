@@ -7,13 +7,16 @@ JSON file with the prompt, the classes, the settings and the timing.
 NAME is the image's file name without its extension (``photos/cat.jpg`` -> ``cat``). Images that
 would share a NAME keep their extension (``x.png`` and ``x.jpg`` -> ``x.png``, ``x.jpg``) and, when
 that is not enough, their parent folders joined by ``__`` (``a/x.png`` and ``b/x.png`` ->
-``a__x.png``, ``b__x.png``), so every image gets its own files. The names depend on which images are
+``a__x.png``, ``b__x.png``), so every image gets its own files; names that differ only in case
+(``X.png`` and ``x.png``) are numbered (``X-1``, ``x-2``). The names depend on which images are
 given together, not on their order.
 
 Earlier results in the output folder are never replaced unless ``--overwrite`` is given; then the
 command lists what it replaces, and removes the old animation of an image rerun with ``--no-gif``.
 Files are written to a temporary name in the folder and renamed, so a symbolic link planted there
-is replaced, never written through.
+is replaced, never written through; a temporary file that a killed run left is removed by the next.
+Every input (images, classes, settings, device, the output folder and the file names' length) is
+checked before the model loads.
 
 A classes file is JSON ``{"image file name": ["class", ...]}`` (keys may also be the name without
 extension or the path as given); a single string is one class (``{"x.png": "star"}``).
@@ -174,7 +177,9 @@ def _check_image(path: Path) -> None:
         raise CommandError(f"image {path} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
 
 
-def _output_folder(out: Path) -> Path:
+def _output_folder(out: Path | str) -> Path:
+    if not str(out).strip():
+        raise CommandError("--out is empty; give the folder for the results (default: iseg-out)")
     try:
         return check_folder(out, "--out")
     except ValueError as err:
@@ -195,7 +200,7 @@ def run(args) -> int:
     per_image = _classes_for(images, args.classes, args.classes_file)
     overrides = settings_overrides(args.set, args.preset)
     device = device_option(args.device)
-    out = _output_folder(Path(args.out))
+    out = _output_folder(Path(args.out) if str(args.out).strip() else "")  # Path("") would be the current folder
     names = output_names(images)
     targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
     inputs = {path.resolve() for path in images}

@@ -622,6 +622,8 @@ def _train(tmp_path, *extra):
     (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 0"),
     (["--threads", "-1"], r"--threads must be at least 1"),
     (["--threads", "0"], r"--threads must be at least 1"),
+    (["--threads", "100000"], r"--threads 100000 is more than 4x this machine's \d+ CPUs"),
+    (["--workers", "1000000"], r"--workers 1000000 is more than 4x this machine's \d+ CPUs"),
     (["--seed", str(10**20)], r"--seed must be a whole number from 0 to 2\*\*63 - 4, got 100000000000000000000"),
     (["--seed", "-1"], r"--seed must be a whole number"),
     (["--lr", "0"], r"--lr is a learning rate"),
@@ -742,7 +744,7 @@ def test_segment_reads_a_long_thin_image(tmp_path, capsys):
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("")), [],
      r"run.json is not the record of an iseg-eval run; use another --out"),
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("{")), ["--restart"],
-     r"--restart: .*run.json is not an iseg-eval run.json .* nothing was deleted"),
+     r"--restart: .*run.json is not an iseg-eval run.json.*nothing was deleted"),
     (lambda t: None, ["--task", "wsss", "--labels", "{labels}"], r"--task wsss uses the ground-truth image labels"),
     (lambda t: None, ["--task", "ovs", "--labels", "{labels}"], r"not a shapes class|has no entry|is not"),
 ])
@@ -784,3 +786,57 @@ def test_train_shapes_checks_init_before_rendering(tmp_path, capsys, extra, mess
     assert _train(tmp_path, *extra) == 2
     assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
     assert not (tmp_path / "m.work").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, image, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", ""]) == 2
+    assert "--out is empty" in _one_error_line(capsys.readouterr().err, "iseg")
+    assert _train(tmp_path, "--out", "") == 2  # the last --out wins
+    assert "does not name a model folder" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_restart_also_removes_what_killed_writes_of_the_run_left(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
+    assert ev.main(argv) == 0
+    mask = sorted((out / "masks").glob("*.png"))[0]
+    stale = [out / "masks" / f".{mask.name}.a1b2c3d4.png", out / ".run.json.zz9y8x7w.json"]
+    for path in stale:
+        path.write_bytes(b"")
+    mine = out / "masks" / "mine.txt"
+    mine.write_text("keep")
+    assert ev.main([*argv, "--restart"]) == 0
+    assert not any(p.exists() for p in stale) and mine.read_text() == "keep"
+
+
+def test_checkpoints_of_earlier_runs_with_paths_still_load(tmp_path):
+    import argparse
+
+    import torch
+
+    from iseg.cli_options import CommandError
+    from iseg.shapes.train import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    # runs before weights_only=True recorded their options with Path objects
+    torch.save({"args": {"out": Path("m"), "init": Path("/x"), "family": "unet", "latent_side": 16},
+                "vae": {"w": torch.ones(2)}, "vae_step": 3}, path)
+    options = dict(family="unet", latent_side=16, layers=4, patch_size=1)
+    state = load_checkpoint(path, argparse.Namespace(**options))
+    assert state["vae_step"] == 3 and state["args"]["out"] == Path("m") and state["vae"]["w"].sum() == 2
+    with pytest.raises(CommandError, match=r"is a run with --latent-side 16, not 32; resume it with --latent-side 16"):
+        load_checkpoint(path, argparse.Namespace(**{**options, "latent_side": 32}))
+
+
+@pytest.mark.parametrize("command", [["bench", "--model", "shapes", "--batch-sizes", "1", "--repeats", "1"],
+                                     ["eval-shapes", "--count", "1"], ["labels", "--count", "1"]])
+def test_commands_writing_one_file_check_its_folder_before_any_work(tmp_path, capsys, command):
+    os.symlink(tmp_path / "gone", tmp_path / "results")
+    rc = cli.main([*command, "--device", "cpu", "--out", str(tmp_path / "results" / "r.json")])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "results is a symbolic link to" in line and "which does not exist" in line

@@ -6,6 +6,7 @@ The tables are (input, expected exception, regex of its message); add a row for 
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -412,6 +413,8 @@ def test_empty_extra_words_are_refused():
             iseg.make_settings(None, extra_words=words)
     with pytest.raises(SettingsError, match=r"setting background_words: an empty word"):
         iseg.make_settings(None, background_words=["sky", ""])
+    with pytest.raises(SettingsError, match=r"setting extra_words must be a list of words in order, not a set"):
+        iseg.make_settings(None, extra_words={"other object", "background"})  # a set's order changes between runs
 
 
 @pytest.mark.parametrize("given, expected", [
@@ -468,8 +471,6 @@ def _edited(tiny_folder, tmp_path, edit):
 
 
 def _config(folder, part, file="config.json", **changes):
-    import json
-
     path = folder / part / file
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
@@ -504,13 +505,19 @@ MODEL_FOLDERS = [
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=200),
      r"tokenizer pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 positions"),
     (lambda f: _config(f, "text_encoder", vocab_size=1000), r"(tokenizer has 49408 tokens but text_encoder embeds 1000|could not be loaded)"),
+    (lambda f: (f / "model_index.json").write_text(json.dumps({k: v for k, v in json.loads((f / "model_index.json").read_text()).items()
+                                                              if k != "_class_name"})), r"model_index.json has no _class_name"),
+    (lambda f: (f / "model_index.json").write_bytes(b"\xef\xbb\xbf" + (f / "model_index.json").read_bytes()),
+     r"model_index.json starts with a byte-order mark"),
+    (lambda f: (f / "unet" / "config.json").write_text("[]"), r"unet/config.json holds a JSON list, not the object of settings"),
+    (lambda f: (f / "tokenizer" / "tokenizer_config.json").write_text(""), r"tokenizer/tokenizer_config.json is not valid JSON"),
 ]
 
 
 @pytest.mark.parametrize("edit, match", MODEL_FOLDERS, ids=[
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
-    "tokenizer-window", "vocabulary"])
+    "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
 

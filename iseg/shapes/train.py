@@ -317,6 +317,11 @@ def check_options(args) -> None:
         raise CommandError(f"--images {args.images}: the training split has {len(SPLITS['train']):,} images")
     if args.threads is not None and args.threads < 1:
         raise CommandError(f"--threads must be at least 1 (or left out for torch's default), got {args.threads}")
+    most = 4 * (os.cpu_count() or 1)  # more only thrashes; a million would exhaust the machine
+    for name in ("threads", "workers"):
+        value = getattr(args, name)
+        if value is not None and value > most:
+            raise CommandError(f"--{name} {value} is more than 4x this machine's {os.cpu_count()} CPUs; give at most {most}")
     if not 0 <= args.seed <= 2**63 - 4:  # the run seeds generators with seed + 1 .. seed + 3
         raise CommandError(f"--seed must be a whole number from 0 to 2**63 - 4, got {args.seed}")
     for name in ("lr", "vae_lr"):
@@ -766,6 +771,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``iseg train-shapes``: every stage resumable with ``--resume``."""
+    if args.out.name in ("", ".", ".."):
+        raise CommandError(f"--out {str(args.out)!r} does not name a model folder; give one such as models/my-shapes")
     try:
         check_folder(args.out, "--out")
     except ValueError as err:
