@@ -415,3 +415,9 @@ def test_attention_labels_follow_the_reordered_prompt(tiny_pipe):
     raw = raw_class_maps(obs)
     for c, name in enumerate(obs.prompt.given):
         assert evidence[name]["peak"] == pytest.approx(float(raw[c].max()))
+
+
+def test_text_queries_of_a_dataset_reference_preset_use_the_default_template(tiny_pipe):
+    seg = iseg.ISeg(tiny_pipe, preset="wsss-voc-reference")
+    prompt = iseg.interactive.text_prompt(seg, "aeroplane; red dog")
+    assert prompt.text == "a photograph of aeroplane and red dog" and prompt.spans == ((4, 5), (7, 8))
