@@ -248,7 +248,7 @@ def kl_distance_half(anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def kl_cluster_half(x: torch.Tensor, rounds: int = 20) -> torch.Tensor:
     """The clustering step as the authors' float16 pipeline computes it, for ``(B, n, T)`` maps.
 
-    Exact zeros become 1e-6 (float16); 36 seeds on the 6x6 grid (``refine.kl_cluster``'s);
+    Exact zeros become 1e-6 (float16); 36 seeds on the 6x6 grid (step 11 on 64x64);
     every round assigns each pixel to its nearest prototype by ``kl_distance_half`` (ties to the
     lower index) and replaces the prototypes by their members' float16 means (clusters with no
     members dropped). Finally every vector becomes its cluster's float16 sum divided by its
@@ -259,7 +259,10 @@ def kl_cluster_half(x: torch.Tensor, rounds: int = 20) -> torch.Tensor:
     size = math.isqrt(n)
     if size * size != n:
         raise ValueError(f"kl_cluster_half needs a square map, got {n} pixels")
-    seeds = R._grid_seeds(size).to(x.device)
+    # the authors' 6x6 seed grid, step 11 on 64x64 (scaled to other sides, as refine.kl_cluster does)
+    step = max(1, size * 11 // 64)
+    coords = [min(i * step, size - 1) for i in range(6)]
+    seeds = torch.tensor([y * size + c for y in coords for c in coords], device=x.device)
     out = []
     for item in x.half():
         item = torch.where(item == 0, torch.tensor(1e-6, dtype=torch.float16, device=item.device), item)
