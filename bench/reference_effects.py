@@ -72,6 +72,7 @@ def tiny(images: int) -> dict:
             half.append(_agree(b.labels, b32.labels))
         out[name] = {"default_vs_reference": float(np.mean(whole)), "prompt_words_tokens_only": float(np.mean(prompt)),
                      "float16_only": float(np.mean(half))}
+        print(name, out[name], flush=True)
     return out
 
 
@@ -118,6 +119,7 @@ def shapes(count: int) -> dict:
            "max_pixels_changing_cluster_float16": float(np.max(moved)),
            "labels_agree_float16_vs_float32": float(np.mean(agree)),
            "mean_iou_float32": float(np.mean(iou32)), "mean_iou_float16": float(np.mean(iou16))}
+    print("shapes", out, flush=True)
 
     # interactive rules, refinement settings equal (the shapes model's own): boxes and points
     from iseg.interactive import interactive_defaults

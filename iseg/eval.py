@@ -299,7 +299,8 @@ def evaluate_dataset(
                 results = seg.segment([items[k].image for k in with_classes], [list(per_image[k]) for k in with_classes],
                                       progress=False)
                 for k, res in zip(with_classes, results):
-                    preds[k] = dataset.to_dataset_labels(res.labels, res.given_classes)  # label order of the result
+                    # label k of a result is its given_classes[k-1] (a -reference preset reorders the classes)
+                    preds[k] = dataset.to_dataset_labels(res.labels, getattr(res, "given_classes", None) or per_image[k])
             lines = []
             seconds = (time.perf_counter() - t0) / len(items)
             for k, item in enumerate(items):

@@ -244,7 +244,8 @@ def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
     words = s.prompt_prefix.split()
     if words:
         descriptions = [_drop_repeat(d, words[-1]) for d in descriptions]
-    template = replace(s, extra_words=(), background_words=())
+    # a dataset run's reference prompt is for class lists, not descriptions
+    template = replace(s, extra_words=(), background_words=(), reference=None)
     return seg.prompt_for(descriptions, template)
 
 

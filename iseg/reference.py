@@ -180,8 +180,20 @@ def reference_prompt(tokenizer, kind: str, classes: Sequence[str], model: str | 
     their words in their order (``classes``), the caller's names (``names``), their text and
     their token positions (``spans``, which Cat-Cross scales and class maps average)."""
     words, names = reference_words(kind, classes)
+    _check_start(tokenizer, kind)
     text = prompt_text(kind, words)
     return _checked_prompt(tokenizer, text, words, names, token_positions(tokenizer, kind, words), model, known)
+
+
+def _check_start(tokenizer, kind: str, prefix: str = "a photograph of") -> None:
+    # the authors' positions start at 4: a start token and three words, as CLIP (SD 1.x/2.x) splits them
+    ids = token_ids(tokenizer, prefix, add_special_tokens=True, truncation=False)
+    if len(ids) < PROMPT_START or list(ids[:PROMPT_START]) != list(
+            token_ids(tokenizer, prefix + " cat", add_special_tokens=True, truncation=False)[:PROMPT_START]) or (
+            ids[0] != getattr(tokenizer, "bos_token_id", None)):
+        raise ValueError(f"the {kind}-reference preset reproduces the authors' Stable Diffusion 1.x/2.x runs, whose "
+                         f"token positions assume CLIP's tokenizer (a start token, then {prefix!r} as 3 tokens); this "
+                         "model's tokenizer splits the prompt otherwise. Use the default presets for this model")
 
 
 def _checked_prompt(tokenizer, text, words, names, spans, model, known) -> Prompt:
@@ -236,7 +248,7 @@ def kl_distance_half(anchor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def kl_cluster_half(x: torch.Tensor, rounds: int = 20) -> torch.Tensor:
     """The clustering step as the authors' float16 pipeline computes it, for ``(B, n, T)`` maps.
 
-    Exact zeros become 1e-6 (float16); 36 seeds on the 6x6 grid (``refine.kl_cluster``'s);
+    Exact zeros become 1e-6 (float16); 36 seeds on the 6x6 grid (step 11 on 64x64);
     every round assigns each pixel to its nearest prototype by ``kl_distance_half`` (ties to the
     lower index) and replaces the prototypes by their members' float16 means (clusters with no
     members dropped). Finally every vector becomes its cluster's float16 sum divided by its
@@ -247,7 +259,10 @@ def kl_cluster_half(x: torch.Tensor, rounds: int = 20) -> torch.Tensor:
     size = math.isqrt(n)
     if size * size != n:
         raise ValueError(f"kl_cluster_half needs a square map, got {n} pixels")
-    seeds = R._grid_seeds(size).to(x.device)
+    # the authors' 6x6 seed grid, step 11 on 64x64 (scaled to other sides, as refine.kl_cluster does)
+    step = max(1, size * 11 // 64)
+    coords = [min(i * step, size - 1) for i in range(6)]
+    seeds = torch.tensor([y * size + c for y in coords for c in coords], device=x.device)
     out = []
     for item in x.half():
         item = torch.where(item == 0, torch.tensor(1e-6, dtype=torch.float16, device=item.device), item)
@@ -285,6 +300,7 @@ def interactive_text_prompt(tokenizer, descriptions: Sequence[str], model: str |
     of description ``i`` itself, not of the one before it (the demo's defect: wrong tokens when
     descriptions differ in length)."""
     descriptions = check_class_names(descriptions)
+    _check_start(tokenizer, "interactive", "a photography of")
     counts = [len(token_ids(tokenizer, d, add_special_tokens=False, truncation=False)) for d in descriptions]
     spans, start = [], PROMPT_START
     for i, count in enumerate(counts):

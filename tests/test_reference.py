@@ -415,3 +415,34 @@ def test_attention_labels_follow_the_reordered_prompt(tiny_pipe):
     raw = raw_class_maps(obs)
     for c, name in enumerate(obs.prompt.given):
         assert evidence[name]["peak"] == pytest.approx(float(raw[c].max()))
+
+
+def test_text_queries_of_a_dataset_reference_preset_use_the_default_template(tiny_pipe):
+    seg = iseg.ISeg(tiny_pipe, preset="wsss-voc-reference")
+    prompt = iseg.interactive.text_prompt(seg, "aeroplane; red dog")
+    assert prompt.text == "a photograph of aeroplane and red dog" and prompt.spans == ((4, 5), (7, 8))
+
+
+def test_bench_reproduce_builds_the_readme_commands_and_needs_a_gpu(tmp_path, monkeypatch):
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from iseg import eval as ev
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "reproduce.py"
+    spec = importlib.util.spec_from_file_location("reproduce", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(model=None, device=None, limit=5, ovs_labels_voc=tmp_path / "tags.json",
+                              ovs_labels_context=None, ovs_labels_coco=None)
+    for table, (dataset, task, split, preset, _paper, _) in module.TABLES.items():
+        cmd = module.command(table, tmp_path / "data", tmp_path / table, args)
+        parsed = ev.build_parser().parse_args(cmd[3:])
+        assert (parsed.dataset, parsed.task, parsed.split, parsed.preset, parsed.limit) == (dataset, task, split, preset, 5)
+        assert preset == f"{table}-reference"
+    assert module.TABLES["wsss-voc"][4] == 75.5 and module.TABLES["ovs-coco"][4] == 38.4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        module.main(["--voc", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
