@@ -27,7 +27,7 @@ def row_entropy(attn) -> np.ndarray:
     """Entropy of every row of an ``(n, n)`` attention, as a share of the maximum ``log n``."""
     import torch
 
-    a = torch.as_tensor(attn, dtype=torch.float64)
+    a = torch.as_tensor(attn).detach().cpu().double()  # any device: the answer is for plotting
     h = -(a * a.clamp_min(1e-30).log()).sum(-1) / math.log(a.shape[-1])
     return h.numpy()
 
@@ -168,7 +168,7 @@ class SelfAttentionView(_View):
 
     def __init__(self, seg, image, classes, lam: float | None = None):
         self.obs = seg.observe(image, classes)[0]
-        self.attn = self.obs.self_attention.double()
+        self.attn = self.obs.self_attention.double().cpu()  # every click reads rows of it for plotting
         self.side = self.obs.grid
         self.lam = seg.settings.lam if lam is None else lam
         self.pixel = (self.side // 2, self.side // 2)
