@@ -1,0 +1,67 @@
+"""Every notebook on every model family, on a fake GPU (issue #30).
+
+MODEL is set to a folder of a tiny random-weight pipeline of each family (SD 1.x/2.x, SDXL, SD3,
+FLUX; built from ``tests/tiny.py`` and saved with ``save_pretrained``) and to the shipped
+``shapes-mmdit``; each notebook runs headless (``tests/notebook_runner.py``) in a kernel whose
+models behave as CUDA ones (``tests/fake_cuda.py``), and must end with no error output. The
+notebooks run two at a time; each one's time is printed. ``ISEG_EXECUTED_NOTEBOOKS=DIR`` keeps the
+executed notebooks (``NAME--FAMILY.ipynb``); ``ISEG_FAMILIES=sd,flux`` runs a subset.
+
+The shapes UNet (MODEL = "auto") runs under nbval in the main suite, also on the fake GPU
+(``conftest.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from family_models import BUILDERS, save_family_models
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+FAMILIES = [*BUILDERS, "shapes-mmdit"]
+WORKERS = int(os.environ.get("ISEG_NOTEBOOK_WORKERS", "2"))
+
+
+def _selected():
+    chosen = os.environ.get("ISEG_FAMILIES")
+    return [f for f in FAMILIES if not chosen or f in chosen.split(",")]
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    folders = save_family_models(tmp_path_factory.mktemp("families"), [f for f in BUILDERS if f in _selected()])
+    return {**{tag: str(path) for tag, path in folders.items()}, "shapes-mmdit": "shapes-mmdit"}
+
+
+def _run(notebook: Path, model: str, tag: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "tests" / "notebook_runner.py"), str(notebook), "--model", model,
+           "--fake-cuda", "--tag", tag, "--timeout", "300"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return dict(notebook=notebook.stem, seconds=None, errors=[dict(cell=None, ename="runner failed",
+                                                                       evalue=out.stderr[-3000:])])
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("family", _selected())
+def test_every_notebook_runs_on_the_family(model_folders, family):
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        reports = list(pool.map(lambda nb: _run(nb, model_folders[family], family), NOTEBOOKS))
+    print(f"\n{family}: {len(reports)} notebooks in {time.perf_counter() - t0:.0f} s with {WORKERS} workers")
+    for r in reports:
+        print(f"  {r['notebook']}: {r['seconds']} s, {len(r['errors'])} error output(s)")
+    missing = [r["notebook"] for r in reports if r.get("has_model_knob") is False]
+    failed = {r["notebook"]: [(e["cell"], e["ename"], e["evalue"][:300]) for e in r["errors"]] for r in reports
+              if r["errors"]}
+    assert not missing, f"notebooks without a MODEL knob: {missing}"
+    assert not failed, f"error outputs with MODEL = the {family} model: {json.dumps(failed, indent=1)}"
