@@ -44,13 +44,17 @@ def set_model(nb, model: str) -> bool:
 
 def kernel_env(fake_cuda: bool, pythonpath: str | os.PathLike | None = None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="module://matplotlib_inline.backend_inline")
-    paths = [str(pythonpath if pythonpath is not None else ROOT)]
+    # pythonpath "" : nothing added (an installed iseg, not this checkout's)
+    paths = [str(pythonpath if pythonpath is not None else ROOT)] if pythonpath != "" else []
     if fake_cuda:
         paths.insert(0, str(FAKE_CUDA_SITE))
         env["ISEG_FAKE_CUDA"] = "1"
     else:
         env.pop("ISEG_FAKE_CUDA", None)
-    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if pythonpath == "":
+        env.pop("PYTHONPATH", None)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
