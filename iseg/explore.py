@@ -15,7 +15,7 @@ import numpy as np
 
 from .examples import example
 from .refine import entropy_reduce
-from .viz import MAP_CMAP, overlay
+from .viz import MAP_CMAP, MAX_FIGURE_PX, fit_figsize, overlay
 
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
            "GenerationView",
@@ -36,12 +36,19 @@ def _figure(panels: int, size: float = 2.6):
     import matplotlib.pyplot as plt
 
     # built without showing it: ``widget()`` places the figure under its controls
+    # panels wrap onto more rows rather than making a figure wider than a notebook's output area
+    per_row = max(1, min(panels, int((MAX_FIGURE_PX / 100 - 0.4) // size)))
+    rows = -(-panels // per_row)
     with plt.ioff():  # titles change with the controls: constrained layout keeps them inside the figure
-        fig, axes = plt.subplots(1, panels, figsize=(size * panels, size + 0.3), squeeze=False, layout="constrained")
-    for ax in axes[0]:
+        fig, grid = plt.subplots(rows, per_row, figsize=fit_figsize(size * per_row + 0.4, (size + 0.3) * rows),
+                                 squeeze=False, layout="constrained")
+    axes = list(grid.ravel())
+    for ax in axes[panels:]:
+        ax.axis("off")
+    for ax in axes[:panels]:
         ax.set_xticks([])
         ax.set_yticks([])
-    return fig, list(axes[0])
+    return fig, axes[:panels]
 
 
 def _set_picture(artist, picture) -> None:
