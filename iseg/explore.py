@@ -15,7 +15,7 @@ import numpy as np
 
 from .examples import example
 from .refine import entropy_reduce
-from .viz import MAP_CMAP, MAX_FIGURE_PX, fit_figsize, overlay
+from .viz import MAP_CMAP, fit_figsize, overlay, panels_per_row
 
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
            "GenerationView",
@@ -37,7 +37,7 @@ def _figure(panels: int, size: float = 2.6):
 
     # built without showing it: ``widget()`` places the figure under its controls
     # panels wrap onto more rows rather than making a figure wider than a notebook's output area
-    per_row = max(1, min(panels, int((MAX_FIGURE_PX / 100 - 0.4) // size)))
+    per_row = panels_per_row(panels)
     rows = -(-panels // per_row)
     with plt.ioff():  # titles change with the controls: constrained layout keeps them inside the figure
         fig, grid = plt.subplots(rows, per_row, figsize=fit_figsize(size * per_row + 0.4, (size + 0.3) * rows),

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .images import to_uint8
 
-__all__ = ["MAP_CMAP", "OVERLAY_ALPHA", "MAX_FIGURE_PX", "fit_figsize", "layer_order", "layer_title", "layer_grid",
+__all__ = ["MAP_CMAP", "OVERLAY_ALPHA", "MAX_FIGURE_PX", "fit_figsize", "panels_per_row", "layer_order", "layer_title", "layer_grid",
            "palette", "colorize", "overlay", "label_png", "label_legend", "iteration_frames",
            "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence",
            "compare_grid", "plot_iteration_curves"]
@@ -23,6 +23,13 @@ MAP_CMAP = "viridis"
 #: the widest figure the library makes, in pixels at matplotlib's 100 dpi: the output area of a
 #: notebook in JupyterLab at 1400x1000 with the file browser open is 968 px wide
 MAX_FIGURE_PX = 960
+
+
+def panels_per_row(panels: int, most: int = 5) -> int:
+    """How many panels of a figure share a row: all of them up to ``most``, else as evenly as
+    rows of at most ``most`` allow (a figure scaled to ``MAX_FIGURE_PX`` keeps panels readable)."""
+    rows = -(-panels // most)
+    return max(1, -(-panels // rows))
 
 
 def fit_figsize(width: float, height: float, dpi: float = 100.0, max_px: int = MAX_FIGURE_PX) -> tuple[float, float]:
@@ -305,7 +312,7 @@ def show_result(result, figsize_per: float = 2.4):
 
     scores = result.scores()
     panels = 2 + len(result.classes)
-    per_row = max(2, min(panels, int((MAX_FIGURE_PX / 100 - 1.8) // figsize_per)))
+    per_row = panels_per_row(panels)
     rows = -(-panels // per_row)
     fig, grid = plt.subplots(rows, per_row, figsize=fit_figsize(figsize_per * per_row + 1.8, (figsize_per + 0.3) * rows),
                              squeeze=False, layout="constrained")
