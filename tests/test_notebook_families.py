@@ -30,6 +30,21 @@ FAMILIES = [*BUILDERS, "shapes-mmdit"]
 WORKERS = int(os.environ.get("ISEG_NOTEBOOK_WORKERS", "2"))
 
 
+def test_the_runner_sets_the_model_knob_only():
+    import nbformat
+    from notebook_runner import set_model
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("MODEL = 'not code'"),
+        nbformat.v4.new_code_cell('x = 1\nMODEL = "auto"   # the knob\nprint(MODEL)\nMODEL = "again"'),
+        nbformat.v4.new_code_cell('MODEL = "later"')])
+    assert set_model(nb, "/tmp/a folder/tiny-sd3")
+    assert nb.cells[0].source == "MODEL = 'not code'"
+    assert nb.cells[1].source.splitlines()[1].startswith("MODEL = '/tmp/a folder/tiny-sd3'")
+    assert nb.cells[1].source.splitlines()[3] == 'MODEL = "again"' and nb.cells[2].source == 'MODEL = "later"'
+    assert not set_model(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), "m")
+
+
 def _selected():
     chosen = os.environ.get("ISEG_FAMILIES")
     return [f for f in FAMILIES if not chosen or f in chosen.split(",")]
@@ -63,5 +78,7 @@ def test_every_notebook_runs_on_the_family(model_folders, family):
     missing = [r["notebook"] for r in reports if r.get("has_model_knob") is False]
     failed = {r["notebook"]: [(e["cell"], e["ename"], e["evalue"][:300]) for e in r["errors"]] for r in reports
               if r["errors"]}
+    red = {r["notebook"]: r["first_cell_stderr"] for r in reports if r.get("first_cell_stderr")}
     assert not missing, f"notebooks without a MODEL knob: {missing}"
+    assert not red, f"the first cell writes to stderr (a red box in JupyterLab): {red}"
     assert not failed, f"error outputs with MODEL = the {family} model: {json.dumps(failed, indent=1)}"
