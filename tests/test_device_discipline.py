@@ -81,6 +81,10 @@ def test_step_functions_return_device_tensors_and_results_are_numpy(gpu_model):
         groups = pool_labels(s.mask, obs.grid).reshape(-1)
         inside = mass_inside(P, groups, 3)
         assert is_fake_cuda(inside) and inside.cpu().numpy().shape == (3, obs.grid**2)
+        # open vocabulary: the label evidence compares numpy labels with attention on the GPU
+        from iseg.shapes import CLASSES
+
+        assert isinstance(seg.segment(s.image, vocabulary=list(CLASSES)).labels, np.ndarray)
 
 
 def _explore_tests():
