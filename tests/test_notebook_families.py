@@ -6,7 +6,8 @@ FLUX; built from ``tests/tiny.py`` and saved with ``save_pretrained``) and to th
 models behave as CUDA ones (``tests/fake_cuda.py``), and must end with no error output. Each
 notebook runs in one kernel for every model in turn (its namespace reset between them), two
 notebooks at a time; each run's time is printed. ``ISEG_EXECUTED_NOTEBOOKS=DIR`` keeps the
-executed notebooks (``NAME--FAMILY.ipynb``); ``ISEG_FAMILIES=sd,flux`` runs a subset.
+executed notebooks (``NAME--FAMILY.ipynb``); ``ISEG_FAMILIES=sd,flux`` and
+``ISEG_NOTEBOOKS=00_quickstart,07_interactive`` run subsets.
 
 The shapes UNet (MODEL = "auto") runs under nbval in the main suite, also on the fake GPU
 (``conftest.py``).
@@ -26,7 +27,9 @@ import pytest
 from family_models import BUILDERS, save_family_models
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# ISEG_NOTEBOOKS=00_quickstart,07_interactive runs a subset
+NOTEBOOKS = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
+             if not os.environ.get("ISEG_NOTEBOOKS") or p.stem in os.environ["ISEG_NOTEBOOKS"].split(",")]
 FAMILIES = [*BUILDERS, "shapes-mmdit"]
 WORKERS = int(os.environ.get("ISEG_NOTEBOOK_WORKERS", "2"))
 
