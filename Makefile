@@ -1,7 +1,7 @@
 # The same commands the README gives and CI runs.
 PYTHON ?= python
 
-.PHONY: setup browser test lint app
+.PHONY: setup browser test lint app gpu-check
 
 setup:  ## install the CPU build of PyTorch, then iseg with its test and notebook extras, then Chromium
 	$(PYTHON) -m pip install torch==2.13.0
@@ -27,3 +27,6 @@ lint:  ## ruff over the package, the tests, the tools and the notebooks
 
 app:  ## the interactive notebook as a standalone web app (http://localhost:8866)
 	$(PYTHON) -m voila notebooks/07_interactive.ipynb --no-browser --port 8866
+
+gpu-check:  ## every notebook on this machine's GPU with both shapes models, then SD 2.1-base if cached (bench/gpu-check.json)
+	$(PYTHON) bench/gpu_check.py --out bench/gpu-check.json

@@ -25,10 +25,11 @@ from .loading import (
 from .numerics import NonFiniteError
 from .presets import PRESETS, Settings, SettingsError, make_settings, preset_names, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
+from .resources import data_path
 from .results import Observation, SegmentationResult
 from .segmenter import ISeg
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # tests/test_course_api.py checks that it equals pyproject.toml's version
 
 __all__ = [
     "AttentionLayer",
@@ -49,6 +50,7 @@ __all__ = [
     "build_prompt",
     "capture_attention",
     "class_token_spans",
+    "data_path",
     "load_model",
     "load_pipeline",
     "make_settings",

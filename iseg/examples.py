@@ -3,31 +3,33 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from PIL import Image
 
 from .loading import LoadedModel
+from .resources import data_path
 from .segmenter import ISeg
 from .shapes.world import SPLITS, sample
 
 __all__ = ["example"]
 
-_PHOTOS = Path(__file__).resolve().parent.parent / "data" / "photos"
-
 
 def example(model, index: int = 0):
     """``(image, classes)`` to try with ``model`` (a ``LoadedModel``, a pipeline or an ``ISeg``):
     the model's own examples where its plug-in has them (the shapes model: test-split images),
-    else a photo from ``data/photos`` of a checkout, else a shapes image.
+    else a photo shipped with iseg (``data_path('photos')``), else a shapes image.
     """
     model = model.model if isinstance(model, ISeg) else LoadedModel.of(model)
     own = model.example(index)
     if own is not None:
         return own
-    photos = sorted(_PHOTOS.glob("*.jpg")) if _PHOTOS.is_dir() else []
+    try:
+        folder = data_path("photos")
+    except FileNotFoundError:  # an installation without the photos
+        folder = None
+    photos = sorted(folder.glob("*.jpg")) if folder is not None else []
     if photos:
-        table = json.loads((_PHOTOS / "classes.json").read_text())
+        table = json.loads((folder / "classes.json").read_text())
         path = photos[index % len(photos)]
         return Image.open(path).convert("RGB"), table[path.name]
     s = sample(SPLITS["test"].start + index)

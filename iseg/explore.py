@@ -15,7 +15,7 @@ import numpy as np
 
 from .examples import example
 from .refine import entropy_reduce
-from .viz import MAP_CMAP, overlay
+from .viz import MAP_CMAP, fit_figsize, overlay, panels_per_row
 
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
            "GenerationView",
@@ -27,7 +27,7 @@ def row_entropy(attn) -> np.ndarray:
     """Entropy of every row of an ``(n, n)`` attention, as a share of the maximum ``log n``."""
     import torch
 
-    a = torch.as_tensor(attn, dtype=torch.float64)
+    a = torch.as_tensor(attn).detach().cpu().double()  # any device: the answer is for plotting
     h = -(a * a.clamp_min(1e-30).log()).sum(-1) / math.log(a.shape[-1])
     return h.numpy()
 
@@ -36,12 +36,19 @@ def _figure(panels: int, size: float = 2.6):
     import matplotlib.pyplot as plt
 
     # built without showing it: ``widget()`` places the figure under its controls
+    # panels wrap onto more rows rather than making a figure wider than a notebook's output area
+    per_row = panels_per_row(panels)
+    rows = -(-panels // per_row)
     with plt.ioff():  # titles change with the controls: constrained layout keeps them inside the figure
-        fig, axes = plt.subplots(1, panels, figsize=(size * panels, size + 0.3), squeeze=False, layout="constrained")
-    for ax in axes[0]:
+        fig, grid = plt.subplots(rows, per_row, figsize=fit_figsize(size * per_row + 0.4, (size + 0.3) * rows),
+                                 squeeze=False, layout="constrained")
+    axes = list(grid.ravel())
+    for ax in axes[panels:]:
+        ax.axis("off")
+    for ax in axes[:panels]:
         ax.set_xticks([])
         ax.set_yticks([])
-    return fig, list(axes[0])
+    return fig, axes[:panels]
 
 
 def _set_picture(artist, picture) -> None:
@@ -168,7 +175,7 @@ class SelfAttentionView(_View):
 
     def __init__(self, seg, image, classes, lam: float | None = None):
         self.obs = seg.observe(image, classes)[0]
-        self.attn = self.obs.self_attention.double()
+        self.attn = self.obs.self_attention.double().cpu()  # every click reads rows of it for plotting
         self.side = self.obs.grid
         self.lam = seg.settings.lam if lam is None else lam
         self.pixel = (self.side // 2, self.side // 2)

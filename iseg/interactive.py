@@ -53,7 +53,7 @@ class PromptResult:
     image: np.ndarray  # (H, W, 3) uint8
     settings: Settings
 
-    def overlay(self, alpha: float = 0.5):
+    def overlay(self, alpha: float = viz.OVERLAY_ALPHA):
         return viz.overlay(self.image, self.mask.astype(np.int64), alpha=alpha)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import weakref
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +105,14 @@ class LoadedModel:
         """The background power at which this model's raw (N = 0) maps are labelled best, where
         its plug-in measured one (the shapes model: chosen on validation), else ``None``."""
         return self._plugin("RAW_BG_POWER")
+
+    @property
+    def measured(self) -> bool:
+        """Whether this project trained and measured the model (a shipped model with a model card:
+        ``shapes``, ``shapes-mmdit``). Quality claims (IoU above a bound, words peaking on their
+        objects) are checked only where this is true; on another model, e.g. random weights or a
+        model nobody measured here, such checks say so and skip."""
+        return self.entry is not None and self.entry.plugin is not None and self.card is not None
 
     @property
     def label_thresholds(self) -> Mapping | None:
@@ -352,13 +360,37 @@ def _pipeline_class(source: str, local_only: bool):
     if name not in PIPELINES:
         raise UnsupportedPipelineError(f"{source} is a {name}; iseg reads {', '.join(PIPELINES)} "
                                        f"(families: {', '.join(FAMILIES)})")
-    return getattr(diffusers, name)
+    with quiet_libraries():  # the pipeline's module imports transformers' image processors
+        return getattr(diffusers, name)
+
+
+@contextmanager
+def quiet_libraries():
+    """diffusers' and transformers' notices and progress bars off while iseg loads a model.
+
+    They are not the user's concern: per-component loading bars, and transformers' notice that an
+    image processor falls back to its PIL version without torchvision (segmentation never runs an
+    image processor). Errors still show; both libraries' settings are put back afterwards.
+    """
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
     import diffusers
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
 
     cls = _pipeline_class(source, local_only)
     # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
@@ -367,16 +399,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
         # SD3's T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens,
         # and the class tokens iSeg reads are CLIP tokens (see iseg.backbones.sd3)
         extra = dict(text_encoder_3=None, tokenizer_3=None)
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # keep notebooks free of per-component progress bars and notices
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
+    with quiet_libraries():  # keep notebooks free of per-component progress bars and notices
         return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, **extra)
-    finally:
-        dlog.set_verbosity(level)
-        dlog.enable_progress_bar()
-        tlog.enable_progress_bar()
 
 
 def hub_offline() -> bool:
@@ -436,7 +460,8 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
             name = small
         if verbose:
             why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
-            print(f"iseg: model 'auto' -> {name}{why}", file=sys.stderr)
+            # ordinary output: which model runs is news, not a warning (a notebook shows stderr in red)
+            print(f"iseg: model 'auto' -> {name}{why}")
         if pipe is not None:
             return _finish(pipe, device, name)
 

@@ -261,9 +261,10 @@ def mass_inside(P: torch.Tensor, groups: torch.Tensor, iterations: int) -> torch
     """
     if iterations < 1 or int(iterations) != iterations:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    groups = torch.as_tensor(groups)
     if groups.shape != P.shape[:-1]:
         raise ValueError(f"groups must be (..., n) = {tuple(P.shape[:-1])}, got {tuple(groups.shape)}")
-    groups = groups.long()
+    groups = groups.to(P.device).long()  # exact masks come from the CPU; P may be on the GPU
     onehot = F.one_hot(groups, int(groups.max()) + 1).to(P.dtype)  # (..., n, G)
     mass, shares = onehot, []
     for _ in range(int(iterations)):

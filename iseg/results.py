@@ -85,7 +85,7 @@ class SegmentationResult:
             return self.labels == self.given_classes.index(name) + 1
         raise ValueError(f"{name!r} is not one of this result's classes {list(self.classes)}")
 
-    def overlay(self, alpha: float = 0.5, iteration: int | None = None):
+    def overlay(self, alpha: float = viz.OVERLAY_ALPHA, iteration: int | None = None):
         """The image with the label map drawn over it, as a PIL image."""
         labels = self.labels if iteration is None else self.labels_at(iteration)
         return viz.overlay(self.image, labels, alpha=alpha)

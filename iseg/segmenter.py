@@ -260,6 +260,48 @@ class ISeg:
         with self._lock:
             return self.forward.noisy(z0, s.seed, s.timestep)
 
+    def noise_weights(self, settings: Settings | None = None) -> tuple[float, float]:
+        """``(a, b)`` with ``z_t = a z0 + b eps`` at the settings' ``timestep``, for any family (SD's
+        UNet: ``sqrt(abar_t), sqrt(1 - abar_t)``; SD3 and FLUX: ``1 - t/1000, t/1000``)."""
+        s = settings or self.settings
+        return self.backbone.noise_weights(s.timestep)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """What the VAE makes of latents ``z`` (from ``encode_images`` or ``noisy_latents``):
+        ``(B, 3, S, S)`` images in [0, 1] on the CPU, ready to plot."""
+        with self._lock:
+            return self.backbone.decode_latents(z)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network that denoises, where attention is captured: the UNet of SD and SDXL, the
+        transformer (MM-DiT) of SD3 and FLUX. ``capture_attention(seg.denoiser, layers)`` around
+        ``seg.denoise(...)`` records its attention."""
+        return self.backbone.denoiser
+
+    @property
+    def attention_kind(self) -> str:
+        """``"separate"`` where the denoiser has cross- and self-attention modules of its own (SD's
+        and SDXL's UNet), ``"joint"`` where one attention runs image and text tokens through one
+        softmax (SD3's and FLUX's MM-DiT blocks; capture splits it into a cross and a self part)."""
+        return "separate" if self.model.family in ("sd", "sdxl") else "joint"
+
+    @torch.no_grad()
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor) -> None:
+        """One pass of the denoiser over ``z_t`` at ``t`` with the text ``embedding`` (from
+        ``embedding``), as the family's pipeline makes it; the noise prediction is thrown away.
+        Run it inside ``capture_attention(seg.denoiser, ...)`` to read the attention."""
+        with self._lock:
+            self.backbone.denoise(z_t.to(self.device), t.to(self.device), embedding.to(self.device))
+
+    @property
+    def raw_bg_power(self) -> float:
+        """The background power for raw (N = 0) maps: the model's own measured one
+        (``LoadedModel.raw_bg_power``), else the settings' ``bg_power``. Never ``None``, so
+        ``ISeg(model, iterations=0, bg_power=seg.raw_bg_power)`` works for every model."""
+        power = self.model.raw_bg_power
+        return self.settings.bg_power if power is None else power
+
     def attend(self, pixels: torch.Tensor, embeddings: torch.Tensor, settings: Settings | None = None,
                self_attention: bool = True, cross_attention: bool = True):
         """One noisy forward pass; returns ``({r: cross (B, r*r, T)} or {}, self (B, n, n) or None)``."""

@@ -10,13 +10,111 @@ from PIL import Image
 
 from .images import to_uint8
 
-__all__ = ["MAP_CMAP", "palette", "colorize", "overlay", "label_png", "label_legend", "iteration_frames",
+__all__ = ["MAP_CMAP", "OVERLAY_ALPHA", "MAX_FIGURE_PX", "fit_figsize", "panels_per_row", "layer_order", "layer_title", "layer_grid",
+           "palette", "colorize", "overlay", "label_png", "label_legend", "iteration_frames",
            "iteration_grid", "save_gif", "show_result", "plot_class_iou", "show_predictions", "plot_label_evidence",
            "compare_grid", "plot_iteration_curves"]
 
 # Maps are shown in a perceptually uniform colour map: equal steps in value look like equal steps
 # in colour, which "jet" does not give (its bright bands read as edges that are not in the data).
 MAP_CMAP = "viridis"
+
+
+#: the widest figure the library makes, in pixels at matplotlib's 100 dpi: the output area of a
+#: notebook in JupyterLab at 1400x1000 with the file browser open is 968 px wide
+MAX_FIGURE_PX = 960
+
+
+def panels_per_row(panels: int, most: int = 5) -> int:
+    """How many panels of a figure share a row: all of them up to ``most``, else as evenly as
+    rows of at most ``most`` allow (a figure scaled to ``MAX_FIGURE_PX`` keeps panels readable)."""
+    rows = -(-panels // most)
+    return max(1, -(-panels // rows))
+
+
+def fit_figsize(width: float, height: float, dpi: float = 100.0, max_px: int = MAX_FIGURE_PX) -> tuple[float, float]:
+    """``(width, height)`` in inches scaled down, keeping the aspect, so the figure is at most
+    ``max_px`` pixels wide (legend and colour bar included, as they sit inside the figure)."""
+    scale = min(1.0, max_px / (width * dpi))
+    return width * scale, height * scale
+
+
+_STAGES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def layer_order(name: str) -> tuple:
+    """Sort key that puts a UNet's layers in the order the image passes them: down, mid, up
+    (``named_modules`` lists mid last); transformer blocks by index."""
+    head = name.split(".", 1)[0]
+    numbers = tuple(int(part) for part in name.replace(":", ".").split(".") if part.isdigit())
+    return _STAGES.get(head, 0 if head == "transformer_blocks" else 3), numbers
+
+
+def layer_title(name: str) -> str:
+    """A short name for a column title: ``down 1.0``, ``mid``, ``up 2.1`` (block . attention, and
+    ``t j`` for the j-th transformer block where there are several), ``block 3``, ``single 2``."""
+    parts = name.replace(":", ".").split(".")
+    nums = [int(p) for p in parts if p.isdigit()]
+    head = parts[0]
+    if head in ("down_blocks", "up_blocks"):
+        base = f"{head[:-7]} {nums[0]}.{nums[1]}" if len(nums) >= 2 else head
+        return base + (f" t{nums[2]}" if len(nums) >= 3 and nums[2] > 0 else "")
+    if head == "mid_block":
+        return "mid" + (f" t{nums[1]}" if len(nums) >= 2 and nums[1] > 0 else "")
+    if head == "transformer_blocks":
+        return f"block {nums[0]}"
+    if head == "single_transformer_blocks":
+        return f"single {nums[0]}"
+    return name
+
+
+def layer_grid(trace, classes: Sequence[str] | None = None, kind: str = "cross", shared_scale: bool = True,
+               panel: float = 1.5, max_columns: int | None = None):
+    """Each class word's map in every captured layer of ``trace`` (``ISeg.trace``): a row per class,
+    a column per layer, columns titled by layer name and resolution and ordered down, mid, up.
+
+    Layers of several resolutions are drawn at one size (a coarse map is enlarged; the titles give
+    each grid ``r``). ``shared_scale``: one colour scale for every panel (values comparable), else
+    each panel's own (the colour bar then reads "each panel: its own scale"). Rows wrap so the
+    figure fits ``MAX_FIGURE_PX``. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if kind != "cross":
+        raise ValueError("layer_grid draws the class words' cross-attention maps (kind='cross')")
+    classes = list(trace.prompt.classes if classes is None else classes)
+    layers = sorted(trace.layers(kind), key=lambda layer: layer_order(layer.name))
+    if not layers:
+        raise ValueError(f"the trace holds no {kind}-attention layers; trace with kind={kind!r} or None")
+    maps = {(c, layer.name): trace.class_map(layer.name, c) for c in classes for layer in layers}
+    fit = max(1, int((MAX_FIGURE_PX / 100 - 1.2) // panel) - 1)
+    per_row = min(len(layers), max_columns or fit)
+    blocks = -(-len(layers) // per_row)  # rows of layers; each holds a row per class
+    rows = blocks * len(classes)
+    width, height = fit_figsize(panel * (per_row + 1) + 1.2, panel * rows + 0.4)
+    with plt.ioff():
+        fig, axes = plt.subplots(rows, per_row + 1, figsize=(width, height), squeeze=False, layout="constrained")
+    top = max(float(m.max()) for m in maps.values())
+    im = None
+    for b in range(blocks):
+        chunk = layers[b * per_row:(b + 1) * per_row]
+        for ci, c in enumerate(classes):
+            row = b * len(classes) + ci
+            axes[row, 0].imshow(trace.image)
+            axes[row, 0].set_ylabel(c, fontsize=8)
+            for col, layer in enumerate(chunk, start=1):
+                m = maps[c, layer.name]
+                im = axes[row, col].imshow(m, cmap=MAP_CMAP, vmin=0, vmax=top if shared_scale else float(m.max()))
+                if ci == 0:
+                    axes[row, col].set_title(f"{layer_title(layer.name)}\nr={m.shape[0]}", fontsize=7)
+            for col in range(len(chunk) + 1, per_row + 1):
+                axes[row, col].axis("off")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    label = "attention to the word" if shared_scale else "each panel: its own scale (0 to its max)"
+    fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), fraction=0.02, label=label)
+    return fig
 
 
 def palette(count: int = 256) -> np.ndarray:
@@ -57,8 +155,16 @@ def _rgb_uint8(image) -> np.ndarray:
     return arr[..., :3]
 
 
-def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The image with coloured labels blended over every non-background pixel."""
+#: how much of an overlay's colour is the label's own (the rest is the image). At 0.5 a blue object
+#: labelled dark red looked purple, nearer another class's swatch than its own; from 0.75 every
+#: object colour of the shapes world under every class colour is nearest its own legend swatch
+#: (tests/test_viz.py), and 0.8 leaves a margin for photos.
+OVERLAY_ALPHA = 0.8
+
+
+def overlay(image, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """The image with coloured labels blended over every non-background pixel; each class reads as
+    its legend colour (``label_legend``) at the default ``alpha``; background pixels are the image."""
     base = _rgb_uint8(image).astype(np.float32)
     labels = np.asarray(labels)
     if labels.shape != base.shape[:2]:
@@ -69,11 +175,13 @@ def overlay(image, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def label_legend(where, classes: Sequence[str], background: bool = True, **kwargs):
+def label_legend(where, classes: Sequence[str], background: bool = True, on_image: bool = True, **kwargs):
     """A legend naming the colour of every label of an overlay (0 background, k the k-th class).
 
     ``where`` is an axes (legend to its right) or a figure (legend outside, right; the figure
-    should use ``layout="constrained"`` so that it makes room).
+    should use ``layout="constrained"`` so that it makes room). ``on_image``: the labels are an
+    ``overlay``, whose background shows the image (a hollow swatch); ``False`` for a ``colorize``d
+    label map, whose background is black.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -81,17 +189,21 @@ def label_legend(where, classes: Sequence[str], background: bool = True, **kwarg
     colours = palette(len(classes) + 1) / 255
     names = (["background"] if background else []) + list(classes)
     start = 0 if background else 1
-    handles = [Patch(facecolor=colours[k], edgecolor="grey", label=f"{k}: {name}")
+    handles = [Patch(facecolor="none" if k == 0 and on_image else colours[k], edgecolor="grey",
+                     label=f"{k}: {name}" + (" (the image)" if k == 0 and on_image else ""))
                for k, name in zip(range(start, len(classes) + 1), names)]
     if isinstance(where, Figure):
-        options = dict(loc="outside right upper", fontsize=8, frameon=False)
+        # as many columns as it takes for the entries to fit the figure's height (a legend taller
+        # than a short figure is cut off in the notebook)
+        rows = max(1, int((where.get_figheight() * 72 - 8) // 14))
+        options = dict(loc="outside right upper", fontsize=8, frameon=False, ncols=-(-len(handles) // rows))
     else:
         options = dict(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, borderaxespad=0)
     options.update(kwargs)
     return where.legend(handles=handles, **options)
 
 
-def iteration_frames(result, alpha: float = 0.5, iterations: Sequence[int] | None = None) -> list[Image.Image]:
+def iteration_frames(result, alpha: float = OVERLAY_ALPHA, iterations: Sequence[int] | None = None) -> list[Image.Image]:
     """One overlay per refinement iteration of a ``SegmentationResult``, each captioned."""
     from PIL import ImageDraw
 
@@ -109,7 +221,7 @@ def iteration_grid(result, steps: Sequence[int] = (0, 1, 2, 5, 10), cls: int = 0
     import matplotlib.pyplot as plt
 
     steps = [n for n in steps if n <= result.iterations]
-    fig, axes = plt.subplots(2, len(steps), figsize=(size * len(steps) + 1.6, 2.1 * size), squeeze=False,
+    fig, axes = plt.subplots(2, len(steps), figsize=fit_figsize(size * len(steps) + 1.6, 2.1 * size), squeeze=False,
                              layout="constrained")
     for col, n in enumerate(steps):
         axes[0, col].imshow(result.overlay(iteration=n))
@@ -135,7 +247,8 @@ def compare_grid(results, steps: Sequence[int] = (1, 2, 5), cls: int = 0, size: 
         raise ValueError("compare_grid needs at least one result")
     last = max(steps)
     cols = 2 + len(steps)
-    fig, axes = plt.subplots(len(results), cols, figsize=(size * cols + 1.6, size * len(results) + 0.3), squeeze=False,
+    fig, axes = plt.subplots(len(results), cols, figsize=fit_figsize(size * cols + 1.6, size * len(results) + 0.3),
+                             squeeze=False,
                              layout="constrained")
     im = None
     for row, (name, result) in enumerate(results.items()):
@@ -192,24 +305,30 @@ def save_gif(frames: Sequence[Image.Image], path: str | Path, duration_ms: int =
 
 
 def show_result(result, figsize_per: float = 2.4):
-    """Image, overlay and each class's final map in one matplotlib figure; returns the figure."""
+    """Image, overlay and each class's final map in one matplotlib figure; returns the figure.
+
+    The panels wrap onto more rows where one row would be wider than ``MAX_FIGURE_PX``."""
     import matplotlib.pyplot as plt
 
     scores = result.scores()
     panels = 2 + len(result.classes)
-    fig, axes = plt.subplots(1, panels, figsize=(figsize_per * panels + 1.6, figsize_per), layout="constrained")
+    per_row = panels_per_row(panels)
+    rows = -(-panels // per_row)
+    fig, grid = plt.subplots(rows, per_row, figsize=fit_figsize(figsize_per * per_row + 1.8, (figsize_per + 0.3) * rows),
+                             squeeze=False, layout="constrained")
+    axes = list(grid.ravel())
     axes[0].imshow(result.image)
-    axes[0].set_title("image")
+    axes[0].set_title("image", fontsize=9)
     axes[1].imshow(result.overlay())
-    axes[1].set_title("labels")
+    axes[1].set_title("labels", fontsize=9)
     im = None
     for ax, name, s in zip(axes[2:], result.classes, scores):
         im = ax.imshow(s, cmap=MAP_CMAP, vmin=0, vmax=1)
-        ax.set_title(f"{name} map")
+        ax.set_title(f"{name} map", fontsize=9)
     for ax in axes:
         ax.axis("off")
     if im is not None:
-        fig.colorbar(im, ax=list(axes[2:]), fraction=0.03, pad=0.02)
+        fig.colorbar(im, ax=axes[2:panels], fraction=0.03, pad=0.02)
     label_legend(fig, result.classes)
     return fig
 
@@ -240,7 +359,7 @@ def show_predictions(dataset, run_dir, ids: Sequence[str], scores: dict | None =
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    fig, axes = plt.subplots(len(ids), 3, figsize=(3 * size, size * len(ids)), squeeze=False)
+    fig, axes = plt.subplots(len(ids), 3, figsize=fit_figsize(3 * size, size * len(ids)), squeeze=False)
     for row, i in zip(axes, ids):
         item = dataset.load(i)
         pred = np.array(Image.open(run_dir / "masks" / f"{i}.png"))
@@ -265,7 +384,7 @@ def plot_label_evidence(evidence: dict, truth: Sequence[str] = (), chosen: Seque
 
     names = list(evidence)
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.6 * len(names) + 1.5, 2.4))
+        _, ax = plt.subplots(figsize=fit_figsize(0.6 * len(names) + 1.5, 2.4))
     x = np.arange(len(names))
     ax.bar(x, [evidence[c]["share"] for c in names], color="tab:blue", alpha=0.7, label="pixel share")
     ax2 = ax.twinx()

@@ -52,7 +52,7 @@ def test_shapes_is_shipped_and_auto_falls_back_to_it(capsys):
     assert "shapes" in iseg.shipped_models()
     pipe = load_pipeline("auto", device="cpu")
     assert pipe.name == "shapes" and pipe.preset == "shapes"
-    assert "auto' -> shapes" in capsys.readouterr().err
+    assert "auto' -> shapes" in capsys.readouterr().out
     assert pipe.unet.dtype.is_floating_point and str(pipe.unet.dtype) == "torch.float32"
 
 
@@ -60,7 +60,7 @@ def test_auto_picks_the_shapes_mmdit_for_the_sd3_family(capsys):
     assert "shapes-mmdit" in iseg.shipped_models()
     model = iseg.load_model("auto", device="cpu", family="sd3")
     assert (model.name, model.family, model.preset) == ("shapes-mmdit", "sd3", "shapes-mmdit")
-    assert "auto' -> shapes-mmdit (stabilityai/stable-diffusion-3-medium-diffusers needs" in capsys.readouterr().err
+    assert "auto' -> shapes-mmdit (stabilityai/stable-diffusion-3-medium-diffusers needs" in capsys.readouterr().out
     assert type(model.pipe.transformer).__name__ == "SD3Transformer2DModel"
     # "shapes" stays the UNet; family only chooses for "auto"
     assert iseg.load_model("auto", device="cpu", family="sd", verbose=False).name == "shapes"

@@ -9,6 +9,7 @@ before and after are kept under pytest's temporary folder (``ISEG_SCREENSHOTS`` 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,53 @@ def _run_all(page, name: str, timeout_s: float) -> float:
     raise TimeoutError(f"{name}: Run All did not finish in {timeout_s:.0f} s (prompts: {texts})")
 
 
+# a laptop screen: JupyterLab at 1400x1000 with the file browser open leaves a 968 px output area
+VIEWPORT = {"width": 1400, "height": 1000}
+OUTPUT_AREA_PX = 968
+
+_MEASURE = """() => {
+  const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+  const found = [];
+  const cells = [...panel.querySelectorAll('.jp-Cell')];
+  const items = panel.querySelectorAll(
+    '.jp-OutputArea-output .jupyter-matplotlib-figure, .jp-OutputArea-output img, ' +
+    '.jp-OutputArea-output .widget-box, .jp-OutputArea-output .widget-slider, .jp-OutputArea-output .widget-button');
+  for (const el of items) {
+    const area = el.closest('.jp-OutputArea-output');
+    const a = area.getBoundingClientRect();
+    let r = el.getBoundingClientRect();
+    let width = r.width;
+    // an ipympl figure may scroll inside its box: what it draws is its widest visible canvas
+    for (const c of el.querySelectorAll('canvas')) {
+      const cr = c.getBoundingClientRect();
+      if (cr.width > width) { width = cr.width; }
+    }
+    if (r.width === 0 && width === 0) continue;
+    const cell = cells.indexOf(el.closest('.jp-Cell'));
+    found.push({cell, kind: el.tagName.toLowerCase() + '.' + String(el.className).split(' ')[0],
+                width: Math.round(width), left: Math.round(r.left - a.left), area: Math.round(a.width),
+                natural: el.naturalWidth || null});
+  }
+  return found;
+}"""
+
+
+def _open_file_browser(page) -> None:
+    """The file browser open in the left side bar, as a learner has it (JupyterLab's default)."""
+    browser = page.locator("#filebrowser")
+    if not browser.is_visible():
+        page.locator(".jp-SideBar.jp-mod-left [data-id='filebrowser']").first.click()
+        browser.wait_for(state="visible", timeout=30_000)
+
+
+def _too_wide(page) -> tuple[list[dict], list[dict]]:
+    """Every figure, image and widget of the notebook's outputs, and those wider than their output area."""
+    measured = page.evaluate(_MEASURE)
+    wide = [m for m in measured if m["left"] + m["width"] > m["area"] + 1
+            or (m["natural"] is not None and m["natural"] > m["area"])]  # an image shrunk to fit is too small to read
+    return measured, wide
+
+
 def _figure_changes(page, figure, act, path_before: Path, path_after: Path, seconds: float = 90) -> bool:
     """Whether the figure's pixels change after ``act`` and then settle.
 
@@ -131,7 +179,7 @@ def _figure_changes(page, figure, act, path_before: Path, path_after: Path, seco
 @pytest.mark.browser
 @pytest.mark.parametrize("name", sorted(ACTIONS))
 def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
-    page = lab["browser"].new_page(viewport={"width": 1400, "height": 1000})
+    page = lab["browser"].new_page(viewport=VIEWPORT)
     ok = False
     try:
         # ?reset: a fresh workspace with this notebook alone, not the tabs of the previous test
@@ -141,7 +189,15 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
         panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
         errors = panel.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
         assert errors.count() == 0, f"{name} shows an error: {errors.first.inner_text()[:2000]}"
+        _open_file_browser(page)
+        time.sleep(1.0)  # the notebook's outputs take the narrower width
         page.screenshot(path=str(lab["shots"] / f"{name}.png"), full_page=True)
+        measured, wide = _too_wide(page)
+        areas = sorted({m["area"] for m in measured})
+        print(f"{name}: {len(measured)} figures, images and widgets; output area {areas} px")
+        (lab["shots"] / f"{name}-widths.json").write_text(json.dumps(measured, indent=1))
+        assert all(a <= OUTPUT_AREA_PX + 8 for a in areas), f"{name}: the output area is {areas} px, not a laptop's"
+        assert not wide, f"{name}: wider than the {OUTPUT_AREA_PX} px output area: {wide}"
         action = ACTIONS[name]
         if action is None:
             ok = True
@@ -168,6 +224,9 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
 
         changed = _figure_changes(page, figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
         assert changed, f"{name}: the figure did not change after moving its control (see {lab['shots']})"
+        # measured again once the widget has drawn (a live figure's canvas may be sized late)
+        _, wide = _too_wide(page)
+        assert not wide, f"{name}: wider than the {OUTPUT_AREA_PX} px output area once drawn: {wide}"
         ok = True
     finally:
         if not ok:  # what the learner would have seen

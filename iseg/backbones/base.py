@@ -132,6 +132,26 @@ class Backbone(ABC):
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``z_t`` from ``z0``, the noise and ``(B,)`` timesteps, by the model's schedule."""
 
+    def noise_weights(self, timestep: int) -> tuple[float, float]:
+        """``(a, b)`` with ``z_t = a z0 + b eps`` at ``timestep``, read off ``add_noise`` itself
+        (so it holds for every family: ``sqrt(abar_t), sqrt(1 - abar_t)`` for SD's DDPM schedule,
+        ``1 - s, s`` with ``s = t / 1000`` for the flow-matching families)."""
+        t = torch.tensor([int(timestep)])
+        one, zero = torch.ones(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+        a = float(self.add_noise(one, zero, t).flatten()[0])
+        b = float(self.add_noise(zero, one, t).flatten()[0])
+        return a, b
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's picture of latents ``z`` (as ``encode`` makes them): ``(B, 3, S, S)`` in
+        [0, 1], float32 on the CPU (for plotting)."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        param = next(vae.parameters())
+        with torch.no_grad():
+            x = vae.decode((z.to(param.device, param.dtype) / vae.config.scaling_factor) + shift).sample
+        return ((x.float() + 1) / 2).clamp(0, 1).cpu()
+
     @abstractmethod
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, module=None) -> None:
         """One denoiser pass; what the method reads comes from the capture processors.
