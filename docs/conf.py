@@ -26,6 +26,7 @@ myst_heading_anchors = 3  # the README links to its own sections by their GitHub
 # MathJax is copied into _static by tools/build_docs.py from the django-static-mathjax package
 mathjax_path = "mathjax/tex-chtml.js"
 html_static_path = ["_static"]
+html_css_files = ["iseg.css"]
 
 html_theme = "sphinx_book_theme"
 html_title = "iseg: the course"

@@ -198,3 +198,10 @@ def test_the_readme_links_to_the_site_and_says_how_to_build_it():
     readme = (ROOT / "README.md").read_text()
     assert f"https://{owner}.github.io/{name}/" in readme
     assert "make docs" in readme and (ROOT / ".github" / "workflows" / "pages.yml").is_file()
+
+
+def test_comments_in_a_markdown_code_block_are_not_headings(tmp_path):
+    nb = executed_notebook()
+    nb.cells[0].source += "\n\n```bash\n# not a heading\niseg --help\n```\n"
+    s = site(tmp_path)
+    assert docs_check.check_notebook_page(s / "notebooks" / "nb.html", nb) == []

@@ -142,8 +142,10 @@ def needs(nb) -> str:
     measured = f"it ran in {run['seconds']:.0f} s" if run.get("seconds") is not None else "it ran"
     if run.get("peak_rss_mb"):
         measured += f" with a peak of {run['peak_rss_mb'] / 1024:.1f} GB of memory (the kernel's)"
-    return (f"A CPU is enough: with the shapes model (as on this page) {measured} on a 2-core CPU. "
-            "Stable Diffusion 2.1 (`MODEL` in the first cell) needs a CUDA GPU and its weights.")
+    knob = any(c.cell_type == "code" and re.search(r"^MODEL\s*=", c.source, re.M) for c in nb.cells)
+    other = ("Stable Diffusion 2.1 (`MODEL` in the first cell) needs a CUDA GPU and its weights." if knob
+             else "It runs on the shipped shapes models only.")
+    return f"A CPU is enough: with the shapes model (as on this page) {measured} on a 2-core CPU. {other}"
 
 
 def header_cell(name: str, nb) -> nbformat.NotebookNode:
@@ -255,10 +257,10 @@ DATA_DOCS = {
 
 def index_page(pages: dict[str, nbformat.NotebookNode]) -> str:
     table = readme_table()
-    intro = (ROOT / "README.md").read_text().split("\n\n")[1:3]
-    lines = ["# iseg: the course", "", *[p.replace("\n", " ") for p in intro], "",
-             "Every page below is a notebook of the course as it ran on the shapes model (a miniature diffusion "
-             "model that ships with `iseg`), with all its figures. Each page says how to run it yourself: in "
+    lines = ["# iseg: the course", "",
+             "Training-free segmentation from the attention maps of a diffusion model (the iSeg method), "
+             "taught in notebooks. Each page below is one notebook as it ran on the *shapes* model (a miniature "
+             "diffusion model that ships with `iseg`), with all its figures; each says how to run it yourself: in "
              "JupyterLab after `make setup`, on Colab, or (the interactive one) as a Voilà app.", "",
              "## The course", "",
              "| notebook | what you learn | what you play with | time (2-core CPU) |", "|---|---|---|---|"]
@@ -266,7 +268,7 @@ def index_page(pages: dict[str, nbformat.NotebookNode]) -> str:
         learn, play = table.get(name, ("", ""))
         run = nb.metadata.get("iseg_run", {})
         seconds = f"{run['seconds']:.0f} s" if run.get("seconds") is not None else ""
-        lines.append(f"| [{name[:2]} {title_of(nb)}](notebooks/{name}.ipynb) | {learn} | {play} | {seconds} |")
+        lines.append(f"| [{title_of(nb)}](notebooks/{name}.ipynb) | {learn} | {play} | {seconds} |")
     lines += ["", "## Reference", "",
               "- [The method](method.md): what the library computes, step by step, with its formulas.",
               "- [The library (README)](readme.md): installing, the command line, models, evaluation, architecture.",
@@ -295,6 +297,7 @@ def stage(executed: dict[str, Path], src: Path) -> dict[str, nbformat.NotebookNo
         shutil.rmtree(src)
     src.mkdir(parents=True)
     shutil.copy2(ROOT / "docs" / "conf.py", src / "conf.py")
+    shutil.copytree(ROOT / "docs" / "_static", src / "_static")
     for f in (ROOT / "docs").iterdir():
         if f.suffix in (".md", ".png", ".gif"):
             shutil.copy2(f, src / f.name)

@@ -110,7 +110,8 @@ def check_cells(soup: BeautifulSoup, nb) -> list[str]:
     headings = {_words(h.get_text()) for h in soup.find_all(re.compile(r"^h[1-6]$"))}
     for cell in nb.cells:
         if cell.cell_type == "markdown" and not cell.metadata.get("iseg_site"):
-            for heading in re.findall(r"^#{1,6}\s+(.+)$", cell.source, re.M):
+            prose = re.sub(r"^(```|~~~).*?^\1", "", cell.source, flags=re.M | re.S)  # not a code block's comments
+            for heading in re.findall(r"^#{1,6}\s+(.+)$", prose, re.M):
                 text = _words(re.sub(r"[`*_]|\$[^$]*\$", " ", heading))
                 if not any(text in h for h in headings):
                     problems.append(f"heading {heading!r} is not on the page")
