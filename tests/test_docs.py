@@ -205,3 +205,21 @@ def test_comments_in_a_markdown_code_block_are_not_headings(tmp_path):
     nb.cells[0].source += "\n\n```bash\n# not a heading\niseg --help\n```\n"
     s = site(tmp_path)
     assert docs_check.check_notebook_page(s / "notebooks" / "nb.html", nb) == []
+
+
+def test_a_remote_picture_in_a_text_cell_becomes_its_words():
+    nb = executed_notebook()
+    nb.cells[0].source = ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+                          "(https://colab.research.google.com/github/o/r/blob/main/notebooks/x.ipynb)\n\n# A title\n"
+                          '<img src="https://example.org/a.png"> ![local](../docs/quickstart.png)')
+    text = build_docs.page_notebook("x", nb).cells[0].source
+    assert text.startswith("[Open In Colab](https://colab.research.google.com/github/o/r/blob/main/notebooks/x.ipynb)")
+    assert "example.org" not in text and "![local](../docs/quickstart.png)" in text
+
+
+def test_one_repository_address():
+    """The site's Colab links and the notebooks' install cell name the same repository."""
+    colab = pytest.importorskip("iseg.colab") if (ROOT / "iseg" / "colab.py").exists() else None
+    if colab is None:
+        pytest.skip("iseg.colab is not in this checkout")
+    assert colab.REPOSITORY.rstrip("/") == build_docs.repository_url()

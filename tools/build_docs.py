@@ -198,12 +198,20 @@ def collapse_solutions(cell) -> None:
         del cell.metadata["tags"]
 
 
+def local_pictures_only(cell) -> None:
+    """A picture from another host in a text cell (a Colab badge) becomes its words: the site loads nothing remote."""
+    cell.source = re.sub(r"!\[([^\]]*)\]\((?:https?:)?//[^)\s]+\)", lambda m: m.group(1) or "picture", cell.source)
+    cell.source = re.sub(r"<img\b[^>]*\bsrc=[\"'](?:https?:)?//[^>]*>", "", cell.source)
+
+
 def page_notebook(name: str, nb):
     page = copy.deepcopy(nb)
     for cell in page.cells:
         if cell.cell_type == "code":
             still_pictures(cell)
             collapse_solutions(cell)
+        elif cell.cell_type == "markdown":
+            local_pictures_only(cell)
     page.cells.insert(1, header_cell(name, nb))
     return page
 
@@ -324,6 +332,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     executed = executed_notebooks(args.executed)
+    took = {"notebooks": time.perf_counter() - t0}
     src = BUILD / "docs-src"
     pages = stage(executed, src)
     if args.out.exists():
@@ -332,10 +341,12 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-w", str(log), str(src), str(args.out)]
     if subprocess.run(cmd, cwd=ROOT).returncode:
         return 1
+    took["sphinx"] = time.perf_counter() - t0 - sum(took.values())
     sys.path.insert(0, str(Path(__file__).parent))
     import docs_check
 
     problems = docs_check.check_site(args.out, pages, warnings=log.read_text())
+    took["checks"] = time.perf_counter() - t0 - sum(took.values())
     if args.browser:
         import docs_browser
 
@@ -347,13 +358,15 @@ def main(argv=None) -> int:
                 print("note:", reason, "- the browser check is skipped")
         else:
             problems += docs_browser.read_site(args.out, BUILD / "site-shots")
-    with tarfile.open(BUILD / "site.tar.gz", "w:gz") as tar:
+            took["browser"] = time.perf_counter() - t0 - sum(took.values())
+    with tarfile.open(args.out.with_suffix(".tar.gz"), "w:gz") as tar:
         tar.add(args.out, arcname="site")
     for problem in problems:
         print("docs:", problem)
     verdict = f"{len(problems)} problems" if problems else "checks passed"
-    print(f"site: {args.out} ({BUILD / 'site.tar.gz'}), {len(pages)} notebooks, {verdict}, "
-          f"{time.perf_counter() - t0:.0f} s")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+    print(f"site: {args.out} ({args.out.with_suffix('.tar.gz')}), {len(pages)} notebooks, {verdict}, "
+          f"{time.perf_counter() - t0:.0f} s ({phases})")
     return 1 if problems else 0
 
 

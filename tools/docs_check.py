@@ -19,8 +19,16 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/svg+xml")
 REMOTE = re.compile(r"^(https?:)?//", re.I)
 
 
+_parsed: dict = {}
+
+
 def _soup(path: Path) -> BeautifulSoup:
-    return BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    """The parsed page, parsed once (pages are read by several checks and as link targets)."""
+    stat = path.stat()
+    key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
+    if key not in _parsed:
+        _parsed[key] = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    return _parsed[key]
 
 
 def pages_of(site: Path) -> list[Path]:
@@ -34,7 +42,8 @@ def check_links(site: Path) -> list[str]:
 
     def ids_of(page: Path) -> set[str]:
         if page not in ids:
-            ids[page] = {t["id"] for t in _soup(page).find_all(id=True)} | {t["name"] for t in _soup(page).find_all("a", attrs={"name": True})}
+            soup = _soup(page)
+            ids[page] = {t["id"] for t in soup.find_all(id=True)} | {t["name"] for t in soup.find_all("a", attrs={"name": True})}
         return ids[page]
 
     for page in pages_of(site):
