@@ -100,9 +100,12 @@ def source_cells(nb) -> list[tuple[str, str]]:
 def executed_notebooks(folder: Path | None) -> dict[str, Path]:
     """Every notebook, executed: from ``folder`` (a test run's) or executed now into build/executed."""
     names = notebook_names()
-    if folder is None:
+    if folder is None:  # two at a time: a kernel spends part of its time starting and importing
+        from concurrent.futures import ThreadPoolExecutor
+
         out = BUILD / "executed"
-        return {name: execute(name, out) for name in names}
+        with ThreadPoolExecutor(int(os.environ.get("ISEG_DOCS_JOBS", "2"))) as pool:
+            return dict(zip(names, pool.map(lambda name: execute(name, out), names)))
     found = {}
     for name in names:
         path = folder / f"{name}.ipynb"
