@@ -168,16 +168,13 @@ def test_figure_box_carries_a_still_picture_of_its_figure():
     plt.close(fig)
 
 
-def test_the_test_run_saves_the_notebooks_it_executed(tmp_path):
-    """conftest.py's hook: nbval's outputs written with the notebook, its run time and memory."""
+def _nbval_run(tmp_path, *sources):
+    """pytest --nbval on a notebook of these code cells, with conftest.py's hook and ISEG_EXECUTED_NOTEBOOKS set."""
     import os
     import subprocess
 
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("print(6 * 7)"),
-                nbformat.v4.new_code_cell("from IPython.display import Image\nImage(data=bytes.fromhex("
-                                          "'89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-                                          "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082'))")]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), *map(nbformat.v4.new_code_cell, sources)]
     nbformat.write(nb, tmp_path / "t.ipynb")
     (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
     out = tmp_path / "executed"
@@ -185,12 +182,26 @@ def test_the_test_run_saves_the_notebooks_it_executed(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
                           "--nbval-current-env", "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path / "t.ipynb")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return run, out / "t.ipynb"
+
+
+def test_the_test_run_saves_the_notebooks_it_executed(tmp_path):
+    """conftest.py's hook: nbval's outputs written with the notebook, its run time and memory."""
+    png = ("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+           "1f15c4890000000d49444154789c6360000002000100e221bc330000000049454e44ae426082")
+    run, path = _nbval_run(tmp_path, "print(6 * 7)", f"from IPython.display import Image\nImage(data=bytes.fromhex('{png}'))")
     assert run.returncode == 0, run.stdout + run.stderr
-    saved = nbformat.read(out / "t.ipynb", as_version=4)
+    saved = nbformat.read(path, as_version=4)
     nbformat.validate(saved)
     assert saved.cells[1].outputs[0].text == "42\n"
     assert "image/png" in saved.cells[2].outputs[0].data and docs_check.notebook_figures(saved) == 1
     assert saved.metadata.iseg_run["seconds"] > 0
+
+
+def test_a_notebook_that_failed_is_not_saved(tmp_path):
+    run, path = _nbval_run(tmp_path, "print(1)", "raise ValueError('broken')", "print(3)")
+    assert run.returncode != 0 and "broken" in run.stdout
+    assert not path.exists()  # the site's build then stops, naming the missing notebook
 
 
 def test_the_readme_links_to_the_site_and_says_how_to_build_it():
