@@ -9,6 +9,7 @@ never re-run the UNet.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 
@@ -85,8 +86,6 @@ def figure_box(children, fig):
             data = super()._repr_mimebundle_(**kwargs)
             if data is None:  # no comm (a widget made outside a kernel): nothing to add a picture to
                 return data
-            import base64
-
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi="figure")
             return {**data, "image/png": base64.b64encode(buf.getvalue()).decode("ascii")}
