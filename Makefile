@@ -1,11 +1,11 @@
 # The same commands the README gives and CI runs.
 PYTHON ?= python
 
-.PHONY: setup browser test lint app gpu-check
+.PHONY: setup browser test lint app gpu-check docs
 
-setup:  ## install the CPU build of PyTorch, then iseg with its test and notebook extras, then Chromium
+setup:  ## install the CPU build of PyTorch, then iseg with its test, notebook and docs extras, then Chromium
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test,notebooks]"
+	$(PYTHON) -m pip install -e ".[test,notebooks,docs]"
 	@$(MAKE) --no-print-directory browser
 
 # The browser tests drive Debian's Chromium (never a downloaded browser). Installed where this can
@@ -30,3 +30,10 @@ app:  ## the interactive notebook as a standalone web app (http://localhost:8866
 
 gpu-check:  ## every notebook on this machine's GPU with both shapes models, then SD 2.1-base if cached (bench/gpu-check.json)
 	$(PYTHON) bench/gpu_check.py --out bench/gpu-check.json
+
+# The course's website in build/site (and build/site.tar.gz), built offline, then checked: links,
+# figures, cells, API, and every page read in headless Chromium (screenshots in build/site-shots).
+# With ISEG_EXECUTED_NOTEBOOKS=DIR set for `make test` too, it uses the notebooks that run executed;
+# without it, it executes the notebooks itself. DOCS_FLAGS=--no-browser skips the Chromium reading.
+docs:  ## the course as a website (build/site/index.html)
+	$(PYTHON) tools/build_docs.py $(DOCS_FLAGS)

@@ -9,6 +9,8 @@ never re-run the UNet.
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 
 import numpy as np
@@ -20,7 +22,7 @@ from .viz import MAP_CMAP, fit_figsize, overlay, panels_per_row
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
            "GenerationView",
            "generate", "row_entropy",
-           "figure_widget", "redraw", "lam_slider"]
+           "figure_widget", "figure_box", "redraw", "lam_slider"]
 
 
 def row_entropy(attn) -> np.ndarray:
@@ -76,6 +78,28 @@ def figure_widget(fig):
     return out
 
 
+def figure_box(children, fig):
+    """``ipywidgets.VBox(children)`` that also carries a still PNG of ``fig`` as it is when displayed.
+
+    A live front end (JupyterLab, Voila) renders the widget and ignores the picture; a static
+    render of the executed notebook (nbconvert, the course's website, GitHub) has no widget manager
+    and shows the picture instead: the widget's first state. ipympl's own canvas does the same
+    when it is displayed alone.
+    """
+    import ipywidgets as w
+
+    class FigureBox(w.VBox):
+        def _repr_mimebundle_(self, **kwargs):
+            data = super()._repr_mimebundle_(**kwargs)
+            if data is None:  # no comm (a widget made outside a kernel): nothing to add a picture to
+                return data
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi="figure")
+            return {**data, "image/png": base64.b64encode(buf.getvalue()).decode("ascii")}
+
+    return FigureBox(children)
+
+
 def redraw(fig) -> None:
     """Draw ``fig`` again wherever ``figure_widget`` shows it."""
     fig.canvas.draw_idle()
@@ -93,7 +117,7 @@ class _View:
         """The controls, wired to ``update``, above the live figure (see ``figure_widget``)."""
         import ipywidgets as w
 
-        return w.VBox([w.interactive(self.update, **self.controls()), figure_widget(self.fig)])
+        return figure_box([w.interactive(self.update, **self.controls()), figure_widget(self.fig)], self.fig)
 
     def _redraw(self):
         redraw(self.fig)
@@ -446,7 +470,7 @@ class GenerationView(_View):
         controls = w.interactive(self._generate, {"manual": True, "manual_name": "Generate and segment"},
                                  **self.controls())
         self._button = controls.children[-2] if isinstance(controls.children[-2], w.Button) else None
-        return w.VBox([controls, figure_widget(self.fig)])
+        return figure_box([controls, figure_widget(self.fig)], self.fig)
 
     def _generate(self, **values):
         button = getattr(self, "_button", None)

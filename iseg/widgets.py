@@ -16,7 +16,7 @@ import io
 import numpy as np
 
 from .examples import example
-from .explore import _set_picture, figure_widget, lam_slider, redraw
+from .explore import _set_picture, figure_box, figure_widget, lam_slider, redraw
 from .images import read_pixels, to_uint8
 from .interactive import interactive_defaults
 
@@ -173,10 +173,10 @@ class PromptWidget:
         import ipywidgets as w
 
         canvas = figure_widget(self.fig)
-        return w.VBox([
+        return figure_box([
             w.HBox([self.mode, self.clear_button]),
             w.HBox([self.text, self.segment_button, self.upload]),
             w.HBox([self.lam, self.iterations, self.threshold]),
             canvas,
             self.status,
-        ])
+        ], self.fig)
