@@ -109,8 +109,11 @@ def sdxl_components() -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     )
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    # a scheduler's tables are CPU tensors by design (diffusers copies them to the CPU), so they are
+    # built on the CPU also when the models are made under a meta or CUDA device context
+    with torch.device("cpu"):
+        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                           steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=_vae(4, scaling_factor=0.13025, force_upcast=True),
                 text_encoder=_clip(768, 12, 12, 3072), text_encoder_2=_clip(1280, 32, 20, 5120, projection=1280),
                 tokenizer=make_tokenizer(max_length=77), tokenizer_2=make_tokenizer(max_length=77), scheduler=scheduler)
@@ -127,10 +130,12 @@ def sd3_medium_components() -> dict:
         pos_embed_max_size=192,
     )
     vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("cpu"):  # as in sdxl_components
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return dict(transformer=transformer, vae=vae, text_encoder=_clip(768, 12, 12, 3072, projection=768),
                 text_encoder_2=_clip(1280, 32, 20, 5120, projection=1280), text_encoder_3=None,
                 tokenizer=make_tokenizer(max_length=77), tokenizer_2=make_tokenizer(max_length=77), tokenizer_3=None,
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                scheduler=scheduler)
 
 
 def sdxl_architecture(device, dtype) -> LoadedModel:
