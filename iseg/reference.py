@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -320,8 +321,6 @@ def _grid_spans(geometry) -> tuple[float, float]:
 def box_cells(box, geometry, side: int):
     """The demo's box: cells ``[floor(y0*side/H), floor(y1*side/H))`` x the same along x, as a
     ``(side*side,)`` float32 numpy 0/1 map (corners in either order, as the demo sorts them)."""
-    import numpy as np
-
     try:
         x0, y0, x1, y1 = (float(v) for v in box)
     except (TypeError, ValueError):

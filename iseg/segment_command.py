@@ -28,11 +28,13 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .cli_options import CommandError, add_set_option, device_option, settings_overrides
+from .images import MIN_SIDE
 from .loading import load_model
 from .prompts import check_class_names
 from .safe_files import check_folder, check_names, write_atomic
@@ -157,11 +159,7 @@ def _read_classes_file(path: Path) -> dict:
 def _check_image(path: Path) -> None:
     """Read the image's header now: a file that is not an image, or one too small, is refused before
     the model loads and before any result is written (the pixels are read when it is segmented)."""
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
-
-    from .images import MIN_SIDE
 
     try:
         with warnings.catch_warnings():

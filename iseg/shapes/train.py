@@ -34,10 +34,12 @@ import argparse
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 
@@ -271,9 +273,6 @@ def load_checkpoint(path: Path, args) -> dict:
     """A train-shapes checkpoint, read as tensors and plain data only (``weights_only=True``: a
     crafted file cannot run code), and checked to be one of this command for the same kind of
     model; ``CommandError`` naming the file otherwise."""
-    import pickle
-    import zipfile
-
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
