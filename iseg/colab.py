@@ -19,6 +19,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from . import __version__
+
 __all__ = ["REPOSITORY", "install_spec", "first_cell", "on_colab", "setup"]
 
 #: where iseg is published. NOTE: no public address was known when this was written; set this (and
@@ -27,15 +29,9 @@ __all__ = ["REPOSITORY", "install_spec", "first_cell", "on_colab", "setup"]
 REPOSITORY = "https://github.com/iseg-attention/iseg"
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def install_spec(version: str | None = None) -> str:
     """What ``pip install`` is given on Colab: this version's tag of the repository."""
-    return f"iseg-attention @ git+{REPOSITORY}@v{version or _version()}"
+    return f"iseg-attention @ git+{REPOSITORY}@v{version or __version__}"
 
 
 def first_cell(version: str | None = None) -> str:

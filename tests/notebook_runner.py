@@ -96,6 +96,60 @@ def run(path: Path, model: str | None = None, fake_cuda: bool = False, timeout: 
                 has_model_knob=has_knob, errors=errors, first_cell_stderr=first_stderr)
 
 
+def _errors(nb) -> list[dict]:
+    return [dict(cell=i, ename=out.ename, evalue=out.evalue[:2000], traceback="\n".join(out.traceback)[-3000:])
+            for i, cell in enumerate(nb.cells) for out in cell.get("outputs", []) if out.output_type == "error"]
+
+
+def _first_stderr(nb) -> list[str]:
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    return [o.text for o in code[0].get("outputs", []) if o.output_type == "stream" and o.name == "stderr"] if code else []
+
+
+def run_models(path: Path, models: dict[str, str], fake_cuda: bool = False, timeout: int = 600,
+               save: Path | None = None) -> list[dict]:
+    """The notebook once per model (``{tag: model}``), in ONE kernel: the namespace is reset
+    (``%reset -f``) between runs, so each run starts from no variables, while imported modules
+    stay loaded (importing torch and diffusers is most of a short notebook's time). One report
+    per model, as ``run`` gives."""
+    import copy
+
+    import nbformat
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    original = nbformat.read(path, as_version=4)
+    work = Path(tempfile.mkdtemp(prefix="iseg-nb-"))
+    km = KernelManager(kernel_name="python3")
+    km.kernel_cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    client = NotebookClient(copy.deepcopy(original), timeout=timeout, km=km, allow_errors=True,
+                            resources={"metadata": {"path": str(work)}})
+    reports = []
+    target = save or (Path(os.environ["ISEG_EXECUTED_NOTEBOOKS"]) if os.environ.get("ISEG_EXECUTED_NOTEBOOKS") else None)
+    try:
+        with client.setup_kernel(env=kernel_env(fake_cuda), cwd=str(work)):
+            for tag, model in models.items():
+                nb = copy.deepcopy(original)
+                knob = set_model(nb, model)
+                client.nb = nb
+                reset = nbformat.v4.new_code_cell("%reset -f\nimport matplotlib.pyplot as plt\nplt.close('all')")
+                client.execute_cell(reset, 0)
+                t0 = time.perf_counter()
+                for index, cell in enumerate(nb.cells):
+                    if cell.cell_type == "code":
+                        client.execute_cell(cell, index)
+                seconds = time.perf_counter() - t0
+                if target is not None:
+                    target.mkdir(parents=True, exist_ok=True)
+                    nbformat.write(nb, target / f"{path.stem}--{tag}.ipynb")
+                reports.append(dict(notebook=path.stem, model=model, tag=tag, fake_cuda=fake_cuda,
+                                    seconds=round(seconds, 1), has_model_knob=knob, errors=_errors(nb),
+                                    first_cell_stderr=_first_stderr(nb)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return reports
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebook", type=Path)
@@ -104,10 +158,16 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     parser.add_argument("--save", type=Path, help="write the executed notebook here (default: $ISEG_EXECUTED_NOTEBOOKS)")
     parser.add_argument("--tag", help="suffix of the saved notebook's name")
+    parser.add_argument("--models", help="JSON {tag: model}: run the notebook once per model in one kernel "
+                                         "(one JSON line each)")
     args = parser.parse_args(argv)
-    report = run(args.notebook.resolve(), args.model, args.fake_cuda, args.timeout, args.save, args.tag)
-    print(json.dumps(report))
-    return 1 if report["errors"] else 0
+    if args.models:
+        reports = run_models(args.notebook.resolve(), json.loads(args.models), args.fake_cuda, args.timeout, args.save)
+    else:
+        reports = [run(args.notebook.resolve(), args.model, args.fake_cuda, args.timeout, args.save, args.tag)]
+    for report in reports:
+        print(json.dumps(report))
+    return 1 if any(r["errors"] for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -72,6 +72,19 @@ def test_step_functions_return_device_tensors_and_results_are_numpy(gpu_model):
         r = session.segment(points=[(20, 20)])
         assert isinstance(r.mask, np.ndarray) and isinstance(r.maps, np.ndarray)
         assert isinstance(seg.segment_prompt(s.image, text=s.classes[0]).mask, np.ndarray)
+        # exact masks come from the CPU; the attention they are compared with lives on the GPU
+        from iseg.masks import pool_labels
+        from iseg.refine import entropy_reduce, mass_inside
+
+        obs = seg.observe(s.image, list(s.classes))[0]
+        P = entropy_reduce(obs.self_attention, 100.0)
+        groups = pool_labels(s.mask, obs.grid).reshape(-1)
+        inside = mass_inside(P, groups, 3)
+        assert is_fake_cuda(inside) and inside.cpu().numpy().shape == (3, obs.grid**2)
+        # open vocabulary: the label evidence compares numpy labels with attention on the GPU
+        from iseg.shapes import CLASSES
+
+        assert isinstance(seg.segment(s.image, vocabulary=list(CLASSES)).labels, np.ndarray)
 
 
 def _explore_tests():

@@ -224,6 +224,9 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
 
         changed = _figure_changes(page, figure, act, lab["shots"] / f"{name}-before.png", lab["shots"] / f"{name}-after.png")
         assert changed, f"{name}: the figure did not change after moving its control (see {lab['shots']})"
+        # measured again once the widget has drawn (a live figure's canvas may be sized late)
+        _, wide = _too_wide(page)
+        assert not wide, f"{name}: wider than the {OUTPUT_AREA_PX} px output area once drawn: {wide}"
         ok = True
     finally:
         if not ok:  # what the learner would have seen

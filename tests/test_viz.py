@@ -61,7 +61,9 @@ def _inside(fig):
     for part in parts:
         box = part.get_window_extent(renderer)
         assert box.x0 >= -2 and box.x1 <= width + 2 and box.y0 >= -2 and box.y1 <= height + 2, (type(part), box, width)
-    return fig
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_library_figures_fit_968_px_with_legend_and_colour_bar(seg):

@@ -133,8 +133,8 @@ def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = 
                 part = items[start : start + batch]
                 observed = seg.observe(part, list(chunk), progress=False, **overrides)
                 for k, (obs, result) in enumerate(zip(observed, seg.decode_batch(observed))):
-                    foreground = torch.from_numpy(result.labels > 0)
                     raw = raw_class_maps(obs)
+                    foreground = torch.from_numpy(result.labels > 0).to(raw.device)  # labels are numpy, raw on the model's device
                     winner = to_original(raw, obs.geometry, obs.size).argmax(0)
                     for c, name in enumerate(chunk):
                         evidence[start + k][name] = {"share": float(((winner == c) & foreground).float().mean()),
