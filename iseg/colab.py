@@ -37,7 +37,7 @@ def install_spec(version: str | None = None) -> str:
 def first_cell(version: str | None = None) -> str:
     """The source of the Colab lines that open every notebook's first code cell."""
     return (
-        "import sys\n"
+        "import sys\n\n"
         'if "google.colab" in sys.modules:  # on Colab only: install iseg, let ipympl\'s figures draw\n'
         f'    %pip install -q "{install_spec(version)}"\n'
         "    from google.colab import output\n"
