@@ -116,8 +116,15 @@ def test_label_legend_names_every_label_colour():
 
     fig, ax = plt.subplots(layout="constrained")
     legend = label_legend(fig, ["circle", "star"])
-    assert [t.get_text() for t in legend.get_texts()] == ["0: background", "1: circle", "2: star"]
-    colours = [tuple(round(c * 255) for c in h.get_facecolor()[:3]) for h in legend.legend_handles]
+    # over an overlay the background shows the image: its swatch is hollow, the classes' are their colours
+    assert [t.get_text() for t in legend.get_texts()] == ["0: background (the image)", "1: circle", "2: star"]
+    assert legend.legend_handles[0].get_facecolor()[3] == 0
+    colours = [tuple(round(c * 255) for c in h.get_facecolor()[:3]) for h in legend.legend_handles[1:]]
+    assert colours == [tuple(int(v) for v in c) for c in palette(3)[1:]]
+    # a colorized label map has a black background, shown as such
+    plain = label_legend(fig, ["circle", "star"], on_image=False)
+    assert [t.get_text() for t in plain.get_texts()] == ["0: background", "1: circle", "2: star"]
+    colours = [tuple(round(c * 255) for c in h.get_facecolor()[:3]) for h in plain.legend_handles]
     assert colours == [tuple(int(v) for v in c) for c in palette(3)]
     assert [t.get_text() for t in label_legend(ax, ["star"], background=False).get_texts()] == ["1: star"]
     plt.close(fig)
