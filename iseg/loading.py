@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -494,7 +494,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
                     if "mismatch" in str(err).lower() or "expected shape" in str(err).lower() else "")
             raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
                                    f"{first}") from err
-        return _finish(pipe, device, known or str(path))
+        return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise _unavailable(name, f"no such folder: {path}")
 
@@ -522,14 +522,31 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def _finish(pipe, device, name: str) -> LoadedModel:
+def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
+    """The registry entry of the shipped shapes model of ``pipe``'s family (``shapes`` for a UNet,
+    ``shapes-mmdit`` for an MM-DiT), with ``path`` as its folder, when ``path`` holds a shapes-world
+    model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
+    ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
+    folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
+    try:
+        info = json.loads((path / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
+        return None
+    shipped = {"sd": "shapes", "sd3": "shapes-mmdit"}.get(family_of(pipe))
+    entry = registry.MODELS.get(shipped) if shipped else None
+    return None if entry is None else replace(entry, folder=path)
+
+
+def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:
     if family_of(pipe) is None:
         raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
                                        f"it reads {', '.join(PIPELINES)}")
     check_components(pipe, name)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    model = _LOADED[pipe] = LoadedModel(pipe, name, registry.MODELS.get(name))
+    model = _LOADED[pipe] = LoadedModel(pipe, name, entry or registry.MODELS.get(name))
     return model
 
 

@@ -452,6 +452,23 @@ def test_the_shipped_folder_by_path_is_the_shipped_model():
     assert r.labels.shape == (64, 64)
 
 
+@pytest.mark.parametrize("shipped", ["shapes", "shapes-mmdit"])
+def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
+    import shutil
+
+    folder = tmp_path / "m1"  # what `iseg train-shapes --out` makes: a folder with its training.json
+    shutil.copytree(iseg.shipped_models()[shipped], folder)
+    model = iseg.load_model(folder, device="cpu", verbose=False)
+    assert (model.name, model.preset) == (str(folder), shipped) and model.known_words
+    s = sample(5)
+    assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
+    from iseg.prompts import UnknownWordError
+
+    (folder / "training.json").unlink()  # no longer recognisably a shapes model: the SD preset's words fail
+    with pytest.raises(UnknownWordError, match=r"preset=.*--preset"):
+        iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     import tiny
