@@ -324,7 +324,19 @@ def _json_problem(path: Path) -> str | None:
         return f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
     if path.name.endswith("config.json") and not isinstance(value, dict):
         return f"holds a JSON {type(value).__name__}, not the object of settings a config is"
+    # settings that diffusers and transformers take without complaint and fail on much later
+    positive = {"scheduler_config.json": ("num_train_timesteps", "the length of the noise schedule the model was "
+                                          "trained with (1000 for Stable Diffusion)"),
+                "tokenizer_config.json": ("model_max_length", "the number of tokens prompts are padded to (77 for CLIP)")}
+    if isinstance(value, dict) and path.name in positive and positive[path.name][0] in value:
+        key, meaning = positive[path.name]
+        if not _positive_int(value[key]):
+            return f"has {key} {value[key]!r}; it must be a whole number > 0, {meaning}"
     return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -570,6 +582,11 @@ def check_components(pipe, name: str = "the model") -> None:
         raise ModelFolderError(f"{name} has no {', '.join(missing)}; iSeg needs every part of a {type(pipe).__name__} "
                                f"({', '.join(required)})")
     denoiser, vae = getattr(pipe, denoiser_name), pipe.vae
+    steps = _config(pipe.scheduler, "num_train_timesteps")
+    if not _positive_int(steps):
+        raise ModelFolderError(f"{name}: scheduler/scheduler_config.json has num_train_timesteps {steps!r}; it must "
+                               "be the length of the noise schedule the model was trained with, a whole number > 0 "
+                               "(1000 for Stable Diffusion)")
 
     def fail(message: str):
         raise ModelFolderError(f"{name}: {message}; its parts come from different models. Use the folder of one model")
@@ -591,6 +608,9 @@ def check_components(pipe, name: str = "the model") -> None:
     for encoder, tokenizer, encoder_name, tokenizer_name in encoders:
         positions = _config(encoder, "max_position_embeddings")
         window = getattr(tokenizer, "model_max_length", None)
+        if isinstance(window, int) and window <= 0:
+            raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json has model_max_length {window}; "
+                                   "it must be a whole number > 0, the number of tokens prompts are padded to")
         if positions is not None and isinstance(window, int) and window > positions:  # T5 has no such limit
             fail(f"{tokenizer_name} pads prompts to {window} tokens (model_max_length) but {encoder_name} has "
                  f"{positions} positions (max_position_embeddings)")
