@@ -556,10 +556,31 @@ def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedM
         raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
                                        f"it reads {', '.join(PIPELINES)}")
     check_components(pipe, name)
+    _check_weights_filled(pipe, name)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = _LOADED[pipe] = LoadedModel(pipe, name, entry or registry.MODELS.get(name))
     return model
+
+
+def _check_weights_filled(pipe, name: str) -> None:
+    """Every tensor of every part holds data: a weights file of another part or model (the VAE's
+    copied over the UNet's) loads without an error but leaves the tensors it lacks on the meta
+    device, which fails later inside ``.to()`` with a message about meta tensors. ``ModelFolderError``
+    naming the part and its weights file instead."""
+    for part, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        empty = [key for key, tensor in tensors if tensor.is_meta]
+        if not empty:
+            continue
+        folder = _config(module, "_name_or_path")  # the part's own folder, where diffusers or transformers read it
+        files = sorted(p.name for p in Path(folder).glob("*.safetensors")) if folder and Path(folder).is_dir() else []
+        where = f"{part}/{files[0]}" if len(files) == 1 else f"the weights in {part}/"
+        raise ModelFolderError(f"{name}: {len(empty)} of the {len(tensors)} tensors of the {part} (e.g. {empty[0]!r}) "
+                               f"are missing from {where}; the file holds the weights of another part or model "
+                               "(were weight files swapped or copied over each other?). Copy the model folder again")
 
 
 def _config(module, key: str):

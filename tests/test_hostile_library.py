@@ -528,6 +528,10 @@ MODEL_FOLDERS = [
      r"model_index.json starts with a byte-order mark"),
     (lambda f: (f / "unet" / "config.json").write_text("[]"), r"unet/config.json holds a JSON list, not the object of settings"),
     (lambda f: (f / "tokenizer" / "tokenizer_config.json").write_text(""), r"tokenizer/tokenizer_config.json is not valid JSON"),
+    (lambda f: __import__("shutil").copy(f / "vae" / "diffusion_pytorch_model.safetensors",
+                                         f / "unet" / "diffusion_pytorch_model.safetensors"),
+     r"tensors of the unet \(e.g. '.*'\) are missing from unet/diffusion_pytorch_model.safetensors; the file holds "
+     r"the weights of another part"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=0),
      r"tokenizer/tokenizer_config.json has model_max_length 0; it must be a whole number > 0"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=-5),
@@ -539,7 +543,7 @@ MODEL_FOLDERS = [
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
     "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty",
-    "tokenizer-length-0", "tokenizer-length-negative"])
+    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
 
