@@ -701,6 +701,53 @@ def test_resume_refuses_checkpoints_that_are_not_ours_naming_the_file(tmp_path, 
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt"]
 
 
+def _checkpoint_of(tmp_path, *argv):
+    """WORKDIR/checkpoint.pt of a run started with ``_train(tmp_path, *argv)`` (its recorded options only)."""
+    import argparse
+
+    import torch
+
+    from iseg.shapes.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "m"), "--images", "8", "--workers", "1", "--device", "cpu", *argv])
+    work = tmp_path / "m.work"
+    work.mkdir()
+    torch.save({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, work / "checkpoint.pt")
+
+
+def test_resume_with_other_run_options_is_refused_listing_them(tmp_path, capsys):
+    import re
+
+    _checkpoint_of(tmp_path, "--lr", "3e-4")
+    assert _train(tmp_path, "--resume", "--images", "16", "--seed", "3", "--ground", "0.5", "--unet-steps", "9") == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert re.search(r"checkpoint.pt is a run with other settings: --images 16 \(the run started with 8\); --seed 3 "
+                     r"\(the run started with 0\)\. .*What may change on resume: the step counts", line)
+    assert "--ground" not in line.split("What may change")[0]  # a loss weight is a curriculum step, not refused
+    assert sorted(p.name for p in (tmp_path / "m.work").iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_says_which_curriculum_options_changed(tmp_path):
+    import argparse
+    import contextlib
+    import io
+
+    import torch
+
+    from iseg.shapes.train import load_checkpoint
+
+    _checkpoint_of(tmp_path)
+    path = tmp_path / "m.work" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)["args"]
+    args = argparse.Namespace(**{**saved, "lr": 1e-3, "unet_steps": 5, "save_every": 7})
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        load_checkpoint(path, args)
+    assert buffer.getvalue() == "--resume: continuing with --lr 0.001 (the run started with 0.0003)\n"
+
+
 def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):
     os.symlink(tmp_path / "gone", tmp_path / "m")
     assert _train(tmp_path) == 2

@@ -301,7 +301,40 @@ def load_checkpoint(path: Path, args) -> dict:
             flag = "--" + option.replace("_", "-")
             raise CommandError(f"--resume: {path} is a run with {flag} {there}, not {here}; resume it with "
                                f"{flag} {there}, or point --workdir elsewhere")
+    changed = _changed_options(saved, args, RUN_OPTIONS)
+    if changed:
+        raise CommandError(
+            f"--resume: {path} is a run with other settings: {'; '.join(changed)}. These fix the run's data, "
+            "batches and schedule, so a resumed run must keep them: resume with the run's values, or point --workdir "
+            "elsewhere to start a new run. What may change on resume: " + RESUMABLE_OPTIONS)
+    for line in _changed_options(saved, args, CURRICULUM_OPTIONS):
+        print(f"--resume: continuing with {line}")  # a curriculum step, said aloud rather than silently mixed
     return state
+
+
+#: options that define a train-shapes run (its rendered data, batches, optimiser and noise schedule):
+#: ``--resume`` refuses values other than the checkpoint's
+RUN_OPTIONS = ("images", "seed", "batch_size", "vae_batch", "vae_lr", "vae_kl", "warmup", "ema", "group_target",
+               "attn_loss_max_t", "colour_drop")
+#: options a resumed run may change, as a curriculum (the shapes-mmdit recipe in its model card
+#: raises and lowers --lr and switches on --shape-head and --vocab across resumes); each change is printed
+CURRICULUM_OPTIONS = ("lr", "ground", "group", "vocab", "shape_head")
+RESUMABLE_OPTIONS = ("the step counts (--vae-steps, --unet-steps, --time-limit), --lr and the loss weights (--ground, "
+                     "--group, --vocab, --shape-head; a curriculum, printed when changed), --save-every, --log-every, "
+                     "--threads, --workers, --device, --out and --overwrite")
+
+
+def _changed_options(saved: dict, args, options) -> list[str]:
+    """``"--flag NOW (the run started with THEN)"`` for each of ``options`` whose value differs
+    from the checkpoint's recorded one (options a checkpoint did not record are not compared)."""
+    changed = []
+    for option in options:
+        if option not in saved or not hasattr(args, option):
+            continue
+        there, here = saved[option], getattr(args, option)
+        if there != here:
+            changed.append(f"--{option.replace('_', '-')} {here} (the run started with {there})")
+    return changed
 
 
 def check_options(args) -> None:
@@ -756,7 +789,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=50, help="steps between loss-log records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from WORKDIR/checkpoint.pt; the run's data and schedule options must stay as they were "
+                        "(the step counts, --lr and the loss weights may change)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights of an existing model folder (fine-tuning)")
     p.add_argument("--init-parts", default="vae,text_encoder,unet",
