@@ -619,7 +619,11 @@ def _train(tmp_path, *extra):
     (["--save-every", "0"], r"--save-every must be a whole number >= 1, got 0"),
     (["--log-every", "0"], r"--log-every must be a whole number >= 1"),
     (["--warmup", "0"], r"--warmup must be a whole number >= 1"),
-    (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 0"),
+    (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 1"),
+    (["--unet-steps", "0"], r"--unet-steps must be a whole number >= 1, got 0"),
+    (["--attn-loss-max-t", "5000"], r"--attn-loss-max-t 5000 is outside the noise schedule's timesteps: .* from 1 to 1000"),
+    (["--attn-loss-max-t", "-5"], r"--attn-loss-max-t -5 is outside the noise schedule's timesteps"),
+    (["--attn-loss-max-t", "0"], r"--attn-loss-max-t 0 is outside .*set --ground, --group and --vocab to 0"),
     (["--threads", "-1"], r"--threads must be at least 1"),
     (["--threads", "0"], r"--threads must be at least 1"),
     (["--threads", "100000"], r"--threads 100000 is more than 4x this machine's \d+ CPUs"),
@@ -746,6 +750,16 @@ def test_resume_says_which_curriculum_options_changed(tmp_path):
     with contextlib.redirect_stdout(buffer):
         load_checkpoint(path, args)
     assert buffer.getvalue() == "--resume: continuing with --lr 0.001 (the run started with 0.0003)\n"
+
+
+@pytest.mark.parametrize("extra", [["--resume"], []])
+def test_a_checkpoint_that_is_a_directory_is_refused_before_training(tmp_path, capsys, extra):
+    (tmp_path / "m.work" / "checkpoint.pt").mkdir(parents=True)
+    assert _train(tmp_path, *extra) == 2
+    assert "checkpoint.pt is a directory, not a checkpoint file" in _one_error_line(capsys.readouterr().err,
+                                                                                     "iseg train-shapes")
+    assert sorted(p.name for p in (tmp_path / "m.work").iterdir()) == ["checkpoint.pt"]
+    assert not (tmp_path / "m").exists()
 
 
 def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):

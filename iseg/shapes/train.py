@@ -265,6 +265,9 @@ def _save(path: Path, state: dict):
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
+#: the timesteps of the shapes models' noise schedules (num_train_timesteps; training draws t from 0 .. 999)
+NUM_TIMESTEPS = 1000
+
 # what a checkpoint's "args" may hold besides plain data: the paths of runs saved before they were text
 _SAFE_GLOBALS = [PosixPath, PurePosixPath, WindowsPath, PureWindowsPath]
 
@@ -340,11 +343,15 @@ def _changed_options(saved: dict, args, options) -> list[str]:
 def check_options(args) -> None:
     """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
     whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
-             ("log_every", 1), ("vae_steps", 0), ("unet_steps", 0), ("warmup", 1)]
+             ("log_every", 1), ("vae_steps", 0), ("unet_steps", 1), ("warmup", 1)]
     for name, low in whole:
         value = getattr(args, name)
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    if not 1 <= args.attn_loss_max_t <= NUM_TIMESTEPS:  # the training draws t from 0 .. NUM_TIMESTEPS - 1
+        raise CommandError(f"--attn-loss-max-t {args.attn_loss_max_t} is outside the noise schedule's timesteps: the "
+                           f"attention losses act for t < this, so give a whole number from 1 to {NUM_TIMESTEPS} "
+                           "(to switch them off, set --ground, --group and --vocab to 0)")
     if args.images > SPLITS["train"].stop - SPLITS["train"].start:
         raise CommandError(f"--images {args.images}: the training split has {len(SPLITS['train']):,} images")
     if args.threads is not None and args.threads < 1:
@@ -627,7 +634,7 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
 
 def _draw(gen, n, batch, colour_drop_p=0.3):
     idx = torch.randint(0, n, (batch,), generator=gen)
-    t = torch.randint(0, 1000, (batch,), generator=gen)
+    t = torch.randint(0, NUM_TIMESTEPS, (batch,), generator=gen)
     colour_drop = torch.rand(batch, generator=gen) < colour_drop_p
     cap_drop = torch.rand(batch, generator=gen) < 0.1
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -768,7 +775,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--unet-steps", type=int, default=8000, help="denoiser training steps (at least 1)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=300)
@@ -781,7 +788,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--shape-head", type=float, default=0.0,
                    help="weight of the training-only shape classifier on an sd3 model's image tokens (0: off)")
-    p.add_argument("--attn-loss-max-t", type=int, default=600)
+    p.add_argument("--attn-loss-max-t", type=int, default=600,
+                   help="the attention losses act for timesteps t below this (1 to 1000)")
     p.add_argument("--colour-drop", type=float, default=0.3,
                    help="share of captions without their colour words: the shape words alone must then find their "
                         "objects (a model that can bind through the colour words learns that shortcut first)")
@@ -818,6 +826,8 @@ def run(args) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from None
     ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
+    if ckpt.exists() and not ckpt.is_file():  # a run would fail at its first save, after the data was rendered
+        raise CommandError(f"{ckpt} is a directory, not a checkpoint file; remove it, or point --workdir elsewhere")
     holds_files = args.out.is_dir() and any(args.out.iterdir())
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
