@@ -491,6 +491,10 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         raise _unavailable(name, "it is registered but its folder is missing from this installation")
 
     path = Path(name).expanduser()
+    close = next((n for n in sorted({*shipped, *registry.MODELS, "auto"}) if n.lower() == name.strip().lower()), None)
+    if close is not None and not path.exists():  # before any hub lookup: "SHAPES" is no hub id
+        raise _unavailable(name, f"no model has that name; did you mean {close!r}? (model names are exact: lower "
+                                 "case, no spaces)")
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")

@@ -762,6 +762,26 @@ def test_a_checkpoint_that_is_a_directory_is_refused_before_training(tmp_path, c
     assert not (tmp_path / "m").exists()
 
 
+def test_train_shapes_init_takes_a_shipped_models_name(tmp_path, capsys, monkeypatch):
+    import iseg
+    from iseg.cli_options import CommandError
+    from iseg.shapes import train
+
+    seen = []
+
+    def stop(args):  # the checks after --init's: stop the run there
+        raise CommandError("stopped before training")
+
+    monkeypatch.setattr(train, "check_init_parts", lambda parts, family, folder: seen.append(folder))
+    monkeypatch.setattr(train, "check_loss_weights", stop)
+    assert _train(tmp_path, "--init", "shapes", "--init-parts", "vae") == 2
+    assert "stopped before training" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert seen == [iseg.shipped_models()["shapes"]]
+    assert _train(tmp_path, "--init", "SHAPES") == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "--init 'SHAPES' is not a model folder; did you mean the shipped model 'shapes' (folder " in line
+
+
 def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):
     os.symlink(tmp_path / "gone", tmp_path / "m")
     assert _train(tmp_path) == 2

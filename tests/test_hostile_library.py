@@ -469,6 +469,18 @@ def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
         iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
 
 
+@pytest.mark.parametrize("given, close", [("SHAPES", "shapes"), (" shapes", "shapes"), ("Shapes-MMDiT ", "shapes-mmdit"),
+                                          ("AUTO", "auto")])
+def test_a_shipped_name_in_another_case_or_with_spaces_is_suggested_before_any_hub_lookup(monkeypatch, given, close):
+    from iseg import loading
+
+    looked_up = []
+    monkeypatch.setattr(loading, "_from_pretrained", lambda *a, **k: looked_up.append(a))
+    with pytest.raises(loading.ModelNotAvailableError, match=rf"no model has that name; did you mean '{close}'\?"):
+        iseg.load_model(given, device="cpu", verbose=False)
+    assert not looked_up
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     import tiny

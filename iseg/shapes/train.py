@@ -52,6 +52,7 @@ from ..backbones.base import flow_matching_noise
 from ..backbones.sd3 import SD3Backbone
 from ..capture import attention_layers, capture_attention, joint_attention_layers
 from ..cli_options import CommandError, device_option, module_main, overwrite_option
+from ..registry import shipped_models
 from ..safe_files import check_folder, write_atomic, write_text
 from .model import (
     FAMILIES,
@@ -838,7 +839,14 @@ def run(args) -> int:
                            f"model in --out {args.out}; pass --overwrite to do that, or give the run's --workdir")
     state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
     if args.init is not None and not args.init.is_dir():
-        raise CommandError(f"--init {args.init} is not a model folder")
+        shipped = shipped_models()
+        if str(args.init) in shipped:  # a shipped model by its name: its folder
+            args.init = shipped[str(args.init)]
+        else:
+            close = next((n for n in sorted(shipped) if n == str(args.init).strip().lower()), None)
+            hint = (f"; did you mean the shipped model {close!r} (folder {shipped[close]})?" if close else
+                    f"; give a model folder, or a shipped model's name ({', '.join(sorted(shipped))})")
+            raise CommandError(f"--init {str(args.init)!r} is not a model folder{hint}")
     if args.init is not None:
         try:
             check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
