@@ -514,6 +514,20 @@ def test_names_that_differ_only_in_case_get_distinct_outputs_at_once(tmp_path):
     assert len({n.casefold() for n in names}) == 4
 
 
+@pytest.mark.parametrize("name, message", [
+    ("\ufeffx.png", r"image not found: '\\ufeffx.png' \(its name holds invisible characters; did you mean x.png\?\)"),
+    ("\ufeffy.png", r"image not found: '\\ufeffy.png' \(its name holds invisible characters, shown escaped\)"),
+])
+def test_an_image_name_with_a_byte_order_mark_is_shown_escaped(tmp_path, image, capsys, monkeypatch, name, message):
+    import re
+
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["segment", name, "--classes", "square", "--model", "shapes", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
+
+
 def _no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
