@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -324,7 +324,19 @@ def _json_problem(path: Path) -> str | None:
         return f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
     if path.name.endswith("config.json") and not isinstance(value, dict):
         return f"holds a JSON {type(value).__name__}, not the object of settings a config is"
+    # settings that diffusers and transformers take without complaint and fail on much later
+    positive = {"scheduler_config.json": ("num_train_timesteps", "the length of the noise schedule the model was "
+                                          "trained with (1000 for Stable Diffusion)"),
+                "tokenizer_config.json": ("model_max_length", "the number of tokens prompts are padded to (77 for CLIP)")}
+    if isinstance(value, dict) and path.name in positive and positive[path.name][0] in value:
+        key, meaning = positive[path.name]
+        if not _positive_int(value[key]):
+            return f"has {key} {value[key]!r}; it must be a whole number > 0, {meaning}"
     return None
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -479,6 +491,10 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         raise _unavailable(name, "it is registered but its folder is missing from this installation")
 
     path = Path(name).expanduser()
+    close = next((n for n in sorted({*shipped, *registry.MODELS, "auto"}) if n.lower() == name.strip().lower()), None)
+    if close is not None and not path.exists():  # before any hub lookup: "SHAPES" is no hub id
+        raise _unavailable(name, f"no model has that name; did you mean {close!r}? (model names are exact: lower "
+                                 "case, no spaces)")
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
@@ -494,7 +510,7 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
                     if "mismatch" in str(err).lower() or "expected shape" in str(err).lower() else "")
             raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
                                    f"{first}") from err
-        return _finish(pipe, device, known or str(path))
+        return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise _unavailable(name, f"no such folder: {path}")
 
@@ -522,15 +538,53 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def _finish(pipe, device, name: str) -> LoadedModel:
+def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
+    """The registry entry of the shipped shapes model of ``pipe``'s family (``shapes`` for a UNet,
+    ``shapes-mmdit`` for an MM-DiT), with ``path`` as its folder, when ``path`` holds a shapes-world
+    model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
+    ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
+    folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
+    try:
+        info = json.loads((path / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
+        return None
+    shipped = {"sd": "shapes", "sd3": "shapes-mmdit"}.get(family_of(pipe))
+    entry = registry.MODELS.get(shipped) if shipped else None
+    return None if entry is None else replace(entry, folder=path)
+
+
+def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:
     if family_of(pipe) is None:
         raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
                                        f"it reads {', '.join(PIPELINES)}")
     check_components(pipe, name)
+    _check_weights_filled(pipe, name)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    model = _LOADED[pipe] = LoadedModel(pipe, name, registry.MODELS.get(name))
+    model = _LOADED[pipe] = LoadedModel(pipe, name, entry or registry.MODELS.get(name))
     return model
+
+
+def _check_weights_filled(pipe, name: str) -> None:
+    """Every tensor of every part holds data: a weights file of another part or model (the VAE's
+    copied over the UNet's) loads without an error but leaves the tensors it lacks on the meta
+    device, which fails later inside ``.to()`` with a message about meta tensors. ``ModelFolderError``
+    naming the part and its weights file instead."""
+    for part, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        empty = [key for key, tensor in tensors if tensor.is_meta]
+        if not empty:
+            continue
+        folder = _config(module, "_name_or_path")  # the part's own folder, where diffusers or transformers read it
+        files = sorted(p.name for p in Path(folder).glob("*.safetensors")) if folder and Path(folder).is_dir() else []
+        where = f"{part}/{files[0]}" if len(files) == 1 else f"the weights in {part}/"
+        raise ModelFolderError(f"{name}: {len(empty)} of the {len(tensors)} tensors of the {part} (e.g. {empty[0]!r}) "
+                               f"are missing from {where}; the file holds the weights of another part or model "
+                               "(were weight files swapped or copied over each other?). Copy the model folder again")
 
 
 def _config(module, key: str):
@@ -553,6 +607,11 @@ def check_components(pipe, name: str = "the model") -> None:
         raise ModelFolderError(f"{name} has no {', '.join(missing)}; iSeg needs every part of a {type(pipe).__name__} "
                                f"({', '.join(required)})")
     denoiser, vae = getattr(pipe, denoiser_name), pipe.vae
+    steps = _config(pipe.scheduler, "num_train_timesteps")
+    if not _positive_int(steps):
+        raise ModelFolderError(f"{name}: scheduler/scheduler_config.json has num_train_timesteps {steps!r}; it must "
+                               "be the length of the noise schedule the model was trained with, a whole number > 0 "
+                               "(1000 for Stable Diffusion)")
 
     def fail(message: str):
         raise ModelFolderError(f"{name}: {message}; its parts come from different models. Use the folder of one model")
@@ -574,6 +633,9 @@ def check_components(pipe, name: str = "the model") -> None:
     for encoder, tokenizer, encoder_name, tokenizer_name in encoders:
         positions = _config(encoder, "max_position_embeddings")
         window = getattr(tokenizer, "model_max_length", None)
+        if isinstance(window, int) and window <= 0:
+            raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json has model_max_length {window}; "
+                                   "it must be a whole number > 0, the number of tokens prompts are padded to")
         if positions is not None and isinstance(window, int) and window > positions:  # T5 has no such limit
             fail(f"{tokenizer_name} pads prompts to {window} tokens (model_max_length) but {encoder_name} has "
                  f"{positions} positions (max_position_embeddings)")

@@ -157,7 +157,8 @@ def _unknown_error(tokenizer, text: str, names: Sequence[str], model: str | None
     if bad:
         return UnknownWordError(
             f"the prompt {text!r} has word(s) {bad} that {who} does not know; change prompt_prefix, "
-            "extra_words or background_words", bad)
+            "extra_words or background_words, or pick the model's preset (ISeg(..., preset=...), "
+            "iseg segment --preset ...)", bad)
     return None
 
 

@@ -168,11 +168,30 @@ def _check_image(path: Path) -> None:
                 width, height = img.size
                 img.verify()  # the chunks' checksums (PNG): a file cut short is refused now
     except Image.DecompressionBombError as err:
-        raise CommandError(f"image {path} is too large to open safely ({err})") from None
+        raise CommandError(f"image {_shown(path)} is too large to open safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CommandError(f"image {path} cannot be read as an image ({err}); is the file corrupt or not an image?") from None
+        raise CommandError(f"image {_shown(path)} cannot be read as an image ({err}); is the file corrupt or not an image?") from None
     if min(width, height) < MIN_SIDE:
-        raise CommandError(f"image {path} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
+        raise CommandError(f"image {_shown(path)} is {width}x{height} pixels; iSeg needs at least {MIN_SIDE}x{MIN_SIDE}")
+
+
+def _shown(path: Path) -> str:
+    """``path`` as text, quoted with its invisible characters escaped (``'\\ufeffa.png'``) when it
+    has any: a byte-order mark or a control character pasted into a name is otherwise invisible in
+    the message, which then seems to name an existing file."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def _invisible_hint(path: Path) -> str:
+    """A hint when ``path`` without its invisible characters (a byte-order mark, zero-width spaces)
+    names a file that exists."""
+    text = str(path)
+    if text.isprintable():
+        return ""
+    plain = Path("".join(c for c in text if c.isprintable()))
+    return (f" (its name holds invisible characters; did you mean {plain}?)" if plain.is_file()
+            else " (its name holds invisible characters, shown escaped)")
 
 
 def _output_folder(out: Path | str) -> Path:
@@ -193,7 +212,8 @@ def run(args) -> int:
     images = [Path(p) for p in args.images]
     for path in images:
         if not path.is_file():
-            raise CommandError(f"image not found: {path}" if not path.exists() else f"image {path} is not a file")
+            raise CommandError(f"image not found: {_shown(path)}{_invisible_hint(path)}" if not path.exists()
+                               else f"image {_shown(path)} is not a file")
         _check_image(path)
     per_image = _classes_for(images, args.classes, args.classes_file)
     overrides = settings_overrides(args.set, args.preset)

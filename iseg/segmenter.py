@@ -112,6 +112,7 @@ class ISeg:
         self._sessions: OrderedDict[tuple, PromptSession] = OrderedDict()  # for segment_prompt
         self.image_size()  # a size this model cannot mean is refused now, not at the first image
         self.self_image_size()
+        self._checked_timestep(self.settings)
 
     # -- model facts ---------------------------------------------------------------------------
     @property
@@ -171,8 +172,19 @@ class ISeg:
                 f"images; give a multiple of {step} from {lo} to {hi}, or {none}")
         return size
 
+    def _checked_timestep(self, s: Settings) -> Settings:
+        """``s``, its ``timestep`` checked against the scheduler's ``num_train_timesteps`` (a
+        ValueError naming both, instead of an IndexError inside diffusers at the first image)."""
+        config = getattr(getattr(self.pipe, "scheduler", None), "config", None)
+        steps = config.get("num_train_timesteps") if isinstance(config, Mapping) else None
+        if isinstance(steps, int) and not isinstance(steps, bool) and s.timestep >= steps:
+            raise ValueError(f"timestep={s.timestep} is past the {self.model_name!r} model's noise schedule: its "
+                             f"scheduler/scheduler_config.json has num_train_timesteps {steps}, so the timestep "
+                             f"must be below {steps}; give a smaller timestep or fix that file")
+        return s
+
     def with_settings(self, **overrides) -> Settings:
-        return make_settings(None, base=self.settings, **overrides) if overrides else self.settings
+        return self._checked_timestep(make_settings(None, base=self.settings, **overrides)) if overrides else self.settings
 
     # -- prompts -------------------------------------------------------------------------------
     def prompt_for(self, classes: Sequence[str], settings: Settings | None = None) -> Prompt:

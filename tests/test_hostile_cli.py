@@ -514,6 +514,20 @@ def test_names_that_differ_only_in_case_get_distinct_outputs_at_once(tmp_path):
     assert len({n.casefold() for n in names}) == 4
 
 
+@pytest.mark.parametrize("name, message", [
+    ("\ufeffx.png", r"image not found: '\\ufeffx.png' \(its name holds invisible characters; did you mean x.png\?\)"),
+    ("\ufeffy.png", r"image not found: '\\ufeffy.png' \(its name holds invisible characters, shown escaped\)"),
+])
+def test_an_image_name_with_a_byte_order_mark_is_shown_escaped(tmp_path, image, capsys, monkeypatch, name, message):
+    import re
+
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["segment", name, "--classes", "square", "--model", "shapes", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
+
+
 def _no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the inputs were checked")
@@ -619,7 +633,11 @@ def _train(tmp_path, *extra):
     (["--save-every", "0"], r"--save-every must be a whole number >= 1, got 0"),
     (["--log-every", "0"], r"--log-every must be a whole number >= 1"),
     (["--warmup", "0"], r"--warmup must be a whole number >= 1"),
-    (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 0"),
+    (["--unet-steps", "-1"], r"--unet-steps must be a whole number >= 1"),
+    (["--unet-steps", "0"], r"--unet-steps must be a whole number >= 1, got 0"),
+    (["--attn-loss-max-t", "5000"], r"--attn-loss-max-t 5000 is outside the noise schedule's timesteps: .* from 1 to 1000"),
+    (["--attn-loss-max-t", "-5"], r"--attn-loss-max-t -5 is outside the noise schedule's timesteps"),
+    (["--attn-loss-max-t", "0"], r"--attn-loss-max-t 0 is outside .*set --ground, --group and --vocab to 0"),
     (["--threads", "-1"], r"--threads must be at least 1"),
     (["--threads", "0"], r"--threads must be at least 1"),
     (["--threads", "100000"], r"--threads 100000 is more than 4x this machine's \d+ CPUs"),
@@ -699,6 +717,83 @@ def test_resume_refuses_checkpoints_that_are_not_ours_naming_the_file(tmp_path, 
     assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
     assert _unchanged(finished_model) and (work / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt"]
+
+
+def _checkpoint_of(tmp_path, *argv):
+    """WORKDIR/checkpoint.pt of a run started with ``_train(tmp_path, *argv)`` (its recorded options only)."""
+    import argparse
+
+    import torch
+
+    from iseg.shapes.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "m"), "--images", "8", "--workers", "1", "--device", "cpu", *argv])
+    work = tmp_path / "m.work"
+    work.mkdir()
+    torch.save({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, work / "checkpoint.pt")
+
+
+def test_resume_with_other_run_options_is_refused_listing_them(tmp_path, capsys):
+    import re
+
+    _checkpoint_of(tmp_path, "--lr", "3e-4")
+    assert _train(tmp_path, "--resume", "--images", "16", "--seed", "3", "--ground", "0.5", "--unet-steps", "9") == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert re.search(r"checkpoint.pt is a run with other settings: --images 16 \(the run started with 8\); --seed 3 "
+                     r"\(the run started with 0\)\. .*What may change on resume: the step counts", line)
+    assert "--ground" not in line.split("What may change")[0]  # a loss weight is a curriculum step, not refused
+    assert sorted(p.name for p in (tmp_path / "m.work").iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_says_which_curriculum_options_changed(tmp_path):
+    import argparse
+    import contextlib
+    import io
+
+    import torch
+
+    from iseg.shapes.train import load_checkpoint
+
+    _checkpoint_of(tmp_path)
+    path = tmp_path / "m.work" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)["args"]
+    args = argparse.Namespace(**{**saved, "lr": 1e-3, "unet_steps": 5, "save_every": 7})
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        load_checkpoint(path, args)
+    assert buffer.getvalue() == "--resume: continuing with --lr 0.001 (the run started with 0.0003)\n"
+
+
+@pytest.mark.parametrize("extra", [["--resume"], []])
+def test_a_checkpoint_that_is_a_directory_is_refused_before_training(tmp_path, capsys, extra):
+    (tmp_path / "m.work" / "checkpoint.pt").mkdir(parents=True)
+    assert _train(tmp_path, *extra) == 2
+    assert "checkpoint.pt is a directory, not a checkpoint file" in _one_error_line(capsys.readouterr().err,
+                                                                                     "iseg train-shapes")
+    assert sorted(p.name for p in (tmp_path / "m.work").iterdir()) == ["checkpoint.pt"]
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_shapes_init_takes_a_shipped_models_name(tmp_path, capsys, monkeypatch):
+    import iseg
+    from iseg.cli_options import CommandError
+    from iseg.shapes import train
+
+    seen = []
+
+    def stop(args):  # the checks after --init's: stop the run there
+        raise CommandError("stopped before training")
+
+    monkeypatch.setattr(train, "check_init_parts", lambda parts, family, folder: seen.append(folder))
+    monkeypatch.setattr(train, "check_loss_weights", stop)
+    assert _train(tmp_path, "--init", "shapes", "--init-parts", "vae") == 2
+    assert "stopped before training" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert seen == [iseg.shipped_models()["shapes"]]
+    assert _train(tmp_path, "--init", "SHAPES") == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "--init 'SHAPES' is not a model folder; did you mean the shipped model 'shapes' (folder " in line
 
 
 def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):

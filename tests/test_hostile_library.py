@@ -452,6 +452,35 @@ def test_the_shipped_folder_by_path_is_the_shipped_model():
     assert r.labels.shape == (64, 64)
 
 
+@pytest.mark.parametrize("shipped", ["shapes", "shapes-mmdit"])
+def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
+    import shutil
+
+    folder = tmp_path / "m1"  # what `iseg train-shapes --out` makes: a folder with its training.json
+    shutil.copytree(iseg.shipped_models()[shipped], folder)
+    model = iseg.load_model(folder, device="cpu", verbose=False)
+    assert (model.name, model.preset) == (str(folder), shipped) and model.known_words
+    s = sample(5)
+    assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
+    from iseg.prompts import UnknownWordError
+
+    (folder / "training.json").unlink()  # no longer recognisably a shapes model: the SD preset's words fail
+    with pytest.raises(UnknownWordError, match=r"preset=.*--preset"):
+        iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
+
+
+@pytest.mark.parametrize("given, close", [("SHAPES", "shapes"), (" shapes", "shapes"), ("Shapes-MMDiT ", "shapes-mmdit"),
+                                          ("AUTO", "auto")])
+def test_a_shipped_name_in_another_case_or_with_spaces_is_suggested_before_any_hub_lookup(monkeypatch, given, close):
+    from iseg import loading
+
+    looked_up = []
+    monkeypatch.setattr(loading, "_from_pretrained", lambda *a, **k: looked_up.append(a))
+    with pytest.raises(loading.ModelNotAvailableError, match=rf"no model has that name; did you mean '{close}'\?"):
+        iseg.load_model(given, device="cpu", verbose=False)
+    assert not looked_up
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     import tiny
@@ -511,19 +540,50 @@ MODEL_FOLDERS = [
      r"model_index.json starts with a byte-order mark"),
     (lambda f: (f / "unet" / "config.json").write_text("[]"), r"unet/config.json holds a JSON list, not the object of settings"),
     (lambda f: (f / "tokenizer" / "tokenizer_config.json").write_text(""), r"tokenizer/tokenizer_config.json is not valid JSON"),
+    (lambda f: __import__("shutil").copy(f / "vae" / "diffusion_pytorch_model.safetensors",
+                                         f / "unet" / "diffusion_pytorch_model.safetensors"),
+     r"tensors of the unet \(e.g. '.*'\) are missing from unet/diffusion_pytorch_model.safetensors; the file holds "
+     r"the weights of another part"),
+    (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=0),
+     r"tokenizer/tokenizer_config.json has model_max_length 0; it must be a whole number > 0"),
+    (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=-5),
+     r"tokenizer/tokenizer_config.json has model_max_length -5"),
 ]
 
 
 @pytest.mark.parametrize("edit, match", MODEL_FOLDERS, ids=[
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
-    "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty"])
+    "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty",
+    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
 
     folder = _edited(tiny_folder, tmp_path, edit)
     with pytest.raises(ModelFolderError, match=match):
         iseg.load_model(folder, device="cpu", verbose=False)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5])
+def test_a_schedule_of_no_steps_is_refused_at_load_time(tiny_folder, tmp_path, steps):
+    from iseg.loading import ModelFolderError
+
+    folder = _edited(tiny_folder, tmp_path, lambda f: _config(f, "scheduler", "scheduler_config.json",
+                                                              num_train_timesteps=steps))
+    with pytest.raises(ModelFolderError, match=r"scheduler/scheduler_config.json has num_train_timesteps"):
+        iseg.load_model(folder, device="cpu", verbose=False)
+
+
+def test_a_timestep_past_the_schedule_is_refused_when_the_segmenter_is_made(tiny_folder, tmp_path):
+    folder = _edited(tiny_folder, tmp_path, lambda f: _config(f, "scheduler", "scheduler_config.json",
+                                                              num_train_timesteps=5))
+    model = iseg.load_model(folder, device="cpu", verbose=False)
+    match = r"timestep=100 .*scheduler/scheduler_config.json has num_train_timesteps 5"
+    with pytest.raises(ValueError, match=match):
+        iseg.ISeg(model)
+    seg = iseg.ISeg(model, timestep=4)
+    with pytest.raises(ValueError, match=match):
+        seg.with_settings(timestep=100)
 
 
 def test_a_sound_tiny_folder_loads(tiny_folder):

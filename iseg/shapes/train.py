@@ -52,6 +52,7 @@ from ..backbones.base import flow_matching_noise
 from ..backbones.sd3 import SD3Backbone
 from ..capture import attention_layers, capture_attention, joint_attention_layers
 from ..cli_options import CommandError, device_option, module_main, overwrite_option
+from ..registry import shipped_models
 from ..safe_files import check_folder, write_atomic, write_text
 from .model import (
     FAMILIES,
@@ -265,6 +266,9 @@ def _save(path: Path, state: dict):
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
+#: the timesteps of the shapes models' noise schedules (num_train_timesteps; training draws t from 0 .. 999)
+NUM_TIMESTEPS = 1000
+
 # what a checkpoint's "args" may hold besides plain data: the paths of runs saved before they were text
 _SAFE_GLOBALS = [PosixPath, PurePosixPath, WindowsPath, PureWindowsPath]
 
@@ -301,17 +305,54 @@ def load_checkpoint(path: Path, args) -> dict:
             flag = "--" + option.replace("_", "-")
             raise CommandError(f"--resume: {path} is a run with {flag} {there}, not {here}; resume it with "
                                f"{flag} {there}, or point --workdir elsewhere")
+    changed = _changed_options(saved, args, RUN_OPTIONS)
+    if changed:
+        raise CommandError(
+            f"--resume: {path} is a run with other settings: {'; '.join(changed)}. These fix the run's data, "
+            "batches and schedule, so a resumed run must keep them: resume with the run's values, or point --workdir "
+            "elsewhere to start a new run. What may change on resume: " + RESUMABLE_OPTIONS)
+    for line in _changed_options(saved, args, CURRICULUM_OPTIONS):
+        print(f"--resume: continuing with {line}")  # a curriculum step, said aloud rather than silently mixed
     return state
+
+
+#: options that define a train-shapes run (its rendered data, batches, optimiser and noise schedule):
+#: ``--resume`` refuses values other than the checkpoint's
+RUN_OPTIONS = ("images", "seed", "batch_size", "vae_batch", "vae_lr", "vae_kl", "warmup", "ema", "group_target",
+               "attn_loss_max_t", "colour_drop")
+#: options a resumed run may change, as a curriculum (the shapes-mmdit recipe in its model card
+#: raises and lowers --lr and switches on --shape-head and --vocab across resumes); each change is printed
+CURRICULUM_OPTIONS = ("lr", "ground", "group", "vocab", "shape_head")
+RESUMABLE_OPTIONS = ("the step counts (--vae-steps, --unet-steps, --time-limit), --lr and the loss weights (--ground, "
+                     "--group, --vocab, --shape-head; a curriculum, printed when changed), --save-every, --log-every, "
+                     "--threads, --workers, --device, --out and --overwrite")
+
+
+def _changed_options(saved: dict, args, options) -> list[str]:
+    """``"--flag NOW (the run started with THEN)"`` for each of ``options`` whose value differs
+    from the checkpoint's recorded one (options a checkpoint did not record are not compared)."""
+    changed = []
+    for option in options:
+        if option not in saved or not hasattr(args, option):
+            continue
+        there, here = saved[option], getattr(args, option)
+        if there != here:
+            changed.append(f"--{option.replace('_', '-')} {here} (the run started with {there})")
+    return changed
 
 
 def check_options(args) -> None:
     """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
     whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
-             ("log_every", 1), ("vae_steps", 0), ("unet_steps", 0), ("warmup", 1)]
+             ("log_every", 1), ("vae_steps", 0), ("unet_steps", 1), ("warmup", 1)]
     for name, low in whole:
         value = getattr(args, name)
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    if not 1 <= args.attn_loss_max_t <= NUM_TIMESTEPS:  # the training draws t from 0 .. NUM_TIMESTEPS - 1
+        raise CommandError(f"--attn-loss-max-t {args.attn_loss_max_t} is outside the noise schedule's timesteps: the "
+                           f"attention losses act for t < this, so give a whole number from 1 to {NUM_TIMESTEPS} "
+                           "(to switch them off, set --ground, --group and --vocab to 0)")
     if args.images > SPLITS["train"].stop - SPLITS["train"].start:
         raise CommandError(f"--images {args.images}: the training split has {len(SPLITS['train']):,} images")
     if args.threads is not None and args.threads < 1:
@@ -594,7 +635,7 @@ def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, 
 
 def _draw(gen, n, batch, colour_drop_p=0.3):
     idx = torch.randint(0, n, (batch,), generator=gen)
-    t = torch.randint(0, 1000, (batch,), generator=gen)
+    t = torch.randint(0, NUM_TIMESTEPS, (batch,), generator=gen)
     colour_drop = torch.rand(batch, generator=gen) < colour_drop_p
     cap_drop = torch.rand(batch, generator=gen) < 0.1
     noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -735,7 +776,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-batch", type=int, default=64)
     p.add_argument("--vae-lr", type=float, default=5e-4)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--unet-steps", type=int, default=8000, help="denoiser training steps (at least 1)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=300)
@@ -748,7 +789,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--shape-head", type=float, default=0.0,
                    help="weight of the training-only shape classifier on an sd3 model's image tokens (0: off)")
-    p.add_argument("--attn-loss-max-t", type=int, default=600)
+    p.add_argument("--attn-loss-max-t", type=int, default=600,
+                   help="the attention losses act for timesteps t below this (1 to 1000)")
     p.add_argument("--colour-drop", type=float, default=0.3,
                    help="share of captions without their colour words: the shape words alone must then find their "
                         "objects (a model that can bind through the colour words learns that shortcut first)")
@@ -756,7 +798,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=50, help="steps between loss-log records")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from WORKDIR/checkpoint.pt; the run's data and schedule options must stay as they were "
+                        "(the step counts, --lr and the loss weights may change)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights of an existing model folder (fine-tuning)")
     p.add_argument("--init-parts", default="vae,text_encoder,unet",
@@ -783,6 +827,8 @@ def run(args) -> int:
     except ValueError as err:
         raise CommandError(str(err)) from None
     ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
+    if ckpt.exists() and not ckpt.is_file():  # a run would fail at its first save, after the data was rendered
+        raise CommandError(f"{ckpt} is a directory, not a checkpoint file; remove it, or point --workdir elsewhere")
     holds_files = args.out.is_dir() and any(args.out.iterdir())
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
@@ -793,7 +839,14 @@ def run(args) -> int:
                            f"model in --out {args.out}; pass --overwrite to do that, or give the run's --workdir")
     state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
     if args.init is not None and not args.init.is_dir():
-        raise CommandError(f"--init {args.init} is not a model folder")
+        shipped = shipped_models()
+        if str(args.init) in shipped:  # a shipped model by its name: its folder
+            args.init = shipped[str(args.init)]
+        else:
+            close = next((n for n in sorted(shipped) if n == str(args.init).strip().lower()), None)
+            hint = (f"; did you mean the shipped model {close!r} (folder {shipped[close]})?" if close else
+                    f"; give a model folder, or a shipped model's name ({', '.join(sorted(shipped))})")
+            raise CommandError(f"--init {str(args.init)!r} is not a model folder{hint}")
     if args.init is not None:
         try:
             check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
