@@ -211,8 +211,8 @@ def install() -> FakeCuda:
     mode = _INSTALLED = FakeCuda()
     entered = []
 
-    def finish_on_fake_cuda(pipe, device, name):
-        model = FakeCuda.put_on_fake_cuda(finish(pipe, device, name))
+    def finish_on_fake_cuda(pipe, device, name, *args, **kwargs):
+        model = FakeCuda.put_on_fake_cuda(finish(pipe, device, name, *args, **kwargs))
         if not entered:
             mode.__enter__()
             entered.append(True)
