@@ -192,7 +192,7 @@ def test_result_pictures(tiny_pipe, tmp_path):
     pictures = [ax for ax in fig.axes if ax.images]
     assert len(pictures) == 6  # steps beyond the computed iterations are dropped
     assert len(fig.axes) == 7 and fig.legends  # one colour bar for the maps, a legend for the labels
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["0: background", "1: cat", "2: dog"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["0: background (the image)", "1: cat", "2: dog"]
 
 
 def test_parse_overrides_from_the_command_line():
