@@ -201,10 +201,15 @@ def collapse_solutions(cell) -> None:
         del cell.metadata["tags"]
 
 
+def without_remote_pictures(text: str) -> str:
+    """A picture from another host (a Colab badge) becomes its words: the site loads nothing remote."""
+    text = re.sub(r"!\[([^\]]*)\]\((?:https?:)?//[^)\s]+\)", lambda m: m.group(1) or "picture", text)
+    return re.sub(r"<img\b[^>]*\bsrc=[\"'](?:https?:)?//[^>]*>", "", text)
+
+
 def local_pictures_only(cell) -> None:
-    """A picture from another host in a text cell (a Colab badge) becomes its words: the site loads nothing remote."""
-    cell.source = re.sub(r"!\[([^\]]*)\]\((?:https?:)?//[^)\s]+\)", lambda m: m.group(1) or "picture", cell.source)
-    cell.source = re.sub(r"<img\b[^>]*\bsrc=[\"'](?:https?:)?//[^>]*>", "", cell.source)
+    """A text cell's pictures from other hosts become their words (``without_remote_pictures``)."""
+    cell.source = without_remote_pictures(cell.source)
 
 
 def page_notebook(name: str, nb):
@@ -221,7 +226,7 @@ def page_notebook(name: str, nb):
 
 def readme_page() -> str:
     """The README as a page: links into docs/ become the site's pages, other files the repository's."""
-    text = (ROOT / "README.md").read_text()
+    text = without_remote_pictures((ROOT / "README.md").read_text())
     repo = repository_url()
 
     def link(m):
