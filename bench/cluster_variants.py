@@ -22,7 +22,7 @@ import torch
 
 import iseg
 from iseg import refine as R
-from iseg.metrics import confusion, miou
+from iseg.evaluation.metrics import confusion, miou
 from iseg.shapes import SPLITS, sample
 from iseg.shapes.evaluate import NUM_LABELS, _label_order, to_dataset_labels
 

@@ -2,7 +2,7 @@
 
     python bench/colour_binding.py --seeds 50          # writes data/results/colour_binding.json
 
-For each seed, ``iseg.explore.generate`` draws "a red star and a blue circle" (30 DDIM steps,
+For each seed, ``iseg.course.explore.generate`` draws "a red star and a blue circle" (30 DDIM steps,
 guidance 4, the notebooks' call) and ``seg.segment(image, ["star", "circle"])`` labels it with the
 shapes preset. A seed *drew both colours* when it has more than 50 red and more than 50 blue pixels
 (the colour tests of notebook 06); it *bound them* when most red pixels are labelled "star" and most
@@ -32,7 +32,7 @@ def colour_masks(image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(seg, seed: int) -> dict:
-    from iseg.explore import generate
+    from iseg.course.explore import generate
 
     image = generate(seg.pipe, PROMPT, seed=seed)
     labels = seg.segment(image, CLASSES).labels

@@ -35,7 +35,7 @@ ISA = {
 def run_one(name: str, threads: int, isa: str, limit: int, out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **ISA[isa])
     folder = out / name
-    cmd = [sys.executable, "-m", "iseg.eval", "--dataset", "shapes", "--limit", str(limit), "--device", "cpu",
+    cmd = [sys.executable, "-m", "iseg", "eval", "--dataset", "shapes", "--limit", str(limit), "--device", "cpu",
            "--save-masks", "--no-progress", "--out", str(folder)]
     if folder.exists():
         cmd.append("--restart")

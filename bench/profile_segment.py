@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from iseg import ISeg
-from iseg.bench import sd21_base_architecture
+from iseg.commands.bench import sd21_base_architecture
 from iseg.loading import resolve_device
 
 p = argparse.ArgumentParser(description=__doc__)

@@ -8,7 +8,7 @@ takes days for a full table).
     PYTHONPATH=. python bench/reproduce.py --voc VOCdevkit/VOC2012 --context VOCdevkit/VOC2010 \\
         --coco coco2014 --runs runs/reference [--ovs-labels-voc voc_val_labels.json ...] [--limit 100]
 
-Each table runs ``python -m iseg.eval`` (the same command the README lists) into
+Each table runs ``python -m iseg eval`` (the same command the README lists) into
 ``RUNS/<table>``, which resumes when run again. The numbers, the paper's beside them, the
 commands, the device and the package versions are written to
 ``bench/reproduce-<device>-<date>.json`` and appended as a table to ``bench/RESULTS.md``.
@@ -37,7 +37,7 @@ TABLES = {
 
 def command(table: str, root: Path, out: Path, args) -> list[str]:
     dataset, task, split, preset, _, _ = TABLES[table]
-    cmd = [sys.executable, "-m", "iseg.eval", "--task", task, "--dataset", dataset, "--root", str(root),
+    cmd = [sys.executable, "-m", "iseg", "eval", "--task", task, "--dataset", dataset, "--root", str(root),
            "--split", split, "--preset", preset, "--out", str(out), "--no-progress"]
     labels = getattr(args, f"ovs_labels_{TABLES[table][5]}", None) if task == "ovs" else None
     if labels is not None:

@@ -25,7 +25,7 @@ from .loading import (
 from .numerics import NonFiniteError
 from .presets import PRESETS, Settings, SettingsError, make_settings, preset_names, register_preset
 from .prompts import PromptTooLongError, build_prompt, class_token_spans
-from .resources import data_path
+from .registry import data_path
 from .results import Observation, SegmentationResult
 from .segmenter import ISeg
 

@@ -27,12 +27,11 @@ from tqdm.auto import tqdm
 
 from . import decode as D
 from .backbones import backbone_for
-from .forward import CompiledForward, NoisyForward
+from .forward import CompiledForward, LayerPlan, NoisyForward, make_plan
 from .images import as_image_list, image_name, load_image, prepare, read_pixels, to_uint8
 from .interactive import PromptResult, PromptSession
 from .labels import predict_labels
 from .loading import LoadedModel
-from .plan import LayerPlan, make_plan
 from .presets import DECODE_FIELDS, FORWARD_FIELDS, Settings, make_settings
 from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, make_prompt
 from .reference import DATASET_KINDS, reference_prompt

@@ -334,7 +334,7 @@ def show_result(result, figsize_per: float = 2.4):
 
 
 def plot_class_iou(metrics: dict, ax=None, title: str | None = None):
-    """Horizontal bars of the per-class IoU in an ``iseg-eval`` metrics dict; classes absent from
+    """Horizontal bars of the per-class IoU in an ``iseg eval`` metrics dict; classes absent from
     the ground truth and never predicted (IoU undefined) are left out. Returns the axes."""
     import matplotlib.pyplot as plt
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from iseg.datasets import COCO_CLASSES, CONTEXT_CLASSES, VOC_CLASSES
+from iseg.evaluation.datasets import COCO_CLASSES, CONTEXT_CLASSES, VOC_CLASSES
 from iseg.shapes import CLASSES, sample
 from iseg.viz import label_png
 

@@ -4,7 +4,7 @@ Nothing here calls iseg's capture, refinement or decoding: the attention probabi
 recomputed from the inputs that the diffusers attention modules of a float64 copy of the pipeline
 receive (forward pre-hooks; the modules run their own processors), and every later stage is
 written out from method.md with numpy and plain torch. Which layers and heads are read comes from
-``iseg.plan`` (that is the method's choice, not its arithmetic).
+``iseg.forward`` (that is the method's choice, not its arithmetic).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import iseg
 import iseg.decode
 from iseg import registry
 from iseg.backbones import Backbone, UNetBackbone, backbone_for
-from iseg.plan import LayerPlan
+from iseg.forward import LayerPlan
 from iseg.presets import FrozenMap
 from iseg.shapes import CLASSES, sample
 
@@ -171,12 +171,12 @@ def _module_imports(path: Path) -> set[str]:
 
 
 def test_command_modules_do_not_import_the_command_line_that_loads_them():
-    # iseg.cli imports each command's module to build its parser; a command module importing
-    # iseg.cli back would be a cycle hidden behind importlib
+    # iseg.commands.main imports each command's module to build its parser; a command module importing
+    # iseg.commands.main back would be a cycle hidden behind importlib
     for path in PACKAGE.rglob("*.py"):
         if path.name == "__main__.py":
             continue
-        assert "iseg.cli" not in _module_imports(path), f"{path.relative_to(PACKAGE)} imports iseg.cli"
+        assert "iseg.commands.main" not in _module_imports(path), f"{path.relative_to(PACKAGE)} imports iseg.commands.main"
 
 
 def test_decode_refuses_settings_that_act_before_decoding(shapes_pipe):

@@ -2,12 +2,12 @@
 
 import json
 
-from iseg.bench import main
+from iseg.commands.main import main
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--model", "shapes", "--batch-sizes", "1", "2", "--repeats", "1", "--out", str(out),
+    assert main(["bench", "--model", "shapes", "--batch-sizes", "1", "2", "--repeats", "1", "--out", str(out),
                  "--offload-text-encoder"]) == 0
     text = capsys.readouterr().out
     assert "segment / (VAE + UNet)" in text and text.count("\n| ") >= 3
@@ -23,7 +23,7 @@ def test_full_size_architectures_have_the_published_parameter_counts():
     # built on the meta device (no memory, no time): the configs are SDXL-base's and SD3-medium's
     import torch
 
-    from iseg import bench
+    from iseg.commands import bench
 
     with torch.device("meta"):
         sdxl, sd3 = bench.sdxl_components(), bench.sd3_medium_components()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iseg import cli
-from iseg.cli import main
+from iseg.commands import main as cli
+from iseg.commands.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,21 +96,16 @@ def test_every_command_has_help_naming_its_options(name, capsys):
         assert re.search(rf"{re.escape(option)}\b", out), f"{name} --help does not name {option}"
 
 
-def test_iseg_eval_has_the_options_of_iseg_eval(capsys):
-    from iseg import eval as ev
-
-    with pytest.raises(SystemExit):
-        ev.main(["--help"])
-    alias = capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cli.main(["eval", "--help"])
-    sub = capsys.readouterr().out
-    assert alias.startswith("usage: iseg-eval ") and sub.startswith("usage: iseg eval ")
-    assert _long_options(ev.build_parser()) == _long_options(_subparser("eval"))
-    options = re.compile(r"--[a-z][a-z0-9-]*")
-    assert set(options.findall(alias)) == set(options.findall(sub))
-    # the same text below the usage lines: options, defaults and help
-    assert alias.split("\n\n", 1)[1] == sub.split("\n\n", 1)[1]
+def test_every_command_has_one_name():
+    # `iseg COMMAND` is the only name: no second console script, no `python -m iseg.<module>`
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    scripts = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    assert [line.split("=")[0].strip() for line in scripts.strip().splitlines()] == ["iseg"]
+    package = ROOT / "iseg"
+    assert sorted(str(p.relative_to(package)) for p in package.rglob("__main__.py")) == ["__main__.py"]
+    runnable = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                if p.name != "__main__.py" and re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)]
+    assert runnable == []
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -152,13 +147,10 @@ def test_commands_refuse_bad_values_in_one_line_before_any_work(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"]  # nothing written
 
 
-@pytest.mark.parametrize("module, name", [("iseg.labels", "labels"), ("iseg.bench", "bench"),
-                                          ("iseg.shapes.train", "train-shapes"),
-                                          ("iseg.shapes.evaluate", "eval-shapes"), ("iseg.eval", None)])
-def test_python_dash_m_runs_the_same_command(tmp_path, module, name):
+@pytest.mark.parametrize("name", ["labels", "bench", "train-shapes", "eval-shapes", "eval"])
+def test_python_dash_m_iseg_runs_the_command(tmp_path, name):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", module, *REQUIRED.get(name or "eval", []), "--no-such-option"],
+    done = subprocess.run([sys.executable, "-m", "iseg", name, *REQUIRED.get(name, []), "--no-such-option"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    prog = f"iseg {name}" if name else "iseg-eval"
-    assert done.stderr.splitlines()[-1] == f"{prog}: error: unrecognized arguments: --no-such-option"
+    assert done.stderr.splitlines()[-1] == f"iseg {name}: error: unrecognized arguments: --no-such-option"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import iseg
-from iseg import colab
+from iseg.course import colab
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -59,7 +59,7 @@ def test_every_notebook_opens_with_the_colab_cell(notebook):
     cells = [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
     source = "".join(cells[0]["source"])
     assert source.startswith(colab.first_cell()), (
-        f"{notebook.name}: the first code cell must start with iseg.colab.first_cell() (the Colab install lines)")
+        f"{notebook.name}: the first code cell must start with iseg.course.colab.first_cell() (the Colab install lines)")
 
 
 def test_data_files_are_found_and_refused_clearly():

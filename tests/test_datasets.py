@@ -3,7 +3,7 @@ import pytest
 from fake_datasets import expected, make_coco164k, make_coco2014, make_context, make_voc
 from PIL import Image
 
-from iseg.datasets import (
+from iseg.evaluation.datasets import (
     COCO_CLASSES,
     CONTEXT_CLASSES,
     VOC_CLASSES,

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from fake_cuda import NUMPY_ERROR, FakeCuda, is_fake_cuda  # noqa: E402
 
 import iseg  # noqa: E402
+from iseg.course.widgets import PromptWidget  # noqa: E402
 from iseg.shapes import SPLITS, sample  # noqa: E402
-from iseg.widgets import PromptWidget  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def test_figure_box_carries_a_still_picture_of_its_figure():
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from iseg.explore import figure_box
+    from iseg.course.explore import figure_box
 
     fig, ax = plt.subplots(figsize=(3, 2), dpi=50)
     ax.imshow([[0, 1], [1, 0]])
@@ -230,7 +230,7 @@ def test_a_remote_picture_in_a_text_cell_becomes_its_words():
 
 def test_one_repository_address():
     """The site's Colab links and the notebooks' install cell name the same repository."""
-    colab = pytest.importorskip("iseg.colab") if (ROOT / "iseg" / "colab.py").exists() else None
+    colab = pytest.importorskip("iseg.course.colab") if (ROOT / "iseg" / "colab.py").exists() else None
     if colab is None:
-        pytest.skip("iseg.colab is not in this checkout")
+        pytest.skip("iseg.course.colab is not in this checkout")
     assert colab.REPOSITORY.rstrip("/") == build_docs.repository_url()

@@ -10,9 +10,10 @@ from fake_datasets import make_coco164k, make_coco2014, make_context, make_voc
 from PIL import Image
 
 import iseg
-from iseg import eval as ev
-from iseg.datasets import open_dataset
-from iseg.metrics import confusion, miou
+from iseg.commands import main as cli
+from iseg.evaluation import run as ev
+from iseg.evaluation.datasets import open_dataset
+from iseg.evaluation.metrics import confusion, miou
 from iseg.shapes.dataset import ShapesDataset
 
 SEEDS = list(range(2_000_000, 2_000_006))
@@ -43,14 +44,14 @@ def test_default_presets_follow_method_md():
 def test_command_end_to_end_on_a_fake_voc_folder(tmp_path, tiny_folder):
     ids = make_voc(tmp_path / "data", SEEDS[:5])
     out = tmp_path / "run"
-    rc = ev.main(["--dataset", "voc", "--root", str(tmp_path / "data"), "--split", "val", "--model", str(tiny_folder),
+    rc = cli.main(["eval", "--dataset", "voc", "--root", str(tmp_path / "data"), "--split", "val", "--model", str(tiny_folder),
                   "--device", "cpu", "--out", str(out), "--no-progress", "--batch-size", "2", "--iterations", "3"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "voc" and m["task"] == "wsss" and m["preset"] == "wsss-voc"
     assert m["settings"]["iterations"] == 3 and m["settings"]["batch_size"] == 2
     assert m["counts"]["images"] == 5 and m["label_source"] == "gt"
-    assert list(m["iou_per_class"]) == ["background", *iseg.datasets.VOC_CLASSES]
+    assert list(m["iou_per_class"]) == ["background", *iseg.evaluation.datasets.VOC_CLASSES]
     # the ground-truth pixels per class are what the fake labels hold (255 border left out)
     ds = open_dataset("voc", tmp_path / "data", "val")
     gt = np.concatenate([ds.label(i).ravel() for i in ids])
@@ -74,14 +75,14 @@ def test_compile_options_reach_the_segmenter_and_cuda_graphs_on_a_cpu_are_refuse
     make_voc(tmp_path / "data", SEEDS[:2])
     base = ["--dataset", "voc", "--root", str(tmp_path / "data"), "--split", "val", "--model", str(tiny_folder),
             "--device", "cpu", "--no-progress", "--iterations", "1"]
-    assert ev.main([*base, "--out", str(tmp_path / "a"), "--compile", "cuda-graph"]) == 2
+    assert cli.main(["eval", *base, "--out", str(tmp_path / "a"), "--compile", "cuda-graph"]) == 2
     assert "--compile: CUDA graphs need the pipeline on a CUDA device" in capsys.readouterr().err
     calls = []
     monkeypatch.setattr(iseg.ISeg, "compile", lambda self, method, vae=False: calls.append((method, vae)) or self)
-    assert ev.main([*base, "--out", str(tmp_path / "b"), "--compile", "torch", "--compile-vae"]) == 0
+    assert cli.main(["eval", *base, "--out", str(tmp_path / "b"), "--compile", "torch", "--compile-vae"]) == 0
     assert calls == [("torch", True)]
     calls.clear()
-    assert ev.main([*base, "--out", str(tmp_path / "c")]) == 0
+    assert cli.main(["eval", *base, "--out", str(tmp_path / "c")]) == 0
     assert calls == []  # the plain path unless asked
 
 
@@ -90,7 +91,7 @@ def test_compile_options_reach_the_segmenter_and_cuda_graphs_on_a_cpu_are_refuse
 def test_command_end_to_end_on_fake_context_and_coco_folders(tmp_path, tiny_folder, name, make, sub):
     ids = make(tmp_path / "data", SEEDS[:3])
     out = tmp_path / "run"
-    ev.main(["--dataset", name, "--root", str(tmp_path / "data" / sub), "--model", str(tiny_folder), "--device", "cpu",
+    cli.main(["eval", "--dataset", name, "--root", str(tmp_path / "data" / sub), "--model", str(tiny_folder), "--device", "cpu",
              "--out", str(out), "--no-progress", "--iterations", "2", "--clustering", "false"])
     m = json.loads((out / "metrics.json").read_text())
     ds = open_dataset(name, tmp_path / "data" / sub, "val")
@@ -112,7 +113,7 @@ def test_ovs_with_a_labels_file_reports_label_precision_and_recall(tmp_path, tin
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(table))
     out = tmp_path / "run"
-    ev.main(["--task", "ovs", "--dataset", "coco-object-164k", "--root", str(tmp_path / "coco"), "--model",
+    cli.main(["eval", "--task", "ovs", "--dataset", "coco-object-164k", "--root", str(tmp_path / "coco"), "--model",
              str(tiny_folder), "--device", "cpu", "--labels", str(labels), "--out", str(out), "--no-progress",
              "--iterations", "2", "--clustering", "false"])
     m = json.loads((out / "metrics.json").read_text())
@@ -225,13 +226,13 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg, cap
     other = iseg.ISeg(shapes_seg.pipe, preset="shapes", batch_size=4, iterations=3)
     with pytest.raises(ev.RunMismatchError, match=r"settings.iterations \(5 there, 3 now\).*--restart"):
         ev.evaluate_dataset(other, ds, "wsss", out=tmp_path, progress=False)
-    assert ev.main(["--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",
+    assert cli.main(["eval", "--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",
                     "--no-progress", "--device", "cpu"]) == 2
     assert "images (4 there, 5 now)" in capsys.readouterr().err
 
 
 def test_empty_image_lists_are_refused():
-    with pytest.raises(iseg.datasets.DatasetError, match="no images"):
+    with pytest.raises(iseg.evaluation.datasets.DatasetError, match="no images"):
         ev.evaluate_dataset(_FakeSeg(), ShapesDataset(split="test", count=0), "wsss", progress=False)
 
 
@@ -250,11 +251,11 @@ def test_two_processes_give_exactly_the_numbers_of_one(tmp_path):
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     common = ["--dataset", "shapes", "--limit", "24", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "iseg.eval", *common, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "iseg", "eval", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "iseg.eval", *common,
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "iseg", "eval", *common,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())

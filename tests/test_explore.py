@@ -9,8 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import iseg  # noqa: E402
-from iseg import explore  # noqa: E402
-from iseg.examples import example  # noqa: E402
+from iseg.course import explore  # noqa: E402
+from iseg.course.examples import example  # noqa: E402
 from iseg.shapes import SPLITS, sample  # noqa: E402
 
 

@@ -1,6 +1,6 @@
-"""Hostile and careless input to the settings, ``iseg segment`` and ``iseg-eval`` (issue 15 §3).
+"""Hostile and careless input to the settings, ``iseg segment`` and ``iseg eval`` (issue 15 §3).
 
-Every refusal must be one ``iseg: error: ...`` / ``iseg-eval: error: ...`` line that names the
+Every refusal must be one ``iseg: error: ...`` / ``iseg eval: error: ...`` line that names the
 option, with exit status 2 and no traceback; nothing a user made is replaced or deleted unasked.
 To keep a case from coming back, add a row to a table below.
 """
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iseg import cli, segment_command
-from iseg import eval as ev
+from iseg.commands import main as cli
+from iseg.commands import segment as segment_command
+from iseg.evaluation import run as ev
 from iseg.labels import read_labels_file
 from iseg.presets import _RULES, Settings, SettingsError, make_settings, parse_overrides
 
@@ -33,6 +34,12 @@ def _one_error_line(err: str, prog: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def _eval_error_line(err: str) -> str:
+    """The error line of a refused ``iseg eval``: ``iseg eval: error:`` when its options cannot be
+    parsed, ``iseg: error:`` when a value is refused."""
+    return _one_error_line(err, "iseg eval" if "iseg eval: error:" in err else "iseg")
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -307,7 +314,7 @@ def test_segment_keeps_every_result_and_replaces_only_when_asked(tmp_path, capsy
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-# -- iseg-eval ---------------------------------------------------------------------------------------
+# -- iseg eval ---------------------------------------------------------------------------------------
 EVAL = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
 EVAL_REFUSALS = [
@@ -342,8 +349,8 @@ def test_eval_refusals_are_one_line_naming_the_option(tmp_path, capsys, argv, me
     out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
     if CUDA and "--compile" in argv:
         pytest.skip("CUDA graphs work here")
-    assert ev.main([*EVAL, *out, *argv]) == 2
-    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg-eval")), message
+    assert cli.main(["eval", *EVAL, *out, *argv]) == 2
+    assert re.search(message, _eval_error_line(capsys.readouterr().err)), message
     assert not (tmp_path / "run").exists()
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -352,7 +359,7 @@ def test_eval_refusals_are_one_line_naming_the_option(tmp_path, capsys, argv, me
 def finished_run(tmp_path_factory):
     """A finished shapes run (2 images, clustering given as the text False)."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert ev.main([*EVAL, "--out", str(out), "--clustering", "False"]) == 0
+    assert cli.main(["eval", *EVAL, "--out", str(out), "--clustering", "False"]) == 0
     return out
 
 
@@ -382,8 +389,8 @@ def test_a_resume_with_other_options_is_refused_naming_them(finished_run, capsys
 
     before = _snapshot(finished_run)
     # the last of two --limit options wins, as argparse reads them
-    assert ev.main([*EVAL, "--out", str(finished_run), "--clustering", "False", *argv]) == 2
-    line = _one_error_line(capsys.readouterr().err, "iseg-eval")
+    assert cli.main(["eval", *EVAL, "--out", str(finished_run), "--clustering", "False", *argv]) == 2
+    line = _eval_error_line(capsys.readouterr().err)
     assert re.search(message, line) and "--restart" in line and "another --out" in line
     assert _snapshot(finished_run) == before
 
@@ -394,16 +401,16 @@ def test_restart_refuses_a_folder_without_a_run_and_deletes_nothing(tmp_path, ca
     (folder / "masks" / "figure.png").write_bytes(b"mine")
     (folder / "results.md").write_text("# my results")
     before = _snapshot(folder)
-    assert ev.main([*EVAL, "--out", str(folder), "--restart"]) == 2
-    line = _one_error_line(capsys.readouterr().err, "iseg-eval")
-    assert "--restart" in line and "no iseg-eval run.json" in line and "nothing was deleted" in line
+    assert cli.main(["eval", *EVAL, "--out", str(folder), "--restart"]) == 2
+    line = _eval_error_line(capsys.readouterr().err)
+    assert "--restart" in line and "no iseg eval run.json" in line and "nothing was deleted" in line
     assert _snapshot(folder) == before
 
 
 def test_restart_with_a_bad_option_keeps_the_run(finished_run, capsys):
     before = _snapshot(finished_run)
-    assert ev.main([*EVAL, "--out", str(finished_run), "--restart", "--lam=-1"]) == 2
-    assert "--lam" in _one_error_line(capsys.readouterr().err, "iseg-eval")
+    assert cli.main(["eval", *EVAL, "--out", str(finished_run), "--restart", "--lam=-1"]) == 2
+    assert "--lam" in _eval_error_line(capsys.readouterr().err)
     assert _snapshot(finished_run) == before
 
 
@@ -416,7 +423,7 @@ def test_restart_deletes_only_what_the_run_made(tmp_path, finished_run):
     (run / "masks" / "figure.png").write_bytes(b"mine")
     (run / "records" / "my-notes.jsonl").write_text("{}")
     old_parts = sorted(p.name for p in (run / "records").glob("part-*.jsonl"))
-    assert ev.main([*EVAL, "--out", str(run), "--restart", "--iterations", "2"]) == 0
+    assert cli.main(["eval", *EVAL, "--out", str(run), "--restart", "--iterations", "2"]) == 0
     assert (run / "notes.txt").read_text() == "mine" and (run / "masks" / "figure.png").read_bytes() == b"mine"
     assert (run / "records" / "my-notes.jsonl").read_text() == "{}"
     new_parts = sorted(p.name for p in (run / "records").glob("part-*.jsonl"))
@@ -427,11 +434,11 @@ def test_restart_deletes_only_what_the_run_made(tmp_path, finished_run):
 
 def test_save_masks_on_a_resumed_run_writes_every_mask(tmp_path, capsys):
     out = tmp_path / "run"
-    assert ev.main([*EVAL, "--out", str(out), "--no-save-masks"]) == 0
+    assert cli.main(["eval", *EVAL, "--out", str(out), "--no-save-masks"]) == 0
     assert not (out / "masks").exists()
     first = json.loads((out / "metrics.json").read_text())
     capsys.readouterr()
-    assert ev.main([*EVAL, "--out", str(out), "--save-masks"]) == 0
+    assert cli.main(["eval", *EVAL, "--out", str(out), "--save-masks"]) == 0
     assert "2 image(s) recorded earlier have no mask" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["2000000.png", "2000001.png"]
     again = json.loads((out / "metrics.json").read_text())
@@ -477,7 +484,7 @@ def test_the_library_names_a_bad_device():
 # -- no traceback from the installed commands --------------------------------------------------------
 @pytest.mark.parametrize("argv, prog", [
     (["-m", "iseg", "segment", "{image}", "--classes", "square", "--device", "gpu"], "iseg"),
-    (["-m", "iseg.eval", "--dataset", "shapes", "--limit", "-5", "--out", "{tmp}/run"], "iseg-eval"),
+    (["-m", "iseg", "eval", "--dataset", "shapes", "--limit", "-5", "--out", "{tmp}/run"], "iseg eval"),
 ])
 def test_commands_exit_2_without_a_traceback(tmp_path, image, argv, prog):
     argv = [a.replace("{image}", str(image)).replace("{tmp}", str(tmp_path)) for a in argv]
@@ -572,7 +579,7 @@ def test_segment_checks_the_output_folder_before_the_model_loads(tmp_path, image
 
 
 def test_a_write_killed_midway_leaves_nothing_behind_after_the_next_run(tmp_path, image, capsys):
-    from iseg.safe_files import stale_temporaries, write_atomic
+    from iseg.commands.files import stale_temporaries, write_atomic
 
     out = tmp_path / "out"
     out.mkdir()
@@ -601,21 +608,21 @@ def test_run_json_is_replaced_whole_never_rewritten_in_place(tmp_path, monkeypat
     # a kill while run.json is written must leave the old record (else the run can neither resume nor restart)
     out = tmp_path / "run"
     argv = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
-    assert ev.main(argv) == 0
+    assert cli.main(["eval", *argv]) == 0
     before = (out / "run.json").read_text()
     inode = (out / "run.json").stat().st_ino
 
-    from iseg import safe_files
+    from iseg.commands import files as safe_files
 
     def killed(target, save):
         raise KeyboardInterrupt  # as if killed inside the write
 
     monkeypatch.setattr(safe_files, "write_atomic", killed)
     monkeypatch.setattr(ev, "write_json", lambda target, value: killed(target, None))
-    assert ev.main(argv) == 130
+    assert cli.main(["eval", *argv]) == 130
     assert (out / "run.json").read_text() == before
     monkeypatch.undo()
-    assert ev.main(argv) == 0  # it resumes
+    assert cli.main(["eval", *argv]) == 0  # it resumes
     assert (out / "run.json").stat().st_ino != inode  # replaced by a rename, not written through
 
 
@@ -778,7 +785,7 @@ def test_a_checkpoint_that_is_a_directory_is_refused_before_training(tmp_path, c
 
 def test_train_shapes_init_takes_a_shipped_models_name(tmp_path, capsys, monkeypatch):
     import iseg
-    from iseg.cli_options import CommandError
+    from iseg.commands.options import CommandError
     from iseg.shapes import train
 
     seen = []
@@ -837,9 +844,9 @@ def test_segment_reads_a_long_thin_image(tmp_path, capsys):
 @pytest.mark.parametrize("prepare, argv, message", [
     (lambda t: os.symlink(t / "gone", t / "run"), [], r"--out .*run is a symbolic link to .*gone, which does not exist"),
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("")), [],
-     r"run.json is not the record of an iseg-eval run; use another --out"),
+     r"run.json is not the record of an iseg eval run; use another --out"),
     (lambda t: ((t / "run").mkdir(), (t / "run" / "run.json").write_text("{")), ["--restart"],
-     r"--restart: .*run.json is not an iseg-eval run.json.*nothing was deleted"),
+     r"--restart: .*run.json is not an iseg eval run.json.*nothing was deleted"),
     (lambda t: None, ["--task", "wsss", "--labels", "{labels}"], r"--task wsss uses the ground-truth image labels"),
     (lambda t: None, ["--task", "ovs", "--labels", "{labels}"], r"not a shapes class|has no entry|is not"),
 ])
@@ -855,8 +862,8 @@ def test_eval_checks_its_inputs_before_the_model_loads(tmp_path, capsys, monkeyp
     labels.write_text(json.dumps({"2000000": ["dog"]}))
     argv = [a.replace("{labels}", str(labels)) for a in argv]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    assert ev.main([*EVAL, "--out", str(tmp_path / "run"), *argv]) == 2
-    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg-eval")), message
+    assert cli.main(["eval", *EVAL, "--out", str(tmp_path / "run"), *argv]) == 2
+    assert re.search(message, _eval_error_line(capsys.readouterr().err)), message
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing deleted
 
 
@@ -897,14 +904,14 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, image,
 def test_restart_also_removes_what_killed_writes_of_the_run_left(tmp_path):
     out = tmp_path / "run"
     argv = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu", "--out", str(out)]
-    assert ev.main(argv) == 0
+    assert cli.main(["eval", *argv]) == 0
     mask = sorted((out / "masks").glob("*.png"))[0]
     stale = [out / "masks" / f".{mask.name}.a1b2c3d4.png", out / ".run.json.zz9y8x7w.json"]
     for path in stale:
         path.write_bytes(b"")
     mine = out / "masks" / "mine.txt"
     mine.write_text("keep")
-    assert ev.main([*argv, "--restart"]) == 0
+    assert cli.main(["eval", *argv, "--restart"]) == 0
     assert not any(p.exists() for p in stale) and mine.read_text() == "keep"
 
 
@@ -913,7 +920,7 @@ def test_checkpoints_of_earlier_runs_with_paths_still_load(tmp_path):
 
     import torch
 
-    from iseg.cli_options import CommandError
+    from iseg.commands.options import CommandError
     from iseg.shapes.train import load_checkpoint
 
     path = tmp_path / "checkpoint.pt"

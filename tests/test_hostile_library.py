@@ -603,7 +603,7 @@ def _voc_with(tmp_path, image: Image.Image, label: np.ndarray, exif=None, label_
     # PNG holds no signed 32-bit or float pixels; such a "label.png" is a TIFF under that name
     lab.save(base / "SegmentationClass" / "a.png", format="TIFF" if lab.mode in ("I", "F") else "PNG")
     (base / "ImageSets" / "Segmentation" / "val.txt").write_bytes("\ufeffa\n".encode("utf-8"))
-    from iseg.datasets import open_dataset
+    from iseg.evaluation.datasets import open_dataset
 
     return open_dataset("voc", base, "val")
 
@@ -635,7 +635,7 @@ def test_label_files_that_are_not_index_maps_are_refused(tmp_path, make, match):
     s = sample(7)
     label = s.mask.astype(np.uint8)
     dataset = _voc_with(tmp_path, s.image, label, label_image=make(label))
-    from iseg.datasets import DatasetError
+    from iseg.evaluation.datasets import DatasetError
 
     with pytest.raises(DatasetError, match=match):
         dataset.load("a")
@@ -649,7 +649,7 @@ def test_32_bit_label_files_with_class_ids_are_read(tmp_path):
 
 
 def test_dataset_lists_and_splits_that_cannot_be_meant_are_refused(tmp_path):
-    from iseg.datasets import DatasetError, open_dataset
+    from iseg.evaluation.datasets import DatasetError, open_dataset
 
     s = sample(7)
     _voc_with(tmp_path, s.image, s.mask.astype(np.uint8))

@@ -6,7 +6,9 @@ import torch
 
 import iseg
 from iseg import labels as L
-from iseg.datasets import COCO_CLASSES
+from iseg.commands import main as cli
+from iseg.evaluation import label_thresholds as LT
+from iseg.evaluation.datasets import COCO_CLASSES
 from iseg.prompts import PromptTooLongError
 from iseg.shapes import CLASSES, SPLITS, sample
 from iseg.shapes.dataset import ShapesDataset
@@ -53,7 +55,7 @@ def test_selection_rule_by_hand():
 
 
 def test_label_scores_and_threshold_search_by_hand():
-    s = L.label_scores([["a", "b"], ["c"]], [["a"], ["c", "d"]])
+    s = LT.label_scores([["a", "b"], ["c"]], [["a"], ["c", "d"]])
     assert (s["correct"], s["predicted"], s["ground_truth"]) == (2, 3, 3)
     assert s["precision"] == pytest.approx(2 / 3) and s["f1"] == pytest.approx(2 / 3)
     # separable evidence: present classes have share >= 0.1 and peak 1, absent ones share 0.02
@@ -64,7 +66,7 @@ def test_label_scores_and_threshold_search_by_hand():
         evidence.append({c: {"share": 0.1 + rng.random() if c in present else 0.02, "relative_peak": 1.0}
                          for c in "abc"})
         truth.append(sorted(present))
-    th, score = L.choose_thresholds(evidence, truth)
+    th, score = LT.choose_thresholds(evidence, truth)
     assert score["f1"] == 1.0 and 0.02 < th.min_share <= 0.1
 
 
@@ -78,11 +80,11 @@ def test_threshold_search_finds_a_peak_cut_below_the_even_grid():
         evidence.append({"a": {"share": 0.5, "relative_peak": 1.0},
                          "b": {"share": 0.3, "relative_peak": 0.02 if b_present else 0.01}})
         truth.append(["a", "b"] if b_present else ["a"])
-    th, score = L.choose_thresholds(evidence, truth)
+    th, score = LT.choose_thresholds(evidence, truth)
     assert score["f1"] == 1.0 and 0.01 < th.min_peak <= 0.02
-    assert L.label_scores([L.select_by_evidence(ev, th) for ev in evidence], truth)["f1"] == 1.0
+    assert LT.label_scores([L.select_by_evidence(ev, th) for ev in evidence], truth)["f1"] == 1.0
     with pytest.raises(ValueError, match="at least one labelled image"):
-        L.choose_thresholds([], [])
+        LT.choose_thresholds([], [])
 
 
 def test_attention_evidence_matches_the_observation(shapes_seg):
@@ -254,7 +256,7 @@ def test_missing_clip_weights_give_the_clear_error(tmp_path, monkeypatch):
 
 
 def test_ovs_evaluation_with_predicted_labels(tmp_path, tiny_clip_folder):
-    from iseg import eval as ev
+    from iseg.evaluation import run as ev
 
     ds = ShapesDataset(split="test", count=8)
     seg = iseg.ISeg(iseg.load_pipeline("shapes", device="cpu", verbose=False), batch_size=4)
@@ -264,10 +266,10 @@ def test_ovs_evaluation_with_predicted_labels(tmp_path, tiny_clip_folder):
     predicted = [records[i]["classes"] for i in ds.ids]
     assert predicted == L.predict_labels([ds.load(i).image for i in ds.ids], CLASSES, "attention", seg=seg)
     truth = [list(ds.load(i).classes) for i in ds.ids]
-    s = L.label_scores(predicted, truth)
+    s = LT.label_scores(predicted, truth)
     assert m["labels"]["precision"] == pytest.approx(s["precision"], abs=1e-4)
     assert m["labels"]["f1"] == pytest.approx(s["f1"], abs=1e-4)
-    rc = ev.main(["--task", "ovs", "--dataset", "shapes", "--limit", "4", "--label-method", "clip", "--clip-model",
+    rc = cli.main(["eval", "--task", "ovs", "--dataset", "shapes", "--limit", "4", "--label-method", "clip", "--clip-model",
                   str(tiny_clip_folder), "--out", str(tmp_path / "clip"), "--no-progress", "--device", "cpu"])
     assert rc == 0
     m = json.loads((tmp_path / "clip" / "metrics.json").read_text())
@@ -280,7 +282,7 @@ def test_attention_labels_on_50_test_images_stay_above_a_floor(shapes_seg):
     records = [sample(s) for s in SPLITS["test"][:50]]
     predicted = L.predict_labels([r.image for r in records], CLASSES, "attention", seg=shapes_seg)
     truth = [[c for c in CLASSES if c in r.classes] for r in records]
-    assert L.label_scores(predicted, truth)["f1"] >= LABEL_F1_FLOOR
+    assert LT.label_scores(predicted, truth)["f1"] >= LABEL_F1_FLOOR
 
 
 def test_thresholds_chosen_for_miou_can_differ_from_those_for_f1():
@@ -301,10 +303,10 @@ def test_thresholds_chosen_for_miou_can_differ_from_those_for_f1():
             return np.array([[10, 0, 0, 0], [0, 0, 10, 0], [0, 0, 0, 0], [0, 0, 0, 10]])
         return good if "a" in classes or i == 0 else np.array([[10, 0, 0, 0], [1, 9, 0, 0], [0, 0, 0, 0], [0, 0, 0, 10]])
 
-    th, best = L.choose_thresholds_by_miou(evidence, confusion_of)
+    th, best = LT.choose_thresholds_by_miou(evidence, confusion_of)
     picked = [L.select_by_evidence(ev, th) for ev in evidence]
     assert "b" not in picked[0] and picked[1] == ["c"]
     assert len(calls) == len(set(calls))  # each distinct class list segmented once
-    f1_th, _ = L.choose_thresholds(evidence, truth)
+    f1_th, _ = LT.choose_thresholds(evidence, truth)
     assert [L.select_by_evidence(ev, f1_th) for ev in evidence] != picked
     assert 0 < best <= 100

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from iseg.metrics import confusion, iou_per_class, miou
+from iseg.evaluation.metrics import confusion, iou_per_class, miou
 
 
 def test_confusion_counts_and_ignore():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import iseg
 from iseg import reference as REF
+from iseg.commands import main as cli
 from iseg.presets import PRESETS, make_settings
 
 VOC_BG = "ground, land, grass, tree, building, wall, sky, lake, water"
@@ -157,7 +158,7 @@ def test_reference_words_refuse_two_names_for_one_word():
 
 def test_reference_prompt_overflow_is_a_clear_error(tiny_pipe):
     seg = iseg.ISeg(tiny_pipe, preset="wsss-coco-reference")
-    from iseg.datasets import COCO_CLASSES
+    from iseg.evaluation.datasets import COCO_CLASSES
 
     with pytest.raises(iseg.prompts.PromptTooLongError, match="outside the window"):
         seg.prompt_for(list(COCO_CLASSES[:40]))
@@ -318,7 +319,7 @@ def test_interactive_map_goes_straight_from_the_grid_to_the_image(demo):
 
 # -- with everything else ----------------------------------------------------------------------------
 def test_reordered_classes_map_back_to_the_dataset_labels(tiny_pipe):
-    from iseg.datasets import ContextDataset
+    from iseg.evaluation.datasets import ContextDataset
 
     seg = iseg.ISeg(tiny_pipe, preset="ovs-context-reference")
     result = seg.segment(_image(), ["bag", "person"])  # the authors' order puts person (VOC) first
@@ -343,7 +344,7 @@ def test_segment_command_with_a_reference_preset(tmp_path, tiny_folder):
 
     from PIL import Image
 
-    from iseg.cli import main
+    from iseg.commands.main import main
 
     path = tmp_path / "img.png"
     Image.fromarray(_image()).save(path)
@@ -362,14 +363,13 @@ def test_eval_command_runs_a_reference_preset(tmp_path, tiny_folder):
     from fake_datasets import make_context
     from PIL import Image
 
-    from iseg import eval as ev
-    from iseg.datasets import open_dataset
+    from iseg.evaluation.datasets import open_dataset
 
     folder = tiny_folder
     make_context(tmp_path / "data", [2_000_000, 2_000_001])
     root = tmp_path / "data" / "VOCdevkit" / "VOC2010"
     out = tmp_path / "run"
-    assert ev.main(["--dataset", "context", "--root", str(root), "--model", str(folder), "--device", "cpu",
+    assert cli.main(["eval", "--dataset", "context", "--root", str(root), "--model", str(folder), "--device", "cpu",
                     "--preset", "ovs-context-reference", "--out", str(out), "--no-progress", "--iterations", "2"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["preset"] == "ovs-context-reference" and m["settings"]["reference"] == "ovs-context"
@@ -386,7 +386,7 @@ def test_eval_command_runs_a_reference_preset(tmp_path, tiny_folder):
 def test_readme_gives_one_reference_command_per_table():
     from pathlib import Path
 
-    from iseg import eval as ev
+    from iseg.evaluation import run as ev
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     commands = [line for line in text.splitlines() if line.startswith("iseg eval") and "-reference" in line]
@@ -428,7 +428,7 @@ def test_bench_reproduce_builds_the_readme_commands_and_needs_a_gpu(tmp_path, mo
     import importlib.util
     from pathlib import Path
 
-    from iseg import eval as ev
+    from iseg.evaluation import run as ev
 
     path = Path(__file__).resolve().parent.parent / "bench" / "reproduce.py"
     spec = importlib.util.spec_from_file_location("reproduce", path)

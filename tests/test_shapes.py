@@ -98,7 +98,7 @@ def test_batch_equals_single_with_clustering(shapes_pipe):
 @pytest.mark.parametrize("family,latent_side", [("unet", 16), ("unet", 32), ("sd3", 32)])
 def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side):
     out = tmp_path / "tiny-shapes"
-    cmd = [sys.executable, "-m", "iseg.shapes.train", "--out", str(out), "--images", "64", "--workers", "1",
+    cmd = [sys.executable, "-m", "iseg", "train-shapes", "--out", str(out), "--images", "64", "--workers", "1",
            "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "3", "--batch-size", "4", "--device", "cpu",
            "--vocab", "0.3", "--latent-side", str(latent_side), "--group-target", "hard", "--family", family,
            "--layers", "2"]

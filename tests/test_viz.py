@@ -9,7 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import iseg  # noqa: E402
-from iseg import explore, viz  # noqa: E402
+from iseg import viz
+from iseg.course import explore  # noqa: E402
 from iseg.shapes import CLASSES, SPLITS, sample  # noqa: E402
 
 

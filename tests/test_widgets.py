@@ -9,8 +9,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import iseg  # noqa: E402
+from iseg.course.widgets import PromptWidget  # noqa: E402
 from iseg.shapes import CLASSES, sample  # noqa: E402
-from iseg.widgets import PromptWidget  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ def main(argv=None) -> None:
 
     matplotlib.use("Agg")
     import iseg
-    from iseg.examples import example
+    from iseg.course.examples import example
     from iseg.viz import iteration_frames, save_gif
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

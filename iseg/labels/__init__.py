@@ -9,7 +9,7 @@
   prompt's other classes) and its raw cross-attention peak is at least ``min_peak`` times the
   strongest class's.
   A model's plug-in may bring its own thresholds (the shapes model's were chosen on its
-  validation split with ``iseg.shapes.calibrate``); other models use the generic defaults.
+  validation split with ``iseg labels``); other models use the generic defaults.
 - ``"clip"``: a CLIP model through transformers (default ``openai/clip-vit-base-patch16``); image
   against prompt-ensembled class names, softmax over the vocabulary, and every class whose
   probability is at least ``relative_threshold`` times the best one's (a multi-label rule in the
@@ -30,11 +30,8 @@ from .attention import (
     AttentionThresholds,
     attention_evidence,
     attention_thresholds,
-    choose_thresholds,
-    choose_thresholds_by_miou,
     chunk_vocabulary,
     known_vocabulary,
-    label_scores,
     raw_class_maps,
     select_by_evidence,
 )
@@ -43,9 +40,9 @@ from .files import image_id, read_labels_file
 
 __all__ = [
     "METHODS", "AttentionThresholds", "chunk_vocabulary", "attention_evidence", "select_by_evidence",
-    "known_vocabulary", "choose_thresholds", "choose_thresholds_by_miou", "attention_thresholds", "raw_class_maps",
+    "known_vocabulary", "attention_thresholds", "raw_class_maps",
     "ClipTagger", "load_clip", "clip_available", "CLIP_TEMPLATES", "DEFAULT_CLIP", "read_labels_file",
-    "predict_labels", "label_scores",
+    "predict_labels",
 ]
 
 METHODS = ("attention", "clip", "file")

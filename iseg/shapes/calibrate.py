@@ -6,34 +6,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from ..cli_options import (
+from ..commands.files import write_text
+from ..commands.options import (
     CommandError,
     add_set_option,
     device_option,
-    module_main,
     output_file,
     overwrite_option,
     settings_overrides,
 )
+from ..evaluation.label_thresholds import choose_thresholds, choose_thresholds_by_miou, label_scores
+from ..evaluation.metrics import confusion
 from ..labels import (
     AttentionThresholds,
     attention_evidence,
-    choose_thresholds,
-    choose_thresholds_by_miou,
-    label_scores,
     select_by_evidence,
 )
 from ..loading import load_model
-from ..metrics import confusion
-from ..safe_files import write_text
 from ..segmenter import ISeg
 from .evaluate import NUM_LABELS, to_dataset_labels
 from .world import CLASSES, SPLITS, sample
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,12 +79,3 @@ def run(args) -> int:
     if out:
         write_text(out, json.dumps({"thresholds": th.__dict__, "scores": score, "evidence": evidence}, indent=1))
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m iseg.shapes.calibrate`` (or ``python -m iseg.labels``): the same as ``iseg labels``."""
-    return module_main(sys.modules[__name__], "iseg labels", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..datasets import DatasetError, Item, SegmentationDataset
+from ..evaluation.datasets import DatasetError, Item, SegmentationDataset
 from .world import CLASSES, SPLITS, sample
 
 __all__ = ["ShapesDataset"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,24 +30,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..cli_options import (
+from ..commands.files import write_text
+from ..commands.options import (
     CommandError,
     add_set_option,
     device_option,
-    module_main,
     output_file,
     overwrite_option,
     settings_overrides,
 )
+from ..evaluation.metrics import confusion, iou_per_class, miou
 from ..loading import load_model
 from ..masks import maps_to_labels
-from ..metrics import confusion, iou_per_class, miou
-from ..safe_files import write_text
 from ..segmenter import ISeg
 from .dataset import ShapesDataset
 from .world import CLASSES, SPLITS, sample
 
-__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "iteration_curve", "main"]
+__all__ = ["to_dataset_labels", "evaluate", "binding_stats", "choose_label_rule", "iteration_curve"]
 
 NUM_LABELS = len(CLASSES) + 1
 
@@ -299,12 +297,3 @@ def run(args) -> int:
     if out:
         write_text(out, json.dumps(report, indent=1))
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m iseg.shapes.evaluate``: the same as ``iseg eval-shapes``."""
-    return module_main(sys.modules[__name__], "iseg eval-shapes", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

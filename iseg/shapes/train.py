@@ -37,7 +37,6 @@ import os
 import pickle
 import platform
 import re
-import sys
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -51,9 +50,9 @@ from tqdm.auto import tqdm
 from ..backbones.base import flow_matching_noise
 from ..backbones.sd3 import SD3Backbone
 from ..capture import attention_layers, capture_attention, joint_attention_layers
-from ..cli_options import CommandError, device_option, module_main, overwrite_option
+from ..commands.files import check_folder, write_atomic, write_text
+from ..commands.options import CommandError, device_option, overwrite_option
 from ..registry import shipped_models
-from ..safe_files import check_folder, write_atomic, write_text
 from .model import (
     FAMILIES,
     LATENT_SIDES,
@@ -947,13 +946,3 @@ def run(args) -> int:
     plot_loss(log_path, args.out / "loss.png")
     print(json.dumps(info_out, indent=2))
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m iseg.shapes.train``: the same as ``iseg train-shapes``."""
-    return module_main(sys.modules[__name__], "iseg train-shapes", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-

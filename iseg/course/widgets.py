@@ -15,10 +15,10 @@ import io
 
 import numpy as np
 
+from ..images import read_pixels, to_uint8
+from ..interactive import interactive_defaults
 from .examples import example
 from .explore import _set_picture, figure_box, figure_widget, lam_slider, redraw
-from .images import read_pixels, to_uint8
-from .interactive import interactive_defaults
 
 __all__ = ["PromptWidget"]
 

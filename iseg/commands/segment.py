@@ -33,13 +33,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .cli_options import CommandError, add_set_option, device_option, settings_overrides
-from .images import MIN_SIDE
-from .loading import load_model
-from .prompts import check_class_names
-from .safe_files import check_folder, check_names, write_atomic
-from .segmenter import ISeg
-from .viz import iteration_frames, label_png, save_gif
+from ..images import MIN_SIDE
+from ..loading import load_model
+from ..prompts import check_class_names
+from ..segmenter import ISeg
+from ..viz import iteration_frames, label_png, save_gif
+from .files import check_folder, check_names, write_atomic
+from .options import CommandError, add_set_option, device_option, settings_overrides
 
 __all__ = ["add_arguments", "run", "output_names"]
 

@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
+from ..refine import entropy_reduce
+from ..viz import MAP_CMAP, fit_figsize, overlay, panels_per_row
 from .examples import example
-from .refine import entropy_reduce
-from .viz import MAP_CMAP, fit_figsize, overlay, panels_per_row
 
 __all__ = ["CrossAttentionView", "SelfAttentionView", "RefinementView", "GammaView", "ExampleView", "CompareView",
            "GenerationView",

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from .loading import resolve_device
-from .presets import make_settings, parse_overrides
-from .safe_files import check_folder, check_names
+from ..loading import resolve_device
+from ..presets import make_settings, parse_overrides
+from .files import check_folder, check_names
 
 __all__ = ["CommandError", "add_set_option", "overwrite_option", "settings_overrides", "device_option", "output_file",
-           "command_options", "parse_command", "run_command", "module_main"]
+           "command_options", "parse_command", "run_command"]
 
 
 class CommandError(ValueError):
@@ -114,11 +113,3 @@ def run_command(args: argparse.Namespace, prog: str = "iseg") -> int:
     except Exception as err:  # noqa: BLE001 - torch and PIL failures: one line, named by type, never a traceback
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-
-
-
-def module_main(module, prog: str, argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """Run one command module as its own program (``iseg-eval`` is ``iseg eval``; ``python -m
-    iseg.bench`` is ``iseg bench``): the same options and errors as under ``iseg``."""
-    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return run_command(parse_command(command_options(parser, module, description), argv), prog)

@@ -21,29 +21,27 @@ import json
 import platform
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import refine as R
-from .cli_options import (
+from .. import refine as R
+from ..loading import LoadedModel, load_model
+from ..segmenter import ISeg
+from ..shapes.model import make_tokenizer
+from .files import write_text
+from .options import (
     CommandError,
     add_set_option,
     device_option,
-    module_main,
     output_file,
     overwrite_option,
     settings_overrides,
 )
-from .loading import LoadedModel, load_model
-from .safe_files import write_text
-from .segmenter import ISeg
-from .shapes.model import make_tokenizer
 
-__all__ = ["sd21_base_architecture", "add_arguments", "run", "main"]
+__all__ = ["sd21_base_architecture", "add_arguments", "run"]
 
 
 def sd21_base_architecture(device, dtype):
@@ -318,12 +316,3 @@ def run(args) -> int:
     if report["errors"]:
         return 1
     return 0
-
-
-def main(argv=None) -> int:
-    """``python -m iseg.bench``: the same as ``iseg bench``."""
-    return module_main(sys.modules[__name__], "iseg bench", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

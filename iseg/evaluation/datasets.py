@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from . import registry
+from .. import registry
 from .metrics import IGNORE
 
 __all__ = [

@@ -5,7 +5,7 @@
     iseg eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
     accelerate launch --multi_gpu --num_processes 8 -m iseg.eval ...   # shards images over 8 processes
 
-``iseg-eval`` (and ``python -m iseg.eval``) is the same command under its own name.
+``iseg eval`` (and ``python -m iseg.eval``) is the same command under its own name.
 
 - ``wsss``: image-level labels are the classes present in the ground truth (method.md §8); the
   pseudo-masks are written as palette PNGs (``OUT/masks/<id>.png``, pixel value = dataset label).
@@ -32,7 +32,7 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
 
@@ -40,20 +40,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import labels as L
-from .cli_options import add_set_option, command_options, module_main
+from .. import labels as L
+from ..commands.files import check_folder, stale_temporaries, write_atomic, write_json, write_text
+from ..commands.options import add_set_option, command_options
+from ..labels import DEFAULT_CLIP, clip_available, read_labels_file
+from ..loading import DEFAULT_MODEL, load_model, resolve_device
+from ..presets import Settings, make_settings, parse_overrides
+from ..segmenter import ISeg
+from ..viz import label_png
 from .datasets import DatasetError, SegmentationDataset, dataset_names, open_dataset
-from .labels import DEFAULT_CLIP, clip_available, label_scores, read_labels_file
-from .loading import DEFAULT_MODEL, load_model, resolve_device
+from .label_thresholds import label_scores
 from .metrics import confusion, iou_per_class, miou
-from .presets import Settings, make_settings, parse_overrides
-from .safe_files import check_folder, stale_temporaries, write_atomic, write_json, write_text
-from .segmenter import ISeg
-from .viz import label_png
 
 __all__ = [
     "DEFAULT_PRESETS", "default_preset", "default_model", "read_label_file", "evaluate_dataset", "load_records",
-    "image_scores", "format_results", "RunMismatchError", "main",
+    "image_scores", "format_results", "RunMismatchError",
 ]
 
 DEFAULT_PRESETS = {
@@ -250,7 +251,7 @@ def evaluate_dataset(
         if previous.is_file():
             old = _read_run(previous)
             if old is None:
-                raise RunMismatchError(f"{previous} is not the record of an iseg-eval run; use another --out")
+                raise RunMismatchError(f"{previous} is not the record of an iseg eval run; use another --out")
             differ = _differences(old, manifest)
             if differ:
                 raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
@@ -273,7 +274,7 @@ def evaluate_dataset(
         complete &= {p.stem for p in (out / "masks").glob("*.png")}
         unmasked = sum(1 for b in mine for i in b if i in done and i not in complete)
         if unmasked and main_process:
-            print(f"iseg-eval: {unmasked} image(s) recorded earlier have no mask in {out / 'masks'}; "
+            print(f"iseg eval: {unmasked} image(s) recorded earlier have no mask in {out / 'masks'}; "
                   "computing them again to write their masks", file=sys.stderr)
     todo = [b for b in mine if not all(i in complete for i in b)]
     id_set = set(ids)
@@ -286,7 +287,7 @@ def evaluate_dataset(
     t_start = time.perf_counter()
     computed = 0
     bar = tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine) - sum(len(b) for b in todo),
-               desc=f"iseg-eval {dataset.name}" + (f" [{rank + 1}/{world}]" if world > 1 else ""), unit="img",
+               desc=f"iseg eval {dataset.name}" + (f" [{rank + 1}/{world}]" if world > 1 else ""), unit="img",
                disable=not progress or not main_process)
     try:
         for batch in todo:
@@ -367,7 +368,7 @@ def _run_facts(seg, source_name: str, clip) -> dict:
 
 
 def _read_run(path: Path) -> dict | None:
-    """An iseg-eval run.json, or None when the file is not one (then nothing is deleted)."""
+    """An iseg eval run.json, or None when the file is not one (then nothing is deleted)."""
     try:
         run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -406,7 +407,7 @@ def _check_restart(out: Path, manifest: dict, ids: list[str]) -> set[str]:
         return set()  # nothing a run makes is there: nothing to discard
     old = _read_run(out / "run.json")
     if old is None:
-        raise ValueError(f"--restart: {out} holds {', '.join(made)} but no iseg-eval run.json, so they are not "
+        raise ValueError(f"--restart: {out} holds {', '.join(made)} but no iseg eval run.json, so they are not "
                          "known to be a run's files; nothing was deleted. Choose another --out, or remove them yourself")
     old_ids = set(load_records(out))
     if all(old.get(k) == manifest[k] for k in ("dataset", "split", "root")):
@@ -415,7 +416,7 @@ def _check_restart(out: Path, manifest: dict, ids: list[str]) -> set[str]:
 
 
 def _discard_run(out: Path, ids: set[str]) -> None:
-    """Delete what an iseg-eval run wrote in ``out``: its record parts, the masks of its images, and
+    """Delete what an iseg eval run wrote in ``out``: its record parts, the masks of its images, and
     run.json, metrics.json and results.md. Anything else there stays."""
     records = out / "records"
     for path in records.glob("part-*.jsonl") if records.is_dir() else []:
@@ -501,7 +502,7 @@ INTERRUPT_HINT = "run the same command again to resume"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``iseg eval`` / ``iseg-eval``."""
+    """The options of ``iseg eval`` / ``iseg eval``."""
     p.add_argument("--task", choices=TASKS, default="wsss")
     p.add_argument("--dataset", choices=dataset_names(), required=True)
     p.add_argument("--root", type=Path, default=None, help="dataset folder (not needed for shapes)")
@@ -536,15 +537,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``iseg-eval`` parser (the options of ``iseg eval``)."""
-    parser = argparse.ArgumentParser(prog="iseg-eval", formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The ``iseg eval`` parser (the options of ``iseg eval``)."""
+    parser = argparse.ArgumentParser(prog="iseg eval", formatter_class=argparse.RawDescriptionHelpFormatter)
     return command_options(parser, sys.modules[__name__], None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The ``iseg-eval`` command, which is ``iseg eval``. Every mistake is one ``iseg-eval: error: ...``
-    line naming the option, exit status 2; nothing in ``--out`` changes before all options are checked."""
-    return module_main(sys.modules[__name__], "iseg-eval", argv)
 
 
 def _overrides(args) -> dict:
@@ -581,9 +578,9 @@ def run(args) -> int:
     check_folder(args.out, "--out")  # a file, a dangling link or a read-only folder: refused now, not after loading
     previous = args.out / "run.json"
     if previous.is_file() and _read_run(previous) is None and not args.restart:
-        raise RunMismatchError(f"{previous} is not the record of an iseg-eval run; use another --out")
+        raise RunMismatchError(f"{previous} is not the record of an iseg eval run; use another --out")
     if args.restart and previous.exists() and _read_run(previous) is None:
-        raise ValueError(f"--restart: {previous} is not an iseg-eval run.json, so the files in {args.out} are not "
+        raise ValueError(f"--restart: {previous} is not an iseg eval run.json, so the files in {args.out} are not "
                          "known to be a run's; nothing was deleted. Choose another --out, or remove them yourself")
     if args.labels is not None and not args.labels.is_file():
         raise ValueError(f"--labels {args.labels} does not exist or is not a file")
@@ -606,19 +603,15 @@ def run(args) -> int:
         except RuntimeError as err:  # CUDA graphs asked for on a CPU
             raise ValueError(f"--compile: {err}") from None
     if state.is_main_process:
-        print(f"iseg-eval: {args.task} on {dataset} with {seg}", file=sys.stderr)
+        print(f"iseg eval: {args.task} on {dataset} with {seg}", file=sys.stderr)
     label_method = args.label_method
     if args.task == "ovs" and label_method is None and args.labels is None:
         label_method = "clip" if clip_available(args.clip_model or DEFAULT_CLIP) else "attention"
         if state.is_main_process:
-            print(f"iseg-eval: image labels from --label-method {label_method}", file=sys.stderr)
+            print(f"iseg eval: image labels from --label-method {label_method}", file=sys.stderr)
     metrics = evaluate_dataset(seg, dataset, args.task, args.out, labels=args.labels, label_method=label_method,
                                limit=args.limit, save_masks=args.save_masks, progress=not args.no_progress,
                                state=state, model_name=model, clip=args.clip_model, restart=args.restart)
     if state.is_main_process:
         print(format_results(metrics))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

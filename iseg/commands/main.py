@@ -1,7 +1,7 @@
 """The ``iseg`` command: one program, one subcommand per task.
 
     iseg segment IMAGE... --classes cat,dog --out DIR     segment images
-    iseg eval --dataset voc --root VOC2012 --out DIR      evaluate on a dataset (also ``iseg-eval``)
+    iseg eval --dataset voc --root VOC2012 --out DIR      evaluate on a dataset (also ``iseg eval``)
     iseg labels --split val                               thresholds of the attention label predictor
     iseg bench --model shapes --batch-sizes 1 8           speed and memory
     iseg train-shapes --out FOLDER                        train the shapes model
@@ -19,23 +19,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .cli_options import CommandError, command_options, parse_command, run_command
+from .. import __version__
+from .options import CommandError, command_options, parse_command, run_command
 
 __all__ = ["COMMANDS", "CommandError", "build_parser", "main"]
 
 
 # name, module, one line for ``iseg --help``, description (None: the module's docstring)
 COMMANDS: list[tuple[str, str, str, str | None]] = [
-    ("segment", "iseg.segment_command", "segment images into named classes", None),
-    ("eval", "iseg.eval", "evaluate on a dataset (WSSS or open vocabulary)", None),
+    ("segment", "iseg.commands.segment", "segment images into named classes", None),
+    ("eval", "iseg.evaluation.run", "evaluate on a dataset (WSSS or open vocabulary)", None),
     ("labels", "iseg.shapes.calibrate", "choose or score the attention label thresholds",
      "Attention label prediction on the shapes world: choose the thresholds of iseg.labels' 'attention' method "
      "on a split, or score fixed thresholds (--min-share, --min-peak)."),
-    ("bench", "iseg.bench", "speed and memory against the hardware floor", None),
+    ("bench", "iseg.commands.bench", "speed and memory against the hardware floor", None),
     ("train-shapes", "iseg.shapes.train", "train the shapes model (or fine-tune it)", None),
     ("eval-shapes", "iseg.shapes.evaluate", "sweep timestep, lam and N on the shapes world", None),
 ]
@@ -60,8 +59,7 @@ class _CommandsFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The ``iseg`` parser: one subparser per entry of ``COMMANDS``."""
     p = argparse.ArgumentParser(prog="iseg", description="Training-free segmentation with the iSeg method.",
-                                epilog="'iseg COMMAND --help' describes a command and its options. "
-                                       "'iseg-eval' is 'iseg eval'.",
+                                epilog="'iseg COMMAND --help' describes a command and its options.",
                                 formatter_class=_CommandsFormatter)
     p.add_argument("--version", action="version", version=f"iseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
@@ -75,6 +73,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``iseg`` command."""
     return run_command(parse_command(build_parser(), argv))
 
-
-if __name__ == "__main__":
-    sys.exit(main())

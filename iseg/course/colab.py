@@ -19,7 +19,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["REPOSITORY", "install_spec", "first_cell", "on_colab", "setup"]
 

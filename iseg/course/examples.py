@@ -6,10 +6,10 @@ import json
 
 from PIL import Image
 
-from .loading import LoadedModel
-from .resources import data_path
-from .segmenter import ISeg
-from .shapes.world import SPLITS, sample
+from ..loading import LoadedModel
+from ..registry import data_path
+from ..segmenter import ISeg
+from ..shapes.world import SPLITS, sample
 
 __all__ = ["example"]
 
