@@ -81,10 +81,8 @@ def _weights_text(s: Settings) -> str:
 def _decode_group(group: list[Observation], s: Settings) -> list[SegmentationResult]:
     t0 = time.perf_counter()
     first = group[0]
+    # Settings refuses cross_weights that are all 0, so at least one resolution is left
     weights = first.weights if s.cross_weights is None else {int(r): float(w) for r, w in s.cross_weights.items() if w}
-    if not weights:
-        raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
-                         "give at least one resolution a positive weight")
     grid, classes, count = first.grid, len(first.prompt.classes), len(group)
     cross = {r: torch.stack([o.cross[r] for o in group]) for r in weights if r in first.cross}
     attn_self = torch.stack([o.self_attention for o in group])

@@ -62,11 +62,8 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
     if s.reference == "interactive" and s.cross_weights is None:
         # the authors' demo reads text from the half-resolution grid alone (32 at 512 px), see below
         weights = {max(1, latent_side // 2): 1.0}
+    # Settings refuses weights that are all 0, so at least one resolution is left
     weights = {int(r): float(w) for r, w in weights.items() if w != 0}
-    if not weights:
-        raise ValueError(f"cross_weights {dict(s.cross_weights)!r} gives every resolution weight 0; "
-                         "give at least one resolution a positive weight, e.g. {%d: 1.0}"
-                         % (next(iter(backbone.default_cross_weights(latent_side))) or 1))
     cross: dict[int, list[AttentionLayer]] = {}
     reference_used = True
     for r in weights:

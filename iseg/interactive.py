@@ -220,8 +220,7 @@ def interactive_defaults(seg) -> dict:
     if seg.settings.reference == "interactive":  # the authors' demo (interactive-reference)
         own = find_preset("interactive-reference")
     preset = own if own is not None else base
-    hand_set = getattr(seg, "hand_set", frozenset())
-    return {k: getattr(seg.settings, k) if k in hand_set else preset.get(k, base.get(k, getattr(Settings(), k)))
+    return {k: getattr(seg.settings, k) if k in seg.hand_set else preset.get(k, base.get(k, getattr(Settings(), k)))
             for k in INTERACTIVE_FIELDS}
 
 

@@ -12,7 +12,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from . import registry
+from .images import ASPECT_MODES
+from .masks import BACKGROUND_RULES
 from .prompts import COCO_BACKGROUND, VOC_BACKGROUND
+from .reference import DATASET_KINDS, REFERENCE_KINDS
 
 __all__ = ["Settings", "SettingsError", "FrozenMap", "PRESETS", "register_preset", "make_settings", "find_preset",
            "preset_names", "parse_overrides"]
@@ -149,7 +152,7 @@ PRESETS: dict[str, dict] = {
 # makes the prompt, token positions, precision and interactive rules theirs. The prompt settings
 # below only describe their text (``reference`` builds it); COCO's background words are theirs.
 PRESETS.update({f"{name}-reference": dict(PRESETS[name], reference=name)
-                for name in ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco")})
+                for name in DATASET_KINDS})
 PRESETS["interactive-reference"] = dict(PRESETS["interactive"], reference="interactive", threshold=0.4)
 
 _FIELDS = {f.name for f in fields(Settings)}
@@ -364,9 +367,6 @@ def _cross_heads(value):
     raise _fail(name, "null, 'reference-voc' or a map {resolution: [head positions]}", value)
 
 
-_REFERENCE_KINDS = ("wsss-voc", "wsss-coco", "ovs-voc", "ovs-context", "ovs-coco", "interactive")
-
-
 def _self_heads(value):
     name = "self_heads"
     if value is None:
@@ -379,7 +379,7 @@ def _self_heads(value):
 # One rule per field: value -> the checked value. test_hostile_cli checks that every field has one.
 _RULES = {
     "image_size": lambda v: None if v is None else _int("image_size", v, 8, MAX_IMAGE_SIZE),
-    "aspect": lambda v: _choice("aspect", v, ("stretch", "pad")),
+    "aspect": lambda v: _choice("aspect", v, ASPECT_MODES),
     "timestep": lambda v: _int("timestep", v, 0, 999),
     "seed": lambda v: _int("seed", v, 0, 2**64 - 1, "an integer in [0, 2**64)"),  # torch.Generator's range
     "gamma": lambda v: _factor("gamma", v, "a finite number > 0", lambda x: x > 0),
@@ -394,14 +394,14 @@ _RULES = {
     "self_layers": lambda v: _layers("self_layers", v),
     "self_heads": _self_heads,
     "self_image_size": lambda v: None if v is None else _int("self_image_size", v, 8, MAX_IMAGE_SIZE),
-    "reference": lambda v: None if v is None else _choice("reference", v, _REFERENCE_KINDS),
+    "reference": lambda v: None if v is None else _choice("reference", v, REFERENCE_KINDS),
     "clustering": lambda v: _bool("clustering", v),
     "cluster_rounds": lambda v: _int("cluster_rounds", v, 1, MAX_CLUSTER_ROUNDS),
     "lam": lambda v: _factor("lam", v, "a finite number >= 0", lambda x: x >= 0, zero=True, low=0),
     "iterations": lambda v: _int("iterations", v, 0, MAX_ITERATIONS),
     # clamp_max <= 0 would clamp every Ent-Self entry to it and silently switch the step off
     "clamp_max": lambda v: None if v is None else _factor("clamp_max", v, "null or a finite number > 0", lambda x: x > 0),
-    "background": lambda v: _choice("background", v, ("power", "threshold")),
+    "background": lambda v: _choice("background", v, BACKGROUND_RULES),
     "bg_power": lambda v: _factor("bg_power", v, "a finite number > 0", lambda x: x > 0),
     "threshold": lambda v: _real("threshold", v, "a number in (0, 1)", lambda x: 0 < x < 1),
     "batch_size": lambda v: _int("batch_size", v, 1),

@@ -18,6 +18,7 @@ __all__ = [
     "check_class_names",
     "build_prompt",
     "class_offsets",
+    "class_prompt",
     "unknown_words",
     "class_token_spans",
     "make_prompt",
@@ -101,7 +102,11 @@ def build_prompt(
     ``build_prompt(["cat", "dog"])`` gives "a photograph of cat and dog and other object and
     background, ground, land, ...". ``joiner`` goes between names (the shapes model uses " and a ").
     """
-    names = check_class_names(classes)
+    return _prompt_text(check_class_names(classes), prefix, extra, background_words, joiner)
+
+
+def _prompt_text(names: tuple[str, ...], prefix: str, extra: Sequence[str], background_words: Sequence[str],
+                 joiner: str) -> str:
     text = joiner.join([*names, *extra])
     if prefix:
         text = f"{prefix} {text}"
@@ -112,13 +117,26 @@ def build_prompt(
 
 def class_offsets(classes: Sequence[str], prefix: str = "a photograph of", joiner: str = " and ") -> list[int]:
     """Character position of every class name in ``build_prompt(classes, prefix, ..., joiner)``."""
-    names = check_class_names(classes)
+    return _offsets(check_class_names(classes), prefix, joiner)
+
+
+def _offsets(names: tuple[str, ...], prefix: str, joiner: str) -> list[int]:
     at = len(prefix) + 1 if prefix else 0
     out = []
     for name in names:
         out.append(at)
         at += len(name) + len(joiner)
     return out
+
+
+def class_prompt(tokenizer, classes: Sequence[str], prefix: str = "a photograph of",
+                 extra: Sequence[str] = ("other object", "background"), background_words: Sequence[str] = VOC_BACKGROUND,
+                 joiner: str = " and ", model: str | None = None, known=None) -> Prompt:
+    """The Cat-Cross prompt of ``classes``: ``build_prompt``'s text, tokenised, every class found
+    where it was put (``make_prompt``). The class names are checked once, here."""
+    names = check_class_names(classes)
+    text = _prompt_text(names, prefix, extra, background_words, joiner)
+    return _located_prompt(tokenizer, text, names, _offsets(names, prefix, joiner), model, known)
 
 
 def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
@@ -236,7 +254,10 @@ def make_prompt(tokenizer, text: str, classes: Sequence[str], offsets: Sequence[
     Raises ``PromptTooLongError`` on overflow and ``UnknownWordError`` for words the tokenizer
     does not know (the message names ``model``).
     """
-    names = check_class_names(classes)
+    return _located_prompt(tokenizer, text, check_class_names(classes), offsets, model, known)
+
+
+def _located_prompt(tokenizer, text: str, names: tuple[str, ...], offsets, model, known) -> Prompt:
     ids, spans = class_token_spans(tokenizer, text, names, offsets, model, known)
     window = tokenizer.model_max_length
     # the last position of the window holds the end token after truncation

@@ -17,6 +17,7 @@ __all__ = [
     "nrm",
     "entropy_reduce",
     "refine",
+    "refine_maps",
     "spatial_normalize",
     "aggregate_cross_attention",
     "kl_cluster",
@@ -88,6 +89,10 @@ def refine(maps: torch.Tensor, P: torch.Tensor, iterations: int) -> torch.Tensor
         current = nrm(P @ current)
         steps.append(current)
     return torch.stack(steps, dim=-3)
+
+
+# ``iseg`` exports the refinement by this name: ``iseg.refine`` is this module
+refine_maps = refine
 
 
 def spatial_normalize(maps: torch.Tensor) -> torch.Tensor:

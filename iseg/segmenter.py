@@ -33,7 +33,7 @@ from .interactive import PromptResult, PromptSession
 from .labels import predict_labels
 from .loading import LoadedModel
 from .presets import DECODE_FIELDS, FORWARD_FIELDS, Settings, make_settings
-from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, make_prompt
+from .prompts import Prompt, cat_cross, class_prompt
 from .reference import DATASET_KINDS, reference_prompt
 from .results import Observation, SegmentationResult, Trace
 
@@ -191,10 +191,8 @@ class ISeg:
         if s.reference in DATASET_KINDS:  # the authors' words, order, text and token positions
             return reference_prompt(self.backbone.tokenizer, s.reference, classes, model=self.model_name,
                                     known=self.known_words)
-        names = check_class_names(classes)
-        text = build_prompt(names, s.prompt_prefix, s.extra_words, s.background_words, s.prompt_joiner)
-        offsets = class_offsets(names, s.prompt_prefix, s.prompt_joiner)
-        return make_prompt(self.backbone.tokenizer, text, names, offsets, model=self.model_name, known=self.known_words)
+        return class_prompt(self.backbone.tokenizer, classes, s.prompt_prefix, s.extra_words, s.background_words,
+                            s.prompt_joiner, model=self.model_name, known=self.known_words)
 
     def embedding(self, prompt: Prompt, gamma: float) -> torch.Tensor:
         """Cat-Cross text embedding ``(1, window, dim)``; the encoder's output is cached per prompt."""

@@ -36,4 +36,4 @@ def tiny_pipe_small():
 def shapes_pipe():
     import iseg
 
-    return iseg.load_pipeline("shapes", device="cpu", verbose=False)
+    return iseg.loading.load_pipeline("shapes", device="cpu", verbose=False)

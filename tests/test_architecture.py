@@ -25,7 +25,7 @@ PACKAGE = Path(iseg.__file__).parent
 
 def test_import_iseg_loads_no_model_family_plugin_and_registers_nothing():
     code = ("import sys, iseg; print(sorted(m for m in sys.modules if m.startswith('iseg.shapes'))); "
-            "print(sorted(iseg.PRESETS))")
+            "print(sorted(iseg.presets.PRESETS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "[]"  # the shapes world is not imported by `import iseg`
     assert "shapes" not in out[1]  # and has not registered a preset as a side effect

@@ -3,9 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from fake_datasets import make_coco164k, make_coco2014, make_context, make_voc
 from PIL import Image
 
@@ -148,11 +150,41 @@ def test_label_files_json_and_csv(tmp_path):
         ev.evaluate_dataset(_FakeSeg(), ds, "wsss", labels=p, progress=False)
 
 
+def test_evaluation_takes_its_label_methods_from_predict_labels(monkeypatch, tmp_path):
+    """``iseg eval`` dispatches no label method itself: every one goes through
+    ``iseg.labels.predict_labels``, with the dataset's vocabulary and the images' ids."""
+    import iseg.labels as labels
+
+    ds = ShapesDataset(split="val", count=4)
+    calls = []
+    real = labels.predict_labels
+
+    def recording(images, vocabulary, method="attention", **kwargs):
+        calls.append((method, list(vocabulary), list(kwargs["ids"])))
+        return real(images, vocabulary, method, **kwargs)
+
+    monkeypatch.setattr(labels, "predict_labels", recording)
+    table = {i: ds.load(i).classes for i in ds.ids}
+    m = ev.evaluate_dataset(_FakeSeg(), ds, "ovs", labels=table, progress=False)
+    assert m["label_source"] == "file"
+    assert [c[0] for c in calls] == ["file", "file"] and all(c[1] == list(ds.class_names) for c in calls)
+    assert [i for c in calls for i in c[2]] == list(ds.ids)  # every image once, batch by batch (batch_size 2)
+    oracle = ev.evaluate_dataset(_FakeSeg(), ds, "wsss", progress=False)
+    assert m["miou"] == oracle["miou"]  # the true labels from a table give the oracle's numbers
+    with pytest.raises(ValueError, match=r"unknown label method 'magic'; methods: attention, clip, file, gt"):
+        ev.evaluate_dataset(_FakeSeg(), ds, "ovs", label_method="magic", progress=False)
+    assert len(calls) == 2  # refused before any image
+
+
 class _FakeSeg:
     """Predicts every pixel as the first given class; counts what it computes."""
 
     preset = "fake"
     model_name = None  # what evaluate_dataset records as the model
+    # what evaluate_dataset records of the model's weights and launch (ISeg's attributes)
+    backbone = SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))
+    forward = SimpleNamespace(encoder=None)
+    compiled = None
 
     def __init__(self, batch_size=2):
         self.settings = iseg.make_settings(None, batch_size=batch_size)
@@ -162,10 +194,11 @@ class _FakeSeg:
         self.seen.extend(range(len(images)))
 
         class R:
-            def __init__(self, img):
+            def __init__(self, img, names):
                 self.labels = np.ones((img.height, img.width), np.int64)
+                self.given_classes = tuple(names)
 
-        return [R(im) for im in images]
+        return [R(im, names) for im, names in zip(images, classes)]
 
 
 def test_evaluation_by_hand_on_a_fake_segmenter():
@@ -238,7 +271,7 @@ def test_empty_image_lists_are_refused():
 
 def test_shapes_evaluation_reproduces_the_model_card(tmp_path):
     """The model card's headline: preset ``shapes``, test split, first 500 images (data/models/shapes/README.md)."""
-    m = ev.evaluate_dataset(iseg.ISeg(iseg.load_pipeline("shapes", device="cpu", verbose=False)),
+    m = ev.evaluate_dataset(iseg.ISeg(iseg.loading.load_pipeline("shapes", device="cpu", verbose=False)),
                             ShapesDataset(split="test", count=500), "wsss", progress=False)
     # bench/cpu-spread.json: 90.246-90.260 over 1-2 threads and AVX-512 / AVX2 / scalar kernels, every difference
     # one knife-edge image (~0.015 mIoU); the tolerance allows three such images on a CPU not measured

@@ -478,7 +478,7 @@ def test_the_library_names_a_bad_device():
     import iseg
 
     with pytest.raises(ValueError, match="device 'gpu' is not a device name; use one of cpu"):
-        iseg.load_pipeline("shapes", device="gpu", verbose=False)
+        iseg.loading.load_pipeline("shapes", device="gpu", verbose=False)
 
 
 # -- no traceback from the installed commands --------------------------------------------------------

@@ -157,6 +157,11 @@ def test_file_method_json_csv_and_errors(tmp_path):
         L.predict_labels(paths, vocab, "file", labels_file=tmp_path / "none.json")
     with pytest.raises(ValueError, match="not a file path"):
         L.predict_labels([np.zeros((8, 8, 3))], vocab, "file", labels_file=c)
+    # a table already read (what iseg eval passes, batch by batch): the same answers, no file read again
+    table = {"a": ("cat", "dog"), "b": ("cow",)}
+    assert L.predict_labels(["x", "y"], vocab, "file", labels_file=table, ids=["b", "a"]) == [["cow"], ["cat", "dog"]]
+    with pytest.raises(ValueError, match=r"^the labels has no entry for image\(s\) \['z'\]"):
+        L.predict_labels(["x"], vocab, "file", labels_file=table, ids=["z"])
 
 
 # -- CLIP ------------------------------------------------------------------------------------------
@@ -259,7 +264,7 @@ def test_ovs_evaluation_with_predicted_labels(tmp_path, tiny_clip_folder):
     from iseg.evaluation import run as ev
 
     ds = ShapesDataset(split="test", count=8)
-    seg = iseg.ISeg(iseg.load_pipeline("shapes", device="cpu", verbose=False), batch_size=4)
+    seg = iseg.ISeg(iseg.loading.load_pipeline("shapes", device="cpu", verbose=False), batch_size=4)
     m = ev.evaluate_dataset(seg, ds, "ovs", label_method="attention", out=tmp_path / "att", progress=False)
     assert m["label_source"] == "attention"
     records = ev.load_records(tmp_path / "att")

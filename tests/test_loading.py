@@ -35,7 +35,7 @@ def test_uncached_hub_id_offline_fails_fast_without_network():
     code = ("import iseg, time\n"
             "t = time.time()\n"
             "try:\n"
-            "    iseg.load_pipeline('iseg-tests/not-a-cached-model')\n"
+            "    iseg.loading.load_pipeline('iseg-tests/not-a-cached-model')\n"
             "except iseg.ModelNotAvailableError as e:\n"
             "    print('ERR', round(time.time() - t, 1)); print(e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=os.environ.get("HF_HOME", "/tmp/iseg-empty-hf-home"))

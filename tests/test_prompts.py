@@ -74,3 +74,22 @@ def test_cat_cross_scales_only_class_rows():
     assert torch.equal(out[:, [0, 2, 5]], e[:, [0, 2, 5]])
     assert torch.equal(cat_cross(e, [(1,)], 1.0), e)
     assert out.data_ptr() != e.data_ptr()
+
+
+def test_a_prompt_checks_its_class_names_once(tokenizer, monkeypatch):
+    """``class_prompt`` (what ``ISeg.prompt_for`` calls) checks the names once, then builds the text,
+    the offsets and the token spans from the checked names; the public pieces still check theirs."""
+    import iseg.prompts as P
+
+    calls = []
+    real = P.check_class_names
+    monkeypatch.setattr(P, "check_class_names", lambda classes: calls.append(list(classes)) or real(classes))
+    names = ["cat", "fire hydrant"]
+    prompt = P.class_prompt(tokenizer, ["cat", "  fire   hydrant "])
+    assert calls == [["cat", "  fire   hydrant "]]
+    text = build_prompt(names)
+    assert prompt == make_prompt(tokenizer, text, names, P.class_offsets(names))
+    with pytest.raises(ValueError, match="duplicate class name"):
+        P.class_prompt(tokenizer, ["cat", "Cat"])
+    with pytest.raises(TypeError, match="not one string"):
+        build_prompt("cat")

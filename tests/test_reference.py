@@ -374,7 +374,7 @@ def test_eval_command_runs_a_reference_preset(tmp_path, tiny_folder):
     m = json.loads((out / "metrics.json").read_text())
     assert m["preset"] == "ovs-context-reference" and m["settings"]["reference"] == "ovs-context"
     ds = open_dataset("context", root, "val")
-    seg = iseg.ISeg(iseg.load_pipeline(str(folder), device="cpu", verbose=False), preset="ovs-context-reference",
+    seg = iseg.ISeg(iseg.loading.load_pipeline(str(folder), device="cpu", verbose=False), preset="ovs-context-reference",
                     iterations=2)
     for i in ds.ids:
         item = ds.load(i)

@@ -53,7 +53,7 @@ def test_masks_match_the_drawn_pixels_and_captions_match_masks():
 
 
 def test_shipped_model_loads_offline_in_a_fresh_process():
-    code = "import iseg; p = iseg.load_pipeline('shapes', device='cpu'); print(type(p.unet).__name__, p.tokenizer.model_max_length)"
+    code = "import iseg; p = iseg.loading.load_pipeline('shapes', device='cpu'); print(type(p.unet).__name__, p.tokenizer.model_max_length)"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -185,7 +185,7 @@ def test_non_editable_install_finds_the_shipped_model(tmp_path):
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                           capture_output=True, text=True, timeout=300)
     assert inst.returncode == 0, inst.stderr[-2000:]
-    code = ("import iseg; p = iseg.load_pipeline('shapes', device='cpu'); "
+    code = ("import iseg; p = iseg.loading.load_pipeline('shapes', device='cpu'); "
             "print(iseg.__file__); print(iseg.shipped_models()['shapes'])")
     env = dict(os.environ, PYTHONPATH=str(target), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -260,14 +260,15 @@ def api_page() -> str:
         kind = "autoclass" if inspect.isclass(obj) else "autofunction"
         options = ["   :members:"] if kind == "autoclass" else []
         lines += ["```{eval-rst}", f".. {kind}:: iseg.{name}", *options, "```", ""]
-    return "\n".join(lines)
+    lines += ["## Deprecated", "",
+              "Names `iseg` exported before and no longer does: each still works, warns once "
+              "(`DeprecationWarning`) and will be removed in 0.2.", ""]
+    lines += [f"- `iseg.{name}`: use {instead}" for name, (_, instead) in iseg.DEPRECATED.items()]
+    return "\n".join(lines) + "\n"
 
 
 DATA_DOCS = {
     "DEFAULT_MODEL": "The model that ``load_model()`` loads when it is given no name (Stable Diffusion 2.1-base).",
-    "PRESETS": "The reference settings of the method document by preset name (``wsss-voc``, ``wsss-coco``, "
-               "``ovs-voc``, ``ovs-context``, ``ovs-coco``, ``interactive``, ...): each a dict of "
-               ":class:`iseg.Settings` fields; ``ISeg(model, preset=NAME)`` uses one, ``register_preset`` adds one.",
 }
 
 

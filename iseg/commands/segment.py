@@ -207,20 +207,18 @@ def _taken(path: Path) -> bool:
     return path.exists() or path.is_symlink()  # a dangling link counts: it is in the way
 
 
-def run(args) -> int:
-    """``iseg segment``: every option is checked before the model loads or anything is written."""
-    images = [Path(p) for p in args.images]
+def _check_images(images: list[Path]) -> None:
     for path in images:
         if not path.is_file():
             raise CommandError(f"image not found: {_shown(path)}{_invisible_hint(path)}" if not path.exists()
                                else f"image {_shown(path)} is not a file")
         _check_image(path)
-    per_image = _classes_for(images, args.classes, args.classes_file)
-    overrides = settings_overrides(args.set, args.preset)
-    device = device_option(args.device)
-    out = _output_folder(Path(args.out) if str(args.out).strip() else "")  # Path("") would be the current folder
-    names = output_names(images)
-    targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in names]
+
+
+def _result_files(images: list[Path], out: Path, overwrite: bool) -> list[list[Path]]:
+    """The result files of every image in ``out`` (labels, overlay, animation, record), checked:
+    none may be an input image, and earlier results are replaced only with ``overwrite``."""
+    targets = [[out / f"{name}{suffix}" for suffix in _SUFFIXES] for name in output_names(images)]
     inputs = {path.resolve() for path in images}
     clash = [t for files in targets for t in files if t.resolve() in inputs]
     try:
@@ -231,43 +229,61 @@ def run(args) -> int:
         raise CommandError(f"a result would be written over the input image {clash[0]}; choose another --out "
                            "(or rename the image)")
     earlier = [t for files in targets for t in files if _taken(t)]
-    if earlier and not args.overwrite:
+    if earlier and not overwrite:
         listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         raise CommandError(f"--out {out} already holds results of these images ({listed}); pass --overwrite to "
                            "replace them, or choose another --out")
     if earlier:
         print(f"iseg: --overwrite: replacing {len(earlier)} earlier file(s) in {out}: "
               + ", ".join(t.name for t in earlier), file=sys.stderr)
+    return targets
+
+
+def _write_results(seg, path: Path, result, files: list[Path], gif: bool, started: float) -> None:
+    """The label map, the overlay, the animation (with ``gif``) and the JSON record of one image
+    (its wall time: from ``started``, before the segmentation, to the record)."""
+    labels_png, overlay_png, gif_file, record_json = files
+    write_atomic(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
+    write_atomic(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
+    if gif:
+        write_atomic(gif_file, lambda p, r=result: save_gif(iteration_frames(r), p))
+    elif _taken(gif_file):
+        gif_file.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
+    record = {
+        "image": str(path),
+        "model": seg.model_name,
+        "preset": seg.preset,
+        "classes": list(result.classes),
+        "labels": {str(i + 1): c for i, c in enumerate(result.classes)},
+        # a -reference preset prompts with the authors' words: the names given, in label order
+        **({"given_classes": list(result.given_classes)} if result.names else {}),
+        "prompt": result.prompt,
+        "token_spans": [list(s) for s in result.token_spans],
+        "pixels": {c: int((result.labels == i + 1).sum()) for i, c in enumerate(result.classes)},
+        "settings": result.settings.as_dict(),
+        "timing": dict(result.timing, wall_s=time.perf_counter() - started),
+    }
+    write_atomic(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
+
+
+def run(args) -> int:
+    """``iseg segment``: every option is checked before the model loads or anything is written."""
+    images = [Path(p) for p in args.images]
+    _check_images(images)
+    per_image = _classes_for(images, args.classes, args.classes_file)
+    overrides = settings_overrides(args.set, args.preset)
+    device = device_option(args.device)
+    out = _output_folder(Path(args.out) if str(args.out).strip() else "")  # Path("") would be the current folder
+    targets = _result_files(images, out, args.overwrite)
 
     pipe = load_model(args.model, device=device)
     seg = ISeg(pipe, preset=args.preset, **overrides)
     print(f"iseg: {seg}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    for path, names_, files in tqdm(list(zip(images, per_image, targets)), desc="segment", unit="img"):
-        labels_png, overlay_png, gif, record_json = files
+    for path, names, files in tqdm(list(zip(images, per_image, targets)), desc="segment", unit="img"):
         t0 = time.perf_counter()
-        result = seg.segment(path, names_)
-        write_atomic(labels_png, lambda p, r=result: label_png(r.labels).save(p, format="PNG"))
-        write_atomic(overlay_png, lambda p, r=result: r.overlay().save(p, format="PNG"))
-        if args.gif:
-            write_atomic(gif, lambda p, r=result: save_gif(iteration_frames(r), p))
-        elif _taken(gif):
-            gif.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
-        record = {
-            "image": str(path),
-            "model": seg.model_name,
-            "preset": seg.preset,
-            "classes": list(result.classes),
-            "labels": {str(i + 1): c for i, c in enumerate(result.classes)},
-            # a -reference preset prompts with the authors' words: the names given, in label order
-            **({"given_classes": list(result.given_classes)} if result.names else {}),
-            "prompt": result.prompt,
-            "token_spans": [list(s) for s in result.token_spans],
-            "pixels": {c: int((result.labels == i + 1).sum()) for i, c in enumerate(result.classes)},
-            "settings": result.settings.as_dict(),
-            "timing": dict(result.timing, wall_s=time.perf_counter() - t0),
-        }
-        write_atomic(record_json, lambda p, rec=record: p.write_text(json.dumps(rec, indent=2)))
+        result = seg.segment(path, names)
+        _write_results(seg, path, result, files, args.gif, t0)
     print(f"iseg: wrote {len(images)} result(s) to {out}", file=sys.stderr)
     return 0
 

@@ -140,42 +140,42 @@ def _digest(values) -> str:
 
 
 # -- the evaluation --------------------------------------------------------------------------------
+def _ground_truth(items) -> list[tuple[str, ...]]:
+    return [it.classes for it in items]
+
+
 def _classes_source(task: str, dataset: SegmentationDataset, labels, label_method: str | None, seg=None, clip=None):
-    """``(name, function(items) -> class lists)`` for the task."""
+    """``(name, function(items) -> class lists)`` for the task. The options are checked (and a labels
+    file read, a CLIP model loaded) now; the label methods themselves are ``iseg.labels.predict_labels``'s."""
     if task == "wsss":
         if labels is not None or label_method not in (None, "gt"):
             raise ValueError("--task wsss uses the ground-truth image labels; --labels and --label-method are for --task ovs")
-        return "gt", lambda items: [it.classes for it in items]
+        return "gt", _ground_truth
     method = label_method or ("file" if labels is not None else None)
     if method is None:
         raise ValueError("--task ovs needs image labels: --label-method attention|clip|file (with --labels FILE), "
                          "or gt for an oracle run")
     if method == "gt":
-        return "gt-oracle", lambda items: [it.classes for it in items]
+        return "gt-oracle", _ground_truth
+    if method not in L.METHODS:
+        raise ValueError(f"unknown label method {method!r}; methods: {', '.join(L.METHODS)}, gt")
+    table = None
     if method == "file":
         if labels is None:
             raise ValueError("--label-method file needs --labels FILE")
         table = read_label_file(labels, dataset) if not isinstance(labels, Mapping) else {
             str(k): tuple(v) for k, v in labels.items()}
-
-        def from_table(items):
-            missing = [it.id for it in items if it.id not in table]
-            if missing:
-                raise ValueError(f"the labels file has no entry for image(s) {missing[:5]}; it must list every image")
-            return [table[it.id] for it in items]
-
-        return "file", from_table
-    if labels is not None:
+    elif labels is not None:
         raise ValueError(f"--labels is for --label-method file, not {method!r}")
+    if method == "clip" and not isinstance(clip, L.ClipTagger):
+        clip = L.load_clip(clip or DEFAULT_CLIP)  # once for the whole run
     vocabulary = list(dataset.class_names)
-    if method == "attention":
-        if seg is None:
-            raise ValueError("label method 'attention' needs the segmenter")
-        return "attention", lambda items: L.predict_labels([it.image for it in items], vocabulary, "attention", seg=seg)
-    if method == "clip":
-        tagger = clip if isinstance(clip, L.ClipTagger) else L.load_clip(clip or L.DEFAULT_CLIP)
-        return "clip", lambda items: tagger([it.image for it in items], vocabulary)
-    raise ValueError(f"unknown label method {method!r}; methods: attention, clip, file, gt")
+
+    def predicted(items):
+        return L.predict_labels([it.image for it in items], vocabulary, method, seg=seg, clip=clip, labels_file=table,
+                                ids=[it.id for it in items])
+
+    return method, predicted
 
 
 def evaluate_dataset(
@@ -210,10 +210,24 @@ def evaluate_dataset(
     discards an earlier run in ``out`` first, after everything else has been checked, and deletes
     only the files that run made (a folder without its ``run.json`` is refused).
     """
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    ids = _image_ids(dataset, task, limit, out, world)
+    source_name, classes_for = classes_source or _classes_source(task, dataset, labels, label_method, seg, clip)
+    save_masks = (task == "wsss") if save_masks is None else save_masks
+    manifest = _manifest(seg, dataset, task, labels, source_name, clip, model_name, limit, ids, save_masks)
+    out = Path(out) if out is not None else None
+    done = _open_run(out, manifest, ids, restart, save_masks, state) if out is not None else {}
+    mine, todo = _my_batches(ids, seg.settings.batch_size, rank, world, done, out if save_masks else None)
+    wall, computed = _compute(seg, dataset, mine, todo, classes_for, done, out, save_masks, rank, world, progress)
+    if out is None:
+        return _metrics({i: done[i] for i in ids}, dataset, manifest, wall, computed, world)
+    return _finish_run(out, ids, dataset, manifest, wall, computed, world, state)
+
+
+def _image_ids(dataset: SegmentationDataset, task: str, limit, out, world: int) -> list[str]:
+    """The ids of the images to evaluate, after checking the task, ``limit`` and ``out``."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    main_process = rank == 0
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ValueError(f"limit must be a whole number >= 1 (or None for every image), got {limit!r}")
     ids = list(dataset.ids[:limit] if limit is not None else dataset.ids)
@@ -221,119 +235,154 @@ def evaluate_dataset(
         raise DatasetError(f"{dataset.name}: no images to evaluate")
     if out is None and world > 1:
         raise ValueError("several processes need --out: their histograms are summed from the records there")
-    source_name, classes_for = classes_source or _classes_source(task, dataset, labels, label_method, seg, clip)
-    settings = seg.settings
-    save_masks = (task == "wsss") if save_masks is None else save_masks
-    num_labels = dataset.num_labels
+    return ids
+
+
+def _manifest(seg, dataset: SegmentationDataset, task: str, labels, source_name: str, clip, model_name, limit,
+              ids: list[str], save_masks: bool) -> dict:
+    """What ``run.json`` records: everything that changes the numbers, as it reads back from the file."""
     manifest = {
         "task": task, "dataset": dataset.name, "split": dataset.split,
         "root": str(dataset.root) if dataset.root else None,
         "model": model_name or seg.model_name, "preset": seg.preset,
-        "settings": settings.as_dict(), "label_source": source_name,
+        "settings": seg.settings.as_dict(), "label_source": source_name,
         "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
                         if labels is not None and not isinstance(labels, Mapping) else None),
         **_run_facts(seg, source_name, clip),
         "limit": limit, "images": len(ids), "ids": _digest(ids), "save_masks": bool(save_masks),
     }
-    manifest = json.loads(json.dumps(manifest))  # as it reads back from run.json (tuples become lists)
-    out = Path(out) if out is not None else None
-    done: dict[str, dict] = {}
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
-        if restart:
-            old_ids = _check_restart(out, manifest, ids)  # every process: all refuse alike
-            _barrier(state)
-            if main_process:
-                _discard_run(out, old_ids)
-            _barrier(state)
-        previous = out / "run.json"
-        if previous.is_file():
-            old = _read_run(previous)
-            if old is None:
-                raise RunMismatchError(f"{previous} is not the record of an iseg eval run; use another --out")
-            differ = _differences(old, manifest)
-            if differ:
-                raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
-                                       "options, or pass --restart to discard that run, or use another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "records").mkdir(exist_ok=True)
-        if save_masks:
-            (out / "masks").mkdir(exist_ok=True)
+    return json.loads(json.dumps(manifest))  # as it reads back from run.json (tuples become lists)
+
+
+def _open_run(out: Path, manifest: dict, ids: list[str], restart: bool, save_masks: bool, state) -> dict[str, dict]:
+    """Prepare the run folder (discarding an earlier run with ``restart``, refusing to resume one
+    with other settings), write run.json, and return the records already there."""
+    main_process = state is None or state.process_index == 0
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if restart:
+        old_ids = _check_restart(out, manifest, ids)  # every process: all refuse alike
         _barrier(state)
         if main_process:
-            write_json(previous, manifest)  # never rewritten in place: a kill leaves the old or the new
-        done = load_records(out)
-    batch_size = settings.batch_size
+            _discard_run(out, old_ids)
+        _barrier(state)
+    previous = out / "run.json"
+    if previous.is_file():
+        old = _read_run(previous)
+        if old is None:
+            raise RunMismatchError(f"{previous} is not the record of an iseg eval run; use another --out")
+        differ = _differences(old, manifest)
+        if differ:
+            raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
+                                   "options, or pass --restart to discard that run, or use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "records").mkdir(exist_ok=True)
+    if save_masks:
+        (out / "masks").mkdir(exist_ok=True)
+    _barrier(state)
+    if main_process:
+        write_json(previous, manifest)  # never rewritten in place: a kill leaves the old or the new
+    return load_records(out)
+
+
+def _my_batches(ids: list[str], batch_size: int, rank: int, world: int, done: dict, masks_out: Path | None):
+    """``(mine, todo)``: the batches of this process, and those of them still to compute.
+
+    Batches are cut from the full id list whatever the number of processes, and process ``rank``
+    takes every ``world``-th one. ``masks_out``: the run folder when masks are saved."""
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     mine = [b for k, b in enumerate(batches) if k % world == rank]
     complete = set(done)
-    if save_masks and out is not None:
+    if masks_out is not None:
         # a resume asked for masks that an earlier run did not write: masks come only from a forward
         # pass, so those images are computed again (whole batches, so the numbers stay the same)
-        complete &= {p.stem for p in (out / "masks").glob("*.png")}
+        complete &= {p.stem for p in (masks_out / "masks").glob("*.png")}
         unmasked = sum(1 for b in mine for i in b if i in done and i not in complete)
-        if unmasked and main_process:
-            print(f"iseg eval: {unmasked} image(s) recorded earlier have no mask in {out / 'masks'}; "
+        if unmasked and rank == 0:
+            print(f"iseg eval: {unmasked} image(s) recorded earlier have no mask in {masks_out / 'masks'}; "
                   "computing them again to write their masks", file=sys.stderr)
-    todo = [b for b in mine if not all(i in complete for i in b)]
-    id_set = set(ids)
+    return mine, [b for b in mine if not all(i in complete for i in b)]
+
+
+def _compute(seg, dataset: SegmentationDataset, mine: list, todo: list, classes_for, done: dict, out: Path | None,
+             save_masks: bool, rank: int, world: int, progress: bool) -> tuple[float, int]:
+    """Segment the batches of ``todo``, adding their records to ``done`` (and to ``out/records``),
+    with a progress bar showing the running mIoU. Returns the wall time and the images computed."""
+    num_labels = dataset.num_labels
     hist = np.zeros((num_labels, num_labels), np.int64)
     for i in (i for b in mine if b not in todo for i in b):
         hist += _dense(done[i]["hist"], num_labels)
     record_file = None
     if out is not None:
         record_file = (out / "records" / f"part-{rank:03d}-{os.getpid()}-{time.time_ns()}.jsonl").open("a")
+    masks = out / "masks" if save_masks and out is not None else None
     t_start = time.perf_counter()
     computed = 0
     bar = tqdm(total=sum(len(b) for b in mine), initial=sum(len(b) for b in mine) - sum(len(b) for b in todo),
                desc=f"iseg eval {dataset.name}" + (f" [{rank + 1}/{world}]" if world > 1 else ""), unit="img",
-               disable=not progress or not main_process)
+               disable=not progress or rank != 0)
     try:
         for batch in todo:
-            t0 = time.perf_counter()
-            items = [dataset.load(i) for i in batch]
-            per_image = [tuple(c) for c in classes_for(items)]
-            with_classes = [k for k, c in enumerate(per_image) if c]
-            preds: dict[int, np.ndarray] = {}
-            if with_classes:
-                results = seg.segment([items[k].image for k in with_classes], [list(per_image[k]) for k in with_classes],
-                                      progress=False)
-                for k, res in zip(with_classes, results):
-                    # label k of a result is its given_classes[k-1] (a -reference preset reorders the classes)
-                    preds[k] = dataset.to_dataset_labels(res.labels, getattr(res, "given_classes", None) or per_image[k])
-            lines = []
-            seconds = (time.perf_counter() - t0) / len(items)
-            for k, item in enumerate(items):
-                pred = preds.get(k, np.zeros_like(item.label))
-                if pred.shape != item.label.shape:
-                    raise RuntimeError(f"prediction for {item.id} is {pred.shape}, its label {item.label.shape}")
-                h = confusion(pred, item.label, num_labels)
-                hist += h
-                if save_masks and out is not None:
-                    write_atomic(out / "masks" / f"{item.id}.png", lambda p, m=pred: label_png(m).save(p, format="PNG"))
-                rec = {"id": item.id, "hist": _sparse(h), "classes": list(per_image[k]),
-                       "gt_classes": list(item.classes), "seconds": round(seconds, 5)}
-                done[item.id] = rec
-                lines.append(json.dumps(rec))
+            records, batch_hist = _evaluate_batch(seg, dataset, batch, classes_for, masks)
+            hist += batch_hist
+            done.update((rec["id"], rec) for rec in records)
             if record_file is not None:
                 # one write per batch: a kill leaves whole batches, or a cut line that is skipped
-                record_file.write("\n".join(lines) + "\n")
+                record_file.write("\n".join(json.dumps(rec) for rec in records) + "\n")
                 record_file.flush()
                 os.fsync(record_file.fileno())
-            computed += len(items)
-            bar.update(len(items))
+            computed += len(records)
+            bar.update(len(records))
             bar.set_postfix(mIoU=f"{100 * miou(hist):.1f}")
     finally:
         bar.close()
         if record_file is not None:
             record_file.close()
-    wall = time.perf_counter() - t_start
-    if out is None:
-        return _metrics({i: done[i] for i in ids}, dataset, manifest, wall, computed, world)
+    return time.perf_counter() - t_start, computed
+
+
+def _evaluate_batch(seg, dataset: SegmentationDataset, batch: list[str], classes_for, masks: Path | None):
+    """``(records, histogram)`` of one batch: its images segmented with their classes, each
+    prediction compared with its label (and written to ``masks`` when given)."""
+    t0 = time.perf_counter()
+    items = [dataset.load(i) for i in batch]
+    per_image = [tuple(c) for c in classes_for(items)]
+    preds = _predict(seg, dataset, items, per_image)
+    seconds = (time.perf_counter() - t0) / len(items)
+    num_labels = dataset.num_labels
+    hist = np.zeros((num_labels, num_labels), np.int64)
+    records = []
+    for k, item in enumerate(items):
+        pred = preds.get(k, np.zeros_like(item.label))
+        if pred.shape != item.label.shape:
+            raise RuntimeError(f"prediction for {item.id} is {pred.shape}, its label {item.label.shape}")
+        h = confusion(pred, item.label, num_labels)
+        hist += h
+        if masks is not None:
+            write_atomic(masks / f"{item.id}.png", lambda p, m=pred: label_png(m).save(p, format="PNG"))
+        records.append({"id": item.id, "hist": _sparse(h), "classes": list(per_image[k]),
+                        "gt_classes": list(item.classes), "seconds": round(seconds, 5)})
+    return records, hist
+
+
+def _predict(seg, dataset: SegmentationDataset, items, per_image) -> dict[int, np.ndarray]:
+    """``{k: dataset label map}`` for every image ``k`` that has classes (the others are all background)."""
+    with_classes = [k for k, c in enumerate(per_image) if c]
+    if not with_classes:
+        return {}
+    results = seg.segment([items[k].image for k in with_classes], [list(per_image[k]) for k in with_classes],
+                          progress=False)
+    # label k of a result is its given_classes[k-1] (a -reference preset reorders the classes)
+    return {k: dataset.to_dataset_labels(res.labels, res.given_classes) for k, res in zip(with_classes, results)}
+
+
+def _finish_run(out: Path, ids: list[str], dataset, manifest: dict, wall: float, computed: int, world: int,
+                state) -> dict:
+    """The metrics of every record in ``out`` (summed over the processes), written by the main process."""
     _barrier(state)
     metrics = None
-    if main_process:
+    if state is None or state.process_index == 0:
+        id_set = set(ids)
         records = {i: r for i, r in load_records(out).items() if i in id_set}
         missing = [i for i in ids if i not in records]
         if missing:
@@ -350,8 +399,6 @@ def evaluate_dataset(
 def _run_facts(seg, source_name: str, clip) -> dict:
     """What changes a run's numbers besides its settings: the weights' dtype and device, compiled
     forward passes (they round differently), and the CLIP model that chose the labels."""
-    backbone = getattr(seg, "backbone", None)  # stand-ins in tests have none
-    forward = getattr(seg, "forward", None)
     clip_model = None
     if source_name == "clip":
         if clip is None or isinstance(clip, (str, os.PathLike)):
@@ -359,10 +406,10 @@ def _run_facts(seg, source_name: str, clip) -> dict:
         else:
             clip_model = str(getattr(getattr(clip, "model", None), "name_or_path", type(clip).__name__))
     return {
-        "dtype": None if backbone is None else str(backbone.dtype).removeprefix("torch."),
-        "device": None if backbone is None else backbone.device.type,
-        "compile": getattr(seg, "compiled", None),
-        "compile_vae": getattr(forward, "encoder", None) is not None,
+        "dtype": str(seg.backbone.dtype).removeprefix("torch."),
+        "device": seg.backbone.device.type,
+        "compile": seg.compiled,
+        "compile_vae": seg.forward.encoder is not None,
         "clip_model": clip_model,
     }
 

@@ -22,7 +22,7 @@ segmentation needs a class and the datasets of the paper have one in every image
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..images import as_image_list
 from ..prompts import check_class_names
@@ -54,8 +54,9 @@ def predict_labels(images, vocabulary: Sequence[str], method: str = "attention",
     """One list of class names (a subset of ``vocabulary``, in its order) per image.
 
     ``seg``: the ``ISeg`` for ``attention``; ``clip``: a ``ClipTagger`` or a model id/folder for
-    ``clip`` (default ``openai/clip-vit-base-patch16``); ``labels_file`` and ``ids`` (default: the
-    images' file names without extension) for ``file``. ``overrides`` change ``seg``'s settings.
+    ``clip`` (default ``openai/clip-vit-base-patch16``); ``labels_file`` (a file, or a table
+    ``{id: names}`` already read) and ``ids`` (default: the images' file names without extension)
+    for ``file``. ``overrides`` change ``seg``'s settings.
     """
     vocabulary = list(check_class_names(vocabulary))
     items, many = as_image_list(images)
@@ -72,12 +73,13 @@ def predict_labels(images, vocabulary: Sequence[str], method: str = "attention",
     if method == "file":
         if labels_file is None:
             raise ValueError("method='file' needs labels_file=PATH")
-        table = read_labels_file(labels_file, vocabulary)
+        table = labels_file if isinstance(labels_file, Mapping) else read_labels_file(labels_file, vocabulary)
         keys = list(ids) if ids is not None else [image_id(item, i) for i, item in enumerate(items)]
         if len(keys) != len(items):
             raise ValueError(f"got {len(keys)} ids for {len(items)} images")
         missing = [k for k in keys if k not in table]
         if missing:
-            raise ValueError(f"labels file {labels_file} has no entry for image(s) {missing[:5]}")
+            where = "" if isinstance(labels_file, Mapping) else f" file {labels_file}"
+            raise ValueError(f"the labels{where} has no entry for image(s) {missing[:5]}; it must list every image")
         return [list(table[k]) for k in keys]
     raise ValueError(f"unknown label method {method!r}; methods: {', '.join(METHODS)}")

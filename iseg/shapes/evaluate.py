@@ -120,7 +120,6 @@ def evaluate(
     """
     seeds = _seeds(split, count, offset)
     samples = [sample(s) for s in seeds]
-    max_n = max(iterations)
     report = {"split": split, "count": len(seeds), "first_seed": seeds[0], "convention": "present",
               "settings": {k: v for k, v in overrides.items()}, "timesteps": {}}
     t0 = time.perf_counter()
@@ -136,38 +135,50 @@ def evaluate(
             obs = seg.observe([s.image for s in chunk], [_label_order(s.classes) for s in chunk], progress=False,
                               timestep=t, **overrides)
             for o, s in zip(obs, chunk):
-                for li, lam in enumerate(lams):
-                    result = seg.decode(o, lam=lam, iterations=max_n, **overrides)
-                    rule = result.settings
-                    for n in iterations:
-                        scores = torch.from_numpy(result.scores(n))  # upsampled once for every rule below
-                        pred = maps_to_labels(scores, rule.background, rule.bg_power, rule.threshold).numpy()
-                        hists[(lam, n)] += confusion(to_dataset_labels(pred, result.classes), s.mask, NUM_LABELS)
-                        for p in bg_powers:
-                            pred = to_dataset_labels(maps_to_labels(scores, "power", p).numpy(), result.classes)
-                            by_power[(p, lam, n)] += confusion(pred, s.mask, NUM_LABELS)
-                    if li == 0:
-                        for k, v in binding_stats(o, result, s.mask).items():
-                            stats[k] = stats.get(k, 0) + v
+                _count_image(seg, o, s, lams, iterations, bg_powers, overrides, hists, by_power, stats)
             bar.update(len(chunk))
         bar.close()
-        table = {str(lam): {str(n): round(100 * miou(hists[(lam, n)]), 2) for n in iterations} for lam in lams}
-        per_class = {str(lam): {str(n): [round(100 * float(x), 2) for x in iou_per_class(hists[(lam, n)])]
-                                for n in iterations} for lam in lams}
-        report["timesteps"][str(t)] = {
-            "miou": table,
-            "iou_per_class": per_class,
-            "discrimination": stats["disc_hits"] / max(1, stats["disc_pairs"]),
-            "discrimination_pairs": stats["disc_pairs"],
-            "grouping_ratio": stats["group_ratio_sum"] / max(1, stats["group_pixels"]),
-            "self_entropy": stats["entropy_sum"] / max(1, stats["rows"]),
-        }
-        if bg_powers:
-            report["timesteps"][str(t)]["miou_by_bg_power"] = {
-                str(p): {str(lam): {str(n): round(100 * miou(by_power[(p, lam, n)]), 3) for n in iterations}
-                         for lam in lams} for p in bg_powers}
+        report["timesteps"][str(t)] = _timestep_report(hists, by_power, stats, lams, iterations, bg_powers)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def _count_image(seg, o, s, lams, iterations, bg_powers, overrides, hists: dict, by_power: dict, stats: dict) -> None:
+    """Add one observed image to the confusion matrices of every (lam, N) and (bg_power, lam, N),
+    and its binding figures (at the first lam) to ``stats``."""
+    for li, lam in enumerate(lams):
+        result = seg.decode(o, lam=lam, iterations=max(iterations), **overrides)
+        rule = result.settings
+        for n in iterations:
+            scores = torch.from_numpy(result.scores(n))  # upsampled once for every rule below
+            pred = maps_to_labels(scores, rule.background, rule.bg_power, rule.threshold).numpy()
+            hists[(lam, n)] += confusion(to_dataset_labels(pred, result.classes), s.mask, NUM_LABELS)
+            for p in bg_powers:
+                pred = to_dataset_labels(maps_to_labels(scores, "power", p).numpy(), result.classes)
+                by_power[(p, lam, n)] += confusion(pred, s.mask, NUM_LABELS)
+        if li == 0:
+            for k, v in binding_stats(o, result, s.mask).items():
+                stats[k] = stats.get(k, 0) + v
+
+
+def _timestep_report(hists: dict, by_power: dict, stats: dict, lams, iterations, bg_powers) -> dict:
+    """One timestep's part of the ``evaluate`` report."""
+    table = {str(lam): {str(n): round(100 * miou(hists[(lam, n)]), 2) for n in iterations} for lam in lams}
+    per_class = {str(lam): {str(n): [round(100 * float(x), 2) for x in iou_per_class(hists[(lam, n)])]
+                            for n in iterations} for lam in lams}
+    out = {
+        "miou": table,
+        "iou_per_class": per_class,
+        "discrimination": stats["disc_hits"] / max(1, stats["disc_pairs"]),
+        "discrimination_pairs": stats["disc_pairs"],
+        "grouping_ratio": stats["group_ratio_sum"] / max(1, stats["group_pixels"]),
+        "self_entropy": stats["entropy_sum"] / max(1, stats["rows"]),
+    }
+    if bg_powers:
+        out["miou_by_bg_power"] = {
+            str(p): {str(lam): {str(n): round(100 * miou(by_power[(p, lam, n)]), 3) for n in iterations}
+                     for lam in lams} for p in bg_powers}
+    return out
 
 
 def iteration_curve(report: dict, lam: float, raw_bg_power: float | None = None, timestep: int | None = None):

@@ -502,134 +502,174 @@ class MMDiTTask:
                              timestep=t.float(), return_dict=False)[0]
 
 
-def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
-               deadline=None, labels=None):
-    """The denoiser stage (UNet or MM-DiT, as ``task``): its diffusion loss plus the attention losses."""
-    denoiser, encoders = task.denoiser, task.text_encoders
-    params = list(denoiser.parameters()) + [p for e in encoders for p in e.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    if state.get("unet_opt"):
-        opt.load_state_dict(state["unet_opt"])
-    ema = state.get("ema") or {k: v.detach().clone().float() for k, v in denoiser.state_dict().items()}
-    ema = {k: v.to(device) for k, v in ema.items()}
-    cross_layers, self_layers = task.cross_layers, task.self_layers
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")["input_ids"][0]
-    (ids_c, own_c), (ids_n, own_n) = captions
-    window = ids_c.shape[1]  # the CLIP rows; an MM-DiT's text keys go on with the T5 rows
-    gen = torch.Generator().manual_seed(args.seed + 2)
-    vocab_gen = torch.Generator().manual_seed(args.seed + 3)
-    vocab = getattr(args, "vocab", 0.0)
-    if vocab > 0 and labels is None:
-        raise ValueError("the vocabulary loss needs the label maps of the training images")
-    shape_w = getattr(args, "shape_head", 0.0)
-    head = head_opt = None
-    hooks, token_states = [], []
-    if shape_w > 0:
-        blocks = task.token_blocks()
-        head = ShapeHead(denoiser.inner_dim, len(blocks)).to(device)
-        head_opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=1e-2)
-        if state.get("shape_head"):
-            head.load_state_dict(state["shape_head"])
-            head_opt.load_state_dict(state["shape_head_opt"])
+class _DenoiserTraining:
+    """The state of the denoiser stage (optimiser, EMA weights, the optional shape head) and its
+    steps; ``train_unet`` runs them. Every random draw happens in the order of the first version
+    of this loop, so a run and a resumed run see the same batches."""
+
+    def __init__(self, task, tokenizer, captions, args, device, state, labels):
+        self.task, self.tokenizer, self.args, self.device, self.state, self.labels = task, tokenizer, args, device, state, labels
+        denoiser, encoders = task.denoiser, task.text_encoders
+        self.params = list(denoiser.parameters()) + [p for e in encoders for p in e.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=1e-2)
+        if state.get("unet_opt"):
+            self.opt.load_state_dict(state["unet_opt"])
+        ema = state.get("ema") or {k: v.detach().clone().float() for k, v in denoiser.state_dict().items()}
+        self.ema = {k: v.to(device) for k, v in ema.items()}
+        self.empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                               return_tensors="pt")["input_ids"][0]
+        self.captions = captions
+        self.window = captions[0][0].shape[1]  # the CLIP rows; an MM-DiT's text keys go on with the T5 rows
+        self.gen = torch.Generator().manual_seed(args.seed + 2)
+        self.vocab_gen = torch.Generator().manual_seed(args.seed + 3)
+        self.vocab = getattr(args, "vocab", 0.0)
+        if self.vocab > 0 and labels is None:
+            raise ValueError("the vocabulary loss needs the label maps of the training images")
+        self.shape_w = getattr(args, "shape_head", 0.0)
+        self.head = self.head_opt = None
+        self.hooks, self.token_states = [], []
+        if self.shape_w > 0:
+            self._add_shape_head()
+
+    def _add_shape_head(self) -> None:
+        blocks = self.task.token_blocks()
+        self.head = ShapeHead(self.task.denoiser.inner_dim, len(blocks)).to(self.device)
+        self.head_opt = torch.optim.AdamW(self.head.parameters(), lr=self.args.lr, weight_decay=1e-2)
+        if self.state.get("shape_head"):
+            self.head.load_state_dict(self.state["shape_head"])
+            self.head_opt.load_state_dict(self.state["shape_head_opt"])
         # a block returns (text states, image states); keep the image tokens (cleared after each step)
-        hooks = [b.register_forward_hook(lambda module, inputs, out: token_states.append(out[1])) for b in blocks]
+        self.hooks = [b.register_forward_hook(lambda module, inputs, out: self.token_states.append(out[1]))
+                      for b in blocks]
 
-    def save(steps_done: int) -> None:
-        state.update(unet=denoiser.state_dict(), text_encoder=[e.state_dict() for e in encoders],
-                     unet_opt=opt.state_dict(), ema={k: v.cpu() for k, v in ema.items()}, unet_step=steps_done)
-        if head is not None:
-            state.update(shape_head=head.state_dict(), shape_head_opt=head_opt.state_dict())
-        _save(ckpt, state)
+    def train_mode(self, on: bool) -> None:
+        for module in (self.task.denoiser, *self.task.text_encoders):
+            module.train(on)
 
-    start = state.get("unet_step", 0)
-    for _ in range(start):
-        _draw(gen, len(latents), args.batch_size, args.colour_drop)
-    use_amp = device.type == "cuda"
-    bar = tqdm(range(start, args.unet_steps), desc=args.family, initial=start, total=args.unet_steps)
-    denoiser.train()
-    for e in encoders:
-        e.train()
-    for step in bar:
-        idx, t, colour_drop, cap_drop, noise_seed = _draw(gen, len(latents), args.batch_size, args.colour_drop)
+    def save(self, ckpt: Path, steps_done: int) -> None:
+        self.state.update(unet=self.task.denoiser.state_dict(), text_encoder=[e.state_dict() for e in self.task.text_encoders],
+                          unet_opt=self.opt.state_dict(), ema={k: v.cpu() for k, v in self.ema.items()},
+                          unet_step=steps_done)
+        if self.head is not None:
+            self.state.update(shape_head=self.head.state_dict(), shape_head_opt=self.head_opt.state_dict())
+        _save(ckpt, self.state)
+
+    def batch(self, latents, objects) -> dict:
+        """One training batch: noisy latents, their targets, the caption tokens and who owns them."""
+        args, device = self.args, self.device
+        (ids_c, own_c), (ids_n, own_n) = self.captions
+        idx, t, colour_drop, cap_drop, noise_seed = _draw(self.gen, len(latents), args.batch_size, args.colour_drop)
         idx, colour_drop, cap_drop = idx.to(latents.device), colour_drop.to(latents.device), cap_drop.to(latents.device)
         z0 = latents[idx].to(device)
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
         t = t.to(device)
-        z_t, target = task.noisy(z0, noise, t)
+        z_t, target = self.task.noisy(z0, noise, t)
         ids = torch.where(colour_drop[:, None], ids_n[idx], ids_c[idx])
         owner = torch.where(colour_drop[:, None], own_n[idx], own_c[idx])
-        ids = torch.where(cap_drop[:, None], empty[None].to(ids.device), ids).to(device)
+        ids = torch.where(cap_drop[:, None], self.empty[None].to(ids.device), ids).to(device)
         owner = torch.where(cap_drop[:, None], torch.zeros_like(owner), owner).to(device)
-        obj = objects[idx].to(device).float()
         low_t = t < args.attn_loss_max_t
-        valid = (~cap_drop).to(device) & low_t
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            with capture_attention(denoiser, cross_layers + self_layers, keep_grad=True) as store:
-                pred = task.predict(z_t, t, task.embed(ids))
-            mse = F.mse_loss(pred.float(), target)
+        return dict(idx=idx, t=t, z_t=z_t, target=target, ids=ids, owner=owner, obj=objects[idx].to(device).float(),
+                    low_t=low_t, valid=(~cap_drop).to(device) & low_t)
+
+    def losses(self, b: dict) -> dict:
+        """Every loss term of one batch, and their weighted sum ``loss``."""
+        args, task, device = self.args, self.task, self.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with capture_attention(task.denoiser, task.cross_layers + task.self_layers, keep_grad=True) as store:
+                pred = task.predict(b["z_t"], b["t"], task.embed(b["ids"]))
+            mse = F.mse_loss(pred.float(), b["target"])
             shape_loss = shape_acc = mse * 0
-            if head is not None and bool(low_t.any()):
-                low = torch.nonzero(low_t).flatten()
-                side = math.isqrt(token_states[0].shape[1])
-                target_cls = token_classes(labels[idx.to(labels.device)[low.cpu()]].to(device), side)
-                shape_loss, shape_acc = head([h[low] for h in token_states], target_cls)
-            cross = {n: store.mean(n)[..., :window] for n in store.names("cross")}
+            if self.head is not None and bool(b["low_t"].any()):
+                low = torch.nonzero(b["low_t"]).flatten()
+                side = math.isqrt(self.token_states[0].shape[1])
+                target_cls = token_classes(self.labels[b["idx"].to(self.labels.device)[low.cpu()]].to(device), side)
+                shape_loss, shape_acc = self.head([h[low] for h in self.token_states], target_cls)
+            cross = {n: store.mean(n)[..., : self.window] for n in store.names("cross")}
             selfs = {n: store.mean(n) for n in store.names("self")}
-            ground = grounding_loss(cross, owner, obj, valid) if args.ground > 0 else mse * 0
-            group = grouping_loss(selfs, obj, valid, hard=args.group_target == "hard") if args.group > 0 else mse * 0
-            vloss = mse * 0
-            sub = torch.nonzero(valid).flatten()[: max(1, args.batch_size // 2)] if vocab > 0 else valid[:0]
-            if len(sub):
-                # a second pass of the same noisy latents under a class-list prompt (attention only)
-                lab = labels[idx.to(labels.device)[sub.cpu()]].to(device).long()  # (b, H, W)
-                masks = F.one_hot(lab, len(CLASSES) + 1)[..., 1:].permute(0, 3, 1, 2).float()  # (b, K, H, W)
-                v_ids, v_pos = vocabulary_prompts(tokenizer, masks.flatten(2).amax(-1) > 0, vocab_gen)
-                with capture_attention(denoiser, cross_layers, keep_grad=True) as vstore:
-                    task.predict(z_t[sub], t[sub], task.embed(v_ids.to(device)))
-                vloss = vocabulary_loss({n: vstore.mean(n) for n in vstore.names("cross")}, v_pos.to(device), masks)
-            loss = mse + args.ground * ground + args.group * group + vocab * vloss + shape_w * shape_loss
-        opt.zero_grad(set_to_none=True)
-        if head_opt is not None:
-            head_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        token_states.clear()  # the vocabulary pass appended its own; neither is needed past backward
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        stop_if_not_finite(args.family, step, loss, norm, {"mse": mse, "ground": ground, "group": group,
-                                                           "vocab": vloss, "shape": shape_loss})
-        if head_opt is not None:
-            head_opt.step()
+            ground = grounding_loss(cross, b["owner"], b["obj"], b["valid"]) if args.ground > 0 else mse * 0
+            group = (grouping_loss(selfs, b["obj"], b["valid"], hard=args.group_target == "hard") if args.group > 0
+                     else mse * 0)
+            vloss = self._vocabulary_loss(b, mse)
+            loss = mse + args.ground * ground + args.group * group + self.vocab * vloss + self.shape_w * shape_loss
+        return dict(loss=loss, mse=mse, ground=ground, group=group, vocab=vloss, shape=shape_loss, shape_acc=shape_acc)
+
+    def _vocabulary_loss(self, b: dict, mse: torch.Tensor) -> torch.Tensor:
+        """A second pass of the same noisy latents under a class-list prompt (attention only)."""
+        valid = b["valid"]
+        sub = torch.nonzero(valid).flatten()[: max(1, self.args.batch_size // 2)] if self.vocab > 0 else valid[:0]
+        if not len(sub):
+            return mse * 0
+        lab = self.labels[b["idx"].to(self.labels.device)[sub.cpu()]].to(self.device).long()  # (b, H, W)
+        masks = F.one_hot(lab, len(CLASSES) + 1)[..., 1:].permute(0, 3, 1, 2).float()  # (b, K, H, W)
+        v_ids, v_pos = vocabulary_prompts(self.tokenizer, masks.flatten(2).amax(-1) > 0, self.vocab_gen)
+        with capture_attention(self.task.denoiser, self.task.cross_layers, keep_grad=True) as vstore:
+            self.task.predict(b["z_t"][sub], b["t"][sub], self.task.embed(v_ids.to(self.device)))
+        return vocabulary_loss({n: vstore.mean(n) for n in vstore.names("cross")}, v_pos.to(self.device), masks)
+
+    def optimise(self, parts: dict, step: int) -> None:
+        """Backward, the finite check, the warm-up learning rate, the optimiser and EMA steps."""
+        args = self.args
+        self.opt.zero_grad(set_to_none=True)
+        if self.head_opt is not None:
+            self.head_opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        self.token_states.clear()  # the vocabulary pass appended its own; neither is needed past backward
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        stop_if_not_finite(args.family, step, parts["loss"], norm, {k: parts[k] for k in ("mse", "ground", "group",
+                                                                                            "vocab", "shape")})
+        if self.head_opt is not None:
+            self.head_opt.step()
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for g in opt.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        opt.step()
+        self.opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + step) / (10 + step))
-            for k, v in denoiser.state_dict().items():
+            for k, v in self.task.denoiser.state_dict().items():
                 if v.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+                    self.ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
+
+    def log(self, bar, log_path: Path, parts: dict, step: int) -> None:
+        rec = {"stage": self.args.family, "step": step, **{k: parts[k].item() for k in ("loss", "mse", "ground", "group")},
+               "vocab": parts["vocab"].item(), "time": time.time()}
+        if self.head is not None:
+            rec.update(shape=parts["shape"].item(), shape_acc=parts["shape_acc"].item())
+        bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}",
+                        vocab=f"{rec['vocab']:.3f}")
+        _log(log_path, rec)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state,
+               deadline=None, labels=None):
+    """The denoiser stage (UNet or MM-DiT, as ``task``): its diffusion loss plus the attention losses."""
+    run = _DenoiserTraining(task, tokenizer, captions, args, device, state, labels)
+    start = state.get("unet_step", 0)
+    for _ in range(start):  # replay the sampler so a resumed run sees the same batches
+        _draw(run.gen, len(latents), args.batch_size, args.colour_drop)
+    bar = tqdm(range(start, args.unet_steps), desc=args.family, initial=start, total=args.unet_steps)
+    run.train_mode(True)
+    for step in bar:
+        parts = run.losses(run.batch(latents, objects))
+        run.optimise(parts, step)
         if step % args.log_every == 0 or step == args.unet_steps - 1:
-            rec = {"stage": args.family, "step": step, "loss": loss.item(), "mse": mse.item(), "ground": ground.item(),
-                   "group": group.item(), "vocab": vloss.item(), "time": time.time()}
-            if head is not None:
-                rec.update(shape=shape_loss.item(), shape_acc=shape_acc.item())
-            bar.set_postfix(mse=f"{rec['mse']:.4f}", ground=f"{rec['ground']:.3f}", group=f"{rec['group']:.3f}",
-                            vocab=f"{rec['vocab']:.3f}")
-            _log(log_path, rec)
+            run.log(bar, log_path, parts, step)
         stop = deadline is not None and time.time() > deadline
         if stop:
             print(f"time limit reached after {step + 1} {args.family} steps")
             args.unet_steps = step + 1
         if stop or (step + 1) % args.save_every == 0:
-            save(step + 1)
+            run.save(ckpt, step + 1)
         if stop:
             break
-    for hook in hooks:
-        hook.remove()
-    save(args.unet_steps)
-    denoiser.eval()
-    for e in encoders:
-        e.eval()
-    return ema
+    run.close()
+    run.save(ckpt, args.unet_steps)
+    run.train_mode(False)
+    return run.ema
 
 
 def _draw(gen, n, batch, colour_drop_p=0.3):
@@ -811,8 +851,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
 
 
-def run(args) -> int:
-    """``iseg train-shapes``: every stage resumable with ``--resume``."""
+def _check_run(args) -> tuple[Path, Path, Path]:
+    """``(workdir, checkpoint, loss log)`` after every check of ``iseg train-shapes``'s options that
+    needs no rendering or model (the ``--init`` folder is resolved here too)."""
     if args.out.name in ("", ".", ".."):
         raise CommandError(f"--out {str(args.out)!r} does not name a model folder; give one such as models/my-shapes")
     try:
@@ -836,7 +877,12 @@ def run(args) -> int:
         # nothing to resume: the run would start over and write over the model in --out
         raise CommandError(f"--resume: {workdir} has no checkpoint.pt, so the run would start over and replace the "
                            f"model in --out {args.out}; pass --overwrite to do that, or give the run's --workdir")
-    state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
+    return workdir, ckpt, log_path
+
+
+def _check_model_options(args) -> None:
+    """``--init`` (a folder, or a shipped model's name: replaced by its folder), ``--init-parts``,
+    ``--layers``, ``--shape-head``, the loss weights and ``--colour-drop``."""
     if args.init is not None and not args.init.is_dir():
         shipped = shipped_models()
         if str(args.init) in shipped:  # a shipped model by its name: its folder
@@ -860,6 +906,67 @@ def run(args) -> int:
     check_loss_weights(args)
     if not 0 <= args.colour_drop <= 1:
         raise CommandError(f"--colour-drop is a share of captions, between 0 and 1; got {args.colour_drop}")
+
+
+def _make_models(args, tokenizer, state: dict, init_parts: set[str]):
+    """``(vae, text encoders, denoiser)`` of the family, from ``--init`` and the checkpoint."""
+    vae = make_vae(args.latent_side)
+    if args.family == "sd3":
+        text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
+        denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
+    else:
+        text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
+    if args.init is not None and "unet" not in state:
+        try:
+            _load_init(args.init, vae, text_encoders, denoiser, parts=init_parts)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        state.update(init=str(args.init))
+        if "vae" in init_parts:
+            state.update(vae=vae.state_dict(), vae_step=args.vae_steps)
+    for name, module in (("vae", vae), ("unet", denoiser)):
+        if state.get(name):
+            module.load_state_dict(state[name])
+    saved = state.get("text_encoder")
+    for encoder, weights in zip(text_encoders, [saved] if isinstance(saved, dict) else saved or []):
+        encoder.load_state_dict(weights)
+    return vae, text_encoders, denoiser
+
+
+def _latent_scale(args, state: dict, init_parts: set[str], latents: torch.Tensor) -> float:
+    """The latent scale is part of the run: a resumed run must not recompute it (its VAE comes from
+    the checkpoint, not from --init, so the config would say 1.0)."""
+    if "scaling_factor" in state:
+        return float(state["scaling_factor"])
+    if "vae" in init_parts:
+        from diffusers import AutoencoderKL
+
+        return float(AutoencoderKL.load_config(args.init, subfolder="vae")["scaling_factor"])
+    return float(1.0 / latents.std())
+
+
+def _training_info(args, init_parts: set[str], elapsed: float, device, scale: float, vae, text_encoders,
+                   denoiser) -> dict:
+    """What ``training.json`` says of the run (the model card reads it)."""
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+    return {
+        "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
+        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "shape_head": args.shape_head, "colour_drop": args.colour_drop, "seed": args.seed,
+        "layers": args.layers if args.family == "sd3" else None,
+        "patch_size": args.patch_size if args.family == "sd3" else None,
+        "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
+        "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
+        "parameters": {"vae": count_parameters(vae),
+                       "text_encoder": sum(count_parameters(e) for e in text_encoders),
+                       "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
+    }
+
+
+def run(args) -> int:
+    """``iseg train-shapes``: every stage resumable with ``--resume``."""
+    workdir, ckpt, log_path = _check_run(args)
+    state = load_checkpoint(ckpt, args) if args.resume and ckpt.is_file() else {}
+    _check_model_options(args)
     device = device_option(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -876,41 +983,12 @@ def run(args) -> int:
     images, masks, info = render_dataset(args.images, args.workers)
     images, masks = torch.from_numpy(images), torch.from_numpy(masks)
     tokenizer = make_tokenizer(MAX_LENGTH)
-    vae = make_vae(args.latent_side)
-    if args.family == "sd3":
-        text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
-        denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
-    else:
-        text_encoders, denoiser = [make_text_encoder(len(tokenizer))], make_unet(args.latent_side)
     init_parts = {p.strip() for p in args.init_parts.split(",")} if args.init is not None else set()
-    if args.init is not None and "unet" not in state:
-        try:
-            _load_init(args.init, vae, text_encoders, denoiser, parts=init_parts)
-        except ValueError as e:
-            raise CommandError(str(e)) from None
-        state.update(init=str(args.init))
-        if "vae" in init_parts:
-            state.update(vae=vae.state_dict(), vae_step=args.vae_steps)
-    for name, module in (("vae", vae), ("unet", denoiser)):
-        if state.get(name):
-            module.load_state_dict(state[name])
-    saved = state.get("text_encoder")
-    for encoder, weights in zip(text_encoders, [saved] if isinstance(saved, dict) else saved or []):
-        encoder.load_state_dict(weights)
+    vae, text_encoders, denoiser = _make_models(args, tokenizer, state, init_parts)
     vae.to(device)
     train_vae(vae, images, args, device, ckpt, log_path, state)
     latents = encode_all(vae, images, device)
-    # the latent scale is part of the run: a resumed run must not recompute it (its VAE comes from
-    # the checkpoint, not from --init, so the config would say 1.0)
-    if "scaling_factor" in state:
-        scale = float(state["scaling_factor"])
-    elif "vae" in init_parts:
-        from diffusers import AutoencoderKL
-
-        scale = float(AutoencoderKL.load_config(args.init, subfolder="vae")["scaling_factor"])
-    else:
-        scale = float(1.0 / latents.std())
-    state["scaling_factor"] = scale
+    scale = state["scaling_factor"] = _latent_scale(args, state, init_parts, latents)
     vae.register_to_config(scaling_factor=scale)
     latents = latents * scale
     objects = object_masks(masks, info)
@@ -926,22 +1004,10 @@ def run(args) -> int:
     ema = train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
                      labels=masks if args.vocab > 0 or args.shape_head > 0 else None)
     denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
-    elapsed = state["elapsed"] + time.time() - t_start
-    state["elapsed"] = elapsed
+    state["elapsed"] = state["elapsed"] + time.time() - t_start
     _save(ckpt, state)
     write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
-    info_out = {
-        "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
-        "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "shape_head": args.shape_head, "colour_drop": args.colour_drop, "seed": args.seed,
-        "layers": args.layers if args.family == "sd3" else None,
-        "patch_size": args.patch_size if args.family == "sd3" else None,
-        "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
-        "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
-        "parameters": {"vae": count_parameters(vae),
-                       "text_encoder": sum(count_parameters(e) for e in text_encoders),
-                       "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
-    }
+    info_out = _training_info(args, init_parts, state["elapsed"], device, scale, vae, text_encoders, denoiser)
     write_text(args.out / "training.json", json.dumps(info_out, indent=2))
     plot_loss(log_path, args.out / "loss.png")
     print(json.dumps(info_out, indent=2))
