@@ -76,10 +76,8 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
             continue
         level = round(math.log2(latent_side / r)) if r > 0 else -1
         everything = pick_layers(available, "cross", [r], latent_side)
-        names = backbone.reference_layers("cross", level)
-        if s.reference == "interactive" and names:
-            # ... and only from its up_blocks.2 layers (where the family has them)
-            names = [n for n in names if n.startswith("up_blocks.2.")] or names
+        # ... and, with the interactive reference, only from the layers its demo reads
+        names = backbone.reference_layers("cross", level, interactive=s.reference == "interactive")
         ref = None
         if s.cross_layers == "auto" and names and latent_side / 2**level == r:
             try:
@@ -99,7 +97,7 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
         if s.self_layers == "auto" and self_r == latent_side and names:
             try:
                 self_layers = pick_layers(available, "self", [self_r], latent_side, names=names)
-            except ValueError:  # not an SD-shaped UNet: every self-attention layer at that resolution
+            except ValueError:  # the reference's layers are not there: every self-attention layer at that resolution
                 pass
     self_heads = s.self_heads
     if self_heads == "reference":

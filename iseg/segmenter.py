@@ -33,7 +33,7 @@ from .interactive import PromptResult, PromptSession
 from .labels import predict_labels
 from .loading import LoadedModel
 from .presets import DECODE_FIELDS, FORWARD_FIELDS, Settings, make_settings
-from .prompts import Prompt, build_prompt, cat_cross, check_class_names, class_offsets, make_prompt
+from .prompts import Prompt, build_prompt, check_class_names, class_offsets, make_prompt
 from .reference import DATASET_KINDS, reference_prompt
 from .results import Observation, SegmentationResult, Trace
 
@@ -125,7 +125,7 @@ class ISeg:
 
     @property
     def device(self) -> torch.device:
-        # the first parameter's, not diffusers' ``unet.device``: that walks every submodule on each
+        # the first parameter's, not diffusers' ``module.device``: that walks every submodule on each
         # call (6 ms per image on an H200 when called per image, measured with bench/profile_segment.py)
         return self.backbone.device
 
@@ -207,7 +207,7 @@ class ISeg:
                 while len(self._embeddings) > 256:  # a dataset run has one prompt per class set
                     self._embeddings.popitem(last=False)
             hidden = self._embeddings[key]
-        return cat_cross(hidden, prompt.spans, gamma).to(self.device, self.backbone.dtype)
+        return self.backbone.cat_cross(hidden, prompt, gamma).to(self.device, self.backbone.dtype)
 
     # -- speed and memory ----------------------------------------------------------------------
     def compile(self, method: str | None = "cuda-graph", *, vae: bool | Mapping = False, **compile_kwargs) -> ISeg:
@@ -220,7 +220,7 @@ class ISeg:
 
         ``vae=True`` also runs the VAE encoder through ``torch.compile`` (one compilation per
         batch size; a dict gives ``torch.compile`` arguments): at batch 8 or more on a GPU the
-        encoder, not the UNet, is the largest cost. In float16 its kernels round in another order,
+        encoder, not the denoiser, is the largest cost. In float16 its kernels round in another order,
         so a few pixels can change label (bench/RESULTS.md: 139 of 1.2 million on 300 images).
         """
         with self._lock:  # not while another thread's forward pass runs on the denoiser
@@ -272,8 +272,8 @@ class ISeg:
             return self.forward.noisy(z0, s.seed, s.timestep)
 
     def noise_weights(self, settings: Settings | None = None) -> tuple[float, float]:
-        """``(a, b)`` with ``z_t = a z0 + b eps`` at the settings' ``timestep``, for any family (SD's
-        UNet: ``sqrt(abar_t), sqrt(1 - abar_t)``; SD3 and FLUX: ``1 - t/1000, t/1000``)."""
+        """``(a, b)`` with ``z_t = a z0 + b eps`` at the settings' ``timestep``, by the backbone's noise
+        schedule (``sqrt(abar_t), sqrt(1 - abar_t)`` for DDPM, ``1 - t/1000, t/1000`` for rectified flow)."""
         s = settings or self.settings
         return self.backbone.noise_weights(s.timestep)
 
@@ -285,17 +285,16 @@ class ISeg:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The network that denoises, where attention is captured: the UNet of SD and SDXL, the
-        transformer (MM-DiT) of SD3 and FLUX. ``capture_attention(seg.denoiser, layers)`` around
-        ``seg.denoise(...)`` records its attention."""
+        """The network that denoises, where attention is captured (the backbone's ``denoiser``).
+        ``capture_attention(seg.denoiser, layers)`` around ``seg.denoise(...)`` records its attention."""
         return self.backbone.denoiser
 
     @property
     def attention_kind(self) -> str:
-        """``"separate"`` where the denoiser has cross- and self-attention modules of its own (SD's
-        and SDXL's UNet), ``"joint"`` where one attention runs image and text tokens through one
-        softmax (SD3's and FLUX's MM-DiT blocks; capture splits it into a cross and a self part)."""
-        return "separate" if self.model.family in ("sd", "sdxl") else "joint"
+        """``"separate"`` where the denoiser has cross- and self-attention modules of its own,
+        ``"joint"`` where one attention runs image and text tokens through one softmax that capture
+        splits into a cross and a self part (the backbone's ``attention_kind``)."""
+        return self.backbone.attention_kind
 
     @torch.no_grad()
     def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor) -> None:
@@ -348,7 +347,7 @@ class ISeg:
 
         Returns one ``Observation`` per image (cross-attention per resolution, the self-attention,
         the prompt). ``decode`` turns it into a result for any post-forward settings, so sliders on
-        ``lam``, ``iterations`` or the background rule never re-run the UNet.
+        ``lam``, ``iterations`` or the background rule never re-run the denoiser.
         """
         return [obs for batch in self._batches(images, classes, progress, overrides) for obs in batch]
 

@@ -22,7 +22,8 @@ from family_checks import (
 
 import iseg
 from iseg.backbones import FluxBackbone, family_of
-from iseg.capture import FluxCaptureProcessor, capture_attention
+from iseg.backbones.flux import FluxCaptureProcessor
+from iseg.capture import capture_attention
 from iseg.prompts import class_token_spans
 
 T5_ROWS = 64  # the tiny T5 tokenizer's window (FLUX.1: 512)

@@ -18,7 +18,8 @@ from family_checks import (
 
 import iseg
 from iseg.backbones import SD3Backbone, family_of
-from iseg.capture import JointCaptureProcessor, capture_attention
+from iseg.backbones.sd3 import JointCaptureProcessor
+from iseg.capture import capture_attention
 
 CLIP_ROWS, T5_ROWS = 77, 256
 

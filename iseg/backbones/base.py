@@ -1,4 +1,13 @@
-"""The contract between the method and a model family."""
+"""The contract between the method and a model family.
+
+A family is one ``Backbone`` subclass: it says which pipelines it reads (``accepts``), names its
+denoiser's attention layers with their kind, grid and heads and the processor class that records
+each (``layers_of``; a processor of its own where its attention computes differently, e.g. one
+softmax over image and text tokens, split by ``iseg.capture.SplitCaptureProcessor``), encodes
+images to latents, noises them (``add_noise``), runs one denoiser pass (``denoise``) and builds the
+conditioning whose class-token rows Cat-Cross scales (``encode_text``, ``cat_cross``). A new family
+is added with ``iseg.backbones.register_backbone``; nothing outside its module names it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,7 @@ import torch
 
 from ..capture import AttentionLayer
 from ..numerics import check_scale
-from ..prompts import Prompt, token_ids
+from ..prompts import Prompt, cat_cross, token_ids
 
 __all__ = ["Backbone", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
            "two_clip_encodings"]
@@ -117,6 +126,11 @@ class Backbone(ABC):
         self.encoding = posterior_mean
         self._layers: list[AttentionLayer] | None = None
 
+    @classmethod
+    @abstractmethod
+    def accepts(cls, pipe) -> bool:
+        """Whether this family reads ``pipe`` (``backbone_for`` asks each registered family)."""
+
     @staticmethod
     def has_parts(pipe, parts: Sequence[str]) -> bool:
         return all(getattr(pipe, p, None) is not None for p in parts)
@@ -158,9 +172,29 @@ class Backbone(ABC):
         ``module`` replaces the denoiser (e.g. a compiled one) with the same signature."""
 
     # -- attention layers ------------------------------------------------------------------------
-    @abstractmethod
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        """Every attention map of ``denoiser``, with kind, level, heads and the processor class that
+        records it (``AttentionLayer.processor``), in forward order; ``None`` when ``denoiser`` is
+        not of this family. ``iseg.capture.attention_layers`` (and so layers given by name) asks
+        every registered family."""
+        return None
+
     def attention_layers(self) -> list[AttentionLayer]:
         """Every attention layer of the denoiser, with kind, level and heads."""
+        if self._layers is None:
+            layers = type(self).layers_of(self.denoiser)
+            if layers is None:
+                raise TypeError(f"{type(self).__name__} cannot name the layers of a {type(self.denoiser).__name__}")
+            self._layers = list(layers)
+        return list(self._layers)
+
+    @property
+    def attention_kind(self) -> str:
+        """``"separate"`` where every attention module is either cross- or self-attention (SD's
+        UNet), ``"joint"`` where one attention runs image and text tokens through one softmax that
+        capture splits into a cross and a self map (an MM-DiT's)."""
+        return "joint" if any(layer.module for layer in self.attention_layers()) else "separate"
 
     def default_self_resolution(self, latent_side: int) -> int:
         """The self-attention grid read when ``self_resolution`` is not set: the finest one the
@@ -173,9 +207,10 @@ class Backbone(ABC):
         reference's ``{latent/4: 0.7, latent/2: 0.3}`` (method document §3)."""
         return {latent_side // 4: 0.7, latent_side // 2: 0.3}
 
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
-        """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level``;
-        ``None`` where the family has no reference choice (then every layer there is read)."""
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
+        """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level`` (with
+        ``interactive``, those the authors' interactive demo reads); ``None`` where the family has
+        no reference choice (then every layer there is read)."""
         return None
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
@@ -189,6 +224,12 @@ class Backbone(ABC):
         """The embedding ``(1, rows, dim)`` the denoiser reads for one prompt: the text encoder's
         hidden states, one row per token position of ``prompt.input_ids`` (Cat-Cross scales the
         class tokens' rows), plus any rows a family needs after them (SDXL: its pooled embedding)."""
+
+    def cat_cross(self, embedding: torch.Tensor, prompt: Prompt, gamma: float) -> torch.Tensor:
+        """Cat-Cross on ``encode_text``'s embedding: the rows of the prompt's class tokens
+        (``prompt.spans``, positions in ``prompt.input_ids``) scaled by ``gamma``; the rows a family
+        adds after them (pooled vectors, a second encoder's tokens) carry no class token and stay."""
+        return cat_cross(embedding, prompt.spans, gamma)
 
     def offload_text_encoder(self) -> None:
         """Keep the text encoder on the CPU in float32."""

@@ -65,7 +65,7 @@ class SDXLBackbone(UNetBackbone):
         return self.pipe.text_encoder_2.config.projection_dim
 
     # -- attention layers ------------------------------------------------------------------------
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
         return None  # the reference tables name SD 2.1 layers
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:

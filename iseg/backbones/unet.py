@@ -6,15 +6,16 @@ The reference implementation's layer and head choices live here: they name layer
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 
-from ..capture import AttentionLayer, attention_layers
+from ..capture import AttentionLayer
 from ..prompts import Prompt, encode_prompt
 from .base import Backbone
 
-__all__ = ["UNetBackbone", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
+__all__ = ["UNetBackbone", "unet_attention_layers", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
            "SD2_HEADS"]
 
 # Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent.
@@ -33,6 +34,35 @@ REFERENCE_VOC_HEADS = {
 }
 SD2_HEADS = {0: 5, 1: 10, 2: 20}  # heads per layer at each level on SD 2.x
 REFERENCE_SELF_HEADS = (1, 2)
+
+
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+
+
+def unet_attention_layers(unet) -> list[AttentionLayer]:
+    """Every attention layer of a ``UNet2DConditionModel``, in forward order of its processor dict;
+    each module is cross- or self-attention (``is_cross_attention``) and recorded by
+    ``CaptureProcessor``, at the level of its block (down block i: i; the mid block: the deepest;
+    up block i: the mirror of down block i)."""
+    n_down = len(unet.down_blocks)
+    n_up = len(unet.up_blocks)
+    modules = dict(unet.named_modules())
+    layers = []
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        m = _BLOCK.match(name)
+        if m is None:
+            continue
+        if m.group(3):
+            level = n_down - 1
+        elif m.group(1) == "down_blocks":
+            level = int(m.group(2))
+        else:
+            level = n_up - 1 - int(m.group(2))
+        kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
+        layers.append(AttentionLayer(name=name, kind=kind, level=level, heads=int(module.heads)))
+    return layers
 
 
 class UNetBackbone(Backbone):
@@ -64,14 +94,16 @@ class UNetBackbone(Backbone):
         (self.denoiser if module is None else module)(z_t, t, encoder_hidden_states=embedding, return_dict=False)
 
     # -- attention layers ------------------------------------------------------------------------
-    def attention_layers(self) -> list[AttentionLayer]:
-        if self._layers is None:
-            self._layers = attention_layers(self.denoiser)
-        return list(self._layers)
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        return unet_attention_layers(denoiser) if hasattr(denoiser, "down_blocks") else None
 
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
         if kind == "cross":
-            return REFERENCE_CROSS.get(level)
+            names = REFERENCE_CROSS.get(level)
+            if interactive and names:  # the demo reads only the up_blocks.2 layers where a level has them
+                names = tuple(n for n in names if n.startswith("up_blocks.2.")) or names
+            return names
         return REFERENCE_SELF if level == 0 else None
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
