@@ -10,6 +10,8 @@ family's backbone, its layer table and both of its recording processors live her
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import tiny
@@ -28,6 +30,7 @@ from iseg.capture import (
     capture_attention,
     split_heads,
 )
+from iseg.loading import LoadedModel, ModelFolderError, check_components
 from iseg.prompts import Prompt, encode_prompt
 
 DIM, HEADS = 32, 2
@@ -89,6 +92,7 @@ class ToyNet(AttentionMixin, torch.nn.Module):
         self.cross0 = Attention(query_dim=DIM, cross_attention_dim=text_dim, heads=HEADS, dim_head=DIM // HEADS)
         self.text_in = torch.nn.Linear(text_dim, DIM)
         self.joined1 = Attention(query_dim=DIM, heads=HEADS, dim_head=DIM // HEADS, processor=JoinedAttnProcessor())
+        self.config = SimpleNamespace(sample_size=16, in_channels=channels)  # what a loaded folder's check reads
 
     def forward(self, z, t, text):
         b, _, h, w = z.shape
@@ -111,6 +115,8 @@ class ToyPipeline:
 
 class ToyBackbone(Backbone):
     """The toy family as the method sees it."""
+
+    parts = ("net", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def __init__(self, pipe):
         super().__init__(pipe, pipe.net, pipe.tokenizer)
@@ -219,6 +225,20 @@ def _tokens_after_cross0(net, z, text):
     x = net.proj_in(z).flatten(2).transpose(1, 2)
     x = x + net.self0(x)
     return x + net.cross0(x, encoder_hidden_states=text)
+
+
+def test_a_loaded_folder_of_the_family_is_checked_by_its_backbone(toy):
+    assert LoadedModel.of(toy).family == "toy" and LoadedModel.of(toy).denoiser is toy.net
+    check_components(toy, "the toy")  # its parts fit
+    toy.net.config.in_channels = 8
+    with pytest.raises(ModelFolderError, match="the toy: the net takes 8 input channels but the VAE makes 4-channel"):
+        check_components(toy, "the toy")
+    toy.net.config.in_channels, toy.net.config.sample_size = 4, 0
+    with pytest.raises(ModelFolderError, match=r"the toy: net/config.json has sample_size 0"):
+        check_components(toy, "the toy")
+    toy.scheduler = None
+    with pytest.raises(ModelFolderError, match=r"the toy has no scheduler; .* \(net, vae, text_encoder, tokenizer, "):
+        check_components(toy, "the toy")
 
 
 def test_unregistered_the_family_is_unknown_again():

@@ -19,14 +19,14 @@ implementation and holds the reference layer and head tables; ``SDXLBackbone`` r
 from __future__ import annotations
 
 from ..capture import LAYER_TABLES, register_layer_table
-from .base import Backbone
+from .base import Backbone, layer_numbers
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone
 
 __all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for",
-           "family_of", "register_backbone", "unregister_backbone"]
+           "family_of", "register_backbone", "unregister_backbone", "layer_order", "layer_title"]
 
 # family name -> (backbone, the diffusers pipeline classes it reads), most specific first
 FAMILIES: dict[str, tuple[type[Backbone], tuple[str, ...]]] = {}
@@ -61,6 +61,26 @@ for _name, _backbone, _pipelines in (("sd", UNetBackbone, ("StableDiffusionPipel
                                      ("flux", FluxBackbone, ("FluxPipeline",)),
                                      ("sdxl", SDXLBackbone, ("StableDiffusionXLPipeline",))):
     register_backbone(_name, _backbone, _pipelines)
+
+
+def layer_order(name: str) -> tuple:
+    """Sort key that puts a denoiser's layers in the order the image passes them, as the family
+    that names them says (a UNet's: down, mid, up; an MM-DiT's blocks by index); else by index."""
+    for backbone, _ in FAMILIES.values():
+        key = backbone.layer_order(name)
+        if key is not None:
+            return key
+    return 3, layer_numbers(name)
+
+
+def layer_title(name: str) -> str:
+    """A short name for a plot's title, as the family that names the layer gives it: ``down 1.0``,
+    ``mid``, ``up 2.1 t1``, ``block 3``, ``single 2``; else the name itself."""
+    for backbone, _ in FAMILIES.values():
+        title = backbone.layer_title(name)
+        if title is not None:
+            return title
+    return name
 
 
 def family_of(pipe) -> str | None:

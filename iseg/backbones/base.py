@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -21,8 +21,23 @@ from ..capture import AttentionLayer
 from ..numerics import check_scale
 from ..prompts import Prompt, cat_cross, token_ids
 
-__all__ = ["Backbone", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
+__all__ = ["Backbone", "config_value", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
            "two_clip_encodings"]
+
+
+def config_value(module, key: str):
+    """``module.config[key]`` (a diffusers or transformers config), ``None`` where it has none."""
+    config = getattr(module, "config", None)
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def layer_numbers(name: str) -> tuple[int, ...]:
+    """The block and layer indices in a layer's name, in order: ``up_blocks.2.attentions.1...`` -> ``(2, 1, ...)``."""
+    return tuple(int(part) for part in name.replace(":", ".").split(".") if part.isdigit())
 
 
 def posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +105,12 @@ class Backbone(ABC):
     tokenizer: object
     #: ``encoding(vae, x) -> latent`` the call ``encode`` makes; ``compile(vae=True)`` compiles it
     encoding: object
+    #: the parts of the pipeline this family reads, its denoiser first (a loaded folder must have them)
+    parts: tuple[str, ...] = ()
+    #: latent cells per denoiser input token (the VAE's channels times this are the denoiser's)
+    packed_cells = 1
+    #: what ``from_pretrained`` of the family's pipeline gets from ``load_model``: parts left out
+    load_options: Mapping = {}
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -134,6 +155,33 @@ class Backbone(ABC):
     @staticmethod
     def has_parts(pipe, parts: Sequence[str]) -> bool:
         return all(getattr(pipe, p, None) is not None for p in parts)
+
+    # -- checks of a loaded folder (``iseg.loading.check_components``) ----------------------------
+    @classmethod
+    def check_denoiser(cls, pipe, fail, refuse) -> None:
+        """That the denoiser's configured ``sample_size`` is a latent side (``refuse(message)``
+        otherwise) and that it takes the VAE's latents (``fail(message)``: parts of two models)."""
+        name = cls.parts[0]
+        denoiser = getattr(pipe, name)
+        sample = config_value(denoiser, "sample_size")
+        if not all(_whole(v) for v in (sample if isinstance(sample, (list, tuple)) else [sample])):
+            refuse(f"{name}/config.json has sample_size {sample!r}; it must be the latent side, a whole number > 0 "
+                   "(e.g. 64 for a 512-pixel model)")
+        cls._check_latent_channels(pipe, fail)
+
+    @classmethod
+    def _check_latent_channels(cls, pipe, fail) -> None:
+        latent, channels = config_value(pipe.vae, "latent_channels"), config_value(getattr(pipe, cls.parts[0]), "in_channels")
+        if latent is not None and channels is not None and channels != latent * cls.packed_cells:
+            packed = f" (x{cls.packed_cells} packed)" if cls.packed_cells != 1 else ""
+            fail(f"the {cls.parts[0]} takes {channels} input channels but the VAE makes {latent}-channel latents{packed}")
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths: Sequence[int], fail) -> None:
+        """That the denoiser reads text as wide as the text encoders give it (``widths``: their
+        ``hidden_size``s, in order); ``fail(message)`` otherwise. A family whose denoiser names no
+        text width has nothing to check."""
+        return None
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
@@ -188,6 +236,17 @@ class Backbone(ABC):
                 raise TypeError(f"{type(self).__name__} cannot name the layers of a {type(self.denoiser).__name__}")
             self._layers = list(layers)
         return list(self._layers)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        """A sort key that puts this family's layers in the order the image passes them (``None``:
+        not a name of this family's)."""
+        return None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        """A short title for a plot of the layer (``None``: not a name of this family's)."""
+        return None
 
     @property
     def attention_kind(self) -> str:

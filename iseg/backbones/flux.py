@@ -47,7 +47,7 @@ import torch
 
 from ..capture import AttentionLayer, AttentionStore, SplitCaptureProcessor
 from ..prompts import Prompt, token_ids
-from .base import Backbone, flow_matching_noise
+from .base import Backbone, flow_matching_noise, layer_numbers
 
 __all__ = ["FluxBackbone", "FluxCaptureProcessor", "flux_attention_layers"]
 
@@ -189,10 +189,12 @@ class FluxBackbone(Backbone):
         super().__init__(pipe, pipe.transformer, tokenizer)
         self._ids: dict[tuple, tuple] = {}
 
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    packed_cells = 4  # the latent is packed 2x2 cells per token
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                                    "scheduler")):
+        if not cls.has_parts(pipe, cls.parts):
             return False
         if not (hasattr(pipe, "_pack_latents") and hasattr(pipe, "_prepare_latent_image_ids")):
             return False
@@ -200,6 +202,10 @@ class FluxBackbone(Backbone):
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "single_transformer_blocks") \
             and hasattr(transformer, "x_embedder") and hasattr(transformer.config, "joint_attention_dim") \
             and hasattr(transformer.config, "pooled_projection_dim")
+
+    @classmethod
+    def check_denoiser(cls, pipe, fail, refuse) -> None:
+        cls._check_latent_channels(pipe, fail)  # the transformer's config has no sample_size
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -248,6 +254,18 @@ class FluxBackbone(Backbone):
         if not (hasattr(denoiser, "transformer_blocks") and hasattr(denoiser, "single_transformer_blocks")):
             return None
         return flux_attention_layers(denoiser)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        head = name.split(".", 1)[0]  # the double-stream blocks, then the single-stream ones
+        return ({"transformer_blocks": 0, "single_transformer_blocks": 3}[head], layer_numbers(name)) \
+            if head in ("transformer_blocks", "single_transformer_blocks") else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        head = name.split(".", 1)[0]
+        titles = {"transformer_blocks": "block", "single_transformer_blocks": "single"}
+        return f"{titles[head]} {layer_numbers(name)[0]}" if head in titles else None
 
     def default_self_resolution(self, latent_side: int) -> int:
         return latent_side // 2

@@ -39,7 +39,7 @@ import torch
 
 from ..capture import AttentionLayer, SplitCaptureProcessor, split_heads
 from ..prompts import Prompt, token_ids
-from .base import Backbone, flow_matching_noise, two_clip_encodings
+from .base import Backbone, config_value, flow_matching_noise, layer_numbers, two_clip_encodings
 
 __all__ = ["SD3Backbone", "JointCaptureProcessor", "joint_attention_layers"]
 
@@ -117,15 +117,31 @@ class SD3Backbone(Backbone):
     def __init__(self, pipe):
         super().__init__(pipe, pipe.transformer, pipe.tokenizer)
 
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    # the T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens, and the
+    # class tokens iSeg reads are CLIP tokens
+    load_options = {"text_encoder_3": None, "tokenizer_3": None}
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                                    "scheduler")):
+        if not cls.has_parts(pipe, cls.parts):
             return False
         transformer = pipe.transformer
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "context_embedder") \
             and hasattr(transformer.config, "joint_attention_dim") and hasattr(transformer.config, "patch_size") \
             and not hasattr(transformer, "single_transformer_blocks")  # FLUX's transformer has these too
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths, fail) -> None:
+        joint = config_value(pipe.transformer, "joint_attention_dim")
+        if isinstance(joint, int) and joint < sum(widths):
+            fail(f"the transformer's text width is {joint} (joint_attention_dim) but its two CLIP text encoders "
+                 f"give {sum(widths)}")
+        pooled = config_value(pipe.transformer, "pooled_projection_dim")
+        projections = [config_value(e, "projection_dim") for e in (pipe.text_encoder, pipe.text_encoder_2)]
+        if isinstance(pooled, int) and None not in projections and pooled != sum(projections):
+            fail(f"the transformer takes {pooled}-wide pooled text (pooled_projection_dim) but the text encoders' "
+                 f"projections give {sum(projections)}")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -162,6 +178,14 @@ class SD3Backbone(Backbone):
                 or hasattr(denoiser, "single_transformer_blocks"):  # FLUX's transformer has blocks too
             return None
         return joint_attention_layers(denoiser)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        return (0, layer_numbers(name)) if name.startswith("transformer_blocks.") else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        return f"block {layer_numbers(name)[0]}" if name.startswith("transformer_blocks.") else None
 
     def default_self_resolution(self, latent_side: int) -> int:
         return math.ceil(latent_side / self.patch_size)

@@ -41,10 +41,12 @@ class SDXLBackbone(UNetBackbone):
         if getattr(vae.config, "force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
             vae.to(torch.float32)  # SDXL's VAE overflows to inf/NaN in float16
 
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    load_options = {}
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        return cls.has_parts(pipe, parts) and hasattr(pipe.unet, "down_blocks")
+        return cls.has_parts(pipe, cls.parts) and hasattr(pipe.unet, "down_blocks")
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

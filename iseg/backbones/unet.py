@@ -13,7 +13,7 @@ import torch
 
 from ..capture import AttentionLayer
 from ..prompts import Prompt, encode_prompt
-from .base import Backbone
+from .base import Backbone, config_value, layer_numbers
 
 __all__ = ["UNetBackbone", "unet_attention_layers", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
            "SD2_HEADS"]
@@ -36,6 +36,7 @@ SD2_HEADS = {0: 5, 1: 10, 2: 20}  # heads per layer at each level on SD 2.x
 REFERENCE_SELF_HEADS = (1, 2)
 
 
+_STAGES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
 
 
@@ -69,13 +70,24 @@ class UNetBackbone(Backbone):
     """A Stable-Diffusion-style pipeline: ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``
     and a ``UNet2DConditionModel`` (``pipe.unet``)."""
 
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
+    load_options = {"safety_checker": None, "requires_safety_checker": False}
+
     def __init__(self, pipe):
         super().__init__(pipe, pipe.unet, pipe.tokenizer)
 
     @classmethod
     def accepts(cls, pipe) -> bool:
-        return cls.has_parts(pipe, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")) and hasattr(
-            pipe.unet, "down_blocks")
+        return cls.has_parts(pipe, cls.parts) and hasattr(pipe.unet, "down_blocks")
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths: Sequence[int], fail) -> None:
+        cross, width = config_value(pipe.unet, "cross_attention_dim"), sum(widths)
+        if isinstance(cross, int) and cross != width:
+            encoders = "s give" if len(widths) > 1 else " gives"
+            fail(f"the UNet's cross-attention takes {cross}-wide text states (cross_attention_dim) but the text "
+                 f"encoder{encoders} {width}")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -97,6 +109,22 @@ class UNetBackbone(Backbone):
     @classmethod
     def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
         return unet_attention_layers(denoiser) if hasattr(denoiser, "down_blocks") else None
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        head = name.split(".", 1)[0]  # down, mid, up (``named_modules`` lists mid last)
+        return (_STAGES[head], layer_numbers(name)) if head in _STAGES else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        # ``down 1.0``, ``mid``, ``up 2.1`` (block . attention), ``t j`` for the j-th transformer block of several
+        head, nums = name.split(".", 1)[0], layer_numbers(name)
+        if head in ("down_blocks", "up_blocks"):
+            base = f"{head[:-7]} {nums[0]}.{nums[1]}" if len(nums) >= 2 else head
+            return base + (f" t{nums[2]}" if len(nums) >= 3 and nums[2] > 0 else "")
+        if head == "mid_block":
+            return "mid" + (f" t{nums[1]}" if len(nums) >= 2 and nums[1] > 0 else "")
+        return None
 
     def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
         if kind == "cross":
