@@ -120,7 +120,7 @@ def select_layers(
     """Choose layers of a denoiser by kind and latent resolution, or by name (prefixes allowed).
 
     ``resolutions`` needs ``latent_side`` (the side of the latent the denoiser will see).
-    ``names`` may be full layer names or prefixes such as ``"up_blocks.3.attentions.1"``.
+    ``names`` may be full layer names or prefixes (a block's name stands for every layer in it).
     """
     return pick_layers(attention_layers(denoiser), kind, resolutions, latent_side, names)
 

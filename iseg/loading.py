@@ -542,8 +542,8 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
-    """The registry entry of the shipped shapes model of ``pipe``'s family (``shapes`` for a UNet,
-    ``shapes-mmdit`` for an MM-DiT), with ``path`` as its folder, when ``path`` holds a shapes-world
+    """The registry entry of the shipped shapes model of ``pipe``'s family (the first shipped folder
+    with a ``training.json`` whose pipeline is of that family), with ``path`` as its folder, when ``path`` holds a shapes-world
     model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
     ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
     folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
@@ -553,9 +553,15 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
         return None
     if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
         return None
-    shipped = {"sd": "shapes", "sd3": "shapes-mmdit"}.get(family_of(pipe))
-    entry = registry.MODELS.get(shipped) if shipped else None
-    return None if entry is None else replace(entry, folder=path)
+    family = family_of(pipe)
+    for name, folder in shipped_models().items():
+        try:
+            shipped_class = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if (folder / "training.json").is_file() and PIPELINES.get(shipped_class) == family:
+            return replace(registry.MODELS[name], folder=path)
+    return None
 
 
 def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:
