@@ -223,7 +223,7 @@ def test_resume_after_a_kill_gives_the_same_result_without_recomputing(tmp_path,
 def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg, capsys):
     ds = ShapesDataset(split="test", count=4)
     ev.evaluate_dataset(shapes_seg, ds, "wsss", out=tmp_path, progress=False)
-    other = iseg.ISeg(shapes_seg.pipe, preset="shapes", batch_size=4, iterations=3)
+    other = iseg.ISeg(shapes_seg.model.pipe, preset="shapes", batch_size=4, iterations=3)
     with pytest.raises(ev.RunMismatchError, match=r"settings.iterations \(5 there, 3 now\).*--restart"):
         ev.evaluate_dataset(other, ds, "wsss", out=tmp_path, progress=False)
     assert cli.main(["eval", "--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",

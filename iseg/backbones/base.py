@@ -253,7 +253,8 @@ class Backbone(ABC):
         """``"separate"`` where every attention module is either cross- or self-attention (SD's
         UNet), ``"joint"`` where one attention runs image and text tokens through one softmax that
         capture splits into a cross and a self map (an MM-DiT's)."""
-        return "joint" if any(layer.module for layer in self.attention_layers()) else "separate"
+        return "joint" if any(layer.module and layer.module != layer.name for layer in self.attention_layers()) \
+            else "separate"
 
     def default_self_resolution(self, latent_side: int) -> int:
         """The self-attention grid read when ``self_resolution`` is not set: the finest one the

@@ -228,7 +228,7 @@ def evaluate_dataset(
     manifest = {
         "task": task, "dataset": dataset.name, "split": dataset.split,
         "root": str(dataset.root) if dataset.root else None,
-        "model": model_name or seg.model_name, "preset": seg.preset,
+        "model": model_name or seg.model.name, "preset": seg.preset,
         "settings": settings.as_dict(), "label_source": source_name,
         "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
                         if labels is not None and not isinstance(labels, Mapping) else None),
@@ -361,7 +361,7 @@ def _run_facts(seg, source_name: str, clip) -> dict:
     return {
         "dtype": None if backbone is None else str(backbone.dtype).removeprefix("torch."),
         "device": None if backbone is None else backbone.device.type,
-        "compile": getattr(seg, "compiled", None),
+        "compile": getattr(forward, "compiled", None),
         "compile_vae": getattr(forward, "encoder", None) is not None,
         "clip_model": clip_model,
     }
