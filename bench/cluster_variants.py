@@ -52,7 +52,7 @@ def main(argv=None):
         for name, (on, normalize) in variants.items():
             R.kl_cluster = _normalised_cluster if normalize else original
             try:
-                results = seg.decode_batch(obs, clustering=on)
+                results = seg.decode(obs, clustering=on)
             finally:
                 R.kl_cluster = original
             for r, s in zip(results, chunk):

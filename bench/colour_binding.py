@@ -34,7 +34,7 @@ def colour_masks(image) -> tuple[np.ndarray, np.ndarray]:
 def measure(seg, seed: int) -> dict:
     from iseg.course.explore import generate
 
-    image = generate(seg.pipe, PROMPT, seed=seed)
+    image = generate(seg.model.pipe, PROMPT, seed=seed)
     labels = seg.segment(image, CLASSES).labels
     red, blue = colour_masks(image)
     row = {"seed": seed, "red_pixels": int(red.sum()), "blue_pixels": int(blue.sum())}

@@ -1,30 +1,31 @@
 """Step 3 of the method: capture attention probabilities through diffusers' processor API.
 
-``capture_attention(unet, layers)`` installs a ``CaptureProcessor`` on the chosen layers (every
-other layer keeps its own processor, normally SDPA), yields an ``AttentionStore`` that fills up
-during the forward pass, and restores the original processors on exit, also after an error::
+``capture_attention(denoiser, layers)`` installs a recording processor on the chosen layers
+(every other layer keeps its own processor, normally SDPA), yields an ``AttentionStore`` that
+fills up during the forward pass, and restores the original processors on exit, also after an
+error::
 
-    layers = select_layers(unet, "cross", resolutions=[16, 32], latent_side=64)
-    with capture_attention(unet, layers) as store:
-        unet(z_t, t, encoder_hidden_states=E)
+    layers = select_layers(denoiser, "cross", resolutions=[16, 32], latent_side=64)
+    with capture_attention(denoiser, layers) as store:
+        denoiser(z_t, t, encoder_hidden_states=E)
     maps = store.by_resolution("cross")   # {16: (B, 256, 77), 32: (B, 1024, 77)}
 
-An MM-DiT (SD3) has no separate cross- and self-attention: each joint attention module attends
-from image and text tokens to both at once. ``joint_attention_layers`` names two maps per module,
-``<module>:text`` (cross) and ``<module>:image`` (self), and one ``JointCaptureProcessor`` on the
-module records both, each renormalised over its own keys. FLUX's transformer has joint
-(double-stream) blocks and single-stream blocks whose one sequence is ``[text; image]``;
-``flux_attention_layers`` names the same two maps for both, and ``FluxCaptureProcessor`` records
-them with the rotary embedding applied as diffusers applies it.
+What is common to every model family lives here: the layer record (``AttentionLayer``), the
+store, installing and restoring processors, head sums and means, the recording processor of an
+attention module that is either cross- or self-attention (``CaptureProcessor``) and the recording
+machinery of one attention whose keys are image and text tokens at once
+(``SplitCaptureProcessor``: the image queries' softmax split into a self map over the image keys
+and a cross map over the text keys). A model family's backbone (``iseg.backbones``) names its
+layers, and each layer names the processor class that records it (``AttentionLayer.processor``);
+a family whose attention computes differently brings a subclass of its own.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,13 +33,12 @@ __all__ = [
     "AttentionLayer",
     "AttentionStore",
     "CaptureProcessor",
-    "JointCaptureProcessor",
-    "FluxCaptureProcessor",
+    "SplitCaptureProcessor",
     "attention_layers",
-    "joint_attention_layers",
-    "flux_attention_layers",
+    "register_layer_table",
     "select_layers",
     "pick_layers",
+    "split_heads",
     "capture_attention",
     "install_capture",
 ]
@@ -48,16 +48,20 @@ KINDS = ("self", "cross")
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    """One attention map of a denoiser. On a UNet, one attention module, named as in
-    ``unet.attn_processors`` without ``.processor``; a joint (MM-DiT) attention module gives two
-    maps, ``<module>:text`` (image queries to text keys, kind "cross") and ``<module>:image``
-    (image queries to image keys, kind "self"), both with ``module`` set to the module's name."""
+    """One attention map of a denoiser. Where an attention module is either cross- or
+    self-attention, one module, named as in ``denoiser.attn_processors`` without ``.processor``;
+    an attention module over image and text tokens at once gives two maps, ``<module>:text``
+    (image queries to text keys, kind "cross") and ``<module>:image`` (image queries to image
+    keys, kind "self"), both with ``module`` set to the module's name. ``processor`` is the
+    ``CaptureProcessor`` class that records the map (the family's backbone chooses it; ``None``
+    means ``CaptureProcessor``); it takes no part in comparisons."""
 
     name: str
     kind: str  # "self" or "cross"
     level: int  # downsampling steps below the latent: resolution = latent_side / 2**level
     heads: int
     module: str = ""  # the attention module's name where it differs from ``name``; "" means ``name``
+    processor: type | None = field(default=None, compare=False, repr=False)
 
     def resolution(self, latent_side: int) -> int:
         return math.ceil(latent_side / 2**self.level)
@@ -68,91 +72,57 @@ class AttentionLayer:
         return self.module or self.name
 
 
-_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+#: ``table(denoiser) -> list[AttentionLayer] | None``, one per model family, newest first: each
+#: names the layers of a denoiser of its family and answers ``None`` for any other denoiser.
+#: ``iseg.backbones.register_backbone`` adds the backbone's ``layers_of``.
+LAYER_TABLES: list[Callable] = []
 
 
-def attention_layers(unet) -> list[AttentionLayer]:
-    """Every attention layer of a ``UNet2DConditionModel``, in forward order of its processor dict."""
-    n_down = len(unet.down_blocks)
-    n_up = len(unet.up_blocks)
-    modules = dict(unet.named_modules())
-    layers = []
-    for key in unet.attn_processors:
-        name = key.removesuffix(".processor")
-        module = modules[name]
-        m = _BLOCK.match(name)
-        if m is None:
-            continue
-        if m.group(3):
-            level = n_down - 1
-        elif m.group(1) == "down_blocks":
-            level = int(m.group(2))
-        else:
-            level = n_up - 1 - int(m.group(2))
-        kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
-        layers.append(AttentionLayer(name=name, kind=kind, level=level, heads=int(module.heads)))
-    return layers
+def register_layer_table(table: Callable) -> Callable:
+    """Add a family's layer table (it is asked before those registered earlier); returns it."""
+    if table not in LAYER_TABLES:
+        LAYER_TABLES.insert(0, table)
+    return table
 
 
-def joint_attention_layers(transformer) -> list[AttentionLayer]:
-    """The two maps of every joint attention module of an MM-DiT (``SD3Transformer2DModel``):
-    ``transformer_blocks.{i}.attn:text`` (cross) and ``transformer_blocks.{i}.attn:image`` (self).
-
-    All sit on the patch grid, ``level = log2(patch_size)`` below the latent. Image-only attention
-    modules (SD 3.5's ``attn2``) are not listed."""
-    patch = int(transformer.config.patch_size)
-    level = round(math.log2(patch))
-    if 2**level != patch:
-        raise ValueError(f"patch_size {patch} is not a power of two; the layer level cannot express it")
-    modules = dict(transformer.named_modules())
-    layers = []
-    for key in transformer.attn_processors:
-        name = key.removesuffix(".processor")
-        module = modules[name]
-        if not name.startswith("transformer_blocks.") or getattr(module, "add_k_proj", None) is None:
-            continue
-        heads = int(module.heads)
-        layers.append(AttentionLayer(name=name + ":text", kind="cross", level=level, heads=heads, module=name))
-        layers.append(AttentionLayer(name=name + ":image", kind="self", level=level, heads=heads, module=name))
-    return layers
-
-
-def flux_attention_layers(transformer) -> list[AttentionLayer]:
-    """The two maps of every attention module of a ``FluxTransformer2DModel``: for each double-stream
-    block ``transformer_blocks.{i}.attn:text`` (cross) and ``...:image`` (self), then the same for
-    each single-stream block ``single_transformer_blocks.{i}.attn``.
-
-    All sit on the grid of packed 2x2 latent patches (``FluxPipeline._pack_latents``), level 1
-    below the latent: the transformer's own ``patch_size`` is 1, the packing is done outside it."""
-    modules = dict(transformer.named_modules())
-    layers = []
-    for key in transformer.attn_processors:
-        name = key.removesuffix(".processor")
-        if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
-            continue
-        heads = int(modules[name].heads)
-        layers.append(AttentionLayer(name=name + ":text", kind="cross", level=1, heads=heads, module=name))
-        layers.append(AttentionLayer(name=name + ":image", kind="self", level=1, heads=heads, module=name))
-    return layers
+def attention_layers(denoiser) -> list[AttentionLayer]:
+    """Every attention layer of a denoiser, in forward order of its processor dict, as its model
+    family's backbone names them; a ``TypeError`` where no registered family knows the denoiser."""
+    for table in LAYER_TABLES:
+        layers = table(denoiser)
+        if layers is not None:
+            return list(layers)
+    raise TypeError(f"no model family iseg knows has a {type(denoiser).__name__} denoiser; a new family "
+                    "registers its backbone with iseg.backbones.register_backbone")
 
 
 def _matches(layer: AttentionLayer, prefix: str) -> bool:
     return any(layer.name == prefix or layer.name.startswith(prefix + sep) for sep in ".:")
 
 
+def _short_name(layer: AttentionLayer, layers: Sequence[AttentionLayer]) -> str:
+    """The shortest dotted prefix of ``layer.name`` that matches no other of ``layers``."""
+    parts = layer.name.split(".")
+    for i in range(1, len(parts)):
+        prefix = ".".join(parts[:i])
+        if all(other is layer or not _matches(other, prefix) for other in layers):
+            return prefix
+    return layer.name
+
+
 def select_layers(
-    unet,
+    denoiser,
     kind: str,
     resolutions: Iterable[int] | None = None,
     latent_side: int | None = None,
     names: Sequence[str] | None = None,
 ) -> list[AttentionLayer]:
-    """Choose layers of a UNet by kind and latent resolution, or by name (prefixes allowed).
+    """Choose layers of a denoiser by kind and latent resolution, or by name (prefixes allowed).
 
-    ``resolutions`` needs ``latent_side`` (the side of the latent the UNet will see).
-    ``names`` may be full layer names or prefixes such as ``"up_blocks.3.attentions.1"``.
+    ``resolutions`` needs ``latent_side`` (the side of the latent the denoiser will see).
+    ``names`` may be full layer names or prefixes (a block's name stands for every layer in it).
     """
-    return pick_layers(attention_layers(unet), kind, resolutions, latent_side, names)
+    return pick_layers(attention_layers(denoiser), kind, resolutions, latent_side, names)
 
 
 def pick_layers(
@@ -171,7 +141,7 @@ def pick_layers(
         for prefix in names:
             hits = [layer for layer in layers if _matches(layer, prefix)]
             if not hits:
-                known = sorted({layer.name.split(".transformer_blocks")[0] for layer in layers})
+                known = [_short_name(layer, layers) for layer in layers]
                 raise ValueError(f"no {kind}-attention layer matches {prefix!r}; {kind}-attention layers: {known}")
             chosen.extend(hit for hit in hits if hit not in chosen)
         layers = chosen
@@ -269,6 +239,20 @@ class AttentionStore:
         self.counts[name] = count
 
 
+def split_heads(attn, query, key, value, norm_q=..., norm_k=...):
+    """``(B, n, heads * d)`` projections -> ``(B, heads, n, d)``, with the module's q/k norms (or
+    the given ones) applied, as diffusers' processors do."""
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    norm_q = attn.norm_q if norm_q is ... else norm_q
+    norm_k = attn.norm_k if norm_k is ... else norm_k
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 class CaptureProcessor:
     """An attention processor that computes the softmax explicitly and records it.
 
@@ -276,6 +260,9 @@ class CaptureProcessor:
     chosen ``heads`` (all by default); the store receives their sum over heads unless
     ``per_head``. With ``keep_grad`` the stored maps stay in the autograd graph (for training
     losses on attention); otherwise they are detached.
+
+    ``install_capture`` makes one per attention module with ``build`` and lets it ``attach``
+    whatever else it needs on the denoiser; a family's own processor class overrides those two.
     """
 
     # float32 probabilities of all heads held at once at most; larger layers go one head at a time
@@ -296,6 +283,25 @@ class CaptureProcessor:
         self.per_head = per_head
         self.keep_grad = keep_grad
         self.accumulate = accumulate
+
+    @classmethod
+    def build(cls, store: AttentionStore, layers: Sequence[AttentionLayer], heads: Mapping[str, Sequence[int] | None],
+              original, **options) -> CaptureProcessor:
+        """The processor recording ``layers`` (the maps of one attention module) into ``store``;
+        ``heads`` maps each layer's name to its head indices (``None``: all), ``original`` is the
+        processor it replaces, ``options`` are ``per_head``, ``keep_grad`` and ``accumulate``."""
+        if len(layers) != 1 or layers[0].module:
+            raise ValueError(f"{cls.__name__} records one whole attention module, not {[x.name for x in layers]}; "
+                             "the maps of a split module are recorded by their family's processor (layer.processor)")
+        return cls(store, layers[0].name, heads=heads.get(layers[0].name), **options)
+
+    def attach(self, denoiser, target: str) -> list:
+        """Anything the processor needs besides its place on ``target`` (e.g. a forward hook on the
+        block around it), installed on ``denoiser``; returns handles with ``remove()``."""
+        return []
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.keep_grad else x.detach()
 
     @staticmethod
     def _probs(attn, query, key, attention_mask):
@@ -329,42 +335,10 @@ class CaptureProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        query, key, value = split_heads(attn, query, key, value)
 
-        query, key, value = _split_heads(attn, query, key, value)
-
-        if self.heads is not None and (max(self.heads) >= attn.heads or min(self.heads) < -attn.heads):
-            raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
-        if self.per_head:
-            probs = self._probs(attn, query, key, attention_mask)
-            out = probs.to(value.dtype) @ value
-            if self.heads is not None:
-                probs = probs[:, self.heads]
-            self.store.record(self.name, probs if self.keep_grad else probs.detach(), True, self.accumulate)
-        elif batch_size * attn.heads * query.shape[-2] * key.shape[-2] * 4 <= self.ALL_HEADS_BYTES:
-            # small maps (every cross-attention layer): all heads in one product, fewer kernel launches
-            probs = self._probs(attn, query, key, attention_mask)
-            out = probs.to(value.dtype) @ value
-            if self.heads is None:
-                total, count = probs.sum(1), attn.heads
-            else:  # slices, not an index tensor: no host-to-device copy (CUDA graphs forbid one)
-                picked = sorted({h % attn.heads for h in self.heads})
-                total, count = sum(probs[:, h] for h in picked), len(picked)
-            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), count, self.accumulate)
-        else:
-            # one head at a time: the (B, heads, n, n) probabilities of a 4096-pixel layer are never
-            # held at once, only the running sum of the selected heads
-            chosen = set(range(attn.heads)) if self.heads is None else {h % attn.heads for h in self.heads}
-            outs, total = [], None
-            for h in range(attn.heads):
-                mask_h = None if attention_mask is None else attention_mask[:, h : h + 1]
-                p = self._probs(attn, query[:, h : h + 1], key[:, h : h + 1], mask_h)
-                outs.append(p.to(value.dtype) @ value[:, h : h + 1])
-                if h in chosen:
-                    total = p[:, 0] if total is None else total + p[:, 0]
-            out = torch.cat(outs, dim=1)
-            self.store.record_sum(self.name, total if self.keep_grad else total.detach(), len(chosen), self.accumulate)
+        out = self._attend_and_record(attn, query, key, value, attention_mask)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
-
         out = attn.to_out[0](out.to(query.dtype))
         out = attn.to_out[1](out)
         if input_ndim == 4:
@@ -373,22 +347,61 @@ class CaptureProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _attend_and_record(self, attn, query, key, value, attention_mask) -> torch.Tensor:
+        """The attention output ``(B, heads, n, d)``; the chosen heads' probabilities go to the store."""
+        if self.heads is not None and (max(self.heads) >= attn.heads or min(self.heads) < -attn.heads):
+            raise ValueError(f"layer {self.name} has {attn.heads} heads; cannot select heads {self.heads}")
+        if self.per_head:
+            probs = self._probs(attn, query, key, attention_mask)
+            out = probs.to(value.dtype) @ value
+            if self.heads is not None:
+                probs = probs[:, self.heads]
+            self.store.record(self.name, self._keep(probs), True, self.accumulate)
+            return out
+        if query.shape[0] * attn.heads * query.shape[-2] * key.shape[-2] * 4 <= self.ALL_HEADS_BYTES:
+            # small maps (every cross-attention layer): all heads in one product, fewer kernel launches
+            probs = self._probs(attn, query, key, attention_mask)
+            if self.heads is None:
+                total, count = probs.sum(1), attn.heads
+            else:  # slices, not an index tensor: no host-to-device copy (CUDA graphs forbid one)
+                picked = sorted({h % attn.heads for h in self.heads})
+                total, count = sum(probs[:, h] for h in picked), len(picked)
+            self.store.record_sum(self.name, self._keep(total), count, self.accumulate)
+            return probs.to(value.dtype) @ value
+        # one head at a time: the (B, heads, n, n) probabilities of a 4096-pixel layer are never
+        # held at once, only the running sum of the selected heads
+        chosen = set(range(attn.heads)) if self.heads is None else {h % attn.heads for h in self.heads}
+        outs, total = [], None
+        for h in range(attn.heads):
+            mask_h = None if attention_mask is None else attention_mask[:, h : h + 1]
+            p = self._probs(attn, query[:, h : h + 1], key[:, h : h + 1], mask_h)
+            outs.append(p.to(value.dtype) @ value[:, h : h + 1])
+            if h in chosen:
+                total = p[:, 0] if total is None else total + p[:, 0]
+        self.store.record_sum(self.name, self._keep(total), len(chosen), self.accumulate)
+        return torch.cat(outs, dim=1)
 
-class JointCaptureProcessor:
-    """A joint (MM-DiT) attention processor that returns what ``JointAttnProcessor2_0`` returns
-    and records the image queries' attention, split by key.
 
-    The output is computed on the same SDPA path as diffusers' processor. For the image-query rows
-    only, the chosen heads' scores ``q k^T * scale`` are taken in float32 over the keys
-    ``[image; text]``; their softmax restricted to the text keys (the joint softmax renormalised
-    over the text keys, which is the same thing) is recorded under ``layers["cross"]``, and
-    restricted to the image keys under ``layers["self"]``. ``layers`` maps a kind to the name the
-    store keeps it under; a kind not in it is not computed. ``heads`` maps a kind to its head
-    indices (``None``: all). ``per_head``, ``keep_grad`` and ``accumulate`` act as in
+class SplitCaptureProcessor:
+    """The recording half of a processor for one attention over image and text tokens at once:
+    the image queries' attention, split by key.
+
+    For the image-query rows only, the chosen heads' scores ``q k^T * scale`` are taken in float32
+    over all keys; their softmax restricted to the text keys (the one softmax renormalised over
+    the text keys, which is the same thing) is recorded under ``layers["cross"]``, and restricted
+    to the image keys under ``layers["self"]``. ``layers`` maps a kind to the name the store keeps
+    it under; a kind not in it is not computed. ``heads`` maps a kind to its head indices
+    (``None``: all). ``per_head``, ``keep_grad`` and ``accumulate`` act as in
     ``CaptureProcessor``; large maps are computed one head at a time, keeping only running sums.
+
+    A family's subclass computes the attention output as its own processor does (``__call__``)
+    and hands the queries and keys to ``record``; ``text_first`` says whether the keys are
+    ``[text; image]`` rather than ``[image; text]``. ``original`` is the processor replaced.
     """
 
     ALL_HEADS_BYTES = CaptureProcessor.ALL_HEADS_BYTES
+    #: the keys are ``[text; image]`` (True) or ``[image; text]`` (False)
+    text_first = False
 
     def __init__(
         self,
@@ -398,6 +411,7 @@ class JointCaptureProcessor:
         per_head: bool = False,
         keep_grad: bool = False,
         accumulate: bool = False,
+        original=None,
     ):
         unknown = set(layers) - set(KINDS)
         if unknown:
@@ -409,6 +423,21 @@ class JointCaptureProcessor:
         self.per_head = per_head
         self.keep_grad = keep_grad
         self.accumulate = accumulate
+        self.original = original
+
+    @classmethod
+    def build(cls, store: AttentionStore, layers: Sequence[AttentionLayer], heads: Mapping[str, Sequence[int] | None],
+              original, **options) -> SplitCaptureProcessor:
+        """As ``CaptureProcessor.build``: ``layers`` are the module's maps, at most one per kind."""
+        kinds = [layer.kind for layer in layers]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"two {kinds[0]} maps of one attention module: {sorted(x.name for x in layers)}")
+        return cls(store, {layer.kind: layer.name for layer in layers},
+                   {layer.kind: heads.get(layer.name) for layer in layers}, original=original, **options)
+
+    def attach(self, denoiser, target: str) -> list:
+        """As ``CaptureProcessor.attach``."""
+        return []
 
     def _chosen(self, kind: str, n_heads: int) -> list[int]:
         heads = self.heads[kind]
@@ -418,49 +447,19 @@ class JointCaptureProcessor:
             raise ValueError(f"layer {self.layers[kind]} has {n_heads} heads; cannot select heads {heads}")
         return sorted({h % n_heads for h in heads})
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
-        query, key, value = _split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
-                                         attn.to_v(hidden_states))
-        if encoder_hidden_states is not None:
-            q_text, k_text, v_text = _split_heads(
-                attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-                attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k)
-            n_image = query.shape[2]
-            query = torch.cat([query, q_text], dim=2)
-            key = torch.cat([key, k_text], dim=2)
-            value = torch.cat([value, v_text], dim=2)
-        else:
-            n_image = query.shape[2]
+    def _parts(self, n_image: int, n_key: int) -> dict[str, slice]:
+        n_text = n_key - n_image
+        if self.text_first:
+            return {"self": slice(n_text, n_key), "cross": slice(0, n_text)}
+        return {"self": slice(0, n_image), "cross": slice(n_image, n_key)}
 
-        self._record(attn, query[:, :, :n_image], key, n_image)
-
-        hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
-        hidden_states = hidden_states.to(query.dtype)
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-    def _record(self, attn, query, key, n_image: int, text_first: bool = False, scale: float | None = None) -> None:
+    def record(self, query, key, n_image: int, scale: float) -> None:
         """Record the image queries' probabilities over the image keys and over the text keys.
 
-        ``query`` and ``key`` are ``(B, heads, n, head_dim)``; the keys are ``[image; text]``, or
-        ``[text; image]`` with ``text_first``. ``scale`` defaults to ``attn.scale``."""
+        ``query`` (image queries only) and ``key`` are ``(B, heads, n, head_dim)``; the keys are
+        ``[image; text]``, or ``[text; image]`` with ``text_first``."""
         n_heads = query.shape[1]
-        scale = attn.scale if scale is None else scale
-        n_text = key.shape[2] - n_image
-        if text_first:
-            parts = {"self": slice(n_text, key.shape[2]), "cross": slice(0, n_text)}
-        else:
-            parts = {"self": slice(0, n_image), "cross": slice(n_image, key.shape[2])}
+        parts = self._parts(n_image, key.shape[2])
         kinds = [k for k in self.layers if k == "self" or key.shape[2] > n_image]  # no text keys: no cross map
         if not kinds:
             return
@@ -496,121 +495,12 @@ class JointCaptureProcessor:
                 self.store.record_sum(self.layers[kind], keep(total), len(chosen[kind]), self.accumulate)
 
 
-class FluxCaptureProcessor(JointCaptureProcessor):
-    """An attention processor for FLUX's ``FluxAttention`` that returns what diffusers'
-    ``FluxAttnProcessor`` returns and records the image queries' attention, split by key.
-
-    The output runs diffusers' own code path: the same projections (``_get_qkv_projections``),
-    RMS norms, rotary embedding (``apply_rotary_emb``) and ``dispatch_attention_fn`` with the
-    replaced processor's attention backend. In a double-stream block the joint sequence is
-    ``[text; image]`` (the text tokens first, unlike SD3); in a single-stream block the module gets
-    that sequence already joined, with no separate context, so the text length comes from
-    ``text_length``, which a forward pre-hook on the block sets from its ``encoder_hidden_states``
-    (``install_capture`` registers it). The probabilities are taken from the rotated queries and
-    keys, in float32, with the scale ``head_dim ** -0.5`` that the attention uses; the recording
-    is ``JointCaptureProcessor``'s (``layers``, ``heads``, ``per_head``, ``keep_grad``, ``accumulate``).
-    An ``attention_mask`` (``FluxPipeline`` passes none) reaches the output, not the recorded maps,
-    as with ``JointCaptureProcessor``."""
-
-    def __init__(self, store: AttentionStore, layers: Mapping[str, str],
-                 heads: Mapping[str, Sequence[int] | None] | None = None, original=None, **options):
-        super().__init__(store, layers, heads, **options)
-        self.text_length: int | None = None
-        # the attention backend of the processor this one replaces, so the output is computed alike
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        if encoder_hidden_states is not None:
-            n_text = encoder_hidden_states.shape[1]
-        elif self.text_length is not None:
-            n_text = self.text_length
-        else:
-            raise RuntimeError(f"{sorted(self.layers.values())}: a single-stream FLUX attention module needs the "
-                               "text length; install the processor with install_capture (or set text_length)")
-        # (B, n, heads, head_dim) -> (B, heads, n, head_dim); image queries only
-        n_image = query.shape[1] - n_text
-        self._record(attn, query[:, n_text:].transpose(1, 2), key.transpose(1, 2), n_image, text_first=True,
-                     scale=query.shape[-1] ** -0.5)
-
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                              backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-
-def _is_flux_attention(module) -> bool:
-    return any(cls.__name__ == "FluxAttention" for cls in type(module).__mro__)
-
-
-def _text_length_hook(processor: FluxCaptureProcessor):
-    """A forward pre-hook for a FLUX single-stream block: its ``encoder_hidden_states`` (keyword,
-    or second positional argument under gradient checkpointing) give the text length."""
-
-    def hook(block, args, kwargs):
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        processor.text_length = None if context is None else int(context.shape[1])
-
-    return hook
-
-
-def install_capture(
-    module,
-    layers: Iterable[AttentionLayer | str],
-    heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
-    **options,
-):
-    """Put a ``CaptureProcessor`` on each of ``layers`` of ``module`` (a denoiser with diffusers'
-    ``attn_processors``/``set_attn_processor``), or one ``JointCaptureProcessor`` on each joint
-    attention module that the layers name (``AttentionLayer.module``), serving its ":text" and
-    ":image" maps together (a ``FluxCaptureProcessor`` on FLUX's attention modules, with a hook on
-    each single-stream block that tells it the text length); returns ``(store, restore)``, where
-    ``restore()`` puts the module's own processors back and removes those hooks. ``options`` go to every processor (``per_head``, ``keep_grad``,
-    ``accumulate``). ``capture_attention`` is the scoped form."""
-    layers = list(layers)  # a generator would be used up by the checks below
-    original = module.attn_processors
-    known = {key.removesuffix(".processor") for key in original}
-    # layers given by name are looked up in the module's table (kind, level and heads come from it)
+def _resolve(module, layers: Sequence[AttentionLayer | str], known: set[str]) -> list[AttentionLayer]:
+    """``layers`` as ``AttentionLayer``s: a name is looked up in the denoiser's table (kind, level,
+    heads and processor come from it); a ``ValueError`` names one that is not there."""
     by_name = {}
     if any(isinstance(layer, str) for layer in layers):
-        if hasattr(module, "single_transformer_blocks"):
-            by_name = {layer.name: layer for layer in flux_attention_layers(module)}
-        elif hasattr(module, "down_blocks"):
-            by_name = {layer.name: layer for layer in attention_layers(module)}
-        elif hasattr(module, "transformer_blocks"):
-            by_name = {layer.name: layer for layer in joint_attention_layers(module)}
+        by_name = {layer.name: layer for layer in attention_layers(module)}
     chosen = []
     for layer in layers:
         if isinstance(layer, str):
@@ -620,66 +510,50 @@ def install_capture(
         elif layer.target not in known:
             raise ValueError(f"{layer.target!r} is not an attention layer of this {type(module).__name__}")
         chosen.append(layer)
+    return chosen
+
+
+def install_capture(
+    module,
+    layers: Iterable[AttentionLayer | str],
+    heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+    **options,
+):
+    """Put a recording processor on each attention module of ``module`` (a denoiser with
+    diffusers' ``attn_processors``/``set_attn_processor``) that ``layers`` name: one processor per
+    module, of the layers' ``processor`` class (``CaptureProcessor`` by default), serving every
+    map of that module (e.g. its ":text" and ":image" maps together), plus whatever it
+    ``attach``-es; returns ``(store, restore)``, where ``restore()`` puts the module's own
+    processors back and removes what was attached. ``options`` go to every processor
+    (``per_head``, ``keep_grad``, ``accumulate``). ``capture_attention`` is the scoped form."""
+    original = module.attn_processors
+    chosen = _resolve(module, list(layers), {key.removesuffix(".processor") for key in original})
     store = AttentionStore(chosen)
-    # one processor per attention module: a joint module serves its ":text" and ":image" maps at once
-    groups: dict[str, dict[str, AttentionLayer]] = {}
+    groups: dict[str, list[AttentionLayer]] = {}
     for layer in chosen:
-        groups.setdefault(layer.target, {})[layer.name] = layer
-    replaced = dict(original)
-
-    def heads_of(layer):
-        return heads.get(layer.name) if isinstance(heads, Mapping) else heads
-
-    modules = dict(module.named_modules()) if any(layer.module for layer in chosen) else {}
-    single_stream = []  # (block, processor): a text-length hook each, once the processors are in place
+        groups.setdefault(layer.target, []).append(layer)
+    names = {layer.name for layer in chosen}
+    head_map = {name: heads.get(name) for name in names} if isinstance(heads, Mapping) else dict.fromkeys(names, heads)
+    processors = {}
     for target, group in groups.items():
-        if any(layer.module for layer in group.values()):
-            kinds = [layer.kind for layer in group.values()]
-            if len(set(kinds)) != len(kinds):
-                raise ValueError(f"two {kinds[0]} maps of one joint attention module {target!r}: {sorted(group)}")
-            names = {layer.kind: layer.name for layer in group.values()}
-            chosen_heads = {layer.kind: heads_of(layer) for layer in group.values()}
-            attn = modules.get(target)
-            if attn is not None and _is_flux_attention(attn):
-                processor = FluxCaptureProcessor(store, names, chosen_heads, original=original[target + ".processor"],
-                                                 **options)
-                if getattr(attn, "added_kv_proj_dim", None) is None:  # single-stream: the block knows the text
-                    single_stream.append((modules[target.rpartition(".")[0]], processor))
-            else:
-                processor = JointCaptureProcessor(store, names, chosen_heads, **options)
-        else:
-            (layer,) = group.values()
-            processor = CaptureProcessor(store, layer.name, heads=heads_of(layer), **options)
-        replaced[target + ".processor"] = processor
-    module.set_attn_processor(replaced)
-    hooks = [block.register_forward_pre_hook(_text_length_hook(processor), with_kwargs=True)
-             for block, processor in single_stream]
+        kinds = {layer.processor or CaptureProcessor for layer in group}
+        if len(kinds) != 1:
+            raise ValueError(f"the maps of {target!r} name different processors: {sorted(k.__name__ for k in kinds)}")
+        processors[target] = kinds.pop().build(store, group, head_map, original[target + ".processor"], **options)
+    module.set_attn_processor({**original, **{t + ".processor": p for t, p in processors.items()}})
+    handles = [handle for target, processor in processors.items() for handle in processor.attach(module, target)]
 
     def restore():
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
         module.set_attn_processor(original)
 
     return store, restore
 
 
-def _split_heads(attn, query, key, value, norm_q=..., norm_k=...):
-    """``(B, n, heads * d)`` projections -> ``(B, heads, n, d)``, with the module's q/k norms (or
-    the given ones) applied, as diffusers' processors do."""
-    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
-    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-    norm_q = attn.norm_q if norm_q is ... else norm_q
-    norm_k = attn.norm_k if norm_k is ... else norm_k
-    if norm_q is not None:
-        query = norm_q(query)
-    if norm_k is not None:
-        key = norm_k(key)
-    return query, key, value
-
-
 @contextmanager
 def capture_attention(
-    unet,
+    denoiser,
     layers: Iterable[AttentionLayer | str],
     heads: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     per_head: bool = False,
@@ -690,10 +564,10 @@ def capture_attention(
 
     ``heads`` is ``None`` (all heads), one list of head indices for every layer, or a mapping
     from layer name to its list. ``accumulate`` sums over several forward passes (e.g. the steps
-    of a generation) instead of keeping the last one. The UNet's original processors are back
+    of a generation) instead of keeping the last one. The denoiser's original processors are back
     in place when the block ends, whether it ends normally or with an exception.
     """
-    store, restore = install_capture(unet, list(layers), heads, per_head=per_head, keep_grad=keep_grad,
+    store, restore = install_capture(denoiser, list(layers), heads, per_head=per_head, keep_grad=keep_grad,
                                      accumulate=accumulate)
     try:
         yield store

@@ -17,16 +17,26 @@ capture exactly as it is and change only how the pass is started:
 - ``"torch"``: ``torch.compile`` of the denoiser with the capture processors installed for as
   long as it is used.
 
-``trace`` captures every layer (per head) for looking inside the model; the bench times the same
-``encode`` and ``denoise`` steps.
+``trace`` captures every layer (per head) for looking inside the model; ``encode``, ``noisy``,
+``denoise`` and ``decode_latents`` are the pass's steps one at a time (notebook 01, the bench).
+
+A model whose preset reads the self-attention at another image size (``Settings.self_image_size``)
+runs two passes; its plan says so (``plan_passes``: ``plan.passes``), and ``NoisyForward.observe``
+runs whatever passes a plan holds.
+
+``Cache`` is the one small keyed store (least recently used goes first) behind every cache of
+``ISeg`` (plans, prompt embeddings, prompt sessions) and of the pass (the noise).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,23 +45,139 @@ from .capture import AttentionLayer, AttentionStore, capture_attention, install_
 from .numerics import check_finite
 from .presets import FrozenMap, Settings
 
-__all__ = ["LayerPlan", "make_plan", "NoisyForward", "GraphedForward", "CompiledForward", "make_launcher", "require_cuda",
-           "METHODS"]
+__all__ = ["LayerPlan", "make_plan", "plan_passes", "image_sizes", "check_timestep", "NoisyForward", "Cache",
+           "GraphedForward", "CompiledForward", "make_launcher", "require_cuda", "METHODS", "SIZE_RANGE"]
+
+# Image sizes the method accepts, as multiples of the model's native size: a model trained at one
+# size means nothing far from it, and self-attention memory grows with the fourth power of the side.
+SIZE_RANGE = (0.25, 2.0)
+
+
+class Cache:
+    """A small keyed store: ``get(key, make)`` returns the value kept for ``key``, else makes it
+    with ``make()`` and keeps it; past ``size`` values the least recently used goes. Every read
+    and write holds ``lock`` (``ISeg`` gives its denoiser's, so threads share the caches safely)."""
+
+    def __init__(self, size: int, lock=None):
+        self.size = size
+        self.lock = lock if lock is not None else threading.RLock()
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], object]):
+        with self.lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = self._items[key] = make()
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# One lock per denoiser, shared by every ISeg that uses it: capturing attention swaps the
+# denoiser's processors, so two forward passes on one model at once would read each other's attention.
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def denoiser_lock(module) -> threading.RLock:
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """The layers one forward pass captures and how their maps are combined."""
+    """The layers one forward pass captures and how their maps are combined.
+
+    ``image_size`` is the side of the square the pass sees. ``self_pass``: where the self-attention
+    comes from a second pass at another image size (``Settings.self_image_size``), that pass's plan
+    (it reads only self-attention, this one only cross-attention); ``None``: this pass gives both.
+    """
 
     weights: FrozenMap  # {r: weight > 0}
     cross: FrozenMap  # {r: tuple[AttentionLayer, ...]}
     self_layers: tuple[AttentionLayer, ...]
     self_resolution: int
     heads: FrozenMap  # {layer name: tuple of head indices}
+    image_size: int = 0
+    self_pass: LayerPlan | None = None
 
     def layers(self, self_attention: bool = True, cross_attention: bool = True) -> list[AttentionLayer]:
         """Every layer to capture: the cross-attention ones, then the self-attention ones."""
         out = [layer for group in self.cross.values() for layer in group] if cross_attention else []
         return out + list(self.self_layers) if self_attention else out
+
+    @property
+    def passes(self) -> tuple[LayerPlan, ...]:
+        """The forward passes to run, in order: this one, then ``self_pass`` where there is one."""
+        return (self,) if self.self_pass is None else (self, self.self_pass)
+
+    @property
+    def self_plan(self) -> LayerPlan:
+        """The pass whose self-attention is read (its ``self_resolution`` is the maps' grid)."""
+        return self.passes[-1]
+
+
+def image_sizes(backbone: Backbone, s: Settings, model: str = "this") -> tuple[int, int]:
+    """``(image_size, self_image_size)`` of ``s``, checked: ``None`` means the native size, and
+    ``image_size`` for the second; a ``ValueError`` names a size the ``model`` cannot mean."""
+    native, step = backbone.native_size, backbone.size_step()
+    lo = max(step, math.ceil(native * SIZE_RANGE[0] / step) * step)
+    hi = int(native * SIZE_RANGE[1]) // step * step
+
+    def checked(name: str, size: int | None, default: int) -> int:
+        if size is None:
+            return default
+        if not (lo <= size <= hi and size % step == 0):
+            none = f"{name}=None for {native}" if name == "image_size" else f"{name}=None for image_size's pass"
+            raise ValueError(
+                f"{name}={size} does not suit the {model!r} model: it was trained on {native}x{native} "
+                f"images; give a multiple of {step} from {lo} to {hi}, or {none}")
+        return size
+
+    size = checked("image_size", s.image_size, native)
+    return size, checked("self_image_size", s.self_image_size, size)
+
+
+def check_timestep(backbone: Backbone, s: Settings, model: str = "this") -> Settings:
+    """``s``, its ``timestep`` checked against the scheduler's ``num_train_timesteps`` (a
+    ValueError naming both, instead of an IndexError inside diffusers at the first image)."""
+    config = getattr(getattr(backbone.pipe, "scheduler", None), "config", None)
+    steps = config.get("num_train_timesteps") if isinstance(config, Mapping) else None
+    if isinstance(steps, int) and not isinstance(steps, bool) and s.timestep >= steps:
+        raise ValueError(f"timestep={s.timestep} is past the {model!r} model's noise schedule: its "
+                         f"scheduler/scheduler_config.json has num_train_timesteps {steps}, so the timestep "
+                         f"must be below {steps}; give a smaller timestep or fix that file")
+    return s
+
+
+def plan_passes(backbone: Backbone, s: Settings, model: str = "this") -> LayerPlan:
+    """The plan of what ``ISeg.segment`` runs with ``s``: one pass at ``image_size`` that gives both
+    attentions, or, where ``self_image_size`` differs, a pass at ``image_size`` for the
+    cross-attention whose ``self_pass`` gives the self-attention at ``self_image_size``. Each
+    pass's layers are chosen with the other attention's layer settings left at their defaults,
+    which that pass does not read (an explicit ``cross_weights`` resolution need not exist on the
+    finer grid)."""
+    size, self_size = image_sizes(backbone, s, model)
+    scale = backbone.latent_scale
+    if self_size == size:
+        return make_plan(backbone, size // scale, s)
+    base = Settings()
+    cross = make_plan(backbone, size // scale, replace(s, self_resolution=base.self_resolution,
+                                                        self_layers=base.self_layers, self_heads=base.self_heads))
+    second = make_plan(backbone, self_size // scale, replace(s, cross_weights=base.cross_weights,
+                                                            cross_layers=base.cross_layers, cross_heads=base.cross_heads))
+    return replace(cross, self_layers=(), self_pass=replace(second, weights=FrozenMap(), cross=FrozenMap()))
 
 
 def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
@@ -73,10 +199,8 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
             continue
         level = round(math.log2(latent_side / r)) if r > 0 else -1
         everything = pick_layers(available, "cross", [r], latent_side)
-        names = backbone.reference_layers("cross", level)
-        if s.reference == "interactive" and names:
-            # ... and only from its up_blocks.2 layers (where the family has them)
-            names = [n for n in names if n.startswith("up_blocks.2.")] or names
+        # ... and, with the interactive reference, only from the layers its demo reads
+        names = backbone.reference_layers("cross", level, interactive=s.reference == "interactive")
         ref = None
         if s.cross_layers == "auto" and names and latent_side / 2**level == r:
             try:
@@ -96,7 +220,7 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
         if s.self_layers == "auto" and self_r == latent_side and names:
             try:
                 self_layers = pick_layers(available, "self", [self_r], latent_side, names=names)
-            except ValueError:  # not an SD-shaped UNet: every self-attention layer at that resolution
+            except ValueError:  # the reference's layers are not there: every self-attention layer at that resolution
                 pass
     self_heads = s.self_heads
     if self_heads == "reference":
@@ -108,7 +232,8 @@ def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:
             if not -layer.heads <= h < layer.heads:
                 raise ValueError(f"self_heads {tuple(self_heads)} out of range: {layer.name} has {layer.heads} heads")
     return LayerPlan(weights=FrozenMap(weights), cross=FrozenMap((r, tuple(v)) for r, v in cross.items()),
-                     self_layers=tuple(self_layers), self_resolution=self_r, heads=FrozenMap(heads))
+                     self_layers=tuple(self_layers), self_resolution=self_r, heads=FrozenMap(heads),
+                     image_size=latent_side * backbone.latent_scale)
 
 
 def _cross_heads(backbone: Backbone, s: Settings, cross: dict, latent_side: int, reference_used: bool) -> dict:
@@ -149,13 +274,21 @@ METHODS = ("cuda-graph", "torch")
 
 
 class NoisyForward:
-    """Encode, noise and denoise once with capture; ``set_launch`` chooses how the pass starts."""
+    """Encode, noise and denoise once with capture; ``set_launch`` chooses how the pass starts.
+
+    ``seg.forward`` of an ``ISeg``. Its steps hold the denoiser's lock (``lock``), shared by
+    every ``ISeg`` of the model, so a pass never runs while another thread's captures."""
+
+    # bytes that the attention captured in one forward pass may take (the self-attention matrices,
+    # per head while they are averaged); on a GPU, half of its memory
+    _FORWARD_BYTES = 2 * 2**30
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.launcher = None  # GraphedForward or CompiledForward; None: the plain path
         self.encoder = None  # a torch.compile'd VAE encoding, or None
-        self._noise: dict[tuple, torch.Tensor] = {}
+        self.lock = denoiser_lock(backbone.denoiser)
+        self._noise = Cache(1, self.lock)  # one draw is all a run needs
 
     def set_launch(self, method: str | None, vae: bool | Mapping = False, **compile_kwargs) -> None:
         if not isinstance(vae, (bool, Mapping)):
@@ -163,11 +296,26 @@ class NoisyForward:
         launcher = None if method is None else make_launcher(method, **compile_kwargs)
         if method == "cuda-graph":
             require_cuda(self.backbone.device)  # refused now, not at the first segment call
-        if self.launcher is not None:
-            self.launcher.release(self.backbone)
-        self.launcher = launcher
-        options = {"dynamic": False, **(vae if isinstance(vae, Mapping) else {})}
-        self.encoder = None if vae is False else torch.compile(self.backbone.encoding, **options)
+        with self.lock:  # not while another thread's forward pass runs on the denoiser
+            if self.launcher is not None:
+                self.launcher.release(self.backbone)
+            self.launcher = launcher
+            options = {"dynamic": False, **(vae if isinstance(vae, Mapping) else {})}
+            self.encoder = None if vae is False else torch.compile(self.backbone.encoding, **options)
+
+    @property
+    def compiled(self) -> str | None:
+        """The launch method in use (``"cuda-graph"``, ``"torch"``) or ``None`` for the plain path."""
+        if self.launcher is None:
+            return None
+        return "torch" if isinstance(self.launcher, CompiledForward) else "cuda-graph"
+
+    @property
+    def attention_kind(self) -> str:
+        """``"separate"`` where the denoiser has cross- and self-attention modules of its own,
+        ``"joint"`` where one attention runs image and text tokens through one softmax that capture
+        splits into a cross and a self part (the backbone's ``attention_kind``)."""
+        return self.backbone.attention_kind
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -175,37 +323,76 @@ class NoisyForward:
         return self.backbone.encode(pixels, self.encoder)
 
     def noisy(self, z0: torch.Tensor, seed: int, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z_t, t)`` with the same noise, drawn from ``seed``, for every image: batches equal single calls."""
+        """``(z_t, t)`` with the same noise, drawn from ``seed``, for every image: batches equal single calls
+        (``z_t = a z0 + b eps``, with ``(a, b) = seg.backbone.noise_weights(timestep)``)."""
         # a CPU generator, so any device gives the same noise; kept on the device so a batch costs
         # no host-to-device copy, which would wait for the VAE
         key = (seed, tuple(z0.shape[1:]), z0.device, z0.dtype)
-        noise = self._noise.get(key)
-        if noise is None:
-            draw = torch.randn(z0.shape[1:], generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-            self._noise.clear()  # one entry is all a run needs
-            noise = self._noise[key] = draw.to(z0.device, z0.dtype)
+        noise = self._noise.get(key, lambda: torch.randn(
+            z0.shape[1:], generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32).to(z0.device, z0.dtype))
         t = torch.full((z0.shape[0],), timestep, dtype=torch.long, device=z0.device)
         return self.backbone.add_noise(z0, noise.expand_as(z0), t), t
 
     @torch.no_grad()
-    def run(self, pixels: torch.Tensor, embedding: torch.Tensor, plan: LayerPlan, seed: int, timestep: int,
-            self_attention: bool = True, cross_attention: bool = True):
-        """``({r: cross (B, r*r, T)} or {}, self (B, n, n) or None)`` of one pass over ``pixels``."""
-        z_t, t = self.noisy(self.encode(pixels), seed, timestep)
-        layers = plan.layers(self_attention, cross_attention)
-        if self.launcher is not None:
-            # the store belongs to the graph or compiled module; by_resolution returns new tensors
-            store = self.launcher(self.backbone, layers, plan.heads, z_t, t, embedding)
-            cross = store.by_resolution("cross")
-            attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
-        else:
-            with capture_attention(self.backbone.denoiser, layers, heads=dict(plan.heads)) as store:
-                self.backbone.denoise(z_t, t, embedding)
-            cross = store.by_resolution("cross")
-            attn_self = store.by_resolution("self").get(plan.self_resolution) if self_attention else None
-            store.clear()
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor) -> None:
+        """One pass of the denoiser over ``z_t`` at ``t`` with the text ``embedding`` (from
+        ``seg.embedding``), as the family's pipeline makes it; the noise prediction is thrown away.
+        Run it inside ``capture_attention(seg.backbone.denoiser, ...)`` to read the attention."""
+        device = self.backbone.device
+        with self.lock:
+            self.backbone.denoise(z_t.to(device), t.to(device), embedding.to(device))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """What the VAE makes of latents ``z`` (from ``encode`` or ``noisy``): ``(B, 3, S, S)``
+        images in [0, 1] on the CPU, ready to plot."""
+        with self.lock:
+            return self.backbone.decode_latents(z)
+
+    @torch.no_grad()
+    def run(self, pixels: torch.Tensor, embedding: torch.Tensor, plan: LayerPlan, seed: int, timestep: int):
+        """``({r: cross (B, r*r, T)} or {}, self (B, n, n) or None)`` of one pass over ``pixels``,
+        with the layers of ``plan`` (one of ``plan.passes``)."""
+        with self.lock:
+            z_t, t = self.noisy(self.encode(pixels), seed, timestep)
+            layers = plan.layers()
+            if self.launcher is not None:
+                # the store belongs to the graph or compiled module; by_resolution returns new tensors
+                store = self.launcher(self.backbone, layers, plan.heads, z_t, t, embedding)
+                cross = store.by_resolution("cross")
+                attn_self = store.by_resolution("self").get(plan.self_resolution) if plan.self_layers else None
+            else:
+                with capture_attention(self.backbone.denoiser, layers, heads=dict(plan.heads)) as store:
+                    self.backbone.denoise(z_t, t, embedding)
+                cross = store.by_resolution("cross")
+                attn_self = store.by_resolution("self").get(plan.self_resolution) if plan.self_layers else None
+                store.clear()
         self.check(embedding, z_t, cross, attn_self)
         return cross, attn_self
+
+    def observe(self, pixels: Sequence[torch.Tensor], embedding: torch.Tensor, plan: LayerPlan, seed: int,
+                timestep: int) -> tuple[dict, torch.Tensor]:
+        """``({r: cross (B, r*r, T)}, self (B, n, n))`` of every pass of ``plan`` (``plan.passes``),
+        one batch of ``pixels`` per pass at its ``image_size``; same prompt, seed and timestep."""
+        cross, attn_self = {}, None
+        for batch, step in zip(pixels, plan.passes):
+            got, got_self = self.run(batch, embedding, step, seed, timestep)
+            cross.update(got)
+            attn_self = attn_self if got_self is None else got_self
+        return cross, attn_self
+
+    def chunk_size(self, plan: LayerPlan, batch_size: int) -> int:
+        """How many images one forward pass of ``plan`` takes: ``batch_size``, or fewer where the
+        captured self-attention of that many images would pass the memory budget (a ``batch_size``
+        of 10000 is run in chunks, with the same results)."""
+        step = plan.self_plan
+        n = step.self_resolution**2
+        heads = max([layer.heads for layer in step.self_layers] + [1])
+        per_image = 4 * n * n * (heads + len(step.self_layers))  # one layer's heads at a time, every layer's mean
+        budget = self._FORWARD_BYTES
+        device = self.backbone.device
+        if device.type == "cuda":
+            budget = max(budget, torch.cuda.get_device_properties(device).total_memory // 2)
+        return max(1, min(batch_size, budget // per_image))
 
     def check(self, embedding, z_t, cross=None, attn_self=None) -> None:
         """Stop with ``NonFiniteError`` where the pass made NaN or infinity, naming the first stage."""
@@ -226,11 +413,12 @@ class NoisyForward:
     def trace(self, pixels: torch.Tensor, embedding: torch.Tensor, layers: Sequence[AttentionLayer], seed: int,
               timestep: int, per_head: bool = True) -> tuple[AttentionStore, int]:
         """Every one of ``layers`` captured (per head) in one pass; returns the store and the latent side."""
-        z0 = self.encode(pixels)
-        z_t, t = self.noisy(z0, seed, timestep)
-        self.check(embedding, z_t)
-        with capture_attention(self.backbone.denoiser, layers, per_head=per_head) as store:
-            self.backbone.denoise(z_t, t, embedding)
+        with self.lock:
+            z0 = self.encode(pixels)
+            z_t, t = self.noisy(z0, seed, timestep)
+            self.check(embedding, z_t)
+            with capture_attention(self.backbone.denoiser, layers, per_head=per_head) as store:
+                self.backbone.denoise(z_t, t, embedding)
         return store, z0.shape[-1]
 
 

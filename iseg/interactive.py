@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -28,6 +26,7 @@ from . import reference as REF
 from . import refine as R
 from . import viz
 from .decode import check_refinement
+from .forward import Cache
 from .images import Geometry, load_image, to_original
 from .masks import minmax
 from .presets import Settings, find_preset, make_settings
@@ -238,8 +237,8 @@ def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
     s = settings or seg.settings
     descriptions = _descriptions(text)
     if s.reference == "interactive":  # the demo's own template and token positions
-        return REF.interactive_text_prompt(seg.backbone.tokenizer, descriptions, model=seg.model_name,
-                                           known=seg.known_words)
+        return REF.interactive_text_prompt(seg.backbone.tokenizer, descriptions, model=seg.model.name,
+                                           known=seg.model.known_words)
     words = s.prompt_prefix.split()
     if words:
         descriptions = [_drop_repeat(d, words[-1]) for d in descriptions]
@@ -273,8 +272,7 @@ class PromptSession:
         self.seg = seg
         self.image = load_image(image)  # (H, W, 3) float32
         self.settings = seg.with_settings(**{**interactive_defaults(seg), **overrides})
-        self._passes: OrderedDict[tuple, object] = OrderedDict()
-        self._lock = threading.Lock()
+        self._passes = Cache(self._KEEP)
         # points, lines and boxes are read with the prompt of no words: tokenised once per session
         self._empty = empty_prompt(seg.backbone.tokenizer)
         if observe:
@@ -292,17 +290,8 @@ class PromptSession:
     def observation(self, prompt: Prompt, s: Settings):
         """The image's forward pass with ``prompt`` under ``s`` (run once, then kept)."""
         # keyed also on the model's device and precision: moving the model makes a new pass
-        key = (prompt.input_ids, s.forward_key(), str(self.seg.device), str(self.seg.backbone.dtype))
-        with self._lock:
-            if key in self._passes:
-                self._passes.move_to_end(key)
-                return self._passes[key]
-        obs = self.seg.observe_prompt(self.image, prompt, s)
-        with self._lock:
-            self._passes[key] = obs
-            while len(self._passes) > self._KEEP:
-                self._passes.popitem(last=False)
-        return obs
+        key = (prompt.input_ids, s.forward_key(), str(self.seg.backbone.device), str(self.seg.backbone.dtype))
+        return self._passes.get(key, lambda: self.seg.observe(self.image, prompt, settings=s)[0])
 
     def segment(self, *, points=None, line=None, box=None, text=None, **overrides) -> PromptResult:
         """Segment one object from points, a line, a box or text descriptions (exactly one kind)."""

@@ -20,6 +20,7 @@ import torch
 
 from . import registry
 from .backbones import FAMILIES, family_of
+from .backbones.base import config_value
 from .registry import ModelEntry, register_model, shipped_models
 
 __all__ = [
@@ -126,8 +127,15 @@ class LoadedModel:
 
     # the pipeline's parts, for code written against a diffusers pipeline
     unet = property(lambda self: self.pipe.unet)
-    # the network that denoises: the UNet of SD and SDXL, the transformer of SD3 and FLUX
-    denoiser = property(lambda self: getattr(self.pipe, "unet", None) or self.pipe.transformer)
+
+    @property
+    def denoiser(self):
+        """The network that denoises (the first of its family's ``Backbone.parts``)."""
+        family = self.family
+        if family is None:
+            raise AttributeError(f"iseg has no backbone for a {type(self.pipe).__name__}, so no denoiser to name")
+        return getattr(self.pipe, FAMILIES[family][0].parts[0])
+
     vae = property(lambda self: self.pipe.vae)
     text_encoder = property(lambda self: self.pipe.text_encoder)
     tokenizer = property(lambda self: self.pipe.tokenizer)
@@ -402,15 +410,10 @@ def quiet_libraries():
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, local_only: bool):
-    import diffusers
 
     cls = _pipeline_class(source, local_only)
-    # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
-    extra = dict(safety_checker=None, requires_safety_checker=False) if cls is diffusers.StableDiffusionPipeline else {}
-    if cls is diffusers.StableDiffusion3Pipeline:
-        # SD3's T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens,
-        # and the class tokens iSeg reads are CLIP tokens (see iseg.backbones.sd3)
-        extra = dict(text_encoder_3=None, tokenizer_3=None)
+    # the family's parts that segmentation never runs are left out (``Backbone.load_options``)
+    extra = next((dict(backbone.load_options) for backbone, names in FAMILIES.values() if cls.__name__ in names), {})
     with quiet_libraries():  # keep notebooks free of per-component progress bars and notices
         return cls.from_pretrained(source, dtype=dtype, local_files_only=local_only, **extra)
 
@@ -539,8 +542,8 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
-    """The registry entry of the shipped shapes model of ``pipe``'s family (``shapes`` for a UNet,
-    ``shapes-mmdit`` for an MM-DiT), with ``path`` as its folder, when ``path`` holds a shapes-world
+    """The registry entry of the shipped shapes model of ``pipe``'s family (the first shipped folder
+    with a ``training.json`` whose pipeline is of that family), with ``path`` as its folder, when ``path`` holds a shapes-world
     model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
     ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
     folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
@@ -550,15 +553,18 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
         return None
     if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
         return None
-    shipped = {"sd": "shapes", "sd3": "shapes-mmdit"}.get(family_of(pipe))
-    entry = registry.MODELS.get(shipped) if shipped else None
-    return None if entry is None else replace(entry, folder=path)
+    family = family_of(pipe)
+    for name, folder in shipped_models().items():
+        try:
+            shipped_class = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if (folder / "training.json").is_file() and PIPELINES.get(shipped_class) == family:
+            return replace(registry.MODELS[name], folder=path)
+    return None
 
 
 def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:
-    if family_of(pipe) is None:
-        raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
-                                       f"it reads {', '.join(PIPELINES)}")
     check_components(pipe, name)
     _check_weights_filled(pipe, name)
     pipe = pipe.to(device)
@@ -587,26 +593,26 @@ def _check_weights_filled(pipe, name: str) -> None:
                                "(were weight files swapped or copied over each other?). Copy the model folder again")
 
 
-def _config(module, key: str):
-    config = getattr(module, "config", None)
-    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+_config = config_value
 
 
 def check_components(pipe, name: str = "the model") -> None:
     """Check that a pipeline's parts fit each other, so that a mismatched folder fails here, naming
     the parts and their sizes, and not inside torch on the first image: the denoiser's latent
-    channels and the VAE's, its cross-attention width and the text encoders', its sample size, and
-    each tokenizer against its text encoder's positions and vocabulary. ``ModelFolderError`` otherwise."""
+    channels and the VAE's, its text width and the text encoders', its sample size (what the
+    family's backbone checks), and each tokenizer against its text encoder's positions and
+    vocabulary. ``ModelFolderError`` otherwise; ``UnsupportedPipelineError`` for a pipeline of no
+    family iseg has."""
     family = family_of(pipe)
-    denoiser_name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
-    required = [denoiser_name, "vae", "text_encoder", "tokenizer", "scheduler"]
-    if family in ("sdxl", "sd3", "flux"):
-        required += ["text_encoder_2", "tokenizer_2"]
+    if family is None:
+        raise UnsupportedPipelineError(f"{name}: iseg has no backbone for a {type(pipe).__name__}; "
+                                       f"it reads {', '.join(PIPELINES)}")
+    backbone = FAMILIES[family][0]
+    required = list(backbone.parts)
     missing = [part for part in required if getattr(pipe, part, None) is None]
     if missing:
         raise ModelFolderError(f"{name} has no {', '.join(missing)}; iSeg needs every part of a {type(pipe).__name__} "
                                f"({', '.join(required)})")
-    denoiser, vae = getattr(pipe, denoiser_name), pipe.vae
     steps = _config(pipe.scheduler, "num_train_timesteps")
     if not _positive_int(steps):
         raise ModelFolderError(f"{name}: scheduler/scheduler_config.json has num_train_timesteps {steps!r}; it must "
@@ -616,17 +622,17 @@ def check_components(pipe, name: str = "the model") -> None:
     def fail(message: str):
         raise ModelFolderError(f"{name}: {message}; its parts come from different models. Use the folder of one model")
 
-    sample = _config(denoiser, "sample_size")
-    sides = list(sample) if isinstance(sample, (list, tuple)) else [sample]
-    if family != "flux" and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
-        raise ModelFolderError(f"{name}: {denoiser_name}/config.json has sample_size {sample!r}; it must be the "
-                               "latent side, a whole number > 0 (e.g. 64 for a 512-pixel model)")
-    latent = _config(vae, "latent_channels")
-    channels = _config(denoiser, "in_channels")
-    expected = latent * 4 if family == "flux" and latent else latent  # FLUX packs 2x2 latent cells per token
-    if latent is not None and channels is not None and channels != expected:
-        fail(f"the {denoiser_name} takes {channels} input channels but the VAE makes {latent}-channel latents"
-             + (" (x4 packed)" if family == "flux" else ""))
+    def refuse(message: str):
+        raise ModelFolderError(f"{name}: {message}")
+
+    backbone.check_denoiser(pipe, fail, refuse)
+    widths = _check_text_encoders(pipe, name, fail)
+    if None not in widths:
+        backbone.check_text_widths(pipe, widths, fail)
+
+
+def _check_text_encoders(pipe, name: str, fail) -> list:
+    """Each tokenizer against its text encoder; returns the encoders' widths (``hidden_size``)."""
     encoders = [(pipe.text_encoder, pipe.tokenizer, "text_encoder", "tokenizer")]
     if getattr(pipe, "text_encoder_2", None) is not None:
         encoders.append((pipe.text_encoder_2, pipe.tokenizer_2, "text_encoder_2", "tokenizer_2"))
@@ -642,23 +648,7 @@ def check_components(pipe, name: str = "the model") -> None:
         vocab = _config(encoder, "vocab_size")
         if vocab is not None and len(tokenizer) > vocab:
             fail(f"{tokenizer_name} has {len(tokenizer)} tokens but {encoder_name} embeds {vocab} (vocab_size)")
-    widths = [_config(e, "hidden_size") for e, *_ in encoders]
-    if family in ("sd", "sdxl") and None not in widths:
-        cross = _config(denoiser, "cross_attention_dim")
-        width = sum(widths) if family == "sdxl" else widths[0]
-        if isinstance(cross, int) and cross != width:
-            fail(f"the UNet's cross-attention takes {cross}-wide text states (cross_attention_dim) but the text "
-                 f"encoder{'s give' if family == 'sdxl' else ' gives'} {width}")
-    if family == "sd3" and None not in widths:
-        joint = _config(denoiser, "joint_attention_dim")
-        if isinstance(joint, int) and joint < sum(widths):
-            fail(f"the transformer's text width is {joint} (joint_attention_dim) but its two CLIP text encoders "
-                 f"give {sum(widths)}")
-        pooled = _config(denoiser, "pooled_projection_dim")
-        projections = [_config(e, "projection_dim") for e, *_ in encoders]
-        if isinstance(pooled, int) and None not in projections and pooled != sum(projections):
-            fail(f"the transformer takes {pooled}-wide pooled text (pooled_projection_dim) but the text encoders' "
-                 f"projections give {sum(projections)}")
+    return [_config(e, "hidden_size") for e, *_ in encoders]
 
 
 def load_pipeline(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,

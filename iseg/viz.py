@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .backbones import layer_order, layer_title
 from .images import to_uint8
 
 __all__ = ["MAP_CMAP", "OVERLAY_ALPHA", "MAX_FIGURE_PX", "fit_figsize", "panels_per_row", "layer_order", "layer_title", "layer_grid",
@@ -37,35 +38,6 @@ def fit_figsize(width: float, height: float, dpi: float = 100.0, max_px: int = M
     ``max_px`` pixels wide (legend and colour bar included, as they sit inside the figure)."""
     scale = min(1.0, max_px / (width * dpi))
     return width * scale, height * scale
-
-
-_STAGES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
-def layer_order(name: str) -> tuple:
-    """Sort key that puts a UNet's layers in the order the image passes them: down, mid, up
-    (``named_modules`` lists mid last); transformer blocks by index."""
-    head = name.split(".", 1)[0]
-    numbers = tuple(int(part) for part in name.replace(":", ".").split(".") if part.isdigit())
-    return _STAGES.get(head, 0 if head == "transformer_blocks" else 3), numbers
-
-
-def layer_title(name: str) -> str:
-    """A short name for a column title: ``down 1.0``, ``mid``, ``up 2.1`` (block . attention, and
-    ``t j`` for the j-th transformer block where there are several), ``block 3``, ``single 2``."""
-    parts = name.replace(":", ".").split(".")
-    nums = [int(p) for p in parts if p.isdigit()]
-    head = parts[0]
-    if head in ("down_blocks", "up_blocks"):
-        base = f"{head[:-7]} {nums[0]}.{nums[1]}" if len(nums) >= 2 else head
-        return base + (f" t{nums[2]}" if len(nums) >= 3 and nums[2] > 0 else "")
-    if head == "mid_block":
-        return "mid" + (f" t{nums[1]}" if len(nums) >= 2 and nums[1] > 0 else "")
-    if head == "transformer_blocks":
-        return f"block {nums[0]}"
-    if head == "single_transformer_blocks":
-        return f"single {nums[0]}"
-    return name
 
 
 def layer_grid(trace, classes: Sequence[str] | None = None, kind: str = "cross", shared_scale: bool = True,

@@ -10,7 +10,7 @@ def assert_flow_matching_noise(pipe, channels: int) -> None:
     """``z_t = (1 - s) z0 + s eps`` with ``s = t / 1000``, eps drawn from the settings' seed."""
     seg = iseg.ISeg(pipe, seed=3, timestep=250)
     z0 = torch.randn(2, channels, 16, 16, generator=torch.Generator().manual_seed(0))
-    z_t, t = seg.noisy_latents(z0)
+    z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
     eps = torch.randn(channels, 16, 16, generator=torch.Generator("cpu").manual_seed(3))
     assert torch.equal(t, torch.tensor([250, 250]))
     assert torch.allclose(z_t, 0.75 * z0 + 0.25 * eps, atol=1e-6)
@@ -23,7 +23,7 @@ def assert_encode_inverts_decoding(pipe, channels: int) -> None:
     vae = pipe.vae
     with torch.no_grad():
         mean = vae.encode(2 * pixels - 1).latent_dist.mean
-        z0 = seg.encode_images(pixels)
+        z0 = seg.forward.encode(pixels)
     assert z0.shape == (1, channels, 16, 16)
     assert torch.allclose(z0 / vae.config.scaling_factor + vae.config.shift_factor, mean, atol=1e-5)
 

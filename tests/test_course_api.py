@@ -30,9 +30,9 @@ def _ddpm_weights(config, t: int) -> tuple[float, float]:
 def test_noise_weights_follow_each_family_schedule(shapes_pipe, mmdit):
     seg = iseg.ISeg(shapes_pipe, timestep=250)
     assert shapes_pipe.scheduler.config.beta_schedule == "scaled_linear"
-    assert seg.noise_weights() == pytest.approx(_ddpm_weights(shapes_pipe.scheduler.config, 250), abs=1e-5)
+    assert seg.backbone.noise_weights(seg.settings.timestep) == pytest.approx(_ddpm_weights(shapes_pipe.scheduler.config, 250), abs=1e-5)
     seg_mmdit = iseg.ISeg(mmdit, timestep=250)
-    assert seg_mmdit.noise_weights() == pytest.approx((0.75, 0.25), abs=1e-6)
+    assert seg_mmdit.backbone.noise_weights(seg_mmdit.settings.timestep) == pytest.approx((0.75, 0.25), abs=1e-6)
 
 
 def test_step_functions_drive_any_denoiser(shapes_pipe, mmdit):
@@ -40,25 +40,25 @@ def test_step_functions_drive_any_denoiser(shapes_pipe, mmdit):
 
     for model in (shapes_pipe, mmdit, tiny.tiny_flux_pipeline()):
         seg = iseg.ISeg(model)
-        size = seg.image_size()
+        size = seg.plan().image_size
         pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        z0 = seg.encode_images(pixels)
-        z_t, t = seg.noisy_latents(z0)
-        a, b = seg.noise_weights()
-        picture = seg.decode_latents(z0)
+        z0 = seg.forward.encode(pixels)
+        z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
+        a, b = seg.backbone.noise_weights(seg.settings.timestep)
+        picture = seg.forward.decode_latents(z0)
         assert picture.device.type == "cpu" and picture.shape == (1, 3, size, size)
         assert 0 <= float(picture.min()) and float(picture.max()) <= 1
-        prompt = seg.prompt_for(["circle"] if seg.known_words else ["cat"])
+        prompt = seg.prompt_for(["circle"] if seg.model.known_words else ["cat"])
         emb = seg.embedding(prompt, seg.settings.gamma)
         plan = seg.plan(z0.shape[-1])
-        with iseg.capture_attention(seg.denoiser, plan.layers(), heads=dict(plan.heads)) as store:
-            seg.denoise(z_t, t, emb)
+        with iseg.capture_attention(seg.backbone.denoiser, plan.layers(), heads=dict(plan.heads)) as store:
+            seg.forward.denoise(z_t, t, emb)
         cross = store.by_resolution("cross")
         # the step functions reproduce what segment reads, on every family
         obs = seg.observe(pixels[0].permute(1, 2, 0).numpy(), prompt.classes)[0]
         for r, m in cross.items():
-            assert torch.allclose(m[0], obs.cross[r], atol=1e-5), (seg.model_name, r)
-        assert seg.attention_kind == ("separate" if seg.model.family in ("sd", "sdxl") else "joint")
+            assert torch.allclose(m[0], obs.cross[r], atol=1e-5), (seg.model.name, r)
+        assert seg.forward.attention_kind == ("separate" if seg.model.family in ("sd", "sdxl") else "joint")
         assert 0 < a < 1 and 0 < b < 1
 
 

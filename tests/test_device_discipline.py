@@ -54,12 +54,12 @@ def test_step_functions_return_device_tensors_and_results_are_numpy(gpu_model):
         seg = iseg.ISeg(gpu_model)
         s = sample(SPLITS["test"].start + 8)
         pixels = torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        z0 = seg.encode_images(pixels)
-        z_t, t = seg.noisy_latents(z0)
+        z0 = seg.forward.encode(pixels)
+        z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
         assert is_fake_cuda(z0) and is_fake_cuda(z_t)
         with pytest.raises(TypeError):
             z0[0, 0].numpy()  # what notebook 01 did: it must call .cpu() first
-        assert seg.decode_latents(z_t).numpy().shape == (1, 3, 64, 64)  # for plotting: on the CPU
+        assert seg.forward.decode_latents(z_t).numpy().shape == (1, 3, 64, 64)  # for plotting: on the CPU
         result = seg.segment(s.image, list(s.classes))
         for array in (result.labels, result.maps, result.initial, result.scores(), result.labels_at(0)):
             assert isinstance(array, np.ndarray)

@@ -180,11 +180,10 @@ class _FakeSeg:
     """Predicts every pixel as the first given class; counts what it computes."""
 
     preset = "fake"
-    model_name = None  # what evaluate_dataset records as the model
-    # what evaluate_dataset records of the model's weights and launch (ISeg's attributes)
+    # what evaluate_dataset records of the model, its weights and its launch (ISeg's attributes)
+    model = SimpleNamespace(name=None)
     backbone = SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))
-    forward = SimpleNamespace(encoder=None)
-    compiled = None
+    forward = SimpleNamespace(encoder=None, compiled=None)
 
     def __init__(self, batch_size=2):
         self.settings = iseg.make_settings(None, batch_size=batch_size)
@@ -256,7 +255,7 @@ def test_resume_after_a_kill_gives_the_same_result_without_recomputing(tmp_path,
 def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg, capsys):
     ds = ShapesDataset(split="test", count=4)
     ev.evaluate_dataset(shapes_seg, ds, "wsss", out=tmp_path, progress=False)
-    other = iseg.ISeg(shapes_seg.pipe, preset="shapes", batch_size=4, iterations=3)
+    other = iseg.ISeg(shapes_seg.model.pipe, preset="shapes", batch_size=4, iterations=3)
     with pytest.raises(ev.RunMismatchError, match=r"settings.iterations \(5 there, 3 now\).*--restart"):
         ev.evaluate_dataset(other, ds, "wsss", out=tmp_path, progress=False)
     assert cli.main(["eval", "--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",

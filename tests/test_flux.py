@@ -22,7 +22,8 @@ from family_checks import (
 
 import iseg
 from iseg.backbones import FluxBackbone, family_of
-from iseg.capture import FluxCaptureProcessor, capture_attention
+from iseg.backbones.flux import FluxCaptureProcessor
+from iseg.capture import capture_attention
 from iseg.prompts import class_token_spans
 
 T5_ROWS = 64  # the tiny T5 tokenizer's window (FLUX.1: 512)
@@ -59,7 +60,7 @@ def test_family_sizes_and_layers(flux_pipe):
     seg = iseg.ISeg(flux_pipe)
     assert isinstance(seg.backbone, FluxBackbone) and seg.model.family == "flux"
     # default_sample_size 16 latent cells x VAE factor 2; sides step by VAE factor x 2 (the packing)
-    assert (seg.native_size, seg.size_step(), seg.vae_scale) == (32, 4, 2)
+    assert (seg.backbone.native_size, seg.backbone.size_step(), seg.backbone.latent_scale) == (32, 4, 2)
     assert seg.backbone.tokenizer is flux_pipe.tokenizer_2 and seg.backbone.tokenizer.model_max_length == T5_ROWS
     layers = seg.backbone.attention_layers()
     assert [layer.name for layer in layers] == [DOUBLE + ":text", DOUBLE + ":image", SINGLE + ":text", SINGLE + ":image"]
@@ -315,7 +316,7 @@ def test_load_model_reads_the_family_from_model_index(flux_pipe, tmp_path):
     assert index["_class_name"] == "FluxPipeline"
     # the loaded pipeline has FLUX.1's default_sample_size (128: 256 here); a 64 side is in range
     seg = iseg.ISeg(model, iterations=1, image_size=64)
-    assert seg.native_size == 256
+    assert seg.backbone.native_size == 256
     assert seg.backbone.tokenizer.model_max_length == T5_ROWS
     assert seg.segment(_image(3), ["cat"]).labels.shape == (32, 32)
 

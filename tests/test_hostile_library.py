@@ -220,12 +220,12 @@ def test_a_batch_reads_and_resizes_one_image_at_a_time(seg, monkeypatch):
 # -- batch size and memory ---------------------------------------------------------------------------
 def test_huge_batch_size_is_run_in_chunks_with_the_same_results(shapes_pipe, monkeypatch, capsys):
     seg = iseg.ISeg(shapes_pipe, batch_size=10000)
-    assert seg.forward_chunk() < 10000  # 10000 64x64 images' self-attention would not fit the budget
+    assert seg.forward.chunk_size(seg.plan(), seg.settings.batch_size) < 10000  # 10000 64x64 images' self-attention would not fit the budget
     images = [sample(i).image for i in range(7)]
     # chunks of 3 give what batch_size=3 gives (a batch of 1 can round differently on a CPU)
     expected = [r.labels for r in iseg.ISeg(shapes_pipe, batch_size=3).segment(images, ["square", "circle"])]
-    monkeypatch.setattr(iseg.ISeg, "_FORWARD_BYTES", 3 * 4 * 1024**2 * 7)  # three images of 3 layers + 4 heads
-    assert seg.forward_chunk() == 3
+    monkeypatch.setattr(iseg.forward.NoisyForward, "_FORWARD_BYTES", 3 * 4 * 1024**2 * 7)  # three images of 3 layers + 4 heads
+    assert seg.forward.chunk_size(seg.plan(), seg.settings.batch_size) == 3
     sizes = []
     handle = shapes_pipe.unet.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
     try:

@@ -89,11 +89,11 @@ def test_every_stage_agrees_with_a_float64_recomputation(family):
     classes = ["cat", "dog"]
     seg = iseg.ISeg(pipe, iterations=3, clustering=True)
     s = seg.settings
-    size = seg.image_size()
+    size = seg.plan().image_size
     image = np.random.default_rng(7).integers(0, 256, (size, size, 3), dtype=np.uint8)
     obs = seg.observe(image, classes)[0]
     result = seg.decode(obs)
-    plan = seg.plan(size // seg.vae_scale)
+    plan = seg.plan(size // seg.backbone.latent_scale)
     grid = plan.self_resolution
 
     seg64 = iseg.ISeg(copy.deepcopy(pipe).to(torch.float64), iterations=3, clustering=True)
@@ -103,8 +103,8 @@ def test_every_stage_agrees_with_a_float64_recomputation(family):
     emb = seg64.embedding(prompt, s.gamma)
     assert emb.dtype == torch.float64
     errors = {"prompt embedding": _close(seg.embedding(prompt, s.gamma), emb, "prompt embedding")}
-    z_t, t = seg64.noisy_latents(seg64.encode_images(pixels))
-    errors["latents"] = _close(seg.noisy_latents(seg.encode_images(pixels))[0], z_t, "latents")
+    z_t, t = seg64.forward.noisy(seg64.forward.encode(pixels), seg64.settings.seed, seg64.settings.timestep)
+    errors["latents"] = _close(seg.forward.noisy(seg.forward.encode(pixels), seg.settings.seed, seg.settings.timestep)[0], z_t, "latents")
     cross, attn_self = _attention64(seg64, plan, z_t, t, emb, grid)
     assert sorted(cross) == sorted(obs.cross)
     for r in cross:

@@ -18,7 +18,8 @@ from family_checks import (
 
 import iseg
 from iseg.backbones import SD3Backbone, family_of
-from iseg.capture import JointCaptureProcessor, capture_attention
+from iseg.backbones.sd3 import JointCaptureProcessor
+from iseg.capture import capture_attention
 
 CLIP_ROWS, T5_ROWS = 77, 256
 
@@ -48,7 +49,7 @@ def test_family_sizes_and_layers(sd3_pipe):
     assert family_of(sd3_pipe) == "sd3"
     seg = iseg.ISeg(sd3_pipe)
     assert isinstance(seg.backbone, SD3Backbone) and seg.model.family == "sd3"
-    assert (seg.native_size, seg.size_step(), seg.vae_scale) == (32, 4, 2)
+    assert (seg.backbone.native_size, seg.backbone.size_step(), seg.backbone.latent_scale) == (32, 4, 2)
     layers = seg.backbone.attention_layers()
     assert [layer.name for layer in layers] == ["transformer_blocks.0.attn:text", "transformer_blocks.0.attn:image",
                                                "transformer_blocks.1.attn:text", "transformer_blocks.1.attn:image"]

@@ -32,7 +32,7 @@ def test_family_and_sizes(sdxl_pipe):
     assert family_of(sdxl_pipe) == "sdxl"
     seg = iseg.ISeg(sdxl_pipe)
     assert isinstance(seg.backbone, SDXLBackbone) and seg.model.family == "sdxl"
-    assert (seg.native_size, seg.size_step()) == (32, 8)
+    assert (seg.backbone.native_size, seg.backbone.size_step()) == (32, 8)
     plan = seg.plan(16)
     # no attention at the latent's own side: self-attention is read at latent/2, cross at /2 and /4
     assert plan.self_resolution == 8 and set(plan.cross) == {4, 8}
@@ -62,7 +62,7 @@ def test_cat_cross_scales_the_class_tokens_of_both_encoders_only(sdxl_pipe):
 def test_noise_is_what_the_euler_scheduler_feeds_the_unet(sdxl_pipe):
     seg = iseg.ISeg(sdxl_pipe, seed=3, timestep=100)
     z0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    z_t, t = seg.noisy_latents(z0)
+    z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
     eps = torch.randn(4, 16, 16, generator=torch.Generator("cpu").manual_seed(3))
     a = sdxl_pipe.scheduler.alphas_cumprod[100]
     sigma = ((1 - a) / a).sqrt()  # Euler: x = z0 + sigma * eps, scaled by 1 / sqrt(sigma^2 + 1)

@@ -229,8 +229,8 @@ def test_reading_only_the_planned_layers_equals_capturing_everything(tiny_pipe):
     steps = R.refine(m, R.entropy_reduce(self_heads[0], seg.settings.lam), 3)
     side = plan.self_resolution
     maps = steps.transpose(-1, -2).reshape(4, 2, side, side)
-    geometry = prepare(load_image(image), seg.image_size(), "stretch")[1]
-    labels = maps_to_labels(minmax(to_original(maps[-1], geometry, seg.image_size())), "power")
+    geometry = prepare(load_image(image), seg.plan().image_size, "stretch")[1]
+    labels = maps_to_labels(minmax(to_original(maps[-1], geometry, seg.plan().image_size)), "power")
     assert np.allclose(maps.numpy(), fast.maps, atol=1e-4)
     assert np.array_equal(labels.numpy(), fast.labels)
 
@@ -259,12 +259,12 @@ def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(tin
 def test_compiled_vae_encoder_gives_the_plain_latents_and_maps(tiny_pipe):
     seg = ISeg(tiny_pipe, iterations=3, clustering=False)
     images, classes = [_image(5), _image(6)], ["cat", "dog"]
-    pixels = torch.rand(2, 3, seg.image_size(), seg.image_size(), generator=torch.Generator().manual_seed(0))
-    plain_z, plain = seg.encode_images(pixels), seg.segment(images, classes)
+    pixels = torch.rand(2, 3, seg.plan().image_size, seg.plan().image_size, generator=torch.Generator().manual_seed(0))
+    plain_z, plain = seg.forward.encode(pixels), seg.segment(images, classes)
     seg.compile(None, vae={"backend": "aot_eager"})
     try:
         assert seg.forward.encoder is not None
-        compiled_z, fast = seg.encode_images(pixels), seg.segment(images, classes)
+        compiled_z, fast = seg.forward.encode(pixels), seg.segment(images, classes)
     finally:
         seg.compile(None)
     assert seg.forward.encoder is None  # switching back drops the compiled encoder
@@ -284,10 +284,10 @@ def test_noisy_latents_add_the_seeds_draw_to_every_image(tiny_pipe):
     a = tiny_pipe.scheduler.alphas_cumprod[100].float()
     eps = torch.randn(4, 8, 8, generator=torch.Generator("cpu").manual_seed(7))
     for _ in range(2):
-        z_t, t = seg.noisy_latents(z0)
+        z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
         assert t.tolist() == [100, 100, 100]
         assert torch.allclose(z_t, a.sqrt() * z0 + (1 - a).sqrt() * eps, atol=1e-5)
-    other, _ = seg.noisy_latents(z0, seg.with_settings(seed=8))  # another seed, another draw
+    other, _ = seg.forward.noisy(z0, 8, seg.settings.timestep)  # another seed, another draw
     assert not torch.allclose(other, z_t, atol=1e-2)
 
 
@@ -297,7 +297,7 @@ def test_cuda_graphs_on_a_cpu_pipeline_are_refused_with_the_alternative(tiny_pip
         seg.compile("cuda-graph")
     with pytest.raises(ValueError, match="unknown compile method 'fast'"):
         seg.compile("fast")
-    assert seg.compiled is None
+    assert seg.forward.compiled is None
 
 
 def test_offloaded_text_encoder_gives_the_same_embedding(tiny_pipe_small):
@@ -405,7 +405,7 @@ def test_one_iseg_from_two_threads_equals_sequential_calls(shapes_pipe):
 
 def test_self_image_size_takes_the_self_attention_from_a_second_pass(tiny_pipe):
     seg = ISeg(tiny_pipe, iterations=2)
-    native = seg.image_size()
+    native = seg.plan().image_size
     big = 2 * native
     image, classes = _image(3), ["cat", "dog"]
     one = seg.observe(image, classes)[0]
@@ -427,5 +427,6 @@ def test_self_image_size_takes_the_self_attention_from_a_second_pass(tiny_pipe):
     # the same size as image_size is the one-pass method; the memory budget counts the finer grid
     same = seg.segment(image, classes, self_image_size=native)
     assert np.array_equal(same.maps, seg.segment(image, classes).maps)
-    wide = dict(batch_size=10**6)
-    assert seg.forward_chunk(seg.with_settings(self_image_size=big, **wide)) < seg.forward_chunk(seg.with_settings(**wide))
+    two_pass, one_pass = seg.plan(settings=seg.with_settings(self_image_size=big)), seg.plan()
+    assert len(two_pass.passes) == 2 and two_pass.self_pass.image_size == big and len(one_pass.passes) == 1
+    assert seg.forward.chunk_size(two_pass, 10**6) < seg.forward.chunk_size(one_pass, 10**6)

@@ -18,21 +18,69 @@ implementation and holds the reference layer and head tables; ``SDXLBackbone`` r
 
 from __future__ import annotations
 
-from .base import Backbone
+from ..capture import LAYER_TABLES, register_layer_table
+from .base import Backbone, layer_numbers
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone
 
-__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for", "family_of"]
+__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for",
+           "family_of", "register_backbone", "unregister_backbone", "layer_order", "layer_title"]
 
 # family name -> (backbone, the diffusers pipeline classes it reads), most specific first
-FAMILIES = {
-    "sdxl": (SDXLBackbone, ("StableDiffusionXLPipeline",)),
-    "flux": (FluxBackbone, ("FluxPipeline",)),
-    "sd3": (SD3Backbone, ("StableDiffusion3Pipeline",)),
-    "sd": (UNetBackbone, ("StableDiffusionPipeline",)),
-}
+FAMILIES: dict[str, tuple[type[Backbone], tuple[str, ...]]] = {}
+
+
+def register_backbone(name: str, backbone: type[Backbone], pipelines: tuple[str, ...] = ()) -> type[Backbone]:
+    """Add a model family: ``backbone`` (a ``Backbone`` subclass) reads every pipeline its
+    ``accepts`` takes, before the families registered earlier, and names its denoiser's layers
+    (``layers_of``) for ``iseg.capture``; ``pipelines`` are the pipeline class names it reads, for
+    messages. Returns ``backbone``. ``unregister_backbone(name)`` takes it away again."""
+    if not (isinstance(backbone, type) and issubclass(backbone, Backbone)):
+        raise TypeError(f"register_backbone needs a Backbone subclass, got {backbone!r}")
+    if name in FAMILIES:
+        raise ValueError(f"a model family {name!r} is registered already ({FAMILIES[name][0].__name__}); "
+                         "unregister_backbone it first")
+    earlier = list(FAMILIES.items())
+    FAMILIES.clear()
+    FAMILIES.update([(name, (backbone, tuple(pipelines))), *earlier])
+    register_layer_table(backbone.layers_of)
+    return backbone
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove the model family ``name`` that ``register_backbone`` added."""
+    backbone, _ = FAMILIES.pop(name)
+    if backbone.layers_of in LAYER_TABLES:
+        LAYER_TABLES.remove(backbone.layers_of)
+
+
+for _name, _backbone, _pipelines in (("sd", UNetBackbone, ("StableDiffusionPipeline",)),
+                                     ("sd3", SD3Backbone, ("StableDiffusion3Pipeline",)),
+                                     ("flux", FluxBackbone, ("FluxPipeline",)),
+                                     ("sdxl", SDXLBackbone, ("StableDiffusionXLPipeline",))):
+    register_backbone(_name, _backbone, _pipelines)
+
+
+def layer_order(name: str) -> tuple:
+    """Sort key that puts a denoiser's layers in the order the image passes them, as the family
+    that names them says (a UNet's: down, mid, up; an MM-DiT's blocks by index); else by index."""
+    for backbone, _ in FAMILIES.values():
+        key = backbone.layer_order(name)
+        if key is not None:
+            return key
+    return 3, layer_numbers(name)
+
+
+def layer_title(name: str) -> str:
+    """A short name for a plot's title, as the family that names the layer gives it: ``down 1.0``,
+    ``mid``, ``up 2.1 t1``, ``block 3``, ``single 2``; else the name itself."""
+    for backbone, _ in FAMILIES.values():
+        title = backbone.layer_title(name)
+        if title is not None:
+            return title
+    return name
 
 
 def family_of(pipe) -> str | None:

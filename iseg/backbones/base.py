@@ -1,19 +1,43 @@
-"""The contract between the method and a model family."""
+"""The contract between the method and a model family.
+
+A family is one ``Backbone`` subclass: it says which pipelines it reads (``accepts``), names its
+denoiser's attention layers with their kind, grid and heads and the processor class that records
+each (``layers_of``; a processor of its own where its attention computes differently, e.g. one
+softmax over image and text tokens, split by ``iseg.capture.SplitCaptureProcessor``), encodes
+images to latents, noises them (``add_noise``), runs one denoiser pass (``denoise``) and builds the
+conditioning whose class-token rows Cat-Cross scales (``encode_text``, ``cat_cross``). A new family
+is added with ``iseg.backbones.register_backbone``; nothing outside its module names it.
+"""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..capture import AttentionLayer
 from ..numerics import check_scale
-from ..prompts import Prompt, token_ids
+from ..prompts import Prompt, cat_cross, token_ids
 
-__all__ = ["Backbone", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
+__all__ = ["Backbone", "config_value", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
            "two_clip_encodings"]
+
+
+def config_value(module, key: str):
+    """``module.config[key]`` (a diffusers or transformers config), ``None`` where it has none."""
+    config = getattr(module, "config", None)
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def layer_numbers(name: str) -> tuple[int, ...]:
+    """The block and layer indices in a layer's name, in order: ``up_blocks.2.attentions.1...`` -> ``(2, 1, ...)``."""
+    return tuple(int(part) for part in name.replace(":", ".").split(".") if part.isdigit())
 
 
 def posterior_mean(vae, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +105,12 @@ class Backbone(ABC):
     tokenizer: object
     #: ``encoding(vae, x) -> latent`` the call ``encode`` makes; ``compile(vae=True)`` compiles it
     encoding: object
+    #: the parts of the pipeline this family reads, its denoiser first (a loaded folder must have them)
+    parts: tuple[str, ...] = ()
+    #: latent cells per denoiser input token (the VAE's channels times this are the denoiser's)
+    packed_cells = 1
+    #: what ``from_pretrained`` of the family's pipeline gets from ``load_model``: parts left out
+    load_options: Mapping = {}
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -117,9 +147,41 @@ class Backbone(ABC):
         self.encoding = posterior_mean
         self._layers: list[AttentionLayer] | None = None
 
+    @classmethod
+    @abstractmethod
+    def accepts(cls, pipe) -> bool:
+        """Whether this family reads ``pipe`` (``backbone_for`` asks each registered family)."""
+
     @staticmethod
     def has_parts(pipe, parts: Sequence[str]) -> bool:
         return all(getattr(pipe, p, None) is not None for p in parts)
+
+    # -- checks of a loaded folder (``iseg.loading.check_components``) ----------------------------
+    @classmethod
+    def check_denoiser(cls, pipe, fail, refuse) -> None:
+        """That the denoiser's configured ``sample_size`` is a latent side (``refuse(message)``
+        otherwise) and that it takes the VAE's latents (``fail(message)``: parts of two models)."""
+        name = cls.parts[0]
+        denoiser = getattr(pipe, name)
+        sample = config_value(denoiser, "sample_size")
+        if not all(_whole(v) for v in (sample if isinstance(sample, (list, tuple)) else [sample])):
+            refuse(f"{name}/config.json has sample_size {sample!r}; it must be the latent side, a whole number > 0 "
+                   "(e.g. 64 for a 512-pixel model)")
+        cls._check_latent_channels(pipe, fail)
+
+    @classmethod
+    def _check_latent_channels(cls, pipe, fail) -> None:
+        latent, channels = config_value(pipe.vae, "latent_channels"), config_value(getattr(pipe, cls.parts[0]), "in_channels")
+        if latent is not None and channels is not None and channels != latent * cls.packed_cells:
+            packed = f" (x{cls.packed_cells} packed)" if cls.packed_cells != 1 else ""
+            fail(f"the {cls.parts[0]} takes {channels} input channels but the VAE makes {latent}-channel latents{packed}")
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths: Sequence[int], fail) -> None:
+        """That the denoiser reads text as wide as the text encoders give it (``widths``: their
+        ``hidden_size``s, in order); ``fail(message)`` otherwise. A family whose denoiser names no
+        text width has nothing to check."""
+        return None
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor, encoder=None) -> torch.Tensor:
@@ -158,9 +220,41 @@ class Backbone(ABC):
         ``module`` replaces the denoiser (e.g. a compiled one) with the same signature."""
 
     # -- attention layers ------------------------------------------------------------------------
-    @abstractmethod
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        """Every attention map of ``denoiser``, with kind, level, heads and the processor class that
+        records it (``AttentionLayer.processor``), in forward order; ``None`` when ``denoiser`` is
+        not of this family. ``iseg.capture.attention_layers`` (and so layers given by name) asks
+        every registered family."""
+        return None
+
     def attention_layers(self) -> list[AttentionLayer]:
         """Every attention layer of the denoiser, with kind, level and heads."""
+        if self._layers is None:
+            layers = type(self).layers_of(self.denoiser)
+            if layers is None:
+                raise TypeError(f"{type(self).__name__} cannot name the layers of a {type(self.denoiser).__name__}")
+            self._layers = list(layers)
+        return list(self._layers)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        """A sort key that puts this family's layers in the order the image passes them (``None``:
+        not a name of this family's)."""
+        return None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        """A short title for a plot of the layer (``None``: not a name of this family's)."""
+        return None
+
+    @property
+    def attention_kind(self) -> str:
+        """``"separate"`` where every attention module is either cross- or self-attention (SD's
+        UNet), ``"joint"`` where one attention runs image and text tokens through one softmax that
+        capture splits into a cross and a self map (an MM-DiT's)."""
+        return "joint" if any(layer.module and layer.module != layer.name for layer in self.attention_layers()) \
+            else "separate"
 
     def default_self_resolution(self, latent_side: int) -> int:
         """The self-attention grid read when ``self_resolution`` is not set: the finest one the
@@ -173,9 +267,10 @@ class Backbone(ABC):
         reference's ``{latent/4: 0.7, latent/2: 0.3}`` (method document §3)."""
         return {latent_side // 4: 0.7, latent_side // 2: 0.3}
 
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
-        """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level``;
-        ``None`` where the family has no reference choice (then every layer there is read)."""
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
+        """Layer names (prefixes) the reference reads for ``kind`` at downsampling ``level`` (with
+        ``interactive``, those the authors' interactive demo reads); ``None`` where the family has
+        no reference choice (then every layer there is read)."""
         return None
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:
@@ -189,6 +284,12 @@ class Backbone(ABC):
         """The embedding ``(1, rows, dim)`` the denoiser reads for one prompt: the text encoder's
         hidden states, one row per token position of ``prompt.input_ids`` (Cat-Cross scales the
         class tokens' rows), plus any rows a family needs after them (SDXL: its pooled embedding)."""
+
+    def cat_cross(self, embedding: torch.Tensor, prompt: Prompt, gamma: float) -> torch.Tensor:
+        """Cat-Cross on ``encode_text``'s embedding: the rows of the prompt's class tokens
+        (``prompt.spans``, positions in ``prompt.input_ids``) scaled by ``gamma``; the rows a family
+        adds after them (pooled vectors, a second encoder's tokens) carry no class token and stay."""
+        return cat_cross(embedding, prompt.spans, gamma)
 
     def offload_text_encoder(self) -> None:
         """Keep the text encoder on the CPU in float32."""

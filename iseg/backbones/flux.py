@@ -41,14 +41,131 @@ What differs from SD3, and how the method follows it:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..capture import AttentionLayer, flux_attention_layers
+from ..capture import AttentionLayer, AttentionStore, SplitCaptureProcessor
 from ..prompts import Prompt, token_ids
-from .base import Backbone, flow_matching_noise
+from .base import Backbone, flow_matching_noise, layer_numbers
 
-__all__ = ["FluxBackbone"]
+__all__ = ["FluxBackbone", "FluxCaptureProcessor", "flux_attention_layers"]
+
+
+class FluxCaptureProcessor(SplitCaptureProcessor):
+    """An attention processor for FLUX's ``FluxAttention`` that returns what diffusers'
+    ``FluxAttnProcessor`` returns and records the image queries' attention, split by key.
+
+    The output runs diffusers' own code path: the same projections (``_get_qkv_projections``),
+    RMS norms, rotary embedding (``apply_rotary_emb``) and ``dispatch_attention_fn`` with the
+    replaced processor's attention backend. In a double-stream block the joint sequence is
+    ``[text; image]`` (the text tokens first, unlike SD3); in a single-stream block the module gets
+    that sequence already joined, with no separate context, so the text length comes from
+    ``text_length``, which a forward pre-hook on the block sets from its ``encoder_hidden_states``
+    (``attach`` registers it). The probabilities are taken from the rotated queries and keys, in
+    float32, with the scale ``head_dim ** -0.5`` that the attention uses; the recording is
+    ``SplitCaptureProcessor``'s (``layers``, ``heads``, ``per_head``, ``keep_grad``, ``accumulate``).
+    An ``attention_mask`` (``FluxPipeline`` passes none) reaches the output, not the recorded maps."""
+
+    text_first = True
+
+    def __init__(self, store: AttentionStore, layers: Mapping[str, str],
+                 heads: Mapping[str, Sequence[int] | None] | None = None, original=None, **options):
+        super().__init__(store, layers, heads, original=original, **options)
+        self.text_length: int | None = None
+        # the attention backend of the processor this one replaces, so the output is computed alike
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+        elif self.text_length is not None:
+            n_text = self.text_length
+        else:
+            raise RuntimeError(f"{sorted(self.layers.values())}: a single-stream FLUX attention module needs the "
+                               "text length; install the processor with install_capture (or set text_length)")
+        # (B, n, heads, head_dim) -> (B, heads, n, head_dim); image queries only
+        n_image = query.shape[1] - n_text
+        self.record(query[:, n_text:].transpose(1, 2), key.transpose(1, 2), n_image, scale=query.shape[-1] ** -0.5)
+
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def attach(self, denoiser, target: str) -> list:
+        """On a single-stream block (an attention module with no added projections), a forward
+        pre-hook on the block that tells this processor the text length."""
+        attn = denoiser.get_submodule(target)
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            return []  # double-stream: the text comes as encoder_hidden_states
+        block = denoiser.get_submodule(target.rpartition(".")[0])
+        return [block.register_forward_pre_hook(_text_length_hook(self), with_kwargs=True)]
+
+
+def _text_length_hook(processor: FluxCaptureProcessor):
+    """A forward pre-hook for a FLUX single-stream block: its ``encoder_hidden_states`` (keyword,
+    or second positional argument under gradient checkpointing) give the text length."""
+
+    def hook(block, args, kwargs):
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        processor.text_length = None if context is None else int(context.shape[1])
+
+    return hook
+
+
+def flux_attention_layers(transformer) -> list[AttentionLayer]:
+    """The two maps of every attention module of a ``FluxTransformer2DModel``: for each double-stream
+    block ``transformer_blocks.{i}.attn:text`` (cross) and ``...:image`` (self), then the same for
+    each single-stream block ``single_transformer_blocks.{i}.attn``, all recorded by a
+    ``FluxCaptureProcessor`` per module.
+
+    All sit on the grid of packed 2x2 latent patches (``FluxPipeline._pack_latents``), level 1
+    below the latent: the transformer's own ``patch_size`` is 1, the packing is done outside it."""
+    modules = dict(transformer.named_modules())
+    layers = []
+    for key in transformer.attn_processors:
+        name = key.removesuffix(".processor")
+        if not name.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            continue
+        for suffix, kind in ((":text", "cross"), (":image", "self")):
+            layers.append(AttentionLayer(name=name + suffix, kind=kind, level=1, heads=int(modules[name].heads),
+                                         module=name, processor=FluxCaptureProcessor))
+    return layers
+
 
 
 class FluxBackbone(Backbone):
@@ -72,10 +189,12 @@ class FluxBackbone(Backbone):
         super().__init__(pipe, pipe.transformer, tokenizer)
         self._ids: dict[tuple, tuple] = {}
 
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    packed_cells = 4  # the latent is packed 2x2 cells per token
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                                    "scheduler")):
+        if not cls.has_parts(pipe, cls.parts):
             return False
         if not (hasattr(pipe, "_pack_latents") and hasattr(pipe, "_prepare_latent_image_ids")):
             return False
@@ -83,6 +202,10 @@ class FluxBackbone(Backbone):
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "single_transformer_blocks") \
             and hasattr(transformer, "x_embedder") and hasattr(transformer.config, "joint_attention_dim") \
             and hasattr(transformer.config, "pooled_projection_dim")
+
+    @classmethod
+    def check_denoiser(cls, pipe, fail, refuse) -> None:
+        cls._check_latent_channels(pipe, fail)  # the transformer's config has no sample_size
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -126,10 +249,23 @@ class FluxBackbone(Backbone):
         return int(self.denoiser.config.pooled_projection_dim)
 
     # -- attention layers ------------------------------------------------------------------------
-    def attention_layers(self) -> list[AttentionLayer]:
-        if self._layers is None:
-            self._layers = flux_attention_layers(self.denoiser)
-        return list(self._layers)
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        if not (hasattr(denoiser, "transformer_blocks") and hasattr(denoiser, "single_transformer_blocks")):
+            return None
+        return flux_attention_layers(denoiser)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        head = name.split(".", 1)[0]  # the double-stream blocks, then the single-stream ones
+        return ({"transformer_blocks": 0, "single_transformer_blocks": 3}[head], layer_numbers(name)) \
+            if head in ("transformer_blocks", "single_transformer_blocks") else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        head = name.split(".", 1)[0]
+        titles = {"transformer_blocks": "block", "single_transformer_blocks": "single"}
+        return f"{titles[head]} {layer_numbers(name)[0]}" if head in titles else None
 
     def default_self_resolution(self, latent_side: int) -> int:
         return latent_side // 2

@@ -37,11 +37,73 @@ import math
 
 import torch
 
-from ..capture import AttentionLayer, joint_attention_layers
+from ..capture import AttentionLayer, SplitCaptureProcessor, split_heads
 from ..prompts import Prompt, token_ids
-from .base import Backbone, flow_matching_noise, two_clip_encodings
+from .base import Backbone, config_value, flow_matching_noise, layer_numbers, two_clip_encodings
 
-__all__ = ["SD3Backbone"]
+__all__ = ["SD3Backbone", "JointCaptureProcessor", "joint_attention_layers"]
+
+
+class JointCaptureProcessor(SplitCaptureProcessor):
+    """A joint (MM-DiT) attention processor that returns what ``JointAttnProcessor2_0`` returns
+    and records the image queries' attention, split by key (``SplitCaptureProcessor``).
+
+    The output is computed on the same SDPA path as diffusers' processor. The keys are
+    ``[image; text]``; the scale is the module's. An ``attention_mask`` (the pipeline passes
+    none) is not applied, as diffusers' processor does not apply it either."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query, key, value = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                        attn.to_v(hidden_states))
+        n_image = query.shape[2]
+        if encoder_hidden_states is not None:
+            q_text, k_text, v_text = split_heads(
+                attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states), attn.norm_added_q, attn.norm_added_k)
+            query = torch.cat([query, q_text], dim=2)
+            key = torch.cat([key, k_text], dim=2)
+            value = torch.cat([value, v_text], dim=2)
+
+        self.record(query[:, :, :n_image], key, n_image, attn.scale)
+
+        hidden_states = torch.nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * value.shape[-1])
+        hidden_states = hidden_states.to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def joint_attention_layers(transformer) -> list[AttentionLayer]:
+    """The two maps of every joint attention module of an MM-DiT (``SD3Transformer2DModel``):
+    ``transformer_blocks.{i}.attn:text`` (cross) and ``transformer_blocks.{i}.attn:image`` (self),
+    both recorded by one ``JointCaptureProcessor``.
+
+    All sit on the patch grid, ``level = log2(patch_size)`` below the latent. Image-only attention
+    modules (SD 3.5's ``attn2``) are not listed."""
+    patch = int(transformer.config.patch_size)
+    level = round(math.log2(patch))
+    if 2**level != patch:
+        raise ValueError(f"patch_size {patch} is not a power of two; the layer level cannot express it")
+    modules = dict(transformer.named_modules())
+    layers = []
+    for key in transformer.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        if not name.startswith("transformer_blocks.") or getattr(module, "add_k_proj", None) is None:
+            continue
+        for suffix, kind in ((":text", "cross"), (":image", "self")):
+            layers.append(AttentionLayer(name=name + suffix, kind=kind, level=level, heads=int(module.heads),
+                                         module=name, processor=JointCaptureProcessor))
+    return layers
 
 
 class SD3Backbone(Backbone):
@@ -55,15 +117,31 @@ class SD3Backbone(Backbone):
     def __init__(self, pipe):
         super().__init__(pipe, pipe.transformer, pipe.tokenizer)
 
+    parts = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    # the T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens, and the
+    # class tokens iSeg reads are CLIP tokens
+    load_options = {"text_encoder_3": None, "tokenizer_3": None}
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        if not cls.has_parts(pipe, ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                                    "scheduler")):
+        if not cls.has_parts(pipe, cls.parts):
             return False
         transformer = pipe.transformer
         return hasattr(transformer, "transformer_blocks") and hasattr(transformer, "context_embedder") \
             and hasattr(transformer.config, "joint_attention_dim") and hasattr(transformer.config, "patch_size") \
             and not hasattr(transformer, "single_transformer_blocks")  # FLUX's transformer has these too
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths, fail) -> None:
+        joint = config_value(pipe.transformer, "joint_attention_dim")
+        if isinstance(joint, int) and joint < sum(widths):
+            fail(f"the transformer's text width is {joint} (joint_attention_dim) but its two CLIP text encoders "
+                 f"give {sum(widths)}")
+        pooled = config_value(pipe.transformer, "pooled_projection_dim")
+        projections = [config_value(e, "projection_dim") for e in (pipe.text_encoder, pipe.text_encoder_2)]
+        if isinstance(pooled, int) and None not in projections and pooled != sum(projections):
+            fail(f"the transformer takes {pooled}-wide pooled text (pooled_projection_dim) but the text encoders' "
+                 f"projections give {sum(projections)}")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -93,10 +171,21 @@ class SD3Backbone(Backbone):
         return self.pipe.text_encoder.config.projection_dim + self.pipe.text_encoder_2.config.projection_dim
 
     # -- attention layers ------------------------------------------------------------------------
-    def attention_layers(self) -> list[AttentionLayer]:
-        if self._layers is None:
-            self._layers = joint_attention_layers(self.denoiser)
-        return list(self._layers)
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        config = getattr(denoiser, "config", None)
+        if not hasattr(denoiser, "transformer_blocks") or not hasattr(config, "patch_size") \
+                or hasattr(denoiser, "single_transformer_blocks"):  # FLUX's transformer has blocks too
+            return None
+        return joint_attention_layers(denoiser)
+
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        return (0, layer_numbers(name)) if name.startswith("transformer_blocks.") else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        return f"block {layer_numbers(name)[0]}" if name.startswith("transformer_blocks.") else None
 
     def default_self_resolution(self, latent_side: int) -> int:
         return math.ceil(latent_side / self.patch_size)

@@ -41,10 +41,12 @@ class SDXLBackbone(UNetBackbone):
         if getattr(vae.config, "force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
             vae.to(torch.float32)  # SDXL's VAE overflows to inf/NaN in float16
 
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    load_options = {}
+
     @classmethod
     def accepts(cls, pipe) -> bool:
-        parts = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-        return cls.has_parts(pipe, parts) and hasattr(pipe.unet, "down_blocks")
+        return cls.has_parts(pipe, cls.parts) and hasattr(pipe.unet, "down_blocks")
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ class SDXLBackbone(UNetBackbone):
         return self.pipe.text_encoder_2.config.projection_dim
 
     # -- attention layers ------------------------------------------------------------------------
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
         return None  # the reference tables name SD 2.1 layers
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:

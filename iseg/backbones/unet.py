@@ -6,15 +6,16 @@ The reference implementation's layer and head choices live here: they name layer
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
 
-from ..capture import AttentionLayer, attention_layers
+from ..capture import AttentionLayer
 from ..prompts import Prompt, encode_prompt
-from .base import Backbone
+from .base import Backbone, config_value, layer_numbers
 
-__all__ = ["UNetBackbone", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
+__all__ = ["UNetBackbone", "unet_attention_layers", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
            "SD2_HEADS"]
 
 # Layers the reference reads on SD 1.x/2.x UNets, by downsampling level below the latent.
@@ -35,17 +36,58 @@ SD2_HEADS = {0: 5, 1: 10, 2: 20}  # heads per layer at each level on SD 2.x
 REFERENCE_SELF_HEADS = (1, 2)
 
 
+_STAGES = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+
+
+def unet_attention_layers(unet) -> list[AttentionLayer]:
+    """Every attention layer of a ``UNet2DConditionModel``, in forward order of its processor dict;
+    each module is cross- or self-attention (``is_cross_attention``) and recorded by
+    ``CaptureProcessor``, at the level of its block (down block i: i; the mid block: the deepest;
+    up block i: the mirror of down block i)."""
+    n_down = len(unet.down_blocks)
+    n_up = len(unet.up_blocks)
+    modules = dict(unet.named_modules())
+    layers = []
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        module = modules[name]
+        m = _BLOCK.match(name)
+        if m is None:
+            continue
+        if m.group(3):
+            level = n_down - 1
+        elif m.group(1) == "down_blocks":
+            level = int(m.group(2))
+        else:
+            level = n_up - 1 - int(m.group(2))
+        kind = "cross" if getattr(module, "is_cross_attention", False) else "self"
+        layers.append(AttentionLayer(name=name, kind=kind, level=level, heads=int(module.heads)))
+    return layers
+
+
 class UNetBackbone(Backbone):
     """A Stable-Diffusion-style pipeline: ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``
     and a ``UNet2DConditionModel`` (``pipe.unet``)."""
+
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
+    load_options = {"safety_checker": None, "requires_safety_checker": False}
 
     def __init__(self, pipe):
         super().__init__(pipe, pipe.unet, pipe.tokenizer)
 
     @classmethod
     def accepts(cls, pipe) -> bool:
-        return cls.has_parts(pipe, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")) and hasattr(
-            pipe.unet, "down_blocks")
+        return cls.has_parts(pipe, cls.parts) and hasattr(pipe.unet, "down_blocks")
+
+    @classmethod
+    def check_text_widths(cls, pipe, widths: Sequence[int], fail) -> None:
+        cross, width = config_value(pipe.unet, "cross_attention_dim"), sum(widths)
+        if isinstance(cross, int) and cross != width:
+            encoders = "s give" if len(widths) > 1 else " gives"
+            fail(f"the UNet's cross-attention takes {cross}-wide text states (cross_attention_dim) but the text "
+                 f"encoder{encoders} {width}")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -64,14 +106,32 @@ class UNetBackbone(Backbone):
         (self.denoiser if module is None else module)(z_t, t, encoder_hidden_states=embedding, return_dict=False)
 
     # -- attention layers ------------------------------------------------------------------------
-    def attention_layers(self) -> list[AttentionLayer]:
-        if self._layers is None:
-            self._layers = attention_layers(self.denoiser)
-        return list(self._layers)
+    @classmethod
+    def layers_of(cls, denoiser) -> list[AttentionLayer] | None:
+        return unet_attention_layers(denoiser) if hasattr(denoiser, "down_blocks") else None
 
-    def reference_layers(self, kind: str, level: int) -> Sequence[str] | None:
+    @classmethod
+    def layer_order(cls, name: str) -> tuple | None:
+        head = name.split(".", 1)[0]  # down, mid, up (``named_modules`` lists mid last)
+        return (_STAGES[head], layer_numbers(name)) if head in _STAGES else None
+
+    @classmethod
+    def layer_title(cls, name: str) -> str | None:
+        # ``down 1.0``, ``mid``, ``up 2.1`` (block . attention), ``t j`` for the j-th transformer block of several
+        head, nums = name.split(".", 1)[0], layer_numbers(name)
+        if head in ("down_blocks", "up_blocks"):
+            base = f"{head[:-7]} {nums[0]}.{nums[1]}" if len(nums) >= 2 else head
+            return base + (f" t{nums[2]}" if len(nums) >= 3 and nums[2] > 0 else "")
+        if head == "mid_block":
+            return "mid" + (f" t{nums[1]}" if len(nums) >= 2 and nums[1] > 0 else "")
+        return None
+
+    def reference_layers(self, kind: str, level: int, interactive: bool = False) -> Sequence[str] | None:
         if kind == "cross":
-            return REFERENCE_CROSS.get(level)
+            names = REFERENCE_CROSS.get(level)
+            if interactive and names:  # the demo reads only the up_blocks.2 layers where a level has them
+                names = tuple(n for n in names if n.startswith("up_blocks.2.")) or names
+            return names
         return REFERENCE_SELF if level == 0 else None
 
     def reference_heads(self, kind: str, level: int, layers: Sequence[AttentionLayer]) -> tuple[int, ...] | None:

@@ -186,8 +186,9 @@ def _peak_memory_mb(device) -> float:
 
 @torch.no_grad()
 def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
-    device = seg.device
-    size = seg.image_size()
+    device = seg.backbone.device
+    plan = seg.plan()
+    size = plan.image_size
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -196,16 +197,16 @@ def _bench_batch(seg, b: int, repeats: int, classes: list[str]) -> dict:
     pixels = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(0))
     prompt = seg.prompt_for(classes)
     emb = seg.embedding(prompt, seg.settings.gamma).expand(b, -1, -1).contiguous()
-    z0 = seg.encode_images(pixels)
-    z_t, t = seg.noisy_latents(z0)
-    vae_s = _timed(lambda: seg.encode_images(pixels), device, repeats)
+    z0 = seg.forward.encode(pixels)
+    z_t, t = seg.forward.noisy(z0, seg.settings.seed, seg.settings.timestep)
+    vae_s = _timed(lambda: seg.forward.encode(pixels), device, repeats)
     # the denoiser with its own processors (SDPA), as the method's floor: no capture
     unet_s = _timed(lambda: seg.backbone.denoise(z_t, t, emb), device, repeats)
     segment_s = _timed(lambda: seg.segment(images, classes, progress=False), device, repeats)
     results = seg.segment(images, classes, progress=False)
     if not all(np.isfinite(r.maps).all() for r in results):  # fp16 must never produce NaNs
         raise RuntimeError(f"non-finite class maps at batch {b} in {seg.backbone.dtype}")
-    n = seg.pass_plans().self_plan.self_resolution ** 2  # the grid refinement runs on (a second pass's, if any)
+    n = plan.self_plan.self_resolution ** 2  # the grid refinement runs on (a second pass's, if any)
     attn = torch.rand(b, n, n, device=device).softmax(-1)
     maps = torch.rand(b, n, len(classes), device=device)
     refine_s = _timed(lambda: R.refine(maps, R.entropy_reduce(attn, seg.settings.lam), seg.settings.iterations),
@@ -282,10 +283,10 @@ def run(args) -> int:
         torch.backends.cudnn.benchmark = True
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     report = {"model": model.name, "device": str(device), "dtype": str(dtype), "hardware": hardware,
-              "torch": torch.__version__, "image_size": seg.image_size(), "repeats": args.repeats,
+              "torch": torch.__version__, "image_size": seg.plan().image_size, "repeats": args.repeats,
               "channels_last": args.channels_last, "rows": [],
               "errors": {}}
-    print(f"{report['model']} on {hardware}, {dtype}, {seg.image_size()}x{seg.image_size()}, median of {args.repeats}")
+    print(f"{report['model']} on {hardware}, {dtype}, {seg.plan().image_size}x{seg.plan().image_size}, median of {args.repeats}")
     for variant in args.compile:
         # one variant or batch size failing (CUDA graphs on an unusual pipeline, memory) must not
         # cost the other figures of the run

@@ -251,7 +251,7 @@ def _write_results(seg, path: Path, result, files: list[Path], gif: bool, starte
         gif_file.unlink()  # an animation of an earlier run would not match these results (--overwrite given)
     record = {
         "image": str(path),
-        "model": seg.model_name,
+        "model": seg.model.name,
         "preset": seg.preset,
         "classes": list(result.classes),
         "labels": {str(i + 1): c for i, c in enumerate(result.classes)},

@@ -446,7 +446,7 @@ class GenerationView(_View):
         for key, value in dict(prompt=prompt, classes=classes, seed=seed).items():
             if value is not None:
                 self.state[key] = value
-        image = generate(self.seg.pipe, self.state["prompt"], self.state["seed"], self.steps)
+        image = generate(self.seg.model.pipe, self.state["prompt"], self.state["seed"], self.steps)
         names = [c.strip() for c in self.state["classes"].split(",") if c.strip()]
         r = self.seg.segment(image, names)
         _set_picture(self.im_img, image)

@@ -244,7 +244,7 @@ def _manifest(seg, dataset: SegmentationDataset, task: str, labels, source_name:
     manifest = {
         "task": task, "dataset": dataset.name, "split": dataset.split,
         "root": str(dataset.root) if dataset.root else None,
-        "model": model_name or seg.model_name, "preset": seg.preset,
+        "model": model_name or seg.model.name, "preset": seg.preset,
         "settings": seg.settings.as_dict(), "label_source": source_name,
         "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
                         if labels is not None and not isinstance(labels, Mapping) else None),
@@ -408,7 +408,7 @@ def _run_facts(seg, source_name: str, clip) -> dict:
     return {
         "dtype": str(seg.backbone.dtype).removeprefix("torch."),
         "device": seg.backbone.device.type,
-        "compile": seg.compiled,
+        "compile": seg.forward.compiled,
         "compile_vae": seg.forward.encoder is not None,
         "clip_model": clip_model,
     }

@@ -63,10 +63,10 @@ def known_vocabulary(seg, vocabulary: Sequence[str], settings=None) -> tuple[str
         except PromptTooLongError:
             known.append(name)  # chunk_vocabulary reports it
     if unknown and not known:
-        raise UnknownWordError(f"none of the vocabulary's {len(names)} names is known to the {seg.model_name!r} "
+        raise UnknownWordError(f"none of the vocabulary's {len(names)} names is known to the {seg.model.name!r} "
                                f"model's tokenizer (e.g. {unknown[:5]}); no label can be predicted", unknown)
     if unknown:
-        warnings.warn(f"{len(unknown)} vocabulary name(s) have words the {seg.model_name!r} model's tokenizer does "
+        warnings.warn(f"{len(unknown)} vocabulary name(s) have words the {seg.model.name!r} model's tokenizer does "
                       f"not know and are never predicted: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}",
                       stacklevel=3)
     return tuple(known)
@@ -130,7 +130,7 @@ def attention_evidence(seg, images, vocabulary: Sequence[str], progress: bool = 
             for start in range(0, len(items), batch):
                 part = items[start : start + batch]
                 observed = seg.observe(part, list(chunk), progress=False, **overrides)
-                for k, (obs, result) in enumerate(zip(observed, seg.decode_batch(observed))):
+                for k, (obs, result) in enumerate(zip(observed, seg.decode(observed))):
                     raw = raw_class_maps(obs)
                     foreground = torch.from_numpy(result.labels > 0).to(raw.device)  # labels are numpy, raw on the model's device
                     winner = to_original(raw, obs.geometry, obs.size).argmax(0)

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones.base import flow_matching_noise
-from ..backbones.sd3 import SD3Backbone
-from ..capture import attention_layers, capture_attention, joint_attention_layers
+from ..backbones.sd3 import SD3Backbone, joint_attention_layers
+from ..capture import attention_layers, capture_attention
 from ..commands.files import check_folder, write_atomic, write_text
 from ..commands.options import CommandError, device_option, overwrite_option
 from ..registry import shipped_models
