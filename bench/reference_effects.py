@@ -83,7 +83,7 @@ def shapes(count: int) -> dict:
     from iseg import refine as R
     from iseg.shapes import CLASSES, SPLITS, sample
 
-    pipe = iseg.load_pipeline("shapes", device="cpu", verbose=False)
+    pipe = iseg.load_model("shapes", device="cpu", verbose=False)
     seg = iseg.ISeg(pipe)
     samples, seed = [], SPLITS["test"].start
     while len(samples) < count:

@@ -8,7 +8,8 @@ import time
 import pytest
 
 import iseg
-from iseg import ModelNotAvailableError, load_pipeline
+from iseg import ModelNotAvailableError
+from iseg.loading import load_pipeline
 
 
 def _check_ways_out(message: str, model: str):
