@@ -174,7 +174,7 @@ def _image(seed=0, side=32):
 def test_a_family_defined_in_a_test_file_segments_end_to_end(toy):
     assert family_of(toy) == "toy" and isinstance(backbone_for(toy), ToyBackbone)
     seg = iseg.ISeg(toy)
-    assert seg.attention_kind == "joint"  # it has a module whose softmax capture splits
+    assert seg.forward.attention_kind == "joint"  # it has a module whose softmax capture splits
     plan = seg.plan(16)
     assert sorted(plan.weights) == [8, 16]
     assert {r: [layer.name for layer in g] for r, g in plan.cross.items()} == {16: ["cross0"], 8: ["joined1:text"]}
