@@ -28,6 +28,7 @@ from iseg.capture import (
     SplitCaptureProcessor,
     attention_layers,
     capture_attention,
+    install_capture,
     split_heads,
 )
 from iseg.loading import LoadedModel, ModelFolderError, check_components
@@ -256,3 +257,24 @@ def test_unregistered_the_family_is_unknown_again():
         iseg.ISeg(ToyPipeline())
     with pytest.raises(TypeError, match="Backbone subclass"):
         register_backbone("toy", object)
+
+
+def test_a_processor_that_cannot_attach_leaves_the_denoiser_as_it_was():
+    class CannotAttach(ToyCaptureProcessor):
+        def attach(self, denoiser, target):
+            raise RuntimeError(f"no hook for {target}")
+
+    net = ToyNet()
+    before = {k: type(v) for k, v in net.attn_processors.items()}
+    with pytest.raises(RuntimeError, match="no hook for self0"):
+        install_capture(net, [AttentionLayer("self0", "self", 0, HEADS, processor=CannotAttach)])
+    assert {k: type(v) for k, v in net.attn_processors.items()} == before
+    store, restore = install_capture(net, [AttentionLayer("self0", "self", 0, HEADS, processor=ToyCaptureProcessor)])
+    assert type(net.attn_processors["self0.processor"]) is ToyCaptureProcessor
+    restore()
+    restore()  # a second restore changes nothing
+    assert {k: type(v) for k, v in net.attn_processors.items()} == before
+    with pytest.raises(ValueError, match="name different processors"):
+        install_capture(net, [AttentionLayer("joined1:text", "cross", 1, HEADS, module="joined1",
+                                             processor=ToyJoinedCaptureProcessor),
+                              AttentionLayer("joined1:image", "self", 1, HEADS, module="joined1")])
