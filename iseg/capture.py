@@ -541,13 +541,18 @@ def install_capture(
             raise ValueError(f"the maps of {target!r} name different processors: {sorted(k.__name__ for k in kinds)}")
         processors[target] = kinds.pop().build(store, group, head_map, original[target + ".processor"], **options)
     module.set_attn_processor({**original, **{t + ".processor": p for t, p in processors.items()}})
-    handles = [handle for target, processor in processors.items() for handle in processor.attach(module, target)]
+    handles = []
 
-    def restore():
+    def restore():  # set_attn_processor empties the dict it is given: a copy each time
         for handle in handles:
             handle.remove()
-        module.set_attn_processor(original)
+        module.set_attn_processor(dict(original))
 
+    try:
+        handles.extend(handle for target, processor in processors.items() for handle in processor.attach(module, target))
+    except BaseException:
+        restore()
+        raise
     return store, restore
 
 

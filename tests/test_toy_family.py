@@ -28,6 +28,7 @@ from iseg.capture import (
     SplitCaptureProcessor,
     attention_layers,
     capture_attention,
+    install_capture,
     split_heads,
 )
 from iseg.loading import LoadedModel, ModelFolderError, check_components
@@ -174,7 +175,7 @@ def _image(seed=0, side=32):
 def test_a_family_defined_in_a_test_file_segments_end_to_end(toy):
     assert family_of(toy) == "toy" and isinstance(backbone_for(toy), ToyBackbone)
     seg = iseg.ISeg(toy)
-    assert seg.attention_kind == "joint"  # it has a module whose softmax capture splits
+    assert seg.forward.attention_kind == "joint"  # it has a module whose softmax capture splits
     plan = seg.plan(16)
     assert sorted(plan.weights) == [8, 16]
     assert {r: [layer.name for layer in g] for r, g in plan.cross.items()} == {16: ["cross0"], 8: ["joined1:text"]}
@@ -256,3 +257,24 @@ def test_unregistered_the_family_is_unknown_again():
         iseg.ISeg(ToyPipeline())
     with pytest.raises(TypeError, match="Backbone subclass"):
         register_backbone("toy", object)
+
+
+def test_a_processor_that_cannot_attach_leaves_the_denoiser_as_it_was():
+    class CannotAttach(ToyCaptureProcessor):
+        def attach(self, denoiser, target):
+            raise RuntimeError(f"no hook for {target}")
+
+    net = ToyNet()
+    before = {k: type(v) for k, v in net.attn_processors.items()}
+    with pytest.raises(RuntimeError, match="no hook for self0"):
+        install_capture(net, [AttentionLayer("self0", "self", 0, HEADS, processor=CannotAttach)])
+    assert {k: type(v) for k, v in net.attn_processors.items()} == before
+    store, restore = install_capture(net, [AttentionLayer("self0", "self", 0, HEADS, processor=ToyCaptureProcessor)])
+    assert type(net.attn_processors["self0.processor"]) is ToyCaptureProcessor
+    restore()
+    restore()  # a second restore changes nothing
+    assert {k: type(v) for k, v in net.attn_processors.items()} == before
+    with pytest.raises(ValueError, match="name different processors"):
+        install_capture(net, [AttentionLayer("joined1:text", "cross", 1, HEADS, module="joined1",
+                                             processor=ToyJoinedCaptureProcessor),
+                              AttentionLayer("joined1:image", "self", 1, HEADS, module="joined1")])
