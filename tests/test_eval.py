@@ -152,7 +152,7 @@ class _FakeSeg:
     """Predicts every pixel as the first given class; counts what it computes."""
 
     preset = "fake"
-    model_name = None  # what evaluate_dataset records as the model
+    model = type("Model", (), {"name": None})()  # what evaluate_dataset records as the model (model.name)
 
     def __init__(self, batch_size=2):
         self.settings = iseg.make_settings(None, batch_size=batch_size)
