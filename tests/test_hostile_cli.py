@@ -484,7 +484,7 @@ def test_the_library_names_a_bad_device():
 # -- no traceback from the installed commands --------------------------------------------------------
 @pytest.mark.parametrize("argv, prog", [
     (["-m", "iseg", "segment", "{image}", "--classes", "square", "--device", "gpu"], "iseg"),
-    (["-m", "iseg", "eval", "--dataset", "shapes", "--limit", "-5", "--out", "{tmp}/run"], "iseg eval"),
+    (["-m", "iseg", "eval", "--dataset", "shapes", "--limit", "-5", "--out", "{tmp}/run"], "iseg"),
 ])
 def test_commands_exit_2_without_a_traceback(tmp_path, image, argv, prog):
     argv = [a.replace("{image}", str(image)).replace("{tmp}", str(tmp_path)) for a in argv]
@@ -627,9 +627,7 @@ def test_run_json_is_replaced_whole_never_rewritten_in_place(tmp_path, monkeypat
 
 
 def _train(tmp_path, *extra):
-    from iseg.shapes.train import main as train_main
-
-    return train_main(["--out", str(tmp_path / "m"), "--images", "8", "--workers", "1", "--device", "cpu", *extra])
+    return cli.main(["train-shapes", "--out", str(tmp_path / "m"), "--images", "8", "--workers", "1", "--device", "cpu", *extra])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -660,7 +658,7 @@ def test_train_shapes_numbers_are_checked_naming_the_option(tmp_path, capsys, ex
     import re
 
     assert _train(tmp_path, *extra) == 2
-    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.work").exists()
 
 
@@ -689,7 +687,7 @@ def _unchanged(model: Path) -> bool:
 
 def test_resume_without_a_checkpoint_never_replaces_a_finished_model(tmp_path, finished_model, capsys):
     assert _train(tmp_path, "--resume") == 2
-    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    line = _one_error_line(capsys.readouterr().err, "iseg")
     assert "has no checkpoint.pt, so the run would start over and replace the model" in line and "--overwrite" in line
     assert _unchanged(finished_model) and not (tmp_path / "m.work").exists()
 
@@ -720,7 +718,7 @@ def test_resume_refuses_checkpoints_that_are_not_ours_naming_the_file(tmp_path, 
     before = (work / "checkpoint.pt").read_bytes()
     monkeypatch.chdir(tmp_path)
     assert _train(tmp_path, "--resume") == 2
-    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
     assert not (tmp_path / "pwned").exists()  # the pickle's code never ran
     assert _unchanged(finished_model) and (work / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt"]
@@ -747,7 +745,7 @@ def test_resume_with_other_run_options_is_refused_listing_them(tmp_path, capsys)
 
     _checkpoint_of(tmp_path, "--lr", "3e-4")
     assert _train(tmp_path, "--resume", "--images", "16", "--seed", "3", "--ground", "0.5", "--unet-steps", "9") == 2
-    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    line = _one_error_line(capsys.readouterr().err, "iseg")
     assert re.search(r"checkpoint.pt is a run with other settings: --images 16 \(the run started with 8\); --seed 3 "
                      r"\(the run started with 0\)\. .*What may change on resume: the step counts", line)
     assert "--ground" not in line.split("What may change")[0]  # a loss weight is a curriculum step, not refused
@@ -778,7 +776,7 @@ def test_a_checkpoint_that_is_a_directory_is_refused_before_training(tmp_path, c
     (tmp_path / "m.work" / "checkpoint.pt").mkdir(parents=True)
     assert _train(tmp_path, *extra) == 2
     assert "checkpoint.pt is a directory, not a checkpoint file" in _one_error_line(capsys.readouterr().err,
-                                                                                     "iseg train-shapes")
+                                                                                     "iseg")
     assert sorted(p.name for p in (tmp_path / "m.work").iterdir()) == ["checkpoint.pt"]
     assert not (tmp_path / "m").exists()
 
@@ -796,17 +794,17 @@ def test_train_shapes_init_takes_a_shipped_models_name(tmp_path, capsys, monkeyp
     monkeypatch.setattr(train, "check_init_parts", lambda parts, family, folder: seen.append(folder))
     monkeypatch.setattr(train, "check_loss_weights", stop)
     assert _train(tmp_path, "--init", "shapes", "--init-parts", "vae") == 2
-    assert "stopped before training" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "stopped before training" in _one_error_line(capsys.readouterr().err, "iseg")
     assert seen == [iseg.shipped_models()["shapes"]]
     assert _train(tmp_path, "--init", "SHAPES") == 2
-    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    line = _one_error_line(capsys.readouterr().err, "iseg")
     assert "--init 'SHAPES' is not a model folder; did you mean the shipped model 'shapes' (folder " in line
 
 
 def test_train_shapes_refuses_a_dangling_link_as_out(tmp_path, capsys):
     os.symlink(tmp_path / "gone", tmp_path / "m")
     assert _train(tmp_path) == 2
-    assert "is a symbolic link to" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "is a symbolic link to" in _one_error_line(capsys.readouterr().err, "iseg")
     assert not (tmp_path / "m.work").exists()
 
 
@@ -886,7 +884,7 @@ def test_train_shapes_checks_init_before_rendering(tmp_path, capsys, extra, mess
     extra = [a.replace("{tmp}", str(tmp_path)).replace("{shapes}", str(iseg.shipped_models()["shapes"]))
              .replace("{empty_model}", str(empty_model)) for a in extra]
     assert _train(tmp_path, *extra) == 2
-    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg train-shapes"))
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg"))
     assert not (tmp_path / "m.work").exists()
 
 
@@ -897,7 +895,7 @@ def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, image,
     assert cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", ""]) == 2
     assert "--out is empty" in _one_error_line(capsys.readouterr().err, "iseg")
     assert _train(tmp_path, "--out", "") == 2  # the last --out wins
-    assert "does not name a model folder" in _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert "does not name a model folder" in _one_error_line(capsys.readouterr().err, "iseg")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -438,7 +438,7 @@ def test_bench_reproduce_builds_the_readme_commands_and_needs_a_gpu(tmp_path, mo
                               ovs_labels_context=None, ovs_labels_coco=None)
     for table, (dataset, task, split, preset, _paper, _) in module.TABLES.items():
         cmd = module.command(table, tmp_path / "data", tmp_path / table, args)
-        parsed = ev.build_parser().parse_args(cmd[3:])
+        parsed = ev.build_parser().parse_args(cmd[4:])
         assert (parsed.dataset, parsed.task, parsed.split, parsed.preset, parsed.limit) == (dataset, task, split, preset, 5)
         assert preset == f"{table}-reference"
     assert module.TABLES["wsss-voc"][4] == 75.5 and module.TABLES["ovs-coco"][4] == 38.4

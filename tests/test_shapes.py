@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import iseg
+from iseg.commands.main import main as iseg_main
 from iseg.shapes import CLASSES, COLORS, SPLITS, caption_for, sample
 from iseg.shapes.evaluate import choose_label_rule, evaluate
-from iseg.shapes.evaluate import main as evaluate_main
 
 
 def test_public_api():
@@ -320,7 +320,7 @@ def test_evaluate_tabulates_bg_powers_and_the_rule_reads_it_back(shapes_pipe, tm
     assert by_power["2.0"] != by_power[str(seg.settings.bg_power)]
     path = tmp_path / "val.json"
     path.write_text(json.dumps({"timesteps": {"100": {"miou_by_bg_power": _table({0.2: {3.0: [1, 2, 3, 4, 5, 6]}})}}}))
-    evaluate_main(["--choose", str(path)])
+    iseg_main(["eval-shapes", "--choose", str(path)])
     assert json.loads(capsys.readouterr().out.split(":", 1)[1]) == dict(bg_power=0.2, lam=3.0, iterations=5, miou=6.0)
 
 
@@ -363,9 +363,7 @@ def test_raw_rule_is_the_best_raw_bg_power_on_validation():
     (["--ema", "inf"], "--ema is a decay"),
 ])
 def test_training_options_are_checked_before_anything_runs(tmp_path, capsys, extra, message):
-    from iseg.shapes.train import main as train_main
-
-    assert train_main(["--out", str(tmp_path / "m"), "--images", "8", *extra]) == 2
+    assert iseg_main(["train-shapes", "--out", str(tmp_path / "m"), "--images", "8", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.work").exists()  # nothing rendered or written
 
@@ -384,7 +382,7 @@ def test_a_nan_loss_stops_training_before_the_weights_take_it(tmp_path, capsys, 
 
     monkeypatch.setattr(train, "grounding_loss", nan_on_second)
     out = tmp_path / "m"
-    code = train.main(["--out", str(out), "--images", "8", "--workers", "1", "--vae-steps", "1", "--vae-batch", "2",
+    code = iseg_main(["train-shapes", "--out", str(out), "--images", "8", "--workers", "1", "--vae-steps", "1", "--vae-batch", "2",
                        "--unet-steps", "4", "--batch-size", "2", "--device", "cpu", "--save-every", "1"])
     err = capsys.readouterr().err
     assert code == 2, err[-2000:]

@@ -3,9 +3,7 @@
     iseg eval --task wsss --dataset shapes --split test --limit 500 --out runs/shapes
     iseg eval --task wsss --dataset voc --root VOCdevkit/VOC2012 --split train --out runs/voc-wsss
     iseg eval --task ovs --dataset voc --root VOCdevkit/VOC2012 --split val --labels labels.json --out runs/voc-ovs
-    accelerate launch --multi_gpu --num_processes 8 -m iseg.eval ...   # shards images over 8 processes
-
-``iseg eval`` (and ``python -m iseg.eval``) is the same command under its own name.
+    accelerate launch --multi_gpu --num_processes 8 -m iseg eval ...   # shards images over 8 processes
 
 - ``wsss``: image-level labels are the classes present in the ground truth (method.md §8); the
   pseudo-masks are written as palette PNGs (``OUT/masks/<id>.png``, pixel value = dataset label).
