@@ -3,9 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from fake_datasets import make_coco164k, make_coco2014, make_context, make_voc
 from PIL import Image
 
@@ -152,7 +154,10 @@ class _FakeSeg:
     """Predicts every pixel as the first given class; counts what it computes."""
 
     preset = "fake"
-    model = type("Model", (), {"name": None})()  # what evaluate_dataset records as the model (model.name)
+    # what evaluate_dataset records of the model, its weights and its launch (ISeg's attributes)
+    model = SimpleNamespace(name=None)
+    backbone = SimpleNamespace(dtype=torch.float32, device=torch.device("cpu"))
+    forward = SimpleNamespace(encoder=None, compiled=None)
 
     def __init__(self, batch_size=2):
         self.settings = iseg.make_settings(None, batch_size=batch_size)
