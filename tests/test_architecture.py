@@ -4,6 +4,7 @@ that works around a cycle."""
 
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -199,3 +200,95 @@ def test_settings_given_directly_are_frozen_at_any_depth():
     with pytest.raises(iseg.SettingsError, match="setting lam must be a finite number >= 0, got 'abc'"):
         iseg.Settings(lam="abc")
     assert iseg.Settings(cross_weights={"16": 1}) == iseg.make_settings(cross_weights={"16": 1})
+
+
+# -- the layout of issue 33: the method at the top, the harness below it ---------------------------------
+METHOD_PACKAGES = ("backbones", "labels")
+HARNESS_PACKAGES = ("commands", "course", "evaluation", "shapes")
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports, at any depth of the file."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                target = (".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+                          if node.level else node.module or "")
+                for alias in node.names:
+                    found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_the_method_is_at_most_18_modules_and_the_harness_lives_below_it():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 18, top
+    subpackages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert subpackages == sorted(METHOD_PACKAGES + HARNESS_PACKAGES)
+    graph = _package_graph()
+    harness = tuple(f"iseg.{h}" for h in HARNESS_PACKAGES)
+    arrows_up = {m: sorted(t for t in targets if t.startswith(harness)) for m, targets in graph.items()
+                 if not m.startswith(harness) and m != "iseg.__main__"}
+    assert {m: t for m, t in arrows_up.items() if t} == {}, "the method imports the harness"
+
+
+def test_no_import_cycle_between_modules():
+    graph, state, cycles = _package_graph(), {}, []
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_functions_are_short_and_iseg_is_small():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.name} {node.end_lineno - node.lineno + 1}")
+    assert long == []
+    tree = ast.parse((PACKAGE / "segmenter.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ISeg")
+    public = [n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+    assert len(public) <= 15 and cls.end_lineno - cls.lineno + 1 < 220, (len(public), public)
+
+
+FAMILY_WORDS = re.compile(r"sd3|sdxl|flux|up_blocks|down_blocks|mid_block|transformer_blocks", re.IGNORECASE)
+
+
+def test_model_families_are_named_only_in_the_backbones():
+    named = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] in ("backbones", "shapes"):
+            continue
+        named += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1) if FAMILY_WORDS.search(line)]
+    assert named == []
+
+
+def test_the_readme_package_tree_matches_the_package():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme.split("### The package", 1)[1].split("```", 2)[1]
+    listed = set(re.findall(r"\b([a-z_]+(?:\.py|/))", tree)) - {"iseg/"}
+    actual = {p.name for p in PACKAGE.glob("*.py")} | {p.name + "/" for p in PACKAGE.iterdir()
+                                                        if (p / "__init__.py").exists()}
+    assert listed == actual
