@@ -17,6 +17,7 @@ this matrix proves it on the fake GPU either way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from family_models import BUILDERS, save_family_models
+from family_models import BUILDERS, install_tiny_sizes, save_family_models
+
+import iseg
+import iseg.loading as loading
 
 ROOT = Path(__file__).resolve().parents[1]
 # ISEG_NOTEBOOKS=00_quickstart,07_interactive runs a subset
@@ -53,16 +57,29 @@ def test_the_runner_sets_the_model_knob_only():
 
 
 def test_a_tiny_flux_folder_loads_at_the_size_it_was_built_for(tmp_path, monkeypatch):
-    import iseg
-    import iseg.loading as loading
-    from family_models import install_tiny_sizes
-
     folder = save_family_models(tmp_path, ["flux"])["flux"]
     assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 256   # FluxPipeline: 128 latent cells on load
     monkeypatch.setattr(loading, "_finish", loading._finish)   # undone after the test
     install_tiny_sizes()
     assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 32    # as tests/tiny.py built it
     assert iseg.ISeg(iseg.load_model("shapes")).image_size() == 64       # no file: untouched
+
+
+def test_nbval_runs_on_the_plain_cpu_when_its_notebooks_become_the_website(monkeypatch):
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    monkeypatch.delenv("ISEG_NOTEBOOK_FAKE_CUDA", raising=False)
+    monkeypatch.delenv("ISEG_EXECUTED_NOTEBOOKS", raising=False)
+    assert settings.nbval_on_fake_cuda()                 # a plain `make test`: the fake GPU
+    monkeypatch.setenv("ISEG_EXECUTED_NOTEBOOKS", "/tmp/executed")
+    assert not settings.nbval_on_fake_cuda()             # CI: the website's notebooks print "device: cpu"
+    monkeypatch.setenv("ISEG_NOTEBOOK_FAKE_CUDA", "1")
+    assert settings.nbval_on_fake_cuda()                 # asked for explicitly
+    monkeypatch.delenv("ISEG_EXECUTED_NOTEBOOKS")
+    monkeypatch.setenv("ISEG_NOTEBOOK_FAKE_CUDA", "0")
+    assert not settings.nbval_on_fake_cuda()
+    assert "shapes" in FAMILIES                          # ... and this matrix runs the shapes UNet on the fake GPU
 
 
 def _selected():
