@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 # Notebooks under nbval run as on a GPU: their kernels start with tests/fake_cuda_site on PYTHONPATH
 # and ISEG_FAKE_CUDA=1, so every model they load behaves as one on CUDA (tests/fake_cuda.py), and a
 # cell that calls .numpy() on a GPU tensor fails here as it would there. ISEG_NOTEBOOK_FAKE_CUDA=0
-# runs them on the plain CPU. Only nbval's kernels get these variables, not other subprocesses.
+# runs them on the plain CPU, and so does ISEG_EXECUTED_NOTEBOOKS=DIR (the website is built from
+# those notebooks, whose cells print the model's device: a learner reading them runs on a CPU);
+# then tests/test_notebook_families.py proves the shapes UNet on the fake GPU, as it does every
+# other model. Only nbval's kernels get these variables, not other subprocesses.
 _FAKE_CUDA_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fake_cuda_site")
 _PLAIN_ENV = {k: os.environ.get(k) for k in ("PYTHONPATH", "ISEG_FAKE_CUDA")}
 
@@ -27,10 +30,16 @@ def _set_env(values):
             os.environ[key] = value
 
 
+def nbval_on_fake_cuda() -> bool:
+    """Whether nbval's notebook kernels run on the fake GPU (see above)."""
+    default = "0" if os.environ.get("ISEG_EXECUTED_NOTEBOOKS") else "1"
+    return os.environ.get("ISEG_NOTEBOOK_FAKE_CUDA", default) != "0"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     notebook = type(item).__name__ == "IPyNbCell"  # nbval's cells: the kernel starts at the first one's setup
-    if notebook and os.environ.get("ISEG_NOTEBOOK_FAKE_CUDA", "1") != "0":
+    if notebook and nbval_on_fake_cuda():
         path = os.pathsep.join([_FAKE_CUDA_SITE] + ([_PLAIN_ENV["PYTHONPATH"]] if _PLAIN_ENV["PYTHONPATH"] else []))
         _set_env({"PYTHONPATH": path, "ISEG_FAKE_CUDA": "1"})
     else:

@@ -15,6 +15,9 @@ a CPU, too long for a notebook's Run All; the notebooks read ``data/results/NAME
   multi-object test images.
 - ``passes`` (notebook 10): the shapes MM-DiT with one pass against its preset's two, 20 validation images.
 - ``families`` (notebook 10): both shapes models' mIoU against N on 40 validation images.
+- ``raw_pass`` (notebook 08): the raw Cat-Cross masks (N = 0) at each shapes model's own label rule
+  ``raw_bg_power``, scored as notebook 08 scores its refined masks (``evaluate_dataset``, WSSS, the
+  first 100 test images): the whole metrics, per-class IoU included.
 """
 
 from __future__ import annotations
@@ -136,8 +139,26 @@ def families() -> dict:
     return {"split": "val", "images": 40, "models": rows}
 
 
+def raw_pass() -> dict:
+    import tempfile
+
+    import iseg
+    from iseg.eval import evaluate_dataset
+    from iseg.shapes.dataset import ShapesDataset
+
+    dataset = ShapesDataset(split="test", count=100)   # notebook 08's images
+    rows = {}
+    for name in ("shapes", "shapes-mmdit"):
+        model, seg = _setup(name)
+        with tempfile.TemporaryDirectory() as out:
+            raw = evaluate_dataset(iseg.ISeg(model, iterations=0, bg_power=model.raw_bg_power), dataset, task="wsss",
+                                   out=Path(out) / "raw", progress=False)
+        rows[name] = _head(seg, model, metrics=raw)
+    return {"split": "test", "images": len(dataset), "task": "wsss", "models": rows}
+
+
 SWEEPS = {"iterations": iterations, "gamma": gamma, "clustering": clustering, "prompts": prompts,
-          "passes": passes, "families": families}
+          "passes": passes, "families": families, "raw_pass": raw_pass}
 
 
 def main(argv=None):

@@ -1,20 +1,23 @@
 """Every notebook on every model family, on a fake GPU (issue #30).
 
 MODEL is set to a folder of a tiny random-weight pipeline of each family (SD 1.x/2.x, SDXL, SD3,
-FLUX; built from ``tests/tiny.py`` and saved with ``save_pretrained``) and to the shipped
-``shapes-mmdit``; each notebook runs headless (``tests/notebook_runner.py``) in a kernel whose
-models behave as CUDA ones (``tests/fake_cuda.py``), and must end with no error output. Each
+FLUX; built from ``tests/tiny.py`` and saved with ``save_pretrained``, loaded at the size they were
+built for: ``family_models.install_tiny_sizes``) and to the two shipped models, ``shapes`` (the
+UNet, what MODEL = "auto" gives here) and ``shapes-mmdit``; each notebook runs headless
+(``tests/notebook_runner.py``) in a kernel whose models behave as CUDA ones (``tests/fake_cuda.py``), and must end with no error output. Each
 notebook runs in one kernel for every model in turn (its namespace reset between them), two
 notebooks at a time; each run's time is printed. ``ISEG_EXECUTED_NOTEBOOKS=DIR`` keeps the
 executed notebooks (``NAME--FAMILY.ipynb``); ``ISEG_FAMILIES=sd,flux`` and
 ``ISEG_NOTEBOOKS=00_quickstart,07_interactive`` run subsets.
 
-The shapes UNet (MODEL = "auto") runs under nbval in the main suite, also on the fake GPU
-(``conftest.py``).
+The shapes UNet also runs under nbval in the main suite: on the fake GPU too, except when
+ISEG_EXECUTED_NOTEBOOKS is set (``conftest.py``: the website's notebooks run on the plain CPU);
+this matrix proves it on the fake GPU either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,13 +27,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from family_models import BUILDERS, save_family_models
+from family_models import BUILDERS, install_tiny_sizes, save_family_models
+
+import iseg
+import iseg.loading as loading
 
 ROOT = Path(__file__).resolve().parents[1]
 # ISEG_NOTEBOOKS=00_quickstart,07_interactive runs a subset
 NOTEBOOKS = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
              if not os.environ.get("ISEG_NOTEBOOKS") or p.stem in os.environ["ISEG_NOTEBOOKS"].split(",")]
-FAMILIES = [*BUILDERS, "shapes-mmdit"]
+SHIPPED = ["shapes", "shapes-mmdit"]
+FAMILIES = [*BUILDERS, *SHIPPED]
 WORKERS = int(os.environ.get("ISEG_NOTEBOOK_WORKERS", "2"))
 
 
@@ -49,6 +56,32 @@ def test_the_runner_sets_the_model_knob_only():
     assert not set_model(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]), "m")
 
 
+def test_a_tiny_flux_folder_loads_at_the_size_it_was_built_for(tmp_path, monkeypatch):
+    folder = save_family_models(tmp_path, ["flux"])["flux"]
+    assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 256   # FluxPipeline: 128 latent cells on load
+    monkeypatch.setattr(loading, "_finish", loading._finish)   # undone after the test
+    install_tiny_sizes()
+    assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 32    # as tests/tiny.py built it
+    assert iseg.ISeg(iseg.load_model("shapes")).image_size() == 64       # no file: untouched
+
+
+def test_nbval_runs_on_the_plain_cpu_when_its_notebooks_become_the_website(monkeypatch):
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    settings = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(settings)
+    monkeypatch.delenv("ISEG_NOTEBOOK_FAKE_CUDA", raising=False)
+    monkeypatch.delenv("ISEG_EXECUTED_NOTEBOOKS", raising=False)
+    assert settings.nbval_on_fake_cuda()                 # a plain `make test`: the fake GPU
+    monkeypatch.setenv("ISEG_EXECUTED_NOTEBOOKS", "/tmp/executed")
+    assert not settings.nbval_on_fake_cuda()             # CI: the website's notebooks print "device: cpu"
+    monkeypatch.setenv("ISEG_NOTEBOOK_FAKE_CUDA", "1")
+    assert settings.nbval_on_fake_cuda()                 # asked for explicitly
+    monkeypatch.delenv("ISEG_EXECUTED_NOTEBOOKS")
+    monkeypatch.setenv("ISEG_NOTEBOOK_FAKE_CUDA", "0")
+    assert not settings.nbval_on_fake_cuda()
+    assert "shapes" in FAMILIES                          # ... and this matrix runs the shapes UNet on the fake GPU
+
+
 def _selected():
     chosen = os.environ.get("ISEG_FAMILIES")
     return [f for f in FAMILIES if not chosen or f in chosen.split(",")]
@@ -57,7 +90,7 @@ def _selected():
 @pytest.fixture(scope="module")
 def model_folders(tmp_path_factory):
     folders = save_family_models(tmp_path_factory.mktemp("families"), [f for f in BUILDERS if f in _selected()])
-    shipped = {"shapes-mmdit": "shapes-mmdit"} if "shapes-mmdit" in _selected() else {}
+    shipped = {name: name for name in SHIPPED if name in _selected()}
     return {**{tag: str(path) for tag, path in folders.items()}, **shipped}
 
 
@@ -65,7 +98,8 @@ def _run(notebook: Path, models: dict[str, str]) -> list[dict]:
     """Every family on one notebook, in one kernel (``notebook_runner.run_models``)."""
     cmd = [sys.executable, str(ROOT / "tests" / "notebook_runner.py"), str(notebook), "--models", json.dumps(models),
            "--fake-cuda", "--timeout", "300"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                         env=dict(os.environ, ISEG_TINY_SIZES="1"))  # family_models.install_tiny_sizes
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     done = {r["tag"] for r in reports}
     return reports + [dict(notebook=notebook.stem, tag=tag, seconds=None, has_model_knob=None, first_cell_stderr=[],
