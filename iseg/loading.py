@@ -2,8 +2,8 @@
 
 A ``LoadedModel`` is the diffusers pipeline (``.pipe``) with what iseg knows about it: its name,
 default preset, closed vocabulary and label thresholds (from ``iseg.registry``). The families are
-those of ``iseg.backbones.FAMILIES``: the Stable Diffusion 1.x/2.x UNet (SD 1.4/1.5/2.0/2.1(-base)
-and the project's own shapes model), SDXL, SD3 (loaded without its T5 encoder) and FLUX.1.
+those of ``iseg.backbones.FAMILIES``; each family's backbone says which pipelines it reads, which of
+their parts are left out when loading (``Backbone.load_options``) and what ``"auto"`` picks for it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .registry import ModelEntry, register_model, shipped_models
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_FAMILY",
+    "auto_models",
     "LoadedModel",
     "ModelNotAvailableError",
     "UnsupportedPipelineError",
@@ -39,7 +41,10 @@ __all__ = [
     "load_pipeline",
 ]
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+#: the family ``load_model("auto")`` picks from when no family is given, and whose full-size model
+#: is ``load_model()``'s default
+DEFAULT_FAMILY = "sd"
+DEFAULT_MODEL = FAMILIES[DEFAULT_FAMILY][0].default_model
 
 
 # the LoadedModel of each pipeline load_model made, while the pipeline lives
@@ -78,7 +83,8 @@ class LoadedModel:
 
     @property
     def family(self) -> str | None:
-        """The model family (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``; see ``iseg.backbones.FAMILIES``)."""
+        """The model family: the name its backbone is registered under in ``iseg.backbones.FAMILIES``
+        (``"sd"`` for Stable Diffusion 1.x/2.x), ``None`` where iseg has none."""
         return family_of(self.pipe)
 
     @property
@@ -423,22 +429,23 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-#: what ``load_model("auto", family=...)`` looks for: the full-size model (its weights in the local
-#: cache and a GPU), else the shipped shapes model of the same family
-AUTO_MODELS = {
-    "sd": (DEFAULT_MODEL, "shapes"),
-    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "shapes-mmdit"),
-}
+def auto_models() -> dict[str, tuple[str, str]]:
+    """What ``load_model("auto", family=...)`` looks for, by family: the full-size model (its weights
+    in the local cache and a GPU), else the shipped model of the same family, as each registered
+    backbone declares them (``Backbone.default_model``, ``Backbone.fallback_model``)."""
+    return {name: (backbone.default_model, backbone.fallback_model) for name, (backbone, _) in FAMILIES.items()
+            if backbone.default_model and backbone.fallback_model}
 
 
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | str | None = None,
                verbose: bool = True, family: str | None = None) -> LoadedModel:
     """Load a model for iSeg and move it to ``device``; returns a ``LoadedModel``.
 
-    ``model`` is a hub id (default: SD 2.1-base), a local folder in diffusers layout, a short name
-    of a shipped model (``"shapes"``), or ``"auto"``: SD 2.1-base when its weights are in the local
-    cache and a GPU is present, else the shapes model; ``"auto"`` with ``family="sd3"`` picks SD3-medium
-    the same way, else the shapes MM-DiT (``"shapes-mmdit"``). ``device`` defaults to CUDA when present;
+    ``model`` is a hub id (default: ``DEFAULT_MODEL``, SD 2.1-base), a local folder in diffusers
+    layout, a short name of a shipped model (``"shapes"``), or ``"auto"``: the full-size model of
+    ``family`` (default ``DEFAULT_FAMILY``) when its weights are in the local cache and a GPU is
+    present, else the shipped model of that family (``auto_models()``: ``"shapes"`` for SD 1.x/2.x,
+    ``"shapes-mmdit"`` for the MM-DiT family). ``device`` defaults to CUDA when present;
     ``dtype`` (a torch dtype or its name, ``"float16"``) to float16 on CUDA and float32 elsewhere. Missing weights raise
     ``ModelNotAvailableError`` with the ways out; with ``HF_HUB_OFFLINE=1`` nothing touches the
     network.
@@ -457,10 +464,11 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     if family is not None and name != "auto":
         raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
     if name == "auto":
-        key = family or "sd"
-        if key not in AUTO_MODELS:
-            raise ValueError(f"load_model('auto') knows the families {sorted(AUTO_MODELS)}, not {family!r}")
-        full, small = AUTO_MODELS[key]
+        key = family or DEFAULT_FAMILY
+        choices = auto_models()
+        if key not in choices:
+            raise ValueError(f"load_model('auto') knows the families {sorted(choices)}, not {family!r}")
+        full, small = choices[key]
         pipe = None
         if device.type == "cuda":
             try:
