@@ -935,3 +935,82 @@ def test_commands_writing_one_file_check_its_folder_before_any_work(tmp_path, ca
     assert rc == 2
     line = _one_error_line(capsys.readouterr().err, "iseg")
     assert "results is a symbolic link to" in line and "which does not exist" in line
+
+
+# -- train-shapes never writes into the shipped models, and --overwrite replaces only its own files ----------
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("option", ["--out", "--workdir"])
+@pytest.mark.parametrize("where", ["shapes", "shapes-mmdit", "shapes/unet", ".", "new-model"])
+def test_train_shapes_refuses_the_shipped_model_folders(tmp_path, capsys, option, where):
+    import re
+
+    models = ROOT / "data" / "models"
+    before = _tree(models)
+    folder = models / where
+    argv = ["--out", str(folder), "--overwrite"] if option == "--out" else ["--workdir", str(folder)]
+    # --images 0 is refused later: without the shipped-folder check that is the error (and nothing is written)
+    from iseg.shapes.train import main as train_main
+
+    assert train_main([*argv, "--images", "0", "--workers", "1", "--device", "cpu"]
+                      + (["--out", str(tmp_path / "m")] if option == "--workdir" else [])) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+    assert re.search(rf"{option} .* (is|is inside) {re.escape(str(models.resolve()))}, the folder of the models that "
+                     rf"ship with iseg; .*Choose another {option}", line), line
+    assert _tree(models) == before and not (tmp_path / "m").exists()
+
+
+def test_train_shapes_refuses_an_installed_packages_models_folder(tmp_path, capsys, monkeypatch):
+    from iseg import registry
+
+    installed = tmp_path / "site-packages" / "iseg" / "_models"
+    (installed / "shapes").mkdir(parents=True)
+    monkeypatch.setattr(registry, "MODEL_DIRS", (installed, ROOT / "data" / "models"))
+    link = tmp_path / "link"  # a link into it is the same folder
+    os.symlink(installed / "shapes", link)
+    for out in (installed / "shapes", link):
+        assert _train(tmp_path, "--out", str(out), "--overwrite", "--images", "0") == 2
+        line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+        assert f"is {installed.resolve() / 'shapes'}" not in line and f"{installed.resolve()}, the folder of" in line
+    assert list((installed / "shapes").iterdir()) == [] and not (tmp_path / "shapes.work").exists()
+
+
+def test_overwrite_refuses_an_out_that_holds_a_model_card_and_keeps_everything(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(ROOT / "data" / "models" / "shapes", out)  # a copy of a model, with its card and reports
+    (out / "notes").mkdir()
+    (out / "unet" / "mine.txt").write_text("mine")
+    before = _tree(out)
+    for flag in ("--overwrite", "--resume"):
+        assert _train(tmp_path, flag, "--images", "0") == 2
+        line = _one_error_line(capsys.readouterr().err, "iseg train-shapes")
+        assert (f"--out {out} holds files or folders that train-shapes does not write (README.md, loss.jsonl, notes, "
+                "preset-validation-a.json, preset-validation-b.json and 2 more): a model card") in line
+        assert "Move them out of the folder, or choose another --out" in line
+    assert _tree(out) == before and not (tmp_path / "m.work").exists()
+
+
+def test_overwrite_replaces_every_file_of_the_earlier_model_and_nothing_else(tmp_path):
+    """An MM-DiT model in --out replaced by a UNet one: no transformer/ or text_encoder_2/ of the old
+    model stays beside the new weights; the work folder inside --out is the run's own."""
+    import shutil
+
+    import iseg
+
+    out = tmp_path / "m"
+    shipped = ROOT / "data" / "models" / "shapes-mmdit"
+    out.mkdir()
+    for part in ("model_index.json", "training.json", "loss.png", "transformer", "text_encoder_2", "tokenizer_2",
+                 "vae", "scheduler"):
+        (shutil.copytree if (shipped / part).is_dir() else shutil.copy)(shipped / part, out / part)
+    assert _train(tmp_path, "--overwrite", "--vae-steps", "1", "--vae-batch", "2", "--unet-steps", "1",
+                  "--batch-size", "2", "--threads", "1", "--workdir", str(out / "work")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "model_index.json", "scheduler", "text_encoder",
+                                                     "tokenizer", "training.json", "unet", "vae", "work"]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert json.loads((out / "training.json").read_text())["family"] == "unet"
+    assert iseg.load_model(str(out), device="cpu").family == "sd"
