@@ -532,8 +532,10 @@ MODEL_FOLDERS = [
     (lambda f: _config(f, "unet", sample_size=0), r"unet/config.json has sample_size 0; it must be the latent side"),
     (lambda f: _config(f, "unet", sample_size=None), r"unet/config.json has sample_size None"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=200),
-     r"tokenizer pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 positions"),
-    (lambda f: _config(f, "text_encoder", vocab_size=1000), r"(tokenizer has 49408 tokens but text_encoder embeds 1000|could not be loaded)"),
+     r"tokenizer/tokenizer_config.json pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 "
+     r"positions \(max_position_embeddings\): every prompt would fail.*set \"model_max_length\": 77 in that file"),
+    (lambda f: _config(f, "text_encoder", vocab_size=1000),
+     r"text_encoder/config.json says vocab_size 1000, but .*model.safetensors holds 49408 token embeddings"),
     (lambda f: (f / "model_index.json").write_text(json.dumps({k: v for k, v in json.loads((f / "model_index.json").read_text()).items()
                                                               if k != "_class_name"})), r"model_index.json has no _class_name"),
     (lambda f: (f / "model_index.json").write_bytes(b"\xef\xbb\xbf" + (f / "model_index.json").read_bytes()),
@@ -561,6 +563,116 @@ def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp
 
     folder = _edited(tiny_folder, tmp_path, edit)
     with pytest.raises(ModelFolderError, match=match):
+        iseg.load_model(folder, device="cpu", verbose=False)
+
+
+def _index(folder, **entries):
+    _config(folder, "", "model_index.json", **entries)
+
+
+def _text_encoder(folder, **changes):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder").to_dict()
+    CLIPTextModel(CLIPTextConfig(**{**config, **changes})).save_pretrained(folder / "text_encoder")
+
+
+def _sharded(folder):
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    index = {"metadata": {}, "weight_map": {"encoder.conv_in.weight": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                                            "decoder.conv_in.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+    weights.rename(folder / "vae" / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _drop_key(path, key):
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != key}))
+
+
+# model_index.json entries and part folders that diffusers and transformers refuse with messages of their own
+# (about a .bin file, ignore_mismatched_sizes, or a validation error): each named by file, problem and fix
+MODEL_PARTS = [
+    (lambda f: _index(f, _class_name="NoSuchPipeline"),
+     r"model_index.json: _class_name 'NoSuchPipeline' is not a diffusers pipeline class; set it to the pipeline the "
+     r"weights are for: .*StableDiffusionPipeline"),
+    (lambda f: _index(f, _class_name="StableDiffusionXLPipeline"),
+     r"model_index.json: a StableDiffusionXLPipeline needs a text_encoder_2, but model_index.json has no entry for it "
+     r"\(the parts it lists are those of a StableDiffusionPipeline: is _class_name right\?\)\. Set \"text_encoder_2\": "
+     r"\[\"transformers\", \"CLIPTextModelWithProjection\"\]"),
+    (lambda f: _index(f, _class_name="FluxPipeline"), r"a FluxPipeline needs a transformer, but model_index.json has no entry"),
+    (lambda f: _index(f, unet=[None, None]),
+     r"model_index.json: a StableDiffusionPipeline needs a unet, but model_index.json has \[null, null\]\. Set \"unet\": "
+     r"\[\"diffusers\", \"UNet2DConditionModel\"\] with the unet/ folder beside it"),
+    (lambda f: _index(f, tokenizer=[None, None]), r"needs a tokenizer, but model_index.json has \[null, null\]"),
+    (lambda f: _index(f, scheduler=None), r"needs a scheduler, but model_index.json has null\. Set \"scheduler\": "
+                                          r"\[\"diffusers\", \"DDIMScheduler\"\]"),
+    (lambda f: _index(f, unet=["transformers", "CLIPTextModel"]),
+     r"model_index.json: unet is \[\"transformers\", \"CLIPTextModel\"\], a text encoder, but a StableDiffusionPipeline's "
+     r"unet is a UNet \(\[\"diffusers\", \"UNet2DConditionModel\"\]\); fix the entry"),
+    (lambda f: _index(f, text_encoder=["diffusers", "UNet2DConditionModel"]),
+     r"text_encoder is \[\"diffusers\", \"UNet2DConditionModel\"\], a UNet, but .*text_encoder is a text encoder"),
+    (lambda f: _index(f, vae=["diffusers", "UNet2DConditionModel"]), r"vae is .*, a UNet, but .*'s vae is an autoencoder"),
+    (lambda f: _index(f, scheduler=["diffusers", "AutoencoderKL"]), r"scheduler is .*, an autoencoder, but .* is a scheduler"),
+    (lambda f: _index(f, tokenizer=["transformers", "CLIPTextModel"]), r"tokenizer is .*, a text encoder, but .* is a tokenizer"),
+    (lambda f: _index(f, unet=["diffusers", "NoSuchModel"]),
+     r"unet is \[\"diffusers\", \"NoSuchModel\"\], but diffusers has no class 'NoSuchModel'; a StableDiffusionPipeline's "
+     r"unet is \[\"diffusers\", \"UNet2DConditionModel\"\]"),
+    (lambda f: _index(f, unet=["transformers", "UNet2DConditionModel"]), r"but transformers has no class 'UNet2DConditionModel'"),
+    (lambda f: _index(f, unet=["os", "system"]), r"unet is \[\"os\", \"system\"\], but 'os' is not a library iseg loads"),
+    (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+     r"vae/diffusion_pytorch_model.safetensors is missing: the weights of the vae; copy it"),
+    (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").rename(f / "vae" / "diffusion_pytorch_model.fp16.safetensors"),
+     r"vae/diffusion_pytorch_model.safetensors is missing: the weights of the vae; it holds "
+     r"diffusion_pytorch_model.fp16.safetensors, .*rename the weights to diffusion_pytorch_model.safetensors"),
+    (lambda f: (f / "text_encoder" / "model.safetensors").unlink(), r"text_encoder/model.safetensors is missing"),
+    (_sharded, r"vae/diffusion_pytorch_model.safetensors.index.json lists the shard\(s\) "
+               r"diffusion_pytorch_model-00002-of-00002.safetensors, which are not in"),
+    (lambda f: (f / "vae" / "config.json").unlink(), r"vae/config.json is missing: the vae's settings"),
+    (lambda f: (f / "text_encoder" / "config.json").unlink(), r"text_encoder/config.json is missing"),
+    (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), r"scheduler/scheduler_config.json is missing"),
+    (lambda f: (f / "tokenizer" / "tokenizer_config.json").unlink(), r"tokenizer/tokenizer_config.json is missing"),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(),
+     r"tokenizer has no vocabulary \(tokenizer.json, or vocab.json and merges.txt.*\): the tokenizer would know no words"),
+    (lambda f: _drop_key(f / "tokenizer" / "tokenizer_config.json", "model_max_length"),
+     r"tokenizer/tokenizer_config.json sets no model_max_length, .*set \"model_max_length\": 77 there"),
+    (lambda f: _config(f, "text_encoder", max_position_embeddings=16),
+     r"text_encoder/config.json says max_position_embeddings 16, but .*text_encoder/model.safetensors holds 77 "
+     r"positions \(.*position_embedding.weight is 77x32\): the config and the weights come from different models"),
+    (lambda f: _config(f, "text_encoder", max_position_embeddings=200), r"says max_position_embeddings 200, but .* holds 77"),
+    (lambda f: _config(f, "text_encoder", hidden_size=64), r"says hidden_size 64, but .* holds 32-wide embeddings"),
+    (lambda f: _text_encoder(f, max_position_embeddings=16),
+     r"tokenizer/tokenizer_config.json pads prompts to 77 tokens \(model_max_length\) but text_encoder has 16 "
+     r"positions .*set \"model_max_length\": 16 in that file"),
+]
+
+
+@pytest.mark.parametrize("edit, match", MODEL_PARTS, ids=[
+    "class-not-a-pipeline", "class-sdxl-on-sd-parts", "class-flux-on-sd-parts", "unet-null", "tokenizer-null",
+    "scheduler-null", "unet-as-text-encoder", "text-encoder-as-unet", "vae-as-unet", "scheduler-as-vae",
+    "tokenizer-as-model", "unknown-class", "class-of-another-library", "unknown-library", "vae-weights-missing",
+    "vae-weights-as-variant", "text-encoder-weights-missing", "missing-shard", "vae-config-missing",
+    "text-encoder-config-missing", "scheduler-config-missing", "tokenizer-config-missing", "no-vocabulary",
+    "no-model-max-length", "config-positions-16", "config-positions-200", "config-width", "encoder-of-16-positions"])
+def test_model_parts_are_checked_at_load_time_naming_file_problem_and_fix(tiny_folder, tmp_path, edit, match,
+                                                                          monkeypatch):
+    import diffusers
+
+    from iseg.loading import ModelFolderError
+
+    folder = _edited(tiny_folder, tmp_path, edit)
+    loaded = []  # nothing heavy runs before the check: no part is built
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(cls) or pytest.fail("loaded before the check")))
+    with pytest.raises(ModelFolderError, match=match):
+        iseg.load_model(folder, device="cpu", verbose=False)
+    assert loaded == []
+
+
+def test_a_pipeline_of_another_family_is_named_as_unsupported(tiny_folder, tmp_path):
+    from iseg.loading import UnsupportedPipelineError
+
+    folder = _edited(tiny_folder, tmp_path, lambda f: _index(f, _class_name="KandinskyPipeline"))
+    with pytest.raises(UnsupportedPipelineError, match=r"is a KandinskyPipeline; iseg reads .*StableDiffusionPipeline"):
         iseg.load_model(folder, device="cpu", verbose=False)
 
 
