@@ -211,6 +211,10 @@ SEGMENT_REFUSALS = [
     (["--classes", "cat", "--classes-file", "{tmp}/none.json"], r"one of the two"),
     (["--classes-file", "{classes:{\"x.png\": [\"a\"], \"x.png\": [\"b\"]}}"], r"lists 'x.png' twice"),
     (["--classes-file", "{classes:{\"x.png\": []}}"], r"'x.png': the class list is empty"),
+    (["--classes-file", "{classes:{\"x.png\": [\"star\"], \"x\": [\"circle\"]}}"],
+     r"--classes-file .*classes.json has 2 keys for the image x.png \('x.png', 'x'\); keep one of them"),
+    (["--classes", ",".join(["square"] * 20)], r"duplicate class name\(s\) \['square'\] in \['square', .*'square', "
+                                                r"\.\.\.\] \(20 names\); give each class once$"),
     (["--classes", "square,,circle"], r"--classes 'square,,circle': empty class name"),
     (["--classes", "square,Square"], r"--classes 'square,Square': duplicate class name"),
     (["{image}"], r"image .*x.png is given twice"),
@@ -243,6 +247,22 @@ def test_segment_refusals_are_one_line_naming_the_option(tmp_path, image, capsys
     assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg")), message
     if "--out" not in argv:
         assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("names", [["x.png", "x.jpg"], ["a/x.png", "b/x.png"]])
+def test_a_classes_file_key_that_names_several_images_is_refused(tmp_path, capsys, names):
+    images = []
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(SAMPLES / "shapes_2009001.png").save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    key = "x" if names[0].endswith(".png") and names[1].endswith(".jpg") else "x.png"
+    classes = _classes_file(tmp_path, json.dumps({key: ["star"]}).encode())
+    assert cli.main(["segment", *images, "--classes-file", classes, "--model", "shapes", "--out",
+                     str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert f"the key '{key}' names 2 images" in line and "give each its own key" in line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("given, names", [

@@ -19,7 +19,7 @@ import iseg
 from iseg import refine as R
 from iseg.images import load_image
 from iseg.labels import predict_labels
-from iseg.prompts import UnknownWordError, check_class_names, make_prompt
+from iseg.prompts import PromptTooLongError, UnknownWordError, check_class_names, make_prompt
 from iseg.shapes import sample
 
 
@@ -347,6 +347,15 @@ SECOND_PROMPTS = [
     (dict(points=np.full((10, 2), 70.0)), ValueError, r"point 0 .* lies outside the 64x64 image"),
     (dict(box=(0, 0, True, 5)), ValueError, r"box must be \(x0, y0, x1, y1\)"),
     (dict(line=[(1, 1), (False, 2)]), ValueError, r"line point 1 must be an \(x, y\) pair"),
+    # what is wrong with a long text prompt is its length (the shapes model reads 24 tokens), not a "duplicate class"
+    (dict(text="; ".join(["star"] * 200)), PromptTooLongError,
+     r"^the text prompt, 200 descriptions \(parts separated by ';'\), is \d+ tokens long in the model's prompt, but "
+     r"the text encoder reads 24; give fewer or shorter descriptions, each once \('star' repeated\)$"),
+    (dict(text=["star", "circle", "heart", "cross", "square", "triangle"] * 30), PromptTooLongError,
+     r"the text prompt, 180 descriptions .* but the text encoder reads 24.*'circle', 'cross', 'heart', 'square', "
+     r"'star' and 1 more repeated"),
+    (dict(text=" ".join(["star"] * 40)), PromptTooLongError, r"^the text prompt, 1 description, is 43 tokens long"),
+    (dict(text="star; circle; Star"), ValueError, r"^the text prompt repeats the description\(s\) 'star'; give each once"),
 ]
 
 
