@@ -9,7 +9,9 @@ and the project's own shapes model), SDXL, SD3 (loaded without its T5 encoder) a
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -364,6 +366,12 @@ def _check_part_files(sub: Path, part: str, kind: str) -> None:
     names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
     names += ["pytorch_model.bin", "pytorch_model.bin.index.json"] if kind == "text encoder" else [
         f"{stem}.bin", f"{stem}.bin.index.json"]
+    for name in names:
+        if (sub / name).is_symlink() and not (sub / name).exists():
+            raise ModelFolderError(f"{sub / name} is a symbolic link to {os.readlink(sub / name)}, which does not "
+                                   f"exist: the weights of the {part} are elsewhere or gone; copy them again")
+        if (sub / name).is_dir():
+            raise ModelFolderError(f"{sub / name} is a folder, not the weights file of the {part}; copy the file again")
     found = [name for name in names if (sub / name).is_file()]
     if not found:
         others = sorted(p.name for p in sub.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
@@ -406,6 +414,12 @@ def _check_text_encoder_weights(sub: Path) -> None:
         raise ModelFolderError(f"{sub / 'config.json'} says {key} {said}, but {weights} holds {holds} ({tensor} is "
                                f"{shape[0]}x{shape[1]}): the config and the weights come from different models. Put "
                                f"back the config.json that came with the weights ({key} {shape[axis]})")
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"encoder\.layers\.(\d+)\.", k)] if m}
+    said = config.get("num_hidden_layers")
+    if layers and isinstance(said, int) and not isinstance(said, bool) and said != max(layers) + 1:
+        raise ModelFolderError(f"{sub / 'config.json'} says num_hidden_layers {said}, but {weights} holds "
+                               f"{max(layers) + 1} layers: the config and the weights come from different models. Put "
+                               f"back the config.json that came with the weights (num_hidden_layers {max(layers) + 1})")
 
 
 def _json_problem(path: Path) -> str | None:
@@ -428,7 +442,27 @@ def _json_problem(path: Path) -> str | None:
         key, meaning = positive[path.name]
         if not _positive_int(value[key]):
             return f"has {key} {value[key]!r}; it must be a whole number > 0, {meaning}"
+        if key == "num_train_timesteps" and value[key] > MAX_TIMESTEPS:  # diffusers would build a schedule that long
+            return (f"has {key} {value[key]:,}; no model is trained on more than {MAX_TIMESTEPS:,} steps, and building "
+                    f"that schedule would not end. It is {meaning}")
+    if isinstance(value, dict) and path.name == "config.json":
+        side = value.get("sample_size")
+        sides = side if isinstance(side, list) else [side]
+        denoiser = path.parent.name in ("unet", "transformer")  # a VAE's sample_size is in pixels
+        if denoiser and any(isinstance(v, int) and v > MAX_LATENT_SIDE for v in sides):  # an image would take terabytes
+            return (f"has sample_size {side!r}; it is the latent side the model was trained on (64 for a 512-pixel "
+                    f"Stable Diffusion), at most {MAX_LATENT_SIDE} here")
+        if path.parent.name == "vae" and "scaling_factor" in value:
+            scale = value["scaling_factor"]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+                return (f"has scaling_factor {scale!r}; it must be a finite number > 0, the factor of the VAE's "
+                        "latents (0.18215 for Stable Diffusion 1.x/2.x)")
     return None
+
+
+#: the most train timesteps and the largest latent side a model folder may declare (SD: 1000 and 64-128)
+MAX_TIMESTEPS = 100_000
+MAX_LATENT_SIDE = 512
 
 
 def _positive_int(value) -> bool:
@@ -719,11 +753,19 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         except (ModelFolderError, UnsupportedPipelineError):
             raise
         except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            part, cause = _failing_part(path)
+            cause = cause or err
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             hint = (" (a config.json does not match the weights next to it)"
-                    if "mismatch" in str(err).lower() or "expected shape" in str(err).lower() else "")
-            raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
-                                   f"{first}") from err
+                    if "mismatch" in str(cause).lower() or "expected shape" in str(cause).lower() else "")
+            if part is None:
+                raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
+                                       f"{first}") from err
+            settings = "scheduler_config.json" if part.startswith("scheduler") else (
+                "tokenizer_config.json and the vocabulary" if part.startswith("tokenizer") else "config.json")
+            raise ModelFolderError(f"the {part} of the model folder {path} could not be loaded{hint}: "
+                                   f"{type(cause).__name__}: {first}. Check {path / part}'s {settings}, or copy that "
+                                   "folder from the model's source again") from err
         return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise _unavailable(name, f"no such folder: {path}")
@@ -743,6 +785,28 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same here
             raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: {err})") from err
     return _finish(pipe, device, name)
+
+
+def _failing_part(folder: Path) -> tuple[str | None, Exception | None]:
+    """Which part of a model folder fails to load, and its error, loading the parts one by one
+    (only after the pipeline failed: diffusers' error does not say which part it was building)."""
+    try:
+        index = _read_index(folder / "model_index.json")
+        import diffusers
+
+        classes = _check_index_parts(folder / "model_index.json", index, getattr(diffusers, index["_class_name"]))
+    except Exception:  # noqa: BLE001 - no better answer than the pipeline's own error
+        return None, None
+    for part, cls in classes.items():
+        try:
+            with quiet_libraries():
+                if _part_kind(cls) == "scheduler":
+                    cls.from_pretrained(folder, subfolder=part)
+                else:  # a tokenizer or a model (in float32: which dtype does not decide whether it loads)
+                    cls.from_pretrained(folder / part)
+        except Exception as err:  # noqa: BLE001 - the error of the part that fails is the one to show
+            return part, err
+    return None, None
 
 
 def _same_folder(a: Path, b: Path) -> bool:

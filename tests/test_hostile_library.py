@@ -7,6 +7,7 @@ The tables are (input, expected exception, regex of its message); add a row for 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -559,6 +560,14 @@ MODEL_FOLDERS = [
      r"tokenizer/tokenizer_config.json has model_max_length 0; it must be a whole number > 0"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=-5),
      r"tokenizer/tokenizer_config.json has model_max_length -5"),
+    # what diffusers or transformers refuse while building a part: the part and its files named
+    (lambda f: _config(f, "text_encoder", hidden_act="nope"),
+     r"the text_encoder of the model folder .* could not be loaded: KeyError: 'nope'\. Check .*text_encoder's "
+     r"config.json, or copy that folder"),
+    (lambda f: _config(f, "scheduler", "scheduler_config.json", beta_schedule="nope"),
+     r"the scheduler of the model folder .* could not be loaded: NotImplementedError: .*scheduler_config.json"),
+    (lambda f: _config(f, "vae", latent_channels=8),
+     r"the vae of the model folder .* could not be loaded \(a config.json does not match the weights next to it\)"),
 ]
 
 
@@ -566,7 +575,8 @@ MODEL_FOLDERS = [
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
     "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty",
-    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative"])
+    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative", "text-encoder-activation",
+    "scheduler-beta-schedule", "vae-config-latents"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
 
@@ -652,6 +662,19 @@ MODEL_PARTS = [
     (lambda f: _text_encoder(f, max_position_embeddings=16),
      r"tokenizer/tokenizer_config.json pads prompts to 77 tokens \(model_max_length\) but text_encoder has 16 "
      r"positions .*set \"model_max_length\": 16 in that file"),
+    # the second pass's own probes: hangs at load time and failures on the first image
+    (lambda f: _config(f, "scheduler", "scheduler_config.json", num_train_timesteps=10**9),
+     r"scheduler/scheduler_config.json has num_train_timesteps 1,000,000,000; no model is trained on more than 100,000"),
+    (lambda f: _config(f, "text_encoder", num_hidden_layers=10**6),
+     r"text_encoder/config.json says num_hidden_layers 1000000, but .*model.safetensors holds 2 layers"),
+    (lambda f: _config(f, "unet", sample_size=100_000), r"unet/config.json has sample_size 100000; .*at most 512 here"),
+    (lambda f: _config(f, "vae", scaling_factor=-1), r"vae/config.json has scaling_factor -1; it must be a finite number > 0"),
+    (lambda f: ((f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+                os.symlink(f / "gone", f / "unet" / "diffusion_pytorch_model.safetensors")),
+     r"unet/diffusion_pytorch_model.safetensors is a symbolic link to .*gone, which does not exist"),
+    (lambda f: ((f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+                (f / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
+     r"unet/diffusion_pytorch_model.safetensors is a folder, not the weights file of the unet"),
 ]
 
 
@@ -661,7 +684,8 @@ MODEL_PARTS = [
     "tokenizer-as-model", "unknown-class", "class-of-another-library", "unknown-library", "vae-weights-missing",
     "vae-weights-as-variant", "text-encoder-weights-missing", "missing-shard", "vae-config-missing",
     "text-encoder-config-missing", "scheduler-config-missing", "tokenizer-config-missing", "no-vocabulary",
-    "no-model-max-length", "config-positions-16", "config-positions-200", "config-width", "encoder-of-16-positions"])
+    "no-model-max-length", "config-positions-16", "config-positions-200", "config-width", "encoder-of-16-positions",
+    "timesteps-1e9", "layers-1e6", "sample-size-huge", "scaling-negative", "weights-dangling-link", "weights-folder"])
 def test_model_parts_are_checked_at_load_time_naming_file_problem_and_fix(tiny_folder, tmp_path, edit, match,
                                                                           monkeypatch):
     import diffusers
