@@ -668,6 +668,11 @@ def _train(tmp_path, *extra):
     (["--vae-lr", "inf"], r"--vae-lr is a learning rate"),
     (["--ema", "1"], r"--ema is a decay"),
     (["--time-limit", "-5"], r"--time-limit is a number of seconds"),
+    # the second pass's probes: a batch of 10**9 hung (or failed after minutes on a 12 TB allocation), and so did
+    # 10**8 transformer blocks
+    (["--batch-size", str(10**9)], r"--batch-size 1000000000 is more than 4,096 images per denoiser step; give at most"),
+    (["--vae-batch", str(10**9)], r"--vae-batch 1000000000 is more than 4,096 images per VAE step"),
+    (["--family", "sd3", "--layers", str(10**8)], r"--layers 100000000 is more than 64 transformer blocks .*default is 4"),
 ])
 def test_train_shapes_numbers_are_checked_naming_the_option(tmp_path, capsys, extra, message):
     import re

@@ -342,6 +342,12 @@ def _changed_options(saved: dict, args, options) -> list[str]:
     return changed
 
 
+#: the largest batches and depth train-shapes takes (a step of a larger batch does not fit any machine's memory)
+MAX_BATCH = 4096
+MAX_LAYERS = 64
+DEFAULTS = {"batch_size": 128, "vae_batch": 64, "layers": 4}
+
+
 def check_options(args) -> None:
     """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
     whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
@@ -350,6 +356,12 @@ def check_options(args) -> None:
         value = getattr(args, name)
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    for name, most, why in (("batch_size", MAX_BATCH, "images per denoiser step"), ("vae_batch", MAX_BATCH,
+                            "images per VAE step"), ("layers", MAX_LAYERS, "transformer blocks of an sd3 model")):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > most:  # torch would try to allocate terabytes, or build for hours
+            raise CommandError(f"--{name.replace('_', '-')} {value} is more than {most:,} {why}; give at most {most:,} "
+                               f"(the default is {DEFAULTS[name]})")
     if not 1 <= args.attn_loss_max_t <= NUM_TIMESTEPS:  # the training draws t from 0 .. NUM_TIMESTEPS - 1
         raise CommandError(f"--attn-loss-max-t {args.attn_loss_max_t} is outside the noise schedule's timesteps: the "
                            f"attention losses act for t < this, so give a whole number from 1 to {NUM_TIMESTEPS} "
