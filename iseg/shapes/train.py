@@ -775,7 +775,9 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``iseg train-shapes``."""
     p.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers layout)")
-    overwrite_option(p, "a model folder that --out already holds (--resume continues its own run)")
+    overwrite_option(p, "the model that train-shapes wrote in --out earlier: its own files only (model_index.json, "
+                        "the parts' folders, training.json, loss.png); an --out that holds other files, such as a "
+                        "model card, is refused. --resume continues its own run")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--family", default="unet", choices=FAMILIES,
