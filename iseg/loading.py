@@ -598,8 +598,8 @@ def _check_index_parts(where, index: dict, pipeline: type) -> dict[str, type]:
                                    f"{hint}. Set \"{part}\": {example} with the {part}/ folder beside it, or copy the "
                                    "whole model folder again")
     for part, (library, name) in listed.items():
-        if part not in annotations:
-            continue  # a part the pipeline does not take: diffusers ignores it
+        if part not in required:
+            continue  # a part iSeg does not use (a safety checker, listed as ["stable_diffusion", ...]): diffusers' own
         expected = annotations[part]
         entry = json.dumps([library, name])
         example = json.dumps(list(_expected_entry(expected)))

@@ -736,6 +736,20 @@ def test_a_sound_tiny_folder_loads(tiny_folder):
     assert model.family == "sd" and model.preset is None
 
 
+def test_a_folder_in_sd_1_5_layout_with_its_safety_checker_entries_loads(tiny_folder, tmp_path):
+    """SD 1.5's model_index.json lists its safety checker under the library "stable_diffusion" and a
+    feature extractor: parts iSeg does not use, which the part checks must let through."""
+    def sd15(f):
+        _index(f, safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+               feature_extractor=["transformers", "CLIPImageProcessor"])
+        for part, file in (("safety_checker", "config.json"), ("feature_extractor", "preprocessor_config.json")):
+            (f / part).mkdir()
+            (f / part / file).write_text(json.dumps({"crop_size": 32, "size": 32} if part == "feature_extractor" else {}))
+
+    model = iseg.load_model(_edited(tiny_folder, tmp_path, sd15), device="cpu", verbose=False)
+    assert model.family == "sd" and model.pipe.safety_checker is None
+
+
 # -- datasets ----------------------------------------------------------------------------------------
 def _voc_with(tmp_path, image: Image.Image, label: np.ndarray, exif=None, label_image=None):
     from iseg.viz import label_png
