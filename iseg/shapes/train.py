@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import registry
 from ..backbones.base import flow_matching_noise
 from ..backbones.sd3 import SD3Backbone, joint_attention_layers
 from ..capture import attention_layers, capture_attention
@@ -340,6 +341,12 @@ def _changed_options(saved: dict, args, options) -> list[str]:
     return changed
 
 
+#: the largest batches and depth train-shapes takes (a step of a larger batch does not fit any machine's memory)
+MAX_BATCH = 4096
+MAX_LAYERS = 64
+DEFAULTS = {"batch_size": 128, "vae_batch": 64, "layers": 4}
+
+
 def check_options(args) -> None:
     """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
     whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
@@ -348,6 +355,12 @@ def check_options(args) -> None:
         value = getattr(args, name)
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    for name, most, why in (("batch_size", MAX_BATCH, "images per denoiser step"), ("vae_batch", MAX_BATCH,
+                            "images per VAE step"), ("layers", MAX_LAYERS, "transformer blocks of an sd3 model")):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > most:  # torch would try to allocate terabytes, or build for hours
+            raise CommandError(f"--{name.replace('_', '-')} {value} is more than {most:,} {why}; give at most {most:,} "
+                               f"(the default is {DEFAULTS[name]})")
     if not 1 <= args.attn_loss_max_t <= NUM_TIMESTEPS:  # the training draws t from 0 .. NUM_TIMESTEPS - 1
         raise CommandError(f"--attn-loss-max-t {args.attn_loss_max_t} is outside the noise schedule's timesteps: the "
                            f"attention losses act for t < this, so give a whole number from 1 to {NUM_TIMESTEPS} "
@@ -801,7 +814,9 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``iseg train-shapes``."""
     p.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers layout)")
-    overwrite_option(p, "a model folder that --out already holds (--resume continues its own run)")
+    overwrite_option(p, "the model that train-shapes wrote in --out earlier: its own files only (model_index.json, "
+                        "the parts' folders, training.json, loss.png); an --out that holds other files, such as a "
+                        "model card, is refused. --resume continues its own run")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--family", default="unet", choices=FAMILIES,
@@ -851,6 +866,88 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
 
 
+#: what train-shapes writes into --out (``write_pipeline``'s diffusers layout, ``training.json`` and
+#: ``loss.png``); ``--overwrite`` and ``--resume`` replace these files and nothing else
+OWN_FILES = ("model_index.json", "training.json", "loss.png")
+PART_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "transformer", "scheduler")
+PART_FILES = ("config.json", "scheduler_config.json", "model.safetensors", "diffusion_pytorch_model.safetensors",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.jinja")
+
+
+def shipped_folder(path: Path) -> Path | None:
+    """The folder of iseg's shipped models (``data/models`` of a checkout, ``iseg/_models`` of an
+    install) that ``path`` is or lies in, else ``None``."""
+    here = Path(os.path.abspath(path)).resolve()
+    for folder in registry.MODEL_DIRS:
+        folder = Path(folder).resolve()
+        if here == folder or folder in here.parents:
+            return folder
+    return None
+
+
+def own_files(out: Path) -> list[Path]:
+    """The files of ``out`` that train-shapes writes (a model it wrote earlier)."""
+    found = [out / name for name in OWN_FILES if (out / name).is_file()]
+    for part in PART_FOLDERS:
+        if (out / part).is_dir() and not (out / part).is_symlink():
+            found += [out / part / name for name in PART_FILES if (out / part / name).is_file()]
+    return found
+
+
+def foreign_files(out: Path, workdir: Path) -> list[Path]:
+    """What ``out`` holds besides train-shapes' own files and the run's work folder: a model card,
+    reports, anything the user put there (a linked or empty folder too)."""
+    own, work = set(own_files(out)), Path(os.path.abspath(workdir))
+    found = []
+    for place, folders, files in os.walk(out):
+        place = Path(place)
+        if Path(os.path.abspath(place)) == work:
+            folders[:] = []
+            continue
+        for name in folders:
+            folder = place / name
+            ours = place == out and name in PART_FOLDERS
+            if folder.is_symlink() or (not ours and Path(os.path.abspath(folder)) != work and not any(folder.iterdir())):
+                found.append(folder)
+        found += [place / f for f in files if place / f not in own]
+    return sorted(found)
+
+
+def check_out_folder(out: Path, workdir: Path, replace: bool) -> None:
+    """``--out`` and ``--workdir`` are not iseg's shipped model folders, and an ``--out`` that holds
+    files holds nothing but an earlier train-shapes model (which ``replace`` allows to replace):
+    a model card or a report beside new weights would describe the old ones."""
+    for option, folder in (("--out", out), ("--workdir", workdir)):
+        shipped = shipped_folder(folder)
+        if shipped is not None:
+            where = "is" if Path(os.path.abspath(folder)).resolve() == shipped else "is inside"
+            raise CommandError(f"{option} {folder} {where} {shipped}, the folder of the models that ship with iseg; "
+                               f"train-shapes never writes there (it would replace or mix with a shipped model and "
+                               f"its model card). Choose another {option}, e.g. {option} models/my-shapes"
+                               + ("" if option == "--out" else ".work"))
+    if not replace or not out.is_dir():
+        return
+    others = foreign_files(out, workdir)
+    if others:
+        names = ", ".join(str(p.relative_to(out)) for p in others[:5]) + (f" and {len(others) - 5} more"
+                                                                          if len(others) > 5 else "")
+        raise CommandError(f"--out {out} holds files or folders that train-shapes does not write ({names}): a model card or "
+                           "report there would describe the old weights, and they are not train-shapes' to delete. "
+                           "Move them out of the folder, or choose another --out (--overwrite replaces only "
+                           "model_index.json, the parts' folders, training.json and loss.png)")
+
+
+def clear_own_files(out: Path) -> None:
+    """Remove the model train-shapes wrote in ``out`` earlier (its files only), so that no part of
+    an earlier model (an MM-DiT's transformer/ beside a new UNet) stays with the new one."""
+    for path in own_files(out):
+        path.unlink()
+    for part in PART_FOLDERS:
+        if (out / part).is_dir() and not (out / part).is_symlink() and not any((out / part).iterdir()):
+            (out / part).rmdir()
+
+
 def _check_run(args) -> tuple[Path, Path, Path]:
     """``(workdir, checkpoint, loss log)`` after every check of ``iseg train-shapes``'s options that
     needs no rendering or model (the ``--init`` folder is resolved here too)."""
@@ -860,16 +957,17 @@ def _check_run(args) -> tuple[Path, Path, Path]:
         check_folder(args.out, "--out")
     except ValueError as err:
         raise CommandError(str(err)) from None
-    check_options(args)
     workdir = args.workdir or args.out.with_name(args.out.name + ".work")
     try:
         check_folder(workdir, "--workdir")
     except ValueError as err:
         raise CommandError(str(err)) from None
+    holds_files = args.out.is_dir() and any(args.out.iterdir())
+    check_out_folder(args.out, workdir, holds_files and (args.overwrite or args.resume))
+    check_options(args)
     ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
     if ckpt.exists() and not ckpt.is_file():  # a run would fail at its first save, after the data was rendered
         raise CommandError(f"{ckpt} is a directory, not a checkpoint file; remove it, or point --workdir elsewhere")
-    holds_files = args.out.is_dir() and any(args.out.iterdir())
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
                            "--resume to continue its run, or choose another --out")
@@ -1006,6 +1104,8 @@ def run(args) -> int:
     denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
     state["elapsed"] = state["elapsed"] + time.time() - t_start
     _save(ckpt, state)
+    check_out_folder(args.out, workdir, True)  # again: files put there while it trained are kept, never replaced
+    clear_own_files(args.out)
     write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
     info_out = _training_info(args, init_parts, state["elapsed"], device, scale, vae, text_encoders, denoiser)
     write_text(args.out / "training.json", json.dumps(info_out, indent=2))
