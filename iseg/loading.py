@@ -8,6 +8,9 @@ their parts are left out when loading (``Backbone.load_options``) and what ``"au
 
 from __future__ import annotations
 
+import enum
+import importlib
+import inspect
 import json
 import math
 import os
@@ -540,8 +543,6 @@ _SCHEDULER_EXAMPLE = ("diffusers", "DDIMScheduler")
 def _part_kind(cls) -> str | None:
     """What a component class is: ``"scheduler"``, ``"tokenizer"``, ``"text encoder"``,
     ``"autoencoder"``, ``"UNet"``, ``"transformer"``, or ``None`` for anything else."""
-    import enum
-
     import diffusers
     import transformers
 
@@ -567,8 +568,6 @@ def _a(kind: str) -> str:
 
 def _expected_entry(cls) -> tuple[str, str]:
     """The ``[library, class]`` entry of a pipeline's part whose annotation is ``cls``."""
-    import enum
-
     if isinstance(cls, type) and issubclass(cls, enum.Enum):
         return _SCHEDULER_EXAMPLE
     return cls.__module__.split(".")[0], cls.__name__
@@ -579,8 +578,6 @@ def _required_parts(pipeline: type) -> list[str]:
     (``Backbone.parts``), the denoiser, VAE and scheduler first, then text encoders and tokenizers
     (diffusers calls some of these optional; parts a family leaves out when loading, see
     ``Backbone.load_options``, are not among them)."""
-    import inspect
-
     keys = inspect.signature(pipeline.__init__).parameters
     parts = FAMILIES[PIPELINES[pipeline.__name__]][0].parts
     first = [parts[0], *(part for part in ("vae", "scheduler") if part in parts)]
@@ -591,9 +588,6 @@ def _check_index_parts(where, index: dict, pipeline: type) -> dict[str, type]:
     """Every part iSeg needs is listed in model_index.json as a class of its library and of the
     kind the pipeline takes there (a UNet where the UNet goes); the classes of the listed parts.
     ``ModelFolderError`` naming the entry, what it should be, and how to set it, otherwise."""
-    import importlib
-    import inspect
-
     import diffusers
 
     annotations = {k: p.annotation for k, p in inspect.signature(pipeline.__init__).parameters.items()}
@@ -700,6 +694,31 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    name = _model_name(model)
+    if family is not None and name != "auto":
+        raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
+    if name == "auto":
+        pipe, name = _choose_auto(family, device, dtype, verbose)
+        if pipe is not None:
+            return _finish(pipe, device, name)
+
+    shipped = shipped_models()
+    if name in shipped:
+        return _finish(_load_shipped(name, shipped[name], dtype), device, name)
+    if name in registry.MODELS:
+        raise _unavailable(name, "it is registered but its folder is missing from this installation")
+    path = Path(name).expanduser()
+    _refuse_near_names(name, path, shipped)
+    if path.exists():
+        return _load_folder(name, path, shipped, device, dtype)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise _unavailable(name, f"no such folder: {path}")
+    return _finish(_load_hub(name, dtype), device, name)
+
+
+def _model_name(model) -> str:
+    """``load_model``'s ``model`` as text: a ``TypeError`` for anything but text or a path, a
+    ``ValueError`` for an empty name."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a hub id, a folder or a shipped model's name, got {type(model).__name__} "
                         f"{model!r}")
@@ -708,94 +727,102 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         name = os.fsdecode(name)
     if not name.strip():
         raise ValueError("model is empty; give a hub id, a folder, a shipped model's name or 'auto'")
+    return name
 
-    if family is not None and name != "auto":
-        raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
-    if name == "auto":
-        key = family or DEFAULT_FAMILY
-        choices = auto_models()
-        if key not in choices:
-            raise ValueError(f"load_model('auto') knows the families {sorted(choices)}, not {family!r}")
-        full, small = choices[key]
-        pipe = None
-        if device.type == "cuda":
-            try:
-                pipe = _from_pretrained(full, dtype, local_only=True)
-                name = full
-            except Exception:  # noqa: BLE001 - anything missing means: fall back
-                pipe = None
-        if pipe is None:
-            shipped = shipped_models()
-            if small not in shipped:
-                raise _unavailable("auto", f"neither {full} weights with a GPU nor the {small} model were found")
-            name = small
-        if verbose:
-            why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
-            # ordinary output: which model runs is news, not a warning (a notebook shows stderr in red)
-            print(f"iseg: model 'auto' -> {name}{why}")
-        if pipe is not None:
-            return _finish(pipe, device, name)
 
-    shipped = shipped_models()
-    if name in shipped:
-        source = str(shipped[name])
+def _choose_auto(family: str | None, device: torch.device, dtype: torch.dtype, verbose: bool) -> tuple[object, str]:
+    """What ``load_model("auto")`` loads for ``family``: ``(pipeline, hub id)`` of the full-size
+    model where its weights are cached and ``device`` is a GPU, else ``(None, shipped name)`` of
+    the family's shipped model, which the caller loads; says which when ``verbose``."""
+    key = family or DEFAULT_FAMILY
+    choices = auto_models()
+    if key not in choices:
+        raise ValueError(f"load_model('auto') knows the families {sorted(choices)}, not {family!r}")
+    full, small = choices[key]
+    pipe, name = None, small
+    if device.type == "cuda":
         try:
-            pipe = _from_pretrained(source, dtype, local_only=True)
-        except ModelFolderError:
-            raise
-        except (OSError, ValueError) as err:
-            raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
-        return _finish(pipe, device, name)
-    if name in registry.MODELS:
-        raise _unavailable(name, "it is registered but its folder is missing from this installation")
+            pipe, name = _from_pretrained(full, dtype, local_only=True), full
+        except Exception:  # noqa: BLE001 - anything missing means: fall back
+            pipe, name = None, small
+    if pipe is None and small not in shipped_models():
+        raise _unavailable("auto", f"neither {full} weights with a GPU nor the {small} model were found")
+    if verbose:
+        why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
+        # ordinary output: which model runs is news, not a warning (a notebook shows stderr in red)
+        print(f"iseg: model 'auto' -> {name}{why}")
+    return pipe, name
 
-    path = Path(name).expanduser()
+
+def _load_shipped(name: str, folder: Path, dtype: torch.dtype):
+    """The pipeline of the shipped model ``name`` from its ``folder``."""
+    source = str(folder)
+    try:
+        return _from_pretrained(source, dtype, local_only=True)
+    except ModelFolderError:
+        raise
+    except (OSError, ValueError) as err:
+        raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
+
+
+def _refuse_near_names(name: str, path: Path, shipped: Mapping) -> None:
+    """A name that is a model's name but for case or spaces (``"SHAPES"``), and no folder, is
+    refused before any hub lookup: it is no hub id."""
     close = next((n for n in sorted({*shipped, *registry.MODELS, "auto"}) if n.lower() == name.strip().lower()), None)
-    if close is not None and not path.exists():  # before any hub lookup: "SHAPES" is no hub id
+    if close is not None and not path.exists():
         raise _unavailable(name, f"no model has that name; did you mean {close!r}? (model names are exact: lower "
                                  "case, no spaces)")
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
-        # a registered model's folder given by its path is that model, with its preset and vocabulary
-        known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
-        try:
-            pipe = _from_pretrained(str(path), dtype, local_only=True)
-        except (ModelFolderError, UnsupportedPipelineError):
-            raise
-        except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
-            part, cause = _failing_part(path)
-            cause = cause or err
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-            hint = (" (a config.json does not match the weights next to it)"
-                    if "mismatch" in str(cause).lower() or "expected shape" in str(cause).lower() else "")
-            if part is None:
-                raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
-                                       f"{first}") from err
-            settings = "scheduler_config.json" if part.startswith("scheduler") else (
-                "tokenizer_config.json and the vocabulary" if part.startswith("tokenizer") else "config.json")
-            raise ModelFolderError(f"the {part} of the model folder {path} could not be loaded{hint}: "
-                                   f"{type(cause).__name__}: {first}. Check {path / part}'s {settings}, or copy that "
-                                   "folder from the model's source again") from err
-        return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise _unavailable(name, f"no such folder: {path}")
 
-    # a hub id: the local cache first, so that nothing waits on the network when it is not needed
+
+def _load_folder(name: str, path: Path, shipped: Mapping, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model in the local folder ``path``: a shipped model's folder given by its path is that
+    model (with its preset and vocabulary), a copy of a shapes-world folder gets the shapes entry."""
+    if not (path / "model_index.json").is_file():
+        raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
+    known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
     try:
-        pipe = _from_pretrained(name, dtype, local_only=True)
+        pipe = _from_pretrained(str(path), dtype, local_only=True)
+    except (ModelFolderError, UnsupportedPipelineError):
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
+        raise _folder_error(path, err) from err
+    return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
+
+
+def _folder_error(path: Path, err: Exception) -> ModelFolderError:
+    """The ``ModelFolderError`` for a folder whose pipeline failed to build with ``err``: it names
+    the part that fails (``_failing_part``), its error's first line and the settings file to check."""
+    part, cause = _failing_part(path)
+    cause = cause or err
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    hint = (" (a config.json does not match the weights next to it)"
+            if "mismatch" in str(cause).lower() or "expected shape" in str(cause).lower() else "")
+    if part is None:
+        return ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: {first}")
+    settings = "scheduler_config.json" if part.startswith("scheduler") else (
+        "tokenizer_config.json and the vocabulary" if part.startswith("tokenizer") else "config.json")
+    return ModelFolderError(f"the {part} of the model folder {path} could not be loaded{hint}: "
+                            f"{type(cause).__name__}: {first}. Check {path / part}'s {settings}, or copy that "
+                            "folder from the model's source again")
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    """The pipeline of the hub id ``name``: the local cache first, so that nothing waits on the
+    network when it is not needed; then a download, unless HF_HUB_OFFLINE is set."""
+    try:
+        return _from_pretrained(name, dtype, local_only=True)
     except (ModelFolderError, UnsupportedPipelineError):
         raise
     except Exception as cache_err:  # noqa: BLE001
         if hub_offline():
             raise _unavailable(name, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set") from cache_err
         try:
-            pipe = _from_pretrained(name, dtype, local_only=False)
+            return _from_pretrained(name, dtype, local_only=False)
         except UnsupportedPipelineError:
             raise
         except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same here
-            raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: {err})") from err
-    return _finish(pipe, device, name)
+            raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: "
+                                     f"{err})") from err
 
 
 def _failing_part(folder: Path) -> tuple[str | None, Exception | None]:
