@@ -3,8 +3,8 @@
 Stages (each resumable from ``--workdir/checkpoint.pt``):
 1. data: ``--images`` training samples of the shapes world, rendered once (in parallel);
 2. vae: the autoencoder on pixels (MSE + a small KL term); latents = posterior means;
-3. denoiser (``--family unet``: a UNet with one CLIP and the epsilon-prediction loss; ``--family
-   sd3``: an MM-DiT, ``SD3Transformer2DModel`` with two CLIPs and the rectified-flow velocity
+3. denoiser (``--family unet``: a UNet with one CLIP and the epsilon-prediction loss; the MM-DiT
+   family: diffusers' joint-attention transformer with two CLIPs and the rectified-flow velocity
    loss) and text encoders, 10% caption dropout, colour words dropped from 30% of captions
    (``--colour-drop``), and auxiliary attention losses that stand in for the word-region binding
    Stable Diffusion learned from billions of images (``--ground``, ``--group``, ``--vocab``; only
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import registry
+from ..backbones import FAMILIES as BACKBONES
 from ..backbones.base import flow_matching_noise
-from ..backbones.sd3 import SD3Backbone, joint_attention_layers
 from ..capture import attention_layers, capture_attention
 from ..commands.files import check_folder, write_atomic, write_text
 from ..commands.options import CommandError, device_option, overwrite_option
@@ -58,6 +58,8 @@ from .model import (
     FAMILIES,
     LATENT_SIDES,
     MAX_LENGTH,
+    MMDIT,
+    UNET,
     count_parameters,
     fitting_weights,
     inner_unet_weights,
@@ -299,7 +301,7 @@ def load_checkpoint(path: Path, args) -> dict:
     saved = state["args"]
     for option in ("family", "latent_side", "layers", "patch_size"):
         there, here = saved.get(option, getattr(args, option)), getattr(args, option)
-        if option in ("layers", "patch_size") and args.family != "sd3":
+        if option in ("layers", "patch_size") and args.family != MMDIT:
             continue
         if there != here:
             flag = "--" + option.replace("_", "-")
@@ -356,7 +358,7 @@ def check_options(args) -> None:
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
     for name, most, why in (("batch_size", MAX_BATCH, "images per denoiser step"), ("vae_batch", MAX_BATCH,
-                            "images per VAE step"), ("layers", MAX_LAYERS, "transformer blocks of an sd3 model")):
+                            "images per VAE step"), ("layers", MAX_LAYERS, f"transformer blocks of an {MMDIT} model")):
         value = getattr(args, name, None)
         if isinstance(value, int) and value > most:  # torch would try to allocate terabytes, or build for hours
             raise CommandError(f"--{name.replace('_', '-')} {value} is more than {most:,} {why}; give at most {most:,} "
@@ -481,16 +483,17 @@ class UNetTask:
 
 
 class MMDiTTask:
-    """The SD3 family's side: rectified flow (z_t = (1 - s) z0 + s eps, s = t / 1000, velocity
+    """The MM-DiT family's side: rectified flow (z_t = (1 - s) z0 + s eps, s = t / 1000, velocity
     target eps - z0), two CLIPs whose penultimate states sit side by side and whose projected pooled
     outputs condition the blocks, and the zero rows diffusers appends in place of T5's tokens (the
     shipped model has no T5, so it is trained on exactly what ``iseg`` feeds it)."""
 
-    t5_rows = SD3Backbone.max_sequence_length  # what encode_text appends: the pipeline's default
+    backbone = BACKBONES[MMDIT][0]  # the MM-DiT family's backbone, which segments the trained model
+    t5_rows = backbone.max_sequence_length  # what encode_text appends: the pipeline's default
 
     def __init__(self, transformer, text_encoders):
         self.denoiser, self.text_encoders = transformer, list(text_encoders)
-        layers = joint_attention_layers(transformer)
+        layers = self.backbone.layers_of(transformer)
         self.cross_layers = [layer for layer in layers if layer.kind == "cross"]
         self.self_layers = [layer for layer in layers if layer.kind == "self"]
 
@@ -708,7 +711,7 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
         axes[0].set_yscale("log")
         axes[0].set_title("VAE reconstruction MSE", fontsize=9)
-    target = "velocity MSE" if den and den[0]["stage"] == "sd3" else "epsilon MSE"
+    target = "velocity MSE" if den and den[0]["stage"] == MMDIT else "epsilon MSE"
     for key, label in (("mse", target), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary"),
                        ("shape", "shape head")):
         if den and any(r.get(key) for r in den):
@@ -752,7 +755,7 @@ def check_init_parts(parts, family: str, folder: Path | None = None) -> None:
     unknown = set(parts) - set(INIT_PARTS)
     if unknown:
         raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
-    wrong = set(parts) & ({"unet", "unet-inner"} if family == "sd3" else {"transformer"})
+    wrong = set(parts) & ({"unet", "unet-inner"} if family == MMDIT else {"transformer"})
     if wrong:
         raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {family} model")
     if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
@@ -773,10 +776,10 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     MM-DiT can start from the UNet model's word embeddings (a missing projection starts afresh);
     from an MM-DiT's folder each encoder takes its own. ``transformer`` takes the blocks of an
     MM-DiT of any patch size (``patch1_weights``)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    check_init_parts(parts, "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet")
+    check_init_parts(parts, MMDIT if BACKBONES[MMDIT][0].layers_of(denoiser) else UNET)
     if "vae" in parts:
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
@@ -795,7 +798,7 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     if "unet" in parts:
         denoiser.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
     if "transformer" in parts:
-        source = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float()
+        source = type(denoiser).from_pretrained(folder, subfolder="transformer").float()  # an MM-DiT, as --init-parts checked
         target = denoiser.state_dict()
         if denoiser.config.patch_size == 1:  # a patch-2 model's blocks seed a patch-1 one (see patch1_weights)
             weights = patch1_weights(source, denoiser)
@@ -820,10 +823,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--family", default="unet", choices=FAMILIES,
-                   help="the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT (SD3 layout, patch 1 on a 32x32 latent)")
-    p.add_argument("--layers", type=int, default=4, help="transformer blocks of an sd3 model")
+                   help=f"the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT ({MMDIT}: joint attention, patch 1 "
+                        "on a 32x32 latent)")
+    p.add_argument("--layers", type=int, default=4, help=f"transformer blocks of an {MMDIT} model")
     p.add_argument("--patch-size", type=int, default=1, choices=[1, 2],
-                   help="latent cells per token side of an sd3 model (1: a 32x32 token grid; 2: 16x16, faster)")
+                   help=f"latent cells per token side of an {MMDIT} model (1: a 32x32 token grid; 2: 16x16, faster)")
     p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes that render the images")
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -842,7 +846,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=float, default=0.0,
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--shape-head", type=float, default=0.0,
-                   help="weight of the training-only shape classifier on an sd3 model's image tokens (0: off)")
+                   help=f"weight of the training-only shape classifier on an {MMDIT} model's image tokens (0: off)")
     p.add_argument("--attn-loss-max-t", type=int, default=600,
                    help="the attention losses act for timesteps t below this (1 to 1000)")
     p.add_argument("--colour-drop", type=float, default=0.3,
@@ -997,8 +1001,8 @@ def _check_model_options(args) -> None:
             raise CommandError(str(err)) from None
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
-    if args.shape_head != 0 and args.family != "sd3":
-        raise CommandError("--shape-head is for --family sd3 (a UNet's convolutions see shape already); leave it at 0")
+    if args.shape_head != 0 and args.family != MMDIT:
+        raise CommandError(f"--shape-head is for --family {MMDIT} (a UNet's convolutions see shape already); leave it at 0")
     if not math.isfinite(args.shape_head) or args.shape_head < 0:
         raise CommandError(f"--shape-head is a loss weight, a finite number 0 or more; got {args.shape_head}")
     check_loss_weights(args)
@@ -1009,7 +1013,7 @@ def _check_model_options(args) -> None:
 def _make_models(args, tokenizer, state: dict, init_parts: set[str]):
     """``(vae, text encoders, denoiser)`` of the family, from ``--init`` and the checkpoint."""
     vae = make_vae(args.latent_side)
-    if args.family == "sd3":
+    if args.family == MMDIT:
         text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
         denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
     else:
@@ -1050,13 +1054,13 @@ def _training_info(args, init_parts: set[str], elapsed: float, device, scale: fl
     return {
         "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
         "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "shape_head": args.shape_head, "colour_drop": args.colour_drop, "seed": args.seed,
-        "layers": args.layers if args.family == "sd3" else None,
-        "patch_size": args.patch_size if args.family == "sd3" else None,
+        "layers": args.layers if args.family == MMDIT else None,
+        "patch_size": args.patch_size if args.family == MMDIT else None,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae),
                        "text_encoder": sum(count_parameters(e) for e in text_encoders),
-                       "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
+                       "transformer" if args.family == MMDIT else "unet": count_parameters(denoiser)},
     }
 
 
@@ -1098,7 +1102,7 @@ def run(args) -> int:
         latents, objects = latents.to(device), objects.to(device)
         captions = tuple(tuple(x.to(device) for x in pair) for pair in captions)
     deadline = t_start + args.time_limit if args.time_limit else None
-    task = (MMDiTTask if args.family == "sd3" else UNetTask)(denoiser, text_encoders)
+    task = (MMDiTTask if args.family == MMDIT else UNetTask)(denoiser, text_encoders)
     ema = train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
                      labels=masks if args.vocab > 0 or args.shape_head > 0 else None)
     denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
