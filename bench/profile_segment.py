@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from iseg import ISeg
-from iseg.commands.bench import sd21_base_architecture
+from iseg.commands.bench import ARCHITECTURES, random_weight_model
 from iseg.loading import resolve_device
 
 p = argparse.ArgumentParser(description=__doc__)
@@ -29,7 +29,7 @@ p.add_argument("--compile-vae", action="store_true")
 args = p.parse_args()
 device = resolve_device(args.device)
 dtype = torch.float16 if device.type == "cuda" else torch.float32
-seg = ISeg(sd21_base_architecture(device, dtype), preset="wsss-voc", clustering=False)
+seg = ISeg(random_weight_model(ARCHITECTURES["sd21-arch"], device, dtype), preset="wsss-voc", clustering=False)
 if args.compile != "none" or args.compile_vae:
     seg.compile(None if args.compile == "none" else args.compile, vae=args.compile_vae)
 rng = np.random.default_rng(0)

@@ -30,7 +30,7 @@ from .forward import Cache
 from .images import Geometry, load_image, to_original
 from .masks import minmax
 from .presets import Settings, find_preset, make_settings
-from .prompts import Prompt, token_ids
+from .prompts import Prompt, PromptTooLongError, token_ids
 
 __all__ = [
     "PromptResult", "PromptSession", "point_cells", "line_cells", "box_cells", "interactive_defaults", "text_prompt",
@@ -236,6 +236,7 @@ def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
     """
     s = settings or seg.settings
     descriptions = _descriptions(text)
+    _check_repeats(seg.backbone.tokenizer, descriptions, s)
     if s.reference == "interactive":  # the demo's own template and token positions
         return REF.interactive_text_prompt(seg.backbone.tokenizer, descriptions, model=seg.model.name,
                                            known=seg.model.known_words)
@@ -245,6 +246,31 @@ def text_prompt(seg, text, settings: Settings | None = None) -> Prompt:
     # a dataset run's reference prompt is for class lists, not descriptions
     template = replace(s, extra_words=(), background_words=(), reference=None)
     return seg.prompt_for(descriptions, template)
+
+
+def _check_repeats(tokenizer, descriptions: list[str], settings: Settings) -> None:
+    """A text prompt that repeats a description is refused as such, and one too long for the text
+    encoder as too long, before it is read as a class list (whose error would say "duplicate class
+    name" and list every part)."""
+    keys = [d.lower() for d in descriptions]
+    repeated = sorted({k: d for d, k in reversed(list(zip(descriptions, keys))) if keys.count(k) > 1}.values(),
+                      key=str.lower)  # each as first written
+    window = getattr(tokenizer, "model_max_length", None)
+    text = f"{settings.prompt_prefix} {settings.prompt_joiner.join(descriptions)}".strip()
+    length = len(token_ids(tokenizer, text, truncation=False, verbose=False)) if isinstance(window, int) else 0
+    if isinstance(window, int) and length > window:
+        parts = f"{len(descriptions)} descriptions (parts separated by ';')" if len(descriptions) > 1 else "1 description"
+        raise PromptTooLongError(f"the text prompt, {parts}, is {length} tokens long in the model's prompt, but the "
+                                 f"text encoder reads {window}; give fewer or shorter descriptions"
+                                 + (f", each once ({_listed(repeated)} repeated)" if repeated else ""))
+    if repeated:
+        raise ValueError(f"the text prompt repeats the description(s) {_listed(repeated)}; give each once (a repeat "
+                         "adds nothing to the mask)")
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(map(repr, names[:most]))
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _drop_repeat(description: str, word: str) -> str:

@@ -2,14 +2,19 @@
 
 A ``LoadedModel`` is the diffusers pipeline (``.pipe``) with what iseg knows about it: its name,
 default preset, closed vocabulary and label thresholds (from ``iseg.registry``). The families are
-those of ``iseg.backbones.FAMILIES``: the Stable Diffusion 1.x/2.x UNet (SD 1.4/1.5/2.0/2.1(-base)
-and the project's own shapes model), SDXL, SD3 (loaded without its T5 encoder) and FLUX.1.
+those of ``iseg.backbones.FAMILIES``; each family's backbone says which pipelines it reads, which of
+their parts are left out when loading (``Backbone.load_options``) and what ``"auto"`` picks for it.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
+import inspect
 import json
+import math
 import os
+import re
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -25,6 +30,8 @@ from .registry import ModelEntry, register_model, shipped_models
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_FAMILY",
+    "auto_models",
     "LoadedModel",
     "ModelNotAvailableError",
     "UnsupportedPipelineError",
@@ -39,7 +46,10 @@ __all__ = [
     "load_pipeline",
 ]
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+#: the family ``load_model("auto")`` picks from when no family is given, and whose full-size model
+#: is ``load_model()``'s default
+DEFAULT_FAMILY = "sd"
+DEFAULT_MODEL = FAMILIES[DEFAULT_FAMILY][0].default_model
 
 
 # the LoadedModel of each pipeline load_model made, while the pipeline lives
@@ -78,7 +88,8 @@ class LoadedModel:
 
     @property
     def family(self) -> str | None:
-        """The model family (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``; see ``iseg.backbones.FAMILIES``)."""
+        """The model family: the name its backbone is registered under in ``iseg.backbones.FAMILIES``
+        (``"sd"`` for Stable Diffusion 1.x/2.x), ``None`` where iseg has none."""
         return family_of(self.pipe)
 
     @property
@@ -301,9 +312,11 @@ def _components(index: dict) -> dict[str, tuple[str, str]]:
             if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and None not in v}
 
 
-def _check_folder_files(folder: Path, index: dict) -> None:
+def _check_folder_files(folder: Path, index: dict, classes: Mapping | None = None) -> None:
     """Every component that model_index.json lists has its subfolder, and every safetensors file
-    there is whole (its header and the byte ranges it declares are all in the file)."""
+    there is whole (its header and the byte ranges it declares are all in the file). With the
+    parts' ``classes`` (``_check_index_parts``): each part has the settings file and the weights
+    file its library reads, and a text encoder's config fits its weights."""
     for part, (library, cls) in _components(index).items():
         sub = folder / part
         if not sub.is_dir():
@@ -313,11 +326,117 @@ def _check_folder_files(folder: Path, index: dict) -> None:
             problem = _json_problem(config)
             if problem:
                 raise ModelFolderError(f"{config} {problem}; copy or download the model again")
+        kind = _part_kind((classes or {}).get(part))
+        if kind is not None:
+            _check_part_files(sub, part, kind)
         for weights in sorted(sub.glob("*.safetensors")):
             problem = _safetensors_problem(weights)
             if problem:
                 raise ModelFolderError(f"{weights} {problem}; the file is damaged or was cut short while copying. "
                                        "Copy or download the model again")
+        if kind == "text encoder":
+            _check_text_encoder_weights(sub)
+    listed = _components(index)
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if encoder in listed and tokenizer in listed and (folder / encoder / "config.json").is_file() \
+                and (folder / tokenizer / "tokenizer_config.json").is_file():
+            _check_window(folder, encoder, tokenizer)
+
+
+def _check_window(folder: Path, encoder: str, tokenizer: str) -> None:
+    """The tokenizer pads prompts to no more tokens than its text encoder has positions (read from
+    the two config files, before anything is built; ``check_components`` checks built pipelines)."""
+    config = json.loads((folder / encoder / "config.json").read_text(encoding="utf-8"))
+    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    positions = config.get("max_position_embeddings", nested.get("max_position_embeddings"))
+    window = json.loads((folder / tokenizer / "tokenizer_config.json").read_text(encoding="utf-8")).get("model_max_length")
+    if not _positive_int(positions):
+        return  # T5 has no such limit
+    where = f"{folder}: {tokenizer}/tokenizer_config.json"
+    if window is None or (isinstance(window, (int, float)) and window >= 10**18):
+        raise ModelFolderError(f"{where} sets no model_max_length, so prompts would be padded to no length, but "
+                               f"{encoder} has {positions} positions; set \"model_max_length\": {positions} there")
+    if _positive_int(window) and window > positions:
+        raise ModelFolderError(f"{where} pads prompts to {window} tokens (model_max_length) but {encoder} has "
+                               f"{positions} positions (max_position_embeddings): every prompt would fail inside the "
+                               "text encoder. Its parts come from different models: use the folder of one model, or "
+                               f"set \"model_max_length\": {positions} in that file")
+
+
+def _check_part_files(sub: Path, part: str, kind: str) -> None:
+    """The files the library of a ``kind`` of part reads from its folder ``sub`` are there: its
+    settings, a tokenizer's vocabulary, a model's weights (whole, in one file or in shards)."""
+    settings = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(kind, "config.json")
+    if not (sub / settings).is_file():
+        raise ModelFolderError(f"{sub / settings} is missing: the {part}'s settings, which "
+                               f"{'transformers' if kind in ('tokenizer', 'text encoder') else 'diffusers'} reads to "
+                               f"build it; copy it from the model's source again")
+    if kind == "tokenizer":
+        if not ((sub / "tokenizer.json").is_file() or (sub / "vocab.json").is_file() or any(sub.glob("*.model"))):
+            raise ModelFolderError(f"{sub} has no vocabulary (tokenizer.json, or vocab.json and merges.txt, or a "
+                                   "SentencePiece .model file): the tokenizer would know no words. Copy the tokenizer "
+                                   "folder from the model's source again")
+        return
+    if kind == "scheduler":
+        return
+    stem = "model" if kind == "text encoder" else "diffusion_pytorch_model"
+    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+    names += ["pytorch_model.bin", "pytorch_model.bin.index.json"] if kind == "text encoder" else [
+        f"{stem}.bin", f"{stem}.bin.index.json"]
+    for name in names:
+        if (sub / name).is_symlink() and not (sub / name).exists():
+            raise ModelFolderError(f"{sub / name} is a symbolic link to {os.readlink(sub / name)}, which does not "
+                                   f"exist: the weights of the {part} are elsewhere or gone; copy them again")
+        if (sub / name).is_dir():
+            raise ModelFolderError(f"{sub / name} is a folder, not the weights file of the {part}; copy the file again")
+    found = [name for name in names if (sub / name).is_file()]
+    if not found:
+        others = sorted(p.name for p in sub.iterdir() if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
+        why = (f"; it holds {', '.join(others)}, which is not read under that name (a variant such as .fp16, or a "
+               f"renamed file): rename the weights to {names[0]}" if others else "; copy it from the model's source again")
+        raise ModelFolderError(f"{sub / names[0]} is missing: the weights of the {part}{why}")
+    if found[0].endswith(".index.json"):
+        shards = json.loads((sub / found[0]).read_text(encoding="utf-8")).get("weight_map", {})
+        missing = sorted({f for f in shards.values() if isinstance(f, str) and not (sub / f).is_file()})
+        if missing or not isinstance(shards, dict):
+            raise ModelFolderError(f"{sub / found[0]} lists the shard(s) {', '.join(missing) or '(none)'}, which are "
+                                   f"not in {sub}; copy the whole {part}/ folder again")
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """The shape of each tensor that a (sound) safetensors file's header declares."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {k: v.get("shape") for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _check_text_encoder_weights(sub: Path) -> None:
+    """A CLIP text encoder's config.json (positions, vocabulary, width) fits its weights: transformers
+    refuses the mismatch with a message about ``ignore_mismatched_sizes`` that names neither."""
+    weights = sub / "model.safetensors"
+    if not weights.is_file():
+        return  # shards or a .bin: transformers checks those as it loads them
+    config = json.loads((sub / "config.json").read_text(encoding="utf-8"))
+    shapes = _safetensors_shapes(weights)
+    for suffix, key, axis, meaning in (("position_embedding.weight", "max_position_embeddings", 0, "positions"),
+                                       ("token_embedding.weight", "vocab_size", 0, "token embeddings"),
+                                       ("token_embedding.weight", "hidden_size", 1, "-wide embeddings")):
+        shape = next((v for k, v in shapes.items() if k.endswith(suffix)), None)
+        said = config.get(key, config.get("text_config", {}).get(key) if isinstance(config.get("text_config"), dict)
+                          else None)
+        if not isinstance(shape, list) or len(shape) != 2 or not isinstance(said, int) or said == shape[axis]:
+            continue
+        tensor = next(k for k, v in shapes.items() if k.endswith(suffix))
+        holds = f"{shape[axis]}{meaning}" if meaning.startswith("-") else f"{shape[axis]} {meaning}"
+        raise ModelFolderError(f"{sub / 'config.json'} says {key} {said}, but {weights} holds {holds} ({tensor} is "
+                               f"{shape[0]}x{shape[1]}): the config and the weights come from different models. Put "
+                               f"back the config.json that came with the weights ({key} {shape[axis]})")
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"encoder\.layers\.(\d+)\.", k)] if m}
+    said = config.get("num_hidden_layers")
+    if layers and isinstance(said, int) and not isinstance(said, bool) and said != max(layers) + 1:
+        raise ModelFolderError(f"{sub / 'config.json'} says num_hidden_layers {said}, but {weights} holds "
+                               f"{max(layers) + 1} layers: the config and the weights come from different models. Put "
+                               f"back the config.json that came with the weights (num_hidden_layers {max(layers) + 1})")
 
 
 def _json_problem(path: Path) -> str | None:
@@ -340,7 +459,27 @@ def _json_problem(path: Path) -> str | None:
         key, meaning = positive[path.name]
         if not _positive_int(value[key]):
             return f"has {key} {value[key]!r}; it must be a whole number > 0, {meaning}"
+        if key == "num_train_timesteps" and value[key] > MAX_TIMESTEPS:  # diffusers would build a schedule that long
+            return (f"has {key} {value[key]:,}; no model is trained on more than {MAX_TIMESTEPS:,} steps, and building "
+                    f"that schedule would not end. It is {meaning}")
+    if isinstance(value, dict) and path.name == "config.json":
+        side = value.get("sample_size")
+        sides = side if isinstance(side, list) else [side]
+        denoiser = path.parent.name in ("unet", "transformer")  # a VAE's sample_size is in pixels
+        if denoiser and any(isinstance(v, int) and v > MAX_LATENT_SIDE for v in sides):  # an image would take terabytes
+            return (f"has sample_size {side!r}; it is the latent side the model was trained on (64 for a 512-pixel "
+                    f"Stable Diffusion), at most {MAX_LATENT_SIDE} here")
+        if path.parent.name == "vae" and "scaling_factor" in value:
+            scale = value["scaling_factor"]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+                return (f"has scaling_factor {scale!r}; it must be a finite number > 0, the factor of the VAE's "
+                        "latents (0.18215 for Stable Diffusion 1.x/2.x)")
     return None
+
+
+#: the most train timesteps and the largest latent side a model folder may declare (SD: 1000 and 64-128)
+MAX_TIMESTEPS = 100_000
+MAX_LATENT_SIDE = 512
 
 
 def _positive_int(value) -> bool:
@@ -374,14 +513,123 @@ def _pipeline_class(source: str, local_only: bool):
 
     index = _model_index(source, local_only) or {}
     folder = Path(source).expanduser()
-    if folder.is_dir() and index:
-        _check_folder_files(folder, index)
     name = index.get("_class_name", "StableDiffusionPipeline")
+    where = folder / "model_index.json" if folder.is_dir() else f"the model_index.json of {source}"
     if name not in PIPELINES:
+        with quiet_libraries():
+            try:
+                known = getattr(diffusers, name, None) if name.isidentifier() else None
+            except Exception:  # noqa: BLE001 - diffusers imports a pipeline's module lazily; a broken one is not ours
+                known = None
+        if not (isinstance(known, type) and issubclass(known, diffusers.DiffusionPipeline)):
+            raise ModelFolderError(f"{where}: _class_name {name!r} is not a diffusers pipeline class; set it to the "
+                                   f"pipeline the weights are for: {', '.join(PIPELINES)} (StableDiffusionPipeline "
+                                   "for SD 1.x/2.x)")
         raise UnsupportedPipelineError(f"{source} is a {name}; iseg reads {', '.join(PIPELINES)} "
                                        f"(families: {', '.join(FAMILIES)})")
     with quiet_libraries():  # the pipeline's module imports transformers' image processors
-        return getattr(diffusers, name)
+        cls = getattr(diffusers, name)
+    if index:
+        parts = _check_index_parts(where, index, cls)
+        if folder.is_dir():
+            _check_folder_files(folder, index, parts)
+    return cls
+
+
+#: what each kind of part is called in messages, and an example of its [library, class] entry
+_SCHEDULER_EXAMPLE = ("diffusers", "DDIMScheduler")
+
+
+def _part_kind(cls) -> str | None:
+    """What a component class is: ``"scheduler"``, ``"tokenizer"``, ``"text encoder"``,
+    ``"autoencoder"``, ``"UNet"``, ``"transformer"``, or ``None`` for anything else."""
+    import diffusers
+    import transformers
+
+    if not isinstance(cls, type):
+        return None
+    if issubclass(cls, enum.Enum) or issubclass(cls, diffusers.SchedulerMixin):  # SD's annotation is an enum of them
+        return "scheduler"
+    if issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return "tokenizer"
+    if issubclass(cls, transformers.PreTrainedModel):
+        return "text encoder"
+    if issubclass(cls, diffusers.ModelMixin):
+        for key, kind in ((".autoencoders.", "autoencoder"), (".unets.", "UNet"), (".transformers.", "transformer")):
+            if key in cls.__module__:
+                return kind
+        return "diffusers model"
+    return None
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _expected_entry(cls) -> tuple[str, str]:
+    """The ``[library, class]`` entry of a pipeline's part whose annotation is ``cls``."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum):
+        return _SCHEDULER_EXAMPLE
+    return cls.__module__.split(".")[0], cls.__name__
+
+
+def _required_parts(pipeline: type) -> list[str]:
+    """The parts iSeg needs of a pipeline class: those its family's backbone reads
+    (``Backbone.parts``), the denoiser, VAE and scheduler first, then text encoders and tokenizers
+    (diffusers calls some of these optional; parts a family leaves out when loading, see
+    ``Backbone.load_options``, are not among them)."""
+    keys = inspect.signature(pipeline.__init__).parameters
+    parts = FAMILIES[PIPELINES[pipeline.__name__]][0].parts
+    first = [parts[0], *(part for part in ("vae", "scheduler") if part in parts)]
+    return [part for part in first + [p for p in parts if p not in first] if part in keys]
+
+
+def _check_index_parts(where, index: dict, pipeline: type) -> dict[str, type]:
+    """Every part iSeg needs is listed in model_index.json as a class of its library and of the
+    kind the pipeline takes there (a UNet where the UNet goes); the classes of the listed parts.
+    ``ModelFolderError`` naming the entry, what it should be, and how to set it, otherwise."""
+    import diffusers
+
+    annotations = {k: p.annotation for k, p in inspect.signature(pipeline.__init__).parameters.items()}
+    required = _required_parts(pipeline)
+    listed = _components(index)
+    classes = {}
+    for part in required:
+        library, name = _expected_entry(annotations[part])
+        example = json.dumps([library, name])
+        if part not in listed:
+            said = "no entry for it" if part not in index else json.dumps(index[part])
+            fits = [other for other, family in PIPELINES.items() if other != pipeline.__name__
+                    and all(p in listed for p in _required_parts(getattr(diffusers, other)))]
+            hint = (f" (the parts it lists are those of a {fits[0]}: is _class_name right?)" if fits else "")
+            raise ModelFolderError(f"{where}: a {pipeline.__name__} needs a {part}, but model_index.json has {said}"
+                                   f"{hint}. Set \"{part}\": {example} with the {part}/ folder beside it, or copy the "
+                                   "whole model folder again")
+    for part, (library, name) in listed.items():
+        if part not in required:
+            continue  # a part iSeg does not use (a safety checker, listed as ["stable_diffusion", ...]): diffusers' own
+        expected = annotations[part]
+        entry = json.dumps([library, name])
+        example = json.dumps(list(_expected_entry(expected)))
+        if library not in ("diffusers", "transformers"):
+            raise ModelFolderError(f"{where}: {part} is {entry}, but {library!r} is not a library iseg loads model "
+                                   f"parts from (diffusers, transformers); a {pipeline.__name__}'s {part} is {example}")
+        with quiet_libraries():
+            try:
+                cls = getattr(importlib.import_module(library), name, None) if name.isidentifier() else None
+            except Exception:  # noqa: BLE001 - a lazily imported module that fails is a class iseg cannot use
+                cls = None
+        if not isinstance(cls, type):
+            raise ModelFolderError(f"{where}: {part} is {entry}, but {library} has no class {name!r}; a "
+                                   f"{pipeline.__name__}'s {part} is {example}. Fix the entry, or copy the model "
+                                   "folder again")
+        want, got = _part_kind(expected), _part_kind(cls)
+        if want is not None and got != want:
+            raise ModelFolderError(f"{where}: {part} is {entry}, {_a(got) if got else 'not a model part'}, but a "
+                                   f"{pipeline.__name__}'s {part} is {_a(want)} ({example}); fix the entry (were two "
+                                   "entries swapped?), or copy the model folder again")
+        classes[part] = cls
+    return classes
 
 
 @contextmanager
@@ -423,28 +671,54 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-#: what ``load_model("auto", family=...)`` looks for: the full-size model (its weights in the local
-#: cache and a GPU), else the shipped shapes model of the same family
-AUTO_MODELS = {
-    "sd": (DEFAULT_MODEL, "shapes"),
-    "sd3": ("stabilityai/stable-diffusion-3-medium-diffusers", "shapes-mmdit"),
-}
+def auto_models() -> dict[str, tuple[str, str]]:
+    """What ``load_model("auto", family=...)`` looks for, by family: the full-size model (its weights
+    in the local cache and a GPU), else the shipped model of the same family, as each registered
+    backbone declares them (``Backbone.default_model``, ``Backbone.fallback_model``)."""
+    return {name: (backbone.default_model, backbone.fallback_model) for name, (backbone, _) in FAMILIES.items()
+            if backbone.default_model and backbone.fallback_model}
 
 
 def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: torch.dtype | str | None = None,
                verbose: bool = True, family: str | None = None) -> LoadedModel:
     """Load a model for iSeg and move it to ``device``; returns a ``LoadedModel``.
 
-    ``model`` is a hub id (default: SD 2.1-base), a local folder in diffusers layout, a short name
-    of a shipped model (``"shapes"``), or ``"auto"``: SD 2.1-base when its weights are in the local
-    cache and a GPU is present, else the shapes model; ``"auto"`` with ``family="sd3"`` picks SD3-medium
-    the same way, else the shapes MM-DiT (``"shapes-mmdit"``). ``device`` defaults to CUDA when present;
+    ``model`` is a hub id (default: ``DEFAULT_MODEL``, SD 2.1-base), a local folder in diffusers
+    layout, a short name of a shipped model (``"shapes"``), or ``"auto"``: the full-size model of
+    ``family`` (default ``DEFAULT_FAMILY``) when its weights are in the local cache and a GPU is
+    present, else the shipped model of that family (``auto_models()``: ``"shapes"`` for SD 1.x/2.x,
+    ``"shapes-mmdit"`` for the MM-DiT family). ``device`` defaults to CUDA when present;
     ``dtype`` (a torch dtype or its name, ``"float16"``) to float16 on CUDA and float32 elsewhere. Missing weights raise
     ``ModelNotAvailableError`` with the ways out; with ``HF_HUB_OFFLINE=1`` nothing touches the
     network.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    name = _model_name(model)
+    if family is not None and name != "auto":
+        raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
+    if name == "auto":
+        pipe, name = _choose_auto(family, device, dtype, verbose)
+        if pipe is not None:
+            return _finish(pipe, device, name)
+
+    shipped = shipped_models()
+    if name in shipped:
+        return _finish(_load_shipped(name, shipped[name], dtype), device, name)
+    if name in registry.MODELS:
+        raise _unavailable(name, "it is registered but its folder is missing from this installation")
+    path = Path(name).expanduser()
+    _refuse_near_names(name, path, shipped)
+    if path.exists():
+        return _load_folder(name, path, shipped, device, dtype)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise _unavailable(name, f"no such folder: {path}")
+    return _finish(_load_hub(name, dtype), device, name)
+
+
+def _model_name(model) -> str:
+    """``load_model``'s ``model`` as text: a ``TypeError`` for anything but text or a path, a
+    ``ValueError`` for an empty name."""
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a hub id, a folder or a shipped model's name, got {type(model).__name__} "
                         f"{model!r}")
@@ -453,85 +727,124 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, device=None, dtype: tor
         name = os.fsdecode(name)
     if not name.strip():
         raise ValueError("model is empty; give a hub id, a folder, a shipped model's name or 'auto'")
+    return name
 
-    if family is not None and name != "auto":
-        raise ValueError(f"family={family!r} only chooses what load_model('auto') loads; {name!r} names its model itself")
-    if name == "auto":
-        key = family or "sd"
-        if key not in AUTO_MODELS:
-            raise ValueError(f"load_model('auto') knows the families {sorted(AUTO_MODELS)}, not {family!r}")
-        full, small = AUTO_MODELS[key]
-        pipe = None
-        if device.type == "cuda":
-            try:
-                pipe = _from_pretrained(full, dtype, local_only=True)
-                name = full
-            except Exception:  # noqa: BLE001 - anything missing means: fall back
-                pipe = None
-        if pipe is None:
-            shipped = shipped_models()
-            if small not in shipped:
-                raise _unavailable("auto", f"neither {full} weights with a GPU nor the {small} model were found")
-            name = small
-        if verbose:
-            why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
-            # ordinary output: which model runs is news, not a warning (a notebook shows stderr in red)
-            print(f"iseg: model 'auto' -> {name}{why}")
-        if pipe is not None:
-            return _finish(pipe, device, name)
 
-    shipped = shipped_models()
-    if name in shipped:
-        source = str(shipped[name])
+def _choose_auto(family: str | None, device: torch.device, dtype: torch.dtype, verbose: bool) -> tuple[object, str]:
+    """What ``load_model("auto")`` loads for ``family``: ``(pipeline, hub id)`` of the full-size
+    model where its weights are cached and ``device`` is a GPU, else ``(None, shipped name)`` of
+    the family's shipped model, which the caller loads; says which when ``verbose``."""
+    key = family or DEFAULT_FAMILY
+    choices = auto_models()
+    if key not in choices:
+        raise ValueError(f"load_model('auto') knows the families {sorted(choices)}, not {family!r}")
+    full, small = choices[key]
+    pipe, name = None, small
+    if device.type == "cuda":
         try:
-            pipe = _from_pretrained(source, dtype, local_only=True)
-        except ModelFolderError:
-            raise
-        except (OSError, ValueError) as err:
-            raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
-        return _finish(pipe, device, name)
-    if name in registry.MODELS:
-        raise _unavailable(name, "it is registered but its folder is missing from this installation")
+            pipe, name = _from_pretrained(full, dtype, local_only=True), full
+        except Exception:  # noqa: BLE001 - anything missing means: fall back
+            pipe, name = None, small
+    if pipe is None and small not in shipped_models():
+        raise _unavailable("auto", f"neither {full} weights with a GPU nor the {small} model were found")
+    if verbose:
+        why = "" if name != small else f" ({full} needs its weights in the cache and a GPU)"
+        # ordinary output: which model runs is news, not a warning (a notebook shows stderr in red)
+        print(f"iseg: model 'auto' -> {name}{why}")
+    return pipe, name
 
-    path = Path(name).expanduser()
+
+def _load_shipped(name: str, folder: Path, dtype: torch.dtype):
+    """The pipeline of the shipped model ``name`` from its ``folder``."""
+    source = str(folder)
+    try:
+        return _from_pretrained(source, dtype, local_only=True)
+    except ModelFolderError:
+        raise
+    except (OSError, ValueError) as err:
+        raise _unavailable(name, f"the shipped folder {source} is incomplete or corrupt ({err})") from err
+
+
+def _refuse_near_names(name: str, path: Path, shipped: Mapping) -> None:
+    """A name that is a model's name but for case or spaces (``"SHAPES"``), and no folder, is
+    refused before any hub lookup: it is no hub id."""
     close = next((n for n in sorted({*shipped, *registry.MODELS, "auto"}) if n.lower() == name.strip().lower()), None)
-    if close is not None and not path.exists():  # before any hub lookup: "SHAPES" is no hub id
+    if close is not None and not path.exists():
         raise _unavailable(name, f"no model has that name; did you mean {close!r}? (model names are exact: lower "
                                  "case, no spaces)")
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
-        # a registered model's folder given by its path is that model, with its preset and vocabulary
-        known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
-        try:
-            pipe = _from_pretrained(str(path), dtype, local_only=True)
-        except (ModelFolderError, UnsupportedPipelineError):
-            raise
-        except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            hint = (" (a config.json does not match the weights next to it)"
-                    if "mismatch" in str(err).lower() or "expected shape" in str(err).lower() else "")
-            raise ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: "
-                                   f"{first}") from err
-        return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
-        raise _unavailable(name, f"no such folder: {path}")
 
-    # a hub id: the local cache first, so that nothing waits on the network when it is not needed
+
+def _load_folder(name: str, path: Path, shipped: Mapping, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The model in the local folder ``path``: a shipped model's folder given by its path is that
+    model (with its preset and vocabulary), a copy of a shapes-world folder gets the shapes entry."""
+    if not (path / "model_index.json").is_file():
+        raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
+    known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
     try:
-        pipe = _from_pretrained(name, dtype, local_only=True)
-    except UnsupportedPipelineError:
+        pipe = _from_pretrained(str(path), dtype, local_only=True)
+    except (ModelFolderError, UnsupportedPipelineError):
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers and transformers raise many kinds for a bad folder
+        raise _folder_error(path, err) from err
+    return _finish(pipe, device, known or str(path), None if known else _shapes_entry(path, pipe))
+
+
+def _folder_error(path: Path, err: Exception) -> ModelFolderError:
+    """The ``ModelFolderError`` for a folder whose pipeline failed to build with ``err``: it names
+    the part that fails (``_failing_part``), its error's first line and the settings file to check."""
+    part, cause = _failing_part(path)
+    cause = cause or err
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    hint = (" (a config.json does not match the weights next to it)"
+            if "mismatch" in str(cause).lower() or "expected shape" in str(cause).lower() else "")
+    if part is None:
+        return ModelFolderError(f"the model folder {path} could not be loaded{hint}: {type(err).__name__}: {first}")
+    settings = "scheduler_config.json" if part.startswith("scheduler") else (
+        "tokenizer_config.json and the vocabulary" if part.startswith("tokenizer") else "config.json")
+    return ModelFolderError(f"the {part} of the model folder {path} could not be loaded{hint}: "
+                            f"{type(cause).__name__}: {first}. Check {path / part}'s {settings}, or copy that "
+                            "folder from the model's source again")
+
+
+def _load_hub(name: str, dtype: torch.dtype):
+    """The pipeline of the hub id ``name``: the local cache first, so that nothing waits on the
+    network when it is not needed; then a download, unless HF_HUB_OFFLINE is set."""
+    try:
+        return _from_pretrained(name, dtype, local_only=True)
+    except (ModelFolderError, UnsupportedPipelineError):
         raise
     except Exception as cache_err:  # noqa: BLE001
         if hub_offline():
             raise _unavailable(name, "it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set") from cache_err
         try:
-            pipe = _from_pretrained(name, dtype, local_only=False)
+            return _from_pretrained(name, dtype, local_only=False)
         except UnsupportedPipelineError:
             raise
         except Exception as err:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same here
-            raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: {err})") from err
-    return _finish(pipe, device, name)
+            raise _unavailable(name, f"it is not in the local cache and downloading failed ({type(err).__name__}: "
+                                     f"{err})") from err
+
+
+def _failing_part(folder: Path) -> tuple[str | None, Exception | None]:
+    """Which part of a model folder fails to load, and its error, loading the parts one by one
+    (only after the pipeline failed: diffusers' error does not say which part it was building)."""
+    try:
+        index = _read_index(folder / "model_index.json")
+        import diffusers
+
+        classes = _check_index_parts(folder / "model_index.json", index, getattr(diffusers, index["_class_name"]))
+    except Exception:  # noqa: BLE001 - no better answer than the pipeline's own error
+        return None, None
+    for part, cls in classes.items():
+        try:
+            with quiet_libraries():
+                if _part_kind(cls) == "scheduler":
+                    cls.from_pretrained(folder, subfolder=part)
+                else:  # a tokenizer or a model (in float32: which dtype does not decide whether it loads)
+                    cls.from_pretrained(folder / part)
+        except Exception as err:  # noqa: BLE001 - the error of the part that fails is the one to show
+            return part, err
+    return None, None
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -643,8 +956,15 @@ def _check_text_encoders(pipe, name: str, fail) -> list:
             raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json has model_max_length {window}; "
                                    "it must be a whole number > 0, the number of tokens prompts are padded to")
         if positions is not None and isinstance(window, int) and window > positions:  # T5 has no such limit
-            fail(f"{tokenizer_name} pads prompts to {window} tokens (model_max_length) but {encoder_name} has "
-                 f"{positions} positions (max_position_embeddings)")
+            if window >= 10**18:  # transformers' stand-in for "no limit": tokenizer_config.json sets none
+                raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json sets no model_max_length, so "
+                                       f"prompts would be padded to no length, but {encoder_name} has {positions} "
+                                       f"positions; set \"model_max_length\": {positions} there")
+            raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json pads prompts to {window} tokens "
+                                   f"(model_max_length) but {encoder_name} has {positions} positions "
+                                   f"(max_position_embeddings): every prompt would fail inside the text encoder. "
+                                   f"Its parts come from different models: use the folder of "
+                                   f"one model, or set \"model_max_length\": {positions} in that file")
         vocab = _config(encoder, "vocab_size")
         if vocab is not None and len(tokenizer) > vocab:
             fail(f"{tokenizer_name} has {len(tokenizer)} tokens but {encoder_name} embeds {vocab} (vocab_size)")

@@ -86,7 +86,8 @@ def check_class_names(classes: Sequence[str]) -> tuple[str, ...]:
             dup.append(name)
         seen.add(key)
     if dup:
-        raise ValueError(f"duplicate class name(s) {sorted(set(dup))} in {list(names)!r}; give each class once")
+        given = repr(list(names)) if len(names) <= 12 else f"{repr(list(names[:10]))[:-1]}, ...] ({len(names)} names)"
+        raise ValueError(f"duplicate class name(s) {sorted(set(dup))} in {given}; give each class once")
     return tuple(cleaned)
 
 

@@ -37,7 +37,8 @@ the authors' code. The paper's numbers, though, come from that code. A preset na
   covers cells ``[y0*side//H, y1*side//H)`` x ``[x0*side//W, x1*side//W)`` (end exclusive);
   a text prompt is ``"a photography of " + " and ".join(descriptions) + " and other object and
   background"`` whose description positions advance by the *current* description's token count
-  (the demo's defect), read from the half-resolution grid of ``up_blocks.2`` alone; the final
+  (the demo's defect), read from the half-resolution grid of the UNet's second-to-last up block
+  alone (``UNetBackbone.reference_layers(..., interactive=True)``); the final
   map goes from the attention grid straight to the image size; foreground is where it exceeds 0.4.
 
 Use them to reproduce or compare against the paper; use the default presets for anything else.

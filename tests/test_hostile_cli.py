@@ -218,6 +218,10 @@ SEGMENT_REFUSALS = [
     (["--classes", "cat", "--classes-file", "{tmp}/none.json"], r"one of the two"),
     (["--classes-file", "{classes:{\"x.png\": [\"a\"], \"x.png\": [\"b\"]}}"], r"lists 'x.png' twice"),
     (["--classes-file", "{classes:{\"x.png\": []}}"], r"'x.png': the class list is empty"),
+    (["--classes-file", "{classes:{\"x.png\": [\"star\"], \"x\": [\"circle\"]}}"],
+     r"--classes-file .*classes.json has 2 keys for the image x.png \('x.png', 'x'\); keep one of them"),
+    (["--classes", ",".join(["square"] * 20)], r"duplicate class name\(s\) \['square'\] in \['square', .*'square', "
+                                                r"\.\.\.\] \(20 names\); give each class once$"),
     (["--classes", "square,,circle"], r"--classes 'square,,circle': empty class name"),
     (["--classes", "square,Square"], r"--classes 'square,Square': duplicate class name"),
     (["{image}"], r"image .*x.png is given twice"),
@@ -250,6 +254,22 @@ def test_segment_refusals_are_one_line_naming_the_option(tmp_path, image, capsys
     assert re.search(message, _one_error_line(capsys.readouterr().err, "iseg")), message
     if "--out" not in argv:
         assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("names", [["x.png", "x.jpg"], ["a/x.png", "b/x.png"]])
+def test_a_classes_file_key_that_names_several_images_is_refused(tmp_path, capsys, names):
+    images = []
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(SAMPLES / "shapes_2009001.png").save(tmp_path / name)
+        images.append(str(tmp_path / name))
+    key = "x" if names[0].endswith(".png") and names[1].endswith(".jpg") else "x.png"
+    classes = _classes_file(tmp_path, json.dumps({key: ["star"]}).encode())
+    assert cli.main(["segment", *images, "--classes-file", classes, "--model", "shapes", "--out",
+                     str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert f"the key '{key}' names 2 images" in line and "give each its own key" in line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("given, names", [
@@ -653,6 +673,11 @@ def _train(tmp_path, *extra):
     (["--vae-lr", "inf"], r"--vae-lr is a learning rate"),
     (["--ema", "1"], r"--ema is a decay"),
     (["--time-limit", "-5"], r"--time-limit is a number of seconds"),
+    # the second pass's probes: a batch of 10**9 hung (or failed after minutes on a 12 TB allocation), and so did
+    # 10**8 transformer blocks
+    (["--batch-size", str(10**9)], r"--batch-size 1000000000 is more than 4,096 images per denoiser step; give at most"),
+    (["--vae-batch", str(10**9)], r"--vae-batch 1000000000 is more than 4,096 images per VAE step"),
+    (["--family", "sd3", "--layers", str(10**8)], r"--layers 100000000 is more than 64 transformer blocks .*default is 4"),
 ])
 def test_train_shapes_numbers_are_checked_naming_the_option(tmp_path, capsys, extra, message):
     import re
@@ -940,3 +965,80 @@ def test_commands_writing_one_file_check_its_folder_before_any_work(tmp_path, ca
     assert rc == 2
     line = _one_error_line(capsys.readouterr().err, "iseg")
     assert "results is a symbolic link to" in line and "which does not exist" in line
+
+
+# -- train-shapes never writes into the shipped models, and --overwrite replaces only its own files ----------
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("option", ["--out", "--workdir"])
+@pytest.mark.parametrize("where", ["shapes", "shapes-mmdit", "shapes/unet", ".", "new-model"])
+def test_train_shapes_refuses_the_shipped_model_folders(tmp_path, capsys, option, where):
+    import re
+
+    models = ROOT / "data" / "models"
+    before = _tree(models)
+    folder = models / where
+    argv = ["--out", str(folder), "--overwrite"] if option == "--out" else ["--workdir", str(folder)]
+    # --images 0 is refused later: without the shipped-folder check that is the error (and nothing is written)
+    assert cli.main(["train-shapes", *argv, "--images", "0", "--workers", "1", "--device", "cpu"]
+                    + (["--out", str(tmp_path / "m")] if option == "--workdir" else [])) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert re.search(rf"{option} .* (is|is inside) {re.escape(str(models.resolve()))}, the folder of the models that "
+                     rf"ship with iseg; .*Choose another {option}", line), line
+    assert _tree(models) == before and not (tmp_path / "m").exists()
+
+
+def test_train_shapes_refuses_an_installed_packages_models_folder(tmp_path, capsys, monkeypatch):
+    from iseg import registry
+
+    installed = tmp_path / "site-packages" / "iseg" / "_models"
+    (installed / "shapes").mkdir(parents=True)
+    monkeypatch.setattr(registry, "MODEL_DIRS", (installed, ROOT / "data" / "models"))
+    link = tmp_path / "link"  # a link into it is the same folder
+    os.symlink(installed / "shapes", link)
+    for out in (installed / "shapes", link):
+        assert _train(tmp_path, "--out", str(out), "--overwrite", "--images", "0") == 2
+        line = _one_error_line(capsys.readouterr().err, "iseg")
+        assert f"is {installed.resolve() / 'shapes'}" not in line and f"{installed.resolve()}, the folder of" in line
+    assert list((installed / "shapes").iterdir()) == [] and not (tmp_path / "shapes.work").exists()
+
+
+def test_overwrite_refuses_an_out_that_holds_a_model_card_and_keeps_everything(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(ROOT / "data" / "models" / "shapes", out)  # a copy of a model, with its card and reports
+    (out / "notes").mkdir()
+    (out / "unet" / "mine.txt").write_text("mine")
+    before = _tree(out)
+    for flag in ("--overwrite", "--resume"):
+        assert _train(tmp_path, flag, "--images", "0") == 2
+        line = _one_error_line(capsys.readouterr().err, "iseg")
+        assert (f"--out {out} holds files or folders that train-shapes does not write (README.md, loss.jsonl, notes, "
+                "preset-validation-a.json, preset-validation-b.json and 2 more): a model card") in line
+        assert "Move them out of the folder, or choose another --out" in line
+    assert _tree(out) == before and not (tmp_path / "m.work").exists()
+
+
+def test_overwrite_replaces_every_file_of_the_earlier_model_and_nothing_else(tmp_path):
+    """An MM-DiT model in --out replaced by a UNet one: no transformer/ or text_encoder_2/ of the old
+    model stays beside the new weights; the work folder inside --out is the run's own."""
+    import shutil
+
+    import iseg
+
+    out = tmp_path / "m"
+    shipped = ROOT / "data" / "models" / "shapes-mmdit"
+    out.mkdir()
+    for part in ("model_index.json", "training.json", "loss.png", "transformer", "text_encoder_2", "tokenizer_2",
+                 "vae", "scheduler"):
+        (shutil.copytree if (shipped / part).is_dir() else shutil.copy)(shipped / part, out / part)
+    assert _train(tmp_path, "--overwrite", "--vae-steps", "1", "--vae-batch", "2", "--unet-steps", "1",
+                  "--batch-size", "2", "--threads", "1", "--workdir", str(out / "work")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "model_index.json", "scheduler", "text_encoder",
+                                                     "tokenizer", "training.json", "unet", "vae", "work"]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert json.loads((out / "training.json").read_text())["family"] == "unet"
+    assert iseg.load_model(str(out), device="cpu").family == "sd"

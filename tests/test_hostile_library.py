@@ -7,6 +7,7 @@ The tables are (input, expected exception, regex of its message); add a row for 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -19,7 +20,7 @@ import iseg
 from iseg import refine as R
 from iseg.images import load_image
 from iseg.labels import predict_labels
-from iseg.prompts import UnknownWordError, check_class_names, make_prompt
+from iseg.prompts import PromptTooLongError, UnknownWordError, check_class_names, make_prompt
 from iseg.shapes import sample
 
 
@@ -347,6 +348,15 @@ SECOND_PROMPTS = [
     (dict(points=np.full((10, 2), 70.0)), ValueError, r"point 0 .* lies outside the 64x64 image"),
     (dict(box=(0, 0, True, 5)), ValueError, r"box must be \(x0, y0, x1, y1\)"),
     (dict(line=[(1, 1), (False, 2)]), ValueError, r"line point 1 must be an \(x, y\) pair"),
+    # what is wrong with a long text prompt is its length (the shapes model reads 24 tokens), not a "duplicate class"
+    (dict(text="; ".join(["star"] * 200)), PromptTooLongError,
+     r"^the text prompt, 200 descriptions \(parts separated by ';'\), is \d+ tokens long in the model's prompt, but "
+     r"the text encoder reads 24; give fewer or shorter descriptions, each once \('star' repeated\)$"),
+    (dict(text=["star", "circle", "heart", "cross", "square", "triangle"] * 30), PromptTooLongError,
+     r"the text prompt, 180 descriptions .* but the text encoder reads 24.*'circle', 'cross', 'heart', 'square', "
+     r"'star' and 1 more repeated"),
+    (dict(text=" ".join(["star"] * 40)), PromptTooLongError, r"^the text prompt, 1 description, is 43 tokens long"),
+    (dict(text="star; circle; Star"), ValueError, r"^the text prompt repeats the description\(s\) 'star'; give each once"),
 ]
 
 
@@ -532,8 +542,10 @@ MODEL_FOLDERS = [
     (lambda f: _config(f, "unet", sample_size=0), r"unet/config.json has sample_size 0; it must be the latent side"),
     (lambda f: _config(f, "unet", sample_size=None), r"unet/config.json has sample_size None"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=200),
-     r"tokenizer pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 positions"),
-    (lambda f: _config(f, "text_encoder", vocab_size=1000), r"(tokenizer has 49408 tokens but text_encoder embeds 1000|could not be loaded)"),
+     r"tokenizer/tokenizer_config.json pads prompts to 200 tokens \(model_max_length\) but text_encoder has 77 "
+     r"positions \(max_position_embeddings\): every prompt would fail.*set \"model_max_length\": 77 in that file"),
+    (lambda f: _config(f, "text_encoder", vocab_size=1000),
+     r"text_encoder/config.json says vocab_size 1000, but .*model.safetensors holds 49408 token embeddings"),
     (lambda f: (f / "model_index.json").write_text(json.dumps({k: v for k, v in json.loads((f / "model_index.json").read_text()).items()
                                                               if k != "_class_name"})), r"model_index.json has no _class_name"),
     (lambda f: (f / "model_index.json").write_bytes(b"\xef\xbb\xbf" + (f / "model_index.json").read_bytes()),
@@ -548,6 +560,14 @@ MODEL_FOLDERS = [
      r"tokenizer/tokenizer_config.json has model_max_length 0; it must be a whole number > 0"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=-5),
      r"tokenizer/tokenizer_config.json has model_max_length -5"),
+    # what diffusers or transformers refuse while building a part: the part and its files named
+    (lambda f: _config(f, "text_encoder", hidden_act="nope"),
+     r"the text_encoder of the model folder .* could not be loaded: KeyError: 'nope'\. Check .*text_encoder's "
+     r"config.json, or copy that folder"),
+    (lambda f: _config(f, "scheduler", "scheduler_config.json", beta_schedule="nope"),
+     r"the scheduler of the model folder .* could not be loaded: NotImplementedError: .*scheduler_config.json"),
+    (lambda f: _config(f, "vae", latent_channels=8),
+     r"the vae of the model folder .* could not be loaded \(a config.json does not match the weights next to it\)"),
 ]
 
 
@@ -555,12 +575,137 @@ MODEL_FOLDERS = [
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
     "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty",
-    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative"])
+    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative", "text-encoder-activation",
+    "scheduler-beta-schedule", "vae-config-latents"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
 
     folder = _edited(tiny_folder, tmp_path, edit)
     with pytest.raises(ModelFolderError, match=match):
+        iseg.load_model(folder, device="cpu", verbose=False)
+
+
+def _index(folder, **entries):
+    _config(folder, "", "model_index.json", **entries)
+
+
+def _text_encoder(folder, **changes):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder").to_dict()
+    CLIPTextModel(CLIPTextConfig(**{**config, **changes})).save_pretrained(folder / "text_encoder")
+
+
+def _sharded(folder):
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    index = {"metadata": {}, "weight_map": {"encoder.conv_in.weight": "diffusion_pytorch_model-00001-of-00002.safetensors",
+                                            "decoder.conv_in.weight": "diffusion_pytorch_model-00002-of-00002.safetensors"}}
+    weights.rename(folder / "vae" / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _drop_key(path, key):
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != key}))
+
+
+# model_index.json entries and part folders that diffusers and transformers refuse with messages of their own
+# (about a .bin file, ignore_mismatched_sizes, or a validation error): each named by file, problem and fix
+MODEL_PARTS = [
+    (lambda f: _index(f, _class_name="NoSuchPipeline"),
+     r"model_index.json: _class_name 'NoSuchPipeline' is not a diffusers pipeline class; set it to the pipeline the "
+     r"weights are for: .*StableDiffusionPipeline"),
+    (lambda f: _index(f, _class_name="StableDiffusionXLPipeline"),
+     r"model_index.json: a StableDiffusionXLPipeline needs a text_encoder_2, but model_index.json has no entry for it "
+     r"\(the parts it lists are those of a StableDiffusionPipeline: is _class_name right\?\)\. Set \"text_encoder_2\": "
+     r"\[\"transformers\", \"CLIPTextModelWithProjection\"\]"),
+    (lambda f: _index(f, _class_name="FluxPipeline"), r"a FluxPipeline needs a transformer, but model_index.json has no entry"),
+    (lambda f: _index(f, unet=[None, None]),
+     r"model_index.json: a StableDiffusionPipeline needs a unet, but model_index.json has \[null, null\]\. Set \"unet\": "
+     r"\[\"diffusers\", \"UNet2DConditionModel\"\] with the unet/ folder beside it"),
+    (lambda f: _index(f, tokenizer=[None, None]), r"needs a tokenizer, but model_index.json has \[null, null\]"),
+    (lambda f: _index(f, scheduler=None), r"needs a scheduler, but model_index.json has null\. Set \"scheduler\": "
+                                          r"\[\"diffusers\", \"DDIMScheduler\"\]"),
+    (lambda f: _index(f, unet=["transformers", "CLIPTextModel"]),
+     r"model_index.json: unet is \[\"transformers\", \"CLIPTextModel\"\], a text encoder, but a StableDiffusionPipeline's "
+     r"unet is a UNet \(\[\"diffusers\", \"UNet2DConditionModel\"\]\); fix the entry"),
+    (lambda f: _index(f, text_encoder=["diffusers", "UNet2DConditionModel"]),
+     r"text_encoder is \[\"diffusers\", \"UNet2DConditionModel\"\], a UNet, but .*text_encoder is a text encoder"),
+    (lambda f: _index(f, vae=["diffusers", "UNet2DConditionModel"]), r"vae is .*, a UNet, but .*'s vae is an autoencoder"),
+    (lambda f: _index(f, scheduler=["diffusers", "AutoencoderKL"]), r"scheduler is .*, an autoencoder, but .* is a scheduler"),
+    (lambda f: _index(f, tokenizer=["transformers", "CLIPTextModel"]), r"tokenizer is .*, a text encoder, but .* is a tokenizer"),
+    (lambda f: _index(f, unet=["diffusers", "NoSuchModel"]),
+     r"unet is \[\"diffusers\", \"NoSuchModel\"\], but diffusers has no class 'NoSuchModel'; a StableDiffusionPipeline's "
+     r"unet is \[\"diffusers\", \"UNet2DConditionModel\"\]"),
+    (lambda f: _index(f, unet=["transformers", "UNet2DConditionModel"]), r"but transformers has no class 'UNet2DConditionModel'"),
+    (lambda f: _index(f, unet=["os", "system"]), r"unet is \[\"os\", \"system\"\], but 'os' is not a library iseg loads"),
+    (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+     r"vae/diffusion_pytorch_model.safetensors is missing: the weights of the vae; copy it"),
+    (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors").rename(f / "vae" / "diffusion_pytorch_model.fp16.safetensors"),
+     r"vae/diffusion_pytorch_model.safetensors is missing: the weights of the vae; it holds "
+     r"diffusion_pytorch_model.fp16.safetensors, .*rename the weights to diffusion_pytorch_model.safetensors"),
+    (lambda f: (f / "text_encoder" / "model.safetensors").unlink(), r"text_encoder/model.safetensors is missing"),
+    (_sharded, r"vae/diffusion_pytorch_model.safetensors.index.json lists the shard\(s\) "
+               r"diffusion_pytorch_model-00002-of-00002.safetensors, which are not in"),
+    (lambda f: (f / "vae" / "config.json").unlink(), r"vae/config.json is missing: the vae's settings"),
+    (lambda f: (f / "text_encoder" / "config.json").unlink(), r"text_encoder/config.json is missing"),
+    (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), r"scheduler/scheduler_config.json is missing"),
+    (lambda f: (f / "tokenizer" / "tokenizer_config.json").unlink(), r"tokenizer/tokenizer_config.json is missing"),
+    (lambda f: (f / "tokenizer" / "tokenizer.json").unlink(),
+     r"tokenizer has no vocabulary \(tokenizer.json, or vocab.json and merges.txt.*\): the tokenizer would know no words"),
+    (lambda f: _drop_key(f / "tokenizer" / "tokenizer_config.json", "model_max_length"),
+     r"tokenizer/tokenizer_config.json sets no model_max_length, .*set \"model_max_length\": 77 there"),
+    (lambda f: _config(f, "text_encoder", max_position_embeddings=16),
+     r"text_encoder/config.json says max_position_embeddings 16, but .*text_encoder/model.safetensors holds 77 "
+     r"positions \(.*position_embedding.weight is 77x32\): the config and the weights come from different models"),
+    (lambda f: _config(f, "text_encoder", max_position_embeddings=200), r"says max_position_embeddings 200, but .* holds 77"),
+    (lambda f: _config(f, "text_encoder", hidden_size=64), r"says hidden_size 64, but .* holds 32-wide embeddings"),
+    (lambda f: _text_encoder(f, max_position_embeddings=16),
+     r"tokenizer/tokenizer_config.json pads prompts to 77 tokens \(model_max_length\) but text_encoder has 16 "
+     r"positions .*set \"model_max_length\": 16 in that file"),
+    # the second pass's own probes: hangs at load time and failures on the first image
+    (lambda f: _config(f, "scheduler", "scheduler_config.json", num_train_timesteps=10**9),
+     r"scheduler/scheduler_config.json has num_train_timesteps 1,000,000,000; no model is trained on more than 100,000"),
+    (lambda f: _config(f, "text_encoder", num_hidden_layers=10**6),
+     r"text_encoder/config.json says num_hidden_layers 1000000, but .*model.safetensors holds 2 layers"),
+    (lambda f: _config(f, "unet", sample_size=100_000), r"unet/config.json has sample_size 100000; .*at most 512 here"),
+    (lambda f: _config(f, "vae", scaling_factor=-1), r"vae/config.json has scaling_factor -1; it must be a finite number > 0"),
+    (lambda f: ((f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+                os.symlink(f / "gone", f / "unet" / "diffusion_pytorch_model.safetensors")),
+     r"unet/diffusion_pytorch_model.safetensors is a symbolic link to .*gone, which does not exist"),
+    (lambda f: ((f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
+                (f / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
+     r"unet/diffusion_pytorch_model.safetensors is a folder, not the weights file of the unet"),
+]
+
+
+@pytest.mark.parametrize("edit, match", MODEL_PARTS, ids=[
+    "class-not-a-pipeline", "class-sdxl-on-sd-parts", "class-flux-on-sd-parts", "unet-null", "tokenizer-null",
+    "scheduler-null", "unet-as-text-encoder", "text-encoder-as-unet", "vae-as-unet", "scheduler-as-vae",
+    "tokenizer-as-model", "unknown-class", "class-of-another-library", "unknown-library", "vae-weights-missing",
+    "vae-weights-as-variant", "text-encoder-weights-missing", "missing-shard", "vae-config-missing",
+    "text-encoder-config-missing", "scheduler-config-missing", "tokenizer-config-missing", "no-vocabulary",
+    "no-model-max-length", "config-positions-16", "config-positions-200", "config-width", "encoder-of-16-positions",
+    "timesteps-1e9", "layers-1e6", "sample-size-huge", "scaling-negative", "weights-dangling-link", "weights-folder"])
+def test_model_parts_are_checked_at_load_time_naming_file_problem_and_fix(tiny_folder, tmp_path, edit, match,
+                                                                          monkeypatch):
+    import diffusers
+
+    from iseg.loading import ModelFolderError
+
+    folder = _edited(tiny_folder, tmp_path, edit)
+    loaded = []  # nothing heavy runs before the check: no part is built
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(cls) or pytest.fail("loaded before the check")))
+    with pytest.raises(ModelFolderError, match=match):
+        iseg.load_model(folder, device="cpu", verbose=False)
+    assert loaded == []
+
+
+def test_a_pipeline_of_another_family_is_named_as_unsupported(tiny_folder, tmp_path):
+    from iseg.loading import UnsupportedPipelineError
+
+    folder = _edited(tiny_folder, tmp_path, lambda f: _index(f, _class_name="KandinskyPipeline"))
+    with pytest.raises(UnsupportedPipelineError, match=r"is a KandinskyPipeline; iseg reads .*StableDiffusionPipeline"):
         iseg.load_model(folder, device="cpu", verbose=False)
 
 
@@ -589,6 +734,20 @@ def test_a_timestep_past_the_schedule_is_refused_when_the_segmenter_is_made(tiny
 def test_a_sound_tiny_folder_loads(tiny_folder):
     model = iseg.load_model(tiny_folder, device="cpu", verbose=False)
     assert model.family == "sd" and model.preset is None
+
+
+def test_a_folder_in_sd_1_5_layout_with_its_safety_checker_entries_loads(tiny_folder, tmp_path):
+    """SD 1.5's model_index.json lists its safety checker under the library "stable_diffusion" and a
+    feature extractor: parts iSeg does not use, which the part checks must let through."""
+    def sd15(f):
+        _index(f, safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+               feature_extractor=["transformers", "CLIPImageProcessor"])
+        for part, file in (("safety_checker", "config.json"), ("feature_extractor", "preprocessor_config.json")):
+            (f / part).mkdir()
+            (f / part / file).write_text(json.dumps({"crop_size": 32, "size": 32} if part == "feature_extractor" else {}))
+
+    model = iseg.load_model(_edited(tiny_folder, tmp_path, sd15), device="cpu", verbose=False)
+    assert model.family == "sd" and model.pipe.safety_checker is None
 
 
 # -- datasets ----------------------------------------------------------------------------------------

@@ -19,13 +19,13 @@ implementation and holds the reference layer and head tables; ``SDXLBackbone`` r
 from __future__ import annotations
 
 from ..capture import LAYER_TABLES, register_layer_table
-from .base import Backbone, layer_numbers
+from .base import Architecture, Backbone, layer_numbers
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone
 
-__all__ = ["Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for",
+__all__ = ["Backbone", "Architecture", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "FluxBackbone", "FAMILIES", "backbone_for",
            "family_of", "register_backbone", "unregister_backbone", "layer_order", "layer_title"]
 
 # family name -> (backbone, the diffusers pipeline classes it reads), most specific first

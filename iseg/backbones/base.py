@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -21,7 +22,7 @@ from ..capture import AttentionLayer
 from ..numerics import check_scale
 from ..prompts import Prompt, cat_cross, token_ids
 
-__all__ = ["Backbone", "config_value", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
+__all__ = ["Backbone", "Architecture", "random_clip", "random_vae", "config_value", "posterior_mean", "vae_latents", "flow_matching_noise", "second_tokenizer_ids",
            "two_clip_encodings"]
 
 
@@ -96,6 +97,41 @@ def _until_end(ids: Sequence[int], tokenizer) -> list[int]:
     return ids[: ids.index(end) + 1] if end in ids else ids
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A family's published full-size architecture, which ``Backbone.full_size_pipeline`` builds
+    with random weights: ``iseg bench`` times it without downloading anything (timing does not
+    depend on the weights)."""
+
+    #: the ``iseg bench --model`` value that picks it
+    key: str
+    #: the model's name in bench's reports
+    name: str
+    #: the settings preset bench measures it with unless ``--preset`` says otherwise
+    preset: str | None = None
+
+
+def random_clip(hidden: int, layers: int, heads: int, intermediate: int, projection: int | None = None):
+    """A CLIP text encoder of the given size with random weights and CLIP's 49,408-word vocabulary
+    and 77 positions; with ``projection``, the variant with a projected pooled output."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            hidden_act="gelu", projection_dim=projection or hidden)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def random_vae(latent_channels: int, **config):
+    """The 1024-pixel, four-level VAE of the full-size latent-diffusion models, random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=2,
+                         sample_size=1024, block_out_channels=(128, 256, 512, 512),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         **config)
+
+
 class Backbone(ABC):
     """One model family as the method sees it (shapes in each method's docstring)."""
 
@@ -111,6 +147,13 @@ class Backbone(ABC):
     packed_cells = 1
     #: what ``from_pretrained`` of the family's pipeline gets from ``load_model``: parts left out
     load_options: Mapping = {}
+    #: ``load_model("auto", family=...)``: the family's full-size model (a hub id), loaded where its
+    #: weights are in the local cache and a GPU is present, ...
+    default_model: str | None = None
+    #: ... else this shipped model of the family; a family without both has no "auto" choice
+    fallback_model: str | None = None
+    #: the published architecture ``full_size_pipeline`` builds (``iseg bench``), if the family has one
+    architecture: Architecture | None = None
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -155,6 +198,20 @@ class Backbone(ABC):
     @staticmethod
     def has_parts(pipe, parts: Sequence[str]) -> bool:
         return all(getattr(pipe, p, None) is not None for p in parts)
+
+    # -- the published architecture, random weights -------------------------------------------
+    @classmethod
+    def full_size_components(cls, tokenizer) -> dict:
+        """The parts of the family's published ``architecture`` with random weights (no download),
+        as the keyword arguments of its pipeline; ``tokenizer`` stands in for each of the family's
+        tokenizers (timing does not depend on the vocabulary). Build them under
+        ``torch.device("meta")`` to count parameters without memory."""
+        raise NotImplementedError(f"{cls.__name__} has no published architecture to build")
+
+    @classmethod
+    def full_size_pipeline(cls, tokenizer):
+        """The family's pipeline made of ``full_size_components(tokenizer)``."""
+        raise NotImplementedError(f"{cls.__name__} has no published architecture to build")
 
     # -- checks of a loaded folder (``iseg.loading.check_components``) ----------------------------
     @classmethod

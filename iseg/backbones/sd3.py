@@ -39,7 +39,16 @@ import torch
 
 from ..capture import AttentionLayer, SplitCaptureProcessor, split_heads
 from ..prompts import Prompt, token_ids
-from .base import Backbone, config_value, flow_matching_noise, layer_numbers, two_clip_encodings
+from .base import (
+    Architecture,
+    Backbone,
+    config_value,
+    flow_matching_noise,
+    layer_numbers,
+    random_clip,
+    random_vae,
+    two_clip_encodings,
+)
 
 __all__ = ["SD3Backbone", "JointCaptureProcessor", "joint_attention_layers"]
 
@@ -121,6 +130,9 @@ class SD3Backbone(Backbone):
     # the T5 encoder (4.7B parameters) is left out: diffusers then uses zeros for its tokens, and the
     # class tokens iSeg reads are CLIP tokens
     load_options = {"text_encoder_3": None, "tokenizer_3": None}
+    default_model = "stabilityai/stable-diffusion-3-medium-diffusers"
+    fallback_model = "shapes-mmdit"
+    architecture = Architecture("sd3-arch", "sd3-medium architecture (random weights)")
 
     @classmethod
     def accepts(cls, pipe) -> bool:
@@ -142,6 +154,31 @@ class SD3Backbone(Backbone):
         if isinstance(pooled, int) and None not in projections and pooled != sum(projections):
             fail(f"the transformer takes {pooled}-wide pooled text (pooled_projection_dim) but the text encoders' "
                  f"projections give {sum(projections)}")
+
+    # -- the published architecture, random weights -------------------------------------------
+    @classmethod
+    def full_size_components(cls, tokenizer) -> dict:
+        """SD3-medium's MM-DiT (2,028,328,000 parameters), VAE and two CLIP text encoders, random
+        weights; no T5 (iseg leaves it off by default)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+            pos_embed_max_size=192,
+        )
+        vae = random_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+        with torch.device("cpu"):  # a scheduler's tables are CPU tensors, also under a meta device context
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        return dict(transformer=transformer, vae=vae, text_encoder=random_clip(768, 12, 12, 3072, projection=768),
+                    text_encoder_2=random_clip(1280, 32, 20, 5120, projection=1280), text_encoder_3=None,
+                    tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=None, scheduler=scheduler)
+
+    @classmethod
+    def full_size_pipeline(cls, tokenizer):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(**cls.full_size_components(tokenizer))
 
     # -- sizes ---------------------------------------------------------------------------------
     @property

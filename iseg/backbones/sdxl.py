@@ -26,7 +26,7 @@ import torch
 
 from ..capture import AttentionLayer
 from ..prompts import Prompt
-from .base import two_clip_encodings
+from .base import Architecture, random_clip, random_vae, two_clip_encodings
 from .unet import UNetBackbone
 
 __all__ = ["SDXLBackbone"]
@@ -43,10 +43,43 @@ class SDXLBackbone(UNetBackbone):
 
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
     load_options = {}
+    default_model = None  # no shipped SDXL-layout model to fall back to: no "auto" choice
+    fallback_model = None
+    architecture = Architecture("sdxl-arch", "sdxl-base architecture (random weights)")
 
     @classmethod
     def accepts(cls, pipe) -> bool:
         return cls.has_parts(pipe, cls.parts) and hasattr(pipe.unet, "down_blocks")
+
+    # -- the published architecture, random weights -------------------------------------------
+    @classmethod
+    def full_size_components(cls, tokenizer) -> dict:
+        """SDXL-base's UNet (2,567,463,684 parameters), VAE and two CLIP text encoders, random weights."""
+        from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+        # a scheduler's tables are CPU tensors by design (diffusers copies them to the CPU), so they are
+        # built on the CPU also when the models are made under a meta or CUDA device context
+        with torch.device("cpu"):
+            scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                               steps_offset=1, timestep_spacing="leading")
+        return dict(unet=unet, vae=random_vae(4, scaling_factor=0.13025, force_upcast=True),
+                    text_encoder=random_clip(768, 12, 12, 3072),
+                    text_encoder_2=random_clip(1280, 32, 20, 5120, projection=1280),
+                    tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+
+    @classmethod
+    def full_size_pipeline(cls, tokenizer):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(**cls.full_size_components(tokenizer))
 
     # -- the noisy forward pass ------------------------------------------------------------------
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from ..capture import AttentionLayer
 from ..prompts import Prompt, encode_prompt
-from .base import Backbone, config_value, layer_numbers
+from .base import Architecture, Backbone, config_value, layer_numbers
 
 __all__ = ["UNetBackbone", "unet_attention_layers", "REFERENCE_CROSS", "REFERENCE_SELF", "REFERENCE_VOC_HEADS", "REFERENCE_SELF_HEADS",
            "SD2_HEADS"]
@@ -73,6 +73,10 @@ class UNetBackbone(Backbone):
     parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     # SD 1.x/2.x pipelines carry a safety checker that segmentation never runs
     load_options = {"safety_checker": None, "requires_safety_checker": False}
+    default_model = "stabilityai/stable-diffusion-2-1-base"
+    fallback_model = "shapes"
+    # measured with the reference's VOC settings (bench/RESULTS.md)
+    architecture = Architecture("sd21-arch", "sd21-base architecture (random weights)", preset="wsss-voc")
 
     def __init__(self, pipe):
         super().__init__(pipe, pipe.unet, pipe.tokenizer)
@@ -88,6 +92,41 @@ class UNetBackbone(Backbone):
             encoders = "s give" if len(widths) > 1 else " gives"
             fail(f"the UNet's cross-attention takes {cross}-wide text states (cross_attention_dim) but the text "
                  f"encoder{encoders} {width}")
+
+    # -- the published architecture, random weights -------------------------------------------
+    @classmethod
+    def full_size_components(cls, tokenizer) -> dict:
+        """SD 2.1-base's UNet, VAE and OpenCLIP-H text encoder (23 of its 24 layers, as SD 2.x reads
+        the penultimate one), random weights, and its DDIM scheduler."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+            use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+            max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+        ))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  steps_offset=1)
+        return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                    safety_checker=None, feature_extractor=None)
+
+    @classmethod
+    def full_size_pipeline(cls, tokenizer):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(**cls.full_size_components(tokenizer), requires_safety_checker=False)
 
     # -- sizes ---------------------------------------------------------------------------------
     @property

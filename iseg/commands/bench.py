@@ -1,17 +1,18 @@
 """Speed and memory of a segmentation against its hardware floor: ``iseg bench``.
 
     iseg bench --model shapes --batch-sizes 1 8 16
-    iseg bench --model sd21-arch --batch-sizes 1 8     # SD 2.1-base architecture, random weights
-    iseg bench --model sd21-arch --compile none cuda-graph --offload-text-encoder   # on CUDA
-    iseg bench --model sdxl-arch --batch-sizes 1 4 --dtype float16                   # SDXL-base at 1024, on CUDA
-    iseg bench --model sd3-arch --batch-sizes 1 4 --dtype bfloat16                   # SD3-medium at 1024, on CUDA
+    iseg bench --model FAMILY-arch --batch-sizes 1 8   # a family's published architecture, random weights
+    iseg bench --model FAMILY-arch --compile none cuda-graph --offload-text-encoder --dtype float16   # on CUDA
+
+(``iseg bench --help`` lists the ``-arch`` names: each model family in ``iseg.backbones`` that
+declares a published ``Architecture`` builds it with ``full_size_pipeline``.)
 
 For every batch size it measures (median of ``--repeats`` after one warm-up, same process):
 VAE encode (posterior mean), UNet forward with SDPA everywhere, the full ``segment`` per image,
 the refinement alone, and peak memory (CUDA max allocated, or the process's peak RSS on a CPU).
 The ratio ``segment / (VAE encode + UNet SDPA)`` says how close a segmentation comes to the two
-passes it cannot avoid. Timing does not depend on the weights, so the SD architecture is built
-from its configuration with random weights when the real ones are absent.
+passes it cannot avoid. Timing does not depend on the weights, so a full-size architecture is
+built from its configuration with random weights when the real ones are absent.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import refine as R
+from ..backbones import FAMILIES, Backbone
 from ..loading import LoadedModel, load_model
 from ..segmenter import ISeg
 from ..shapes.model import make_tokenizer
@@ -41,123 +43,31 @@ from .options import (
     settings_overrides,
 )
 
-__all__ = ["sd21_base_architecture", "add_arguments", "run"]
+__all__ = ["ARCHITECTURES", "random_weight_model", "add_arguments", "run"]
 
 
-def sd21_base_architecture(device, dtype):
-    """A model with SD 2.1-base's architecture and random weights (no download)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-    ))
-    # timing does not depend on the vocabulary: the shapes word tokenizer with SD's 77-token window
+def random_weight_model(backbone: type[Backbone], device, dtype) -> LoadedModel:
+    """A model with ``backbone``'s published architecture and random weights (no download); the
+    shapes word tokenizer with CLIP's 77-token window stands in for the family's tokenizers
+    (timing does not depend on the vocabulary)."""
     tokenizer = make_tokenizer(max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe.to(device, dtype), "sd21-base architecture (random weights)")
-
-
-def _clip(hidden: int, layers: int, heads: int, intermediate: int, projection: int | None = None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
-                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-                            hidden_act="gelu", projection_dim=projection or hidden)
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-
-def _vae(latent_channels: int, **config):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=2,
-                         sample_size=1024, block_out_channels=(128, 256, 512, 512),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         **config)
-
-
-def sdxl_components() -> dict:
-    """SDXL-base's UNet (2,567,463,684 parameters), VAE and two CLIP text encoders, random weights."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    )
-    # a scheduler's tables are CPU tensors by design (diffusers copies them to the CPU), so they are
-    # built on the CPU also when the models are made under a meta or CUDA device context
-    with torch.device("cpu"):
-        scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           steps_offset=1, timestep_spacing="leading")
-    return dict(unet=unet, vae=_vae(4, scaling_factor=0.13025, force_upcast=True),
-                text_encoder=_clip(768, 12, 12, 3072), text_encoder_2=_clip(1280, 32, 20, 5120, projection=1280),
-                tokenizer=make_tokenizer(max_length=77), tokenizer_2=make_tokenizer(max_length=77), scheduler=scheduler)
-
-
-def sd3_medium_components() -> dict:
-    """SD3-medium's MM-DiT (2,028,328,000 parameters), VAE and two CLIP text encoders, random
-    weights; no T5 (iseg leaves it off by default)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-
-    transformer = SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=192,
-    )
-    vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    with torch.device("cpu"):  # as in sdxl_components
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return dict(transformer=transformer, vae=vae, text_encoder=_clip(768, 12, 12, 3072, projection=768),
-                text_encoder_2=_clip(1280, 32, 20, 5120, projection=1280), text_encoder_3=None,
-                tokenizer=make_tokenizer(max_length=77), tokenizer_2=make_tokenizer(max_length=77), tokenizer_3=None,
-                scheduler=scheduler)
-
-
-def sdxl_architecture(device, dtype) -> LoadedModel:
-    """A model with SDXL-base's architecture and random weights (no download)."""
-    from diffusers import StableDiffusionXLPipeline
-
     torch.manual_seed(0)
-    pipe = StableDiffusionXLPipeline(**sdxl_components())
+    pipe = backbone.full_size_pipeline(tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe.to(device, dtype), "sdxl-base architecture (random weights)")
+    return LoadedModel(pipe.to(device, dtype), backbone.architecture.name)
 
 
-def sd3_medium_architecture(device, dtype) -> LoadedModel:
-    """A model with SD3-medium's architecture and random weights (no download)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    torch.manual_seed(0)
-    pipe = StableDiffusion3Pipeline(**sd3_medium_components())
-    pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe.to(device, dtype), "sd3-medium architecture (random weights)")
+def _architectures() -> dict[str, type[Backbone]]:
+    found: dict[str, type[Backbone]] = {}
+    for backbone, _ in reversed(FAMILIES.values()):  # in the order they were registered: the built-in ones win
+        if backbone.architecture is not None:
+            found.setdefault(backbone.architecture.key, backbone)
+    return found
 
 
-# --model names of full-size architectures with random weights: timing needs no trained weights
-ARCHITECTURES = {"sd21-arch": sd21_base_architecture, "sdxl-arch": sdxl_architecture, "sd3-arch": sd3_medium_architecture}
+# --model names of full-size architectures with random weights (timing needs no trained weights),
+# each the backbone that builds it
+ARCHITECTURES = _architectures()
 
 
 def _sync(device):
@@ -238,9 +148,10 @@ def format_rows(rows: list[dict]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``iseg bench``."""
     p.add_argument("--model", default="shapes",
-                   help="shapes, sd21-arch / sdxl-arch / sd3-arch (full-size architectures, random weights) or "
+                   help=f"shapes, {' / '.join(ARCHITECTURES)} (full-size architectures, random weights) or "
                         "anything load_model takes")
-    p.add_argument("--preset", default=None, help="settings preset (default: the model's; wsss-voc for sd21-arch)")
+    presets = "".join(f"; {b.architecture.preset} for {key}" for key, b in ARCHITECTURES.items() if b.architecture.preset)
+    p.add_argument("--preset", default=None, help=f"settings preset (default: the model's{presets})")
     add_set_option(p)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -263,15 +174,16 @@ def run(args) -> int:
     """``iseg bench``: 0 when every figure was measured, 1 when a variant or batch size failed."""
     if args.repeats < 1 or min(args.batch_sizes) < 1:
         raise CommandError("--repeats and --batch-sizes must be at least 1")
-    arch = args.model in ARCHITECTURES
-    preset = args.preset or ("wsss-voc" if args.model == "sd21-arch" else None)
-    # the architectures are measured without clustering (sd21-arch with wsss-voc, bench/RESULTS.md);
-    # --set may change it
+    backbone = ARCHITECTURES.get(args.model)
+    arch = backbone is not None
+    preset = args.preset or (backbone.architecture.preset if arch else None)
+    # the architectures are measured without clustering (and with their family's preset,
+    # bench/RESULTS.md); --set may change it
     overrides = ({"clustering": False} if arch else {}) | settings_overrides(args.set, preset)
     device = device_option(args.device)
     out = output_file(args.out, args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    model = ARCHITECTURES[args.model](device, dtype) if arch else load_model(args.model, device, dtype)
+    model = random_weight_model(backbone, device, dtype) if arch else load_model(args.model, device, dtype)
     seg = ISeg(model, preset=preset, **overrides)
     pipe = model.pipe
     if args.offload_text_encoder:

@@ -103,14 +103,21 @@ def _classes_for(images: list[Path], classes: str | None, classes_file: Path | N
         try:
             check_class_names(names)  # before the model loads: "cat,,dog" is a typo, not three classes
         except ValueError as err:
-            raise CommandError(f"--classes {classes!r}: {err}") from None
+            shown = classes if len(classes) <= 80 else f"{classes[:60]}...{classes[-10:]}"
+            raise CommandError(f"--classes {shown!r}: {err}") from None
         return [names] * len(images)
     table = _read_classes_file(Path(classes_file))
     out = []
+    users: dict[str, list[Path]] = {}
     for img in images:
-        key = next((k for k in (str(img), img.name, img.stem) if k in table), None)
-        if key is None:
+        keys = list(dict.fromkeys(k for k in (str(img), img.name, img.stem) if k in table))
+        if not keys:
             raise CommandError(f"--classes-file {classes_file} has no classes for {img.name} (keys are file names)")
+        if len(keys) > 1:  # "x.png" and "x" both name x.png: which one was meant is a guess
+            raise CommandError(f"--classes-file {classes_file} has {len(keys)} keys for the image {img.name} "
+                               f"({', '.join(map(repr, keys))}); keep one of them")
+        key = keys[0]
+        users.setdefault(key, []).append(img)
         value = table[key]
         if isinstance(value, str):
             # one class; a comma most likely means a list written as text, which would be one odd class
@@ -126,6 +133,12 @@ def _classes_for(images: list[Path], classes: str | None, classes_file: Path | N
         except ValueError as err:
             raise CommandError(f"--classes-file {classes_file}, {key!r}: {err}") from None
         out.append(list(value))
+    shared = next(((k, imgs) for k, imgs in users.items() if len({str(i) for i in imgs}) > 1), None)
+    if shared is not None:  # "x" names x.png and x.jpg, or x.png two images in different folders
+        key, imgs = shared
+        raise CommandError(f"--classes-file {classes_file}: the key {key!r} names {len(imgs)} images "
+                           f"({', '.join(str(i) for i in imgs[:4])}); give each its own key, its file name or its "
+                           "path as given on the command line")
     return out
 
 

@@ -16,12 +16,14 @@ import torch
 from .world import SIZE, vocabulary
 
 __all__ = ["MAX_LENGTH", "EXTRA_WORDS", "make_tokenizer", "build_word_bpe", "make_vae", "make_text_encoder", "make_unet",
-           "make_scheduler", "inner_unet_weights", "LATENT_SIDES", "count_parameters", "FAMILIES", "make_mmdit",
+           "make_scheduler", "inner_unet_weights", "LATENT_SIDES", "count_parameters", "FAMILIES", "UNET", "MMDIT", "make_mmdit",
            "make_projected_text_encoder", "make_flow_scheduler", "MMDIT_WIDTH", "patch1_weights", "fitting_weights"]
 
 #: the denoiser families ``iseg train-shapes --family`` builds: a UNet (SD 1.x/2.x layout) or an
-#: MM-DiT (SD3 layout)
+#: MM-DiT (joint attention over image and text tokens, rectified flow); the second value names the
+#: MM-DiT family as ``iseg.backbones.FAMILIES`` does
 FAMILIES = ("unet", "sd3")
+UNET, MMDIT = FAMILIES
 
 MAX_LENGTH = 24  # tokens; the longest caption has 13 with its start and end tokens
 EXTRA_WORDS = ("background", "other", "object", "an", "the", "of", "photo")
@@ -159,7 +161,7 @@ MMDIT_WIDTH = 128  # the transformer's width; also its joint_attention_dim: the 
 
 
 def make_projected_text_encoder(vocab_size: int, max_length: int = MAX_LENGTH):
-    """The SD3 layout's CLIP: the shapes text encoder with a 64-wide projection of its pooled output."""
+    """The MM-DiT layout's CLIP: the shapes text encoder with a 64-wide projection of its pooled output."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -169,7 +171,7 @@ def make_projected_text_encoder(vocab_size: int, max_length: int = MAX_LENGTH):
 
 
 def make_mmdit(latent_side: int = 32, layers: int = 4, patch_size: int = 1):
-    """An ``SD3Transformer2DModel`` on the 32x32 latent, 4 heads of 32. With patch size 1 its joint
+    """diffusers' MM-DiT transformer on the 32x32 latent, 4 heads of 32. With patch size 1 its joint
     attention sits on a 32x32 grid (the grid of the UNet's finest, best-grouping level); patch size 2
     (a 16x16 grid) trains about eight times faster on a CPU, and its blocks can seed a patch-1 model
     (``--init-parts transformer``: every tensor whose shape fits)."""
@@ -198,8 +200,8 @@ def _token_positions(embed, patch_size: int, cells: int) -> torch.Tensor:
 
 
 def patch1_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict:
-    """The weights of a patch-``p`` ``SD3Transformer2DModel`` carried over to a patch-1 one on the same
-    latent (progressive resolution, as SD3 itself was trained): returns a state dict for
+    """The weights of a patch-``p`` MM-DiT (``make_mmdit``) carried over to a patch-1 one on the same
+    latent (progressive resolution, as the published MM-DiTs were trained): returns a state dict for
     ``target.load_state_dict(..., strict=False)``.
 
     The blocks do not depend on the patch size and are taken as they are. The three parts that do
@@ -240,7 +242,7 @@ def patch1_weights(source: torch.nn.Module, target: torch.nn.Module) -> dict:
 
 
 def make_flow_scheduler():
-    """SD3's rectified-flow Euler scheduler without a resolution shift (iseg reads sigma = t / 1000)."""
+    """The MM-DiT family's rectified-flow Euler scheduler without a resolution shift (iseg reads sigma = t / 1000)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

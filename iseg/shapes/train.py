@@ -3,8 +3,8 @@
 Stages (each resumable from ``--workdir/checkpoint.pt``):
 1. data: ``--images`` training samples of the shapes world, rendered once (in parallel);
 2. vae: the autoencoder on pixels (MSE + a small KL term); latents = posterior means;
-3. denoiser (``--family unet``: a UNet with one CLIP and the epsilon-prediction loss; ``--family
-   sd3``: an MM-DiT, ``SD3Transformer2DModel`` with two CLIPs and the rectified-flow velocity
+3. denoiser (``--family unet``: a UNet with one CLIP and the epsilon-prediction loss; the MM-DiT
+   family: diffusers' joint-attention transformer with two CLIPs and the rectified-flow velocity
    loss) and text encoders, 10% caption dropout, colour words dropped from 30% of captions
    (``--colour-drop``), and auxiliary attention losses that stand in for the word-region binding
    Stable Diffusion learned from billions of images (``--ground``, ``--group``, ``--vocab``; only
@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import registry
+from ..backbones import FAMILIES as BACKBONES
 from ..backbones.base import flow_matching_noise
-from ..backbones.sd3 import SD3Backbone, joint_attention_layers
 from ..capture import attention_layers, capture_attention
 from ..commands.files import check_folder, write_atomic, write_text
 from ..commands.options import CommandError, device_option, overwrite_option
@@ -57,6 +58,8 @@ from .model import (
     FAMILIES,
     LATENT_SIDES,
     MAX_LENGTH,
+    MMDIT,
+    UNET,
     count_parameters,
     fitting_weights,
     inner_unet_weights,
@@ -298,7 +301,7 @@ def load_checkpoint(path: Path, args) -> dict:
     saved = state["args"]
     for option in ("family", "latent_side", "layers", "patch_size"):
         there, here = saved.get(option, getattr(args, option)), getattr(args, option)
-        if option in ("layers", "patch_size") and args.family != "sd3":
+        if option in ("layers", "patch_size") and args.family != MMDIT:
             continue
         if there != here:
             flag = "--" + option.replace("_", "-")
@@ -340,6 +343,12 @@ def _changed_options(saved: dict, args, options) -> list[str]:
     return changed
 
 
+#: the largest batches and depth train-shapes takes (a step of a larger batch does not fit any machine's memory)
+MAX_BATCH = 4096
+MAX_LAYERS = 64
+DEFAULTS = {"batch_size": 128, "vae_batch": 64, "layers": 4}
+
+
 def check_options(args) -> None:
     """The numbers of ``iseg train-shapes`` that torch would only refuse deep inside a stage."""
     whole = [("images", 1), ("workers", 1), ("vae_batch", 1), ("batch_size", 1), ("save_every", 1),
@@ -348,6 +357,12 @@ def check_options(args) -> None:
         value = getattr(args, name)
         if value < low:
             raise CommandError(f"--{name.replace('_', '-')} must be a whole number >= {low}, got {value}")
+    for name, most, why in (("batch_size", MAX_BATCH, "images per denoiser step"), ("vae_batch", MAX_BATCH,
+                            "images per VAE step"), ("layers", MAX_LAYERS, f"transformer blocks of an {MMDIT} model")):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > most:  # torch would try to allocate terabytes, or build for hours
+            raise CommandError(f"--{name.replace('_', '-')} {value} is more than {most:,} {why}; give at most {most:,} "
+                               f"(the default is {DEFAULTS[name]})")
     if not 1 <= args.attn_loss_max_t <= NUM_TIMESTEPS:  # the training draws t from 0 .. NUM_TIMESTEPS - 1
         raise CommandError(f"--attn-loss-max-t {args.attn_loss_max_t} is outside the noise schedule's timesteps: the "
                            f"attention losses act for t < this, so give a whole number from 1 to {NUM_TIMESTEPS} "
@@ -468,16 +483,17 @@ class UNetTask:
 
 
 class MMDiTTask:
-    """The SD3 family's side: rectified flow (z_t = (1 - s) z0 + s eps, s = t / 1000, velocity
+    """The MM-DiT family's side: rectified flow (z_t = (1 - s) z0 + s eps, s = t / 1000, velocity
     target eps - z0), two CLIPs whose penultimate states sit side by side and whose projected pooled
     outputs condition the blocks, and the zero rows diffusers appends in place of T5's tokens (the
     shipped model has no T5, so it is trained on exactly what ``iseg`` feeds it)."""
 
-    t5_rows = SD3Backbone.max_sequence_length  # what encode_text appends: the pipeline's default
+    backbone = BACKBONES[MMDIT][0]  # the MM-DiT family's backbone, which segments the trained model
+    t5_rows = backbone.max_sequence_length  # what encode_text appends: the pipeline's default
 
     def __init__(self, transformer, text_encoders):
         self.denoiser, self.text_encoders = transformer, list(text_encoders)
-        layers = joint_attention_layers(transformer)
+        layers = self.backbone.layers_of(transformer)
         self.cross_layers = [layer for layer in layers if layer.kind == "cross"]
         self.self_layers = [layer for layer in layers if layer.kind == "self"]
 
@@ -695,7 +711,7 @@ def plot_loss(log_path: Path, png_path: Path) -> None:
         axes[0].plot([r["step"] for r in vae], [r["mse"] for r in vae], lw=1)
         axes[0].set_yscale("log")
         axes[0].set_title("VAE reconstruction MSE", fontsize=9)
-    target = "velocity MSE" if den and den[0]["stage"] == "sd3" else "epsilon MSE"
+    target = "velocity MSE" if den and den[0]["stage"] == MMDIT else "epsilon MSE"
     for key, label in (("mse", target), ("ground", "grounding"), ("group", "grouping"), ("vocab", "vocabulary"),
                        ("shape", "shape head")):
         if den and any(r.get(key) for r in den):
@@ -739,7 +755,7 @@ def check_init_parts(parts, family: str, folder: Path | None = None) -> None:
     unknown = set(parts) - set(INIT_PARTS)
     if unknown:
         raise ValueError(f"unknown --init-parts {sorted(unknown)}; choose from {INIT_PARTS}")
-    wrong = set(parts) & ({"unet", "unet-inner"} if family == "sd3" else {"transformer"})
+    wrong = set(parts) & ({"unet", "unet-inner"} if family == MMDIT else {"transformer"})
     if wrong:
         raise ValueError(f"--init-parts {sorted(wrong)} do not fit a {family} model")
     if ({"unet", "transformer"} & set(parts)) and "vae" not in parts:
@@ -760,10 +776,10 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     MM-DiT can start from the UNet model's word embeddings (a missing projection starts afresh);
     from an MM-DiT's folder each encoder takes its own. ``transformer`` takes the blocks of an
     MM-DiT of any patch size (``patch1_weights``)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    check_init_parts(parts, "sd3" if isinstance(denoiser, SD3Transformer2DModel) else "unet")
+    check_init_parts(parts, MMDIT if BACKBONES[MMDIT][0].layers_of(denoiser) else UNET)
     if "vae" in parts:
         vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
         vae.register_to_config(scaling_factor=AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"])
@@ -782,7 +798,7 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
     if "unet" in parts:
         denoiser.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float().state_dict())
     if "transformer" in parts:
-        source = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").float()
+        source = type(denoiser).from_pretrained(folder, subfolder="transformer").float()  # an MM-DiT, as --init-parts checked
         target = denoiser.state_dict()
         if denoiser.config.patch_size == 1:  # a patch-2 model's blocks seed a patch-1 one (see patch1_weights)
             weights = patch1_weights(source, denoiser)
@@ -801,14 +817,17 @@ def _load_init(folder: Path, vae, text_encoders, denoiser, parts=("vae", "text_e
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``iseg train-shapes``."""
     p.add_argument("--out", type=Path, required=True, help="model folder to write (diffusers layout)")
-    overwrite_option(p, "a model folder that --out already holds (--resume continues its own run)")
+    overwrite_option(p, "the model that train-shapes wrote in --out earlier: its own files only (model_index.json, "
+                        "the parts' folders, training.json, loss.png); an --out that holds other files, such as a "
+                        "model card, is refused. --resume continues its own run")
     p.add_argument("--workdir", type=Path, default=None, help="checkpoints and loss log (default: OUT.work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--family", default="unet", choices=FAMILIES,
-                   help="the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT (SD3 layout, patch 1 on a 32x32 latent)")
-    p.add_argument("--layers", type=int, default=4, help="transformer blocks of an sd3 model")
+                   help=f"the denoiser: a UNet (SD 1.x/2.x layout) or an MM-DiT ({MMDIT}: joint attention, patch 1 "
+                        "on a 32x32 latent)")
+    p.add_argument("--layers", type=int, default=4, help=f"transformer blocks of an {MMDIT} model")
     p.add_argument("--patch-size", type=int, default=1, choices=[1, 2],
-                   help="latent cells per token side of an sd3 model (1: a 32x32 token grid; 2: 16x16, faster)")
+                   help=f"latent cells per token side of an {MMDIT} model (1: a 32x32 token grid; 2: 16x16, faster)")
     p.add_argument("--images", type=int, default=60_000, help="training images rendered once")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes that render the images")
     p.add_argument("--vae-steps", type=int, default=3000)
@@ -827,7 +846,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=float, default=0.0,
                    help="weight of the vocabulary loss (class-list prompts; 0: off), for label prediction")
     p.add_argument("--shape-head", type=float, default=0.0,
-                   help="weight of the training-only shape classifier on an sd3 model's image tokens (0: off)")
+                   help=f"weight of the training-only shape classifier on an {MMDIT} model's image tokens (0: off)")
     p.add_argument("--attn-loss-max-t", type=int, default=600,
                    help="the attention losses act for timesteps t below this (1 to 1000)")
     p.add_argument("--colour-drop", type=float, default=0.3,
@@ -851,6 +870,88 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="stop the UNet stage after this many seconds")
 
 
+#: what train-shapes writes into --out (``write_pipeline``'s diffusers layout, ``training.json`` and
+#: ``loss.png``); ``--overwrite`` and ``--resume`` replace these files and nothing else
+OWN_FILES = ("model_index.json", "training.json", "loss.png")
+PART_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "transformer", "scheduler")
+PART_FILES = ("config.json", "scheduler_config.json", "model.safetensors", "diffusion_pytorch_model.safetensors",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "added_tokens.json", "chat_template.jinja")
+
+
+def shipped_folder(path: Path) -> Path | None:
+    """The folder of iseg's shipped models (``data/models`` of a checkout, ``iseg/_models`` of an
+    install) that ``path`` is or lies in, else ``None``."""
+    here = Path(os.path.abspath(path)).resolve()
+    for folder in registry.MODEL_DIRS:
+        folder = Path(folder).resolve()
+        if here == folder or folder in here.parents:
+            return folder
+    return None
+
+
+def own_files(out: Path) -> list[Path]:
+    """The files of ``out`` that train-shapes writes (a model it wrote earlier)."""
+    found = [out / name for name in OWN_FILES if (out / name).is_file()]
+    for part in PART_FOLDERS:
+        if (out / part).is_dir() and not (out / part).is_symlink():
+            found += [out / part / name for name in PART_FILES if (out / part / name).is_file()]
+    return found
+
+
+def foreign_files(out: Path, workdir: Path) -> list[Path]:
+    """What ``out`` holds besides train-shapes' own files and the run's work folder: a model card,
+    reports, anything the user put there (a linked or empty folder too)."""
+    own, work = set(own_files(out)), Path(os.path.abspath(workdir))
+    found = []
+    for place, folders, files in os.walk(out):
+        place = Path(place)
+        if Path(os.path.abspath(place)) == work:
+            folders[:] = []
+            continue
+        for name in folders:
+            folder = place / name
+            ours = place == out and name in PART_FOLDERS
+            if folder.is_symlink() or (not ours and Path(os.path.abspath(folder)) != work and not any(folder.iterdir())):
+                found.append(folder)
+        found += [place / f for f in files if place / f not in own]
+    return sorted(found)
+
+
+def check_out_folder(out: Path, workdir: Path, replace: bool) -> None:
+    """``--out`` and ``--workdir`` are not iseg's shipped model folders, and an ``--out`` that holds
+    files holds nothing but an earlier train-shapes model (which ``replace`` allows to replace):
+    a model card or a report beside new weights would describe the old ones."""
+    for option, folder in (("--out", out), ("--workdir", workdir)):
+        shipped = shipped_folder(folder)
+        if shipped is not None:
+            where = "is" if Path(os.path.abspath(folder)).resolve() == shipped else "is inside"
+            raise CommandError(f"{option} {folder} {where} {shipped}, the folder of the models that ship with iseg; "
+                               f"train-shapes never writes there (it would replace or mix with a shipped model and "
+                               f"its model card). Choose another {option}, e.g. {option} models/my-shapes"
+                               + ("" if option == "--out" else ".work"))
+    if not replace or not out.is_dir():
+        return
+    others = foreign_files(out, workdir)
+    if others:
+        names = ", ".join(str(p.relative_to(out)) for p in others[:5]) + (f" and {len(others) - 5} more"
+                                                                          if len(others) > 5 else "")
+        raise CommandError(f"--out {out} holds files or folders that train-shapes does not write ({names}): a model card or "
+                           "report there would describe the old weights, and they are not train-shapes' to delete. "
+                           "Move them out of the folder, or choose another --out (--overwrite replaces only "
+                           "model_index.json, the parts' folders, training.json and loss.png)")
+
+
+def clear_own_files(out: Path) -> None:
+    """Remove the model train-shapes wrote in ``out`` earlier (its files only), so that no part of
+    an earlier model (an MM-DiT's transformer/ beside a new UNet) stays with the new one."""
+    for path in own_files(out):
+        path.unlink()
+    for part in PART_FOLDERS:
+        if (out / part).is_dir() and not (out / part).is_symlink() and not any((out / part).iterdir()):
+            (out / part).rmdir()
+
+
 def _check_run(args) -> tuple[Path, Path, Path]:
     """``(workdir, checkpoint, loss log)`` after every check of ``iseg train-shapes``'s options that
     needs no rendering or model (the ``--init`` folder is resolved here too)."""
@@ -860,16 +961,17 @@ def _check_run(args) -> tuple[Path, Path, Path]:
         check_folder(args.out, "--out")
     except ValueError as err:
         raise CommandError(str(err)) from None
-    check_options(args)
     workdir = args.workdir or args.out.with_name(args.out.name + ".work")
     try:
         check_folder(workdir, "--workdir")
     except ValueError as err:
         raise CommandError(str(err)) from None
+    holds_files = args.out.is_dir() and any(args.out.iterdir())
+    check_out_folder(args.out, workdir, holds_files and (args.overwrite or args.resume))
+    check_options(args)
     ckpt, log_path = workdir / "checkpoint.pt", workdir / "loss.jsonl"
     if ckpt.exists() and not ckpt.is_file():  # a run would fail at its first save, after the data was rendered
         raise CommandError(f"{ckpt} is a directory, not a checkpoint file; remove it, or point --workdir elsewhere")
-    holds_files = args.out.is_dir() and any(args.out.iterdir())
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
                            "--resume to continue its run, or choose another --out")
@@ -899,8 +1001,8 @@ def _check_model_options(args) -> None:
             raise CommandError(str(err)) from None
     if args.layers < 1:
         raise CommandError(f"--layers must be at least 1 (transformer blocks), got {args.layers}")
-    if args.shape_head != 0 and args.family != "sd3":
-        raise CommandError("--shape-head is for --family sd3 (a UNet's convolutions see shape already); leave it at 0")
+    if args.shape_head != 0 and args.family != MMDIT:
+        raise CommandError(f"--shape-head is for --family {MMDIT} (a UNet's convolutions see shape already); leave it at 0")
     if not math.isfinite(args.shape_head) or args.shape_head < 0:
         raise CommandError(f"--shape-head is a loss weight, a finite number 0 or more; got {args.shape_head}")
     check_loss_weights(args)
@@ -911,7 +1013,7 @@ def _check_model_options(args) -> None:
 def _make_models(args, tokenizer, state: dict, init_parts: set[str]):
     """``(vae, text encoders, denoiser)`` of the family, from ``--init`` and the checkpoint."""
     vae = make_vae(args.latent_side)
-    if args.family == "sd3":
+    if args.family == MMDIT:
         text_encoders = [make_projected_text_encoder(len(tokenizer)) for _ in range(2)]
         denoiser = make_mmdit(args.latent_side, args.layers, args.patch_size)
     else:
@@ -952,13 +1054,13 @@ def _training_info(args, init_parts: set[str], elapsed: float, device, scale: fl
     return {
         "family": args.family, "vae_steps": 0 if "vae" in init_parts else args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size,
         "images": args.images, "latent_side": args.latent_side, "init_parts": sorted(init_parts), "ground": args.ground, "group": args.group, "group_target": args.group_target, "vocab": args.vocab, "shape_head": args.shape_head, "colour_drop": args.colour_drop, "seed": args.seed,
-        "layers": args.layers if args.family == "sd3" else None,
-        "patch_size": args.patch_size if args.family == "sd3" else None,
+        "layers": args.layers if args.family == MMDIT else None,
+        "patch_size": args.patch_size if args.family == MMDIT else None,
         "wall_time_s": round(elapsed, 1), "hardware": hardware, "torch": torch.__version__,
         "scaling_factor": scale, "init": str(args.init) if args.init else None, "lr": args.lr,
         "parameters": {"vae": count_parameters(vae),
                        "text_encoder": sum(count_parameters(e) for e in text_encoders),
-                       "transformer" if args.family == "sd3" else "unet": count_parameters(denoiser)},
+                       "transformer" if args.family == MMDIT else "unet": count_parameters(denoiser)},
     }
 
 
@@ -1000,12 +1102,14 @@ def run(args) -> int:
         latents, objects = latents.to(device), objects.to(device)
         captions = tuple(tuple(x.to(device) for x in pair) for pair in captions)
     deadline = t_start + args.time_limit if args.time_limit else None
-    task = (MMDiTTask if args.family == "sd3" else UNetTask)(denoiser, text_encoders)
+    task = (MMDiTTask if args.family == MMDIT else UNetTask)(denoiser, text_encoders)
     ema = train_unet(task, tokenizer, latents, objects, captions, args, device, ckpt, log_path, state, deadline,
                      labels=masks if args.vocab > 0 or args.shape_head > 0 else None)
     denoiser.load_state_dict({k: v.to(denoiser.dtype) for k, v in ema.items()})
     state["elapsed"] = state["elapsed"] + time.time() - t_start
     _save(ckpt, state)
+    check_out_folder(args.out, workdir, True)  # again: files put there while it trained are kept, never replaced
+    clear_own_files(args.out)
     write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
     info_out = _training_info(args, init_parts, state["elapsed"], device, scale, vae, text_encoders, denoiser)
     write_text(args.out / "training.json", json.dumps(info_out, indent=2))
