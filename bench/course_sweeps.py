@@ -143,7 +143,7 @@ def raw_pass() -> dict:
     import tempfile
 
     import iseg
-    from iseg.eval import evaluate_dataset
+    from iseg.evaluation.run import evaluate_dataset
     from iseg.shapes.dataset import ShapesDataset
 
     dataset = ShapesDataset(split="test", count=100)   # notebook 08's images

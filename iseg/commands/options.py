@@ -1,6 +1,6 @@
 """What the subcommands of ``iseg`` share: the ``CommandError`` they raise for a mistake on the
 command line, and the options and checks they have in common (``--set``, ``--overwrite``,
-``--device``, ``--out FILE``). Each command's module imports these; ``iseg.cli`` assembles the
+``--device``, ``--out FILE``). Each command's module imports these; ``iseg.commands.main`` assembles the
 commands."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .. import __version__
 __all__ = ["REPOSITORY", "install_spec", "first_cell", "on_colab", "setup"]
 
 #: where iseg is published. NOTE: no public address was known when this was written; set this (and
-#: run ``python -c "import iseg.colab as c; print(c.first_cell())"`` into the notebooks' first
+#: run ``python -c "import iseg.course.colab as c; print(c.first_cell())"`` into the notebooks' first
 #: cells) to the repository's real address before publishing the Colab badges.
 REPOSITORY = "https://github.com/iseg-attention/iseg"
 

@@ -338,7 +338,7 @@ class GammaView(_View):
 
 
 class ExampleView(_View):
-    """Segment the ``index``-th example image for the model at hand (``iseg.examples.example``)."""
+    """Segment the ``index``-th example image for the model at hand (``iseg.course.examples.example``)."""
 
     def __init__(self, seg, index: int = 0):
         self.seg, self.index = seg, index

@@ -1,6 +1,6 @@
 """A JupyterLab widget for interactive segmentation: click, stroke, box or describe an object.
 
-    from iseg.widgets import PromptWidget
+    from iseg.course.widgets import PromptWidget
     PromptWidget(seg, image).show()         # needs `%matplotlib widget` (ipympl) for the mouse
 
 Modes: ``point`` (click; several clicks combine), ``line`` (drag a stroke), ``box`` (drag a box),

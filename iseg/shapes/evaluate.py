@@ -131,7 +131,7 @@ def evaluate(
         bar = tqdm(total=len(samples), desc=f"eval t={t}", disable=not progress)
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            # image-level labels in label order, as every dataset reader gives them (iseg.datasets)
+            # image-level labels in label order, as every dataset reader gives them (iseg.evaluation.datasets)
             obs = seg.observe([s.image for s in chunk], [_label_order(s.classes) for s in chunk], progress=False,
                               timestep=t, **overrides)
             for o, s in zip(obs, chunk):
