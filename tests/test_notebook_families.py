@@ -58,11 +58,11 @@ def test_the_runner_sets_the_model_knob_only():
 
 def test_a_tiny_flux_folder_loads_at_the_size_it_was_built_for(tmp_path, monkeypatch):
     folder = save_family_models(tmp_path, ["flux"])["flux"]
-    assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 256   # FluxPipeline: 128 latent cells on load
+    assert iseg.ISeg(iseg.load_model(str(folder))).plan().image_size == 256   # FluxPipeline: 128 latent cells on load
     monkeypatch.setattr(loading, "_finish", loading._finish)   # undone after the test
     install_tiny_sizes()
-    assert iseg.ISeg(iseg.load_model(str(folder))).image_size() == 32    # as tests/tiny.py built it
-    assert iseg.ISeg(iseg.load_model("shapes")).image_size() == 64       # no file: untouched
+    assert iseg.ISeg(iseg.load_model(str(folder))).plan().image_size == 32    # as tests/tiny.py built it
+    assert iseg.ISeg(iseg.load_model("shapes")).plan().image_size == 64       # no file: untouched
 
 
 def test_nbval_runs_on_the_plain_cpu_when_its_notebooks_become_the_website(monkeypatch):
