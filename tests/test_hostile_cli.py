@@ -672,6 +672,7 @@ def _train(tmp_path, *extra):
     (["--lr", "0"], r"--lr is a learning rate"),
     (["--vae-lr", "inf"], r"--vae-lr is a learning rate"),
     (["--ema", "1"], r"--ema is a decay"),
+    (["--init-parts", "vae"], r"--init-parts vae chooses the parts --init loads, but no --init is given"),
     (["--time-limit", "-5"], r"--time-limit is a number of seconds"),
     # the second pass's probes: a batch of 10**9 hung (or failed after minutes on a 12 TB allocation), and so did
     # 10**8 transformer blocks

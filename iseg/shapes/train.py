@@ -861,8 +861,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the step counts, --lr and the loss weights may change)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights of an existing model folder (fine-tuning)")
-    p.add_argument("--init-parts", default="vae,text_encoder,unet",
-                   help="which parts --init loads, of " + ", ".join(INIT_PARTS) + " (e.g. 'vae' to train a new UNet "
+    p.add_argument("--init-parts", default=None,
+                   help="which parts --init loads (default: vae,text_encoder,unet), of " + ", ".join(INIT_PARTS) + " (e.g. 'vae' to train a new UNet "
                         "on the same autoencoder; 'text_encoder,unet-inner' to grow a latent-16 model into a "
                         "latent-32 one, with a new VAE)")
     p.add_argument("--latent-side", type=int, default=16, choices=LATENT_SIDES,
@@ -994,6 +994,12 @@ def _check_model_options(args) -> None:
             hint = (f"; did you mean the shipped model {close!r} (folder {shipped[close]})?" if close else
                     f"; give a model folder, or a shipped model's name ({', '.join(sorted(shipped))})")
             raise CommandError(f"--init {str(args.init)!r} is not a model folder{hint}")
+    if args.init is None and args.init_parts is not None:
+        raise CommandError(f"--init-parts {args.init_parts} chooses the parts --init loads, but no --init is given; "
+                           "add --init FOLDER (the model to start from), or leave --init-parts out to train every part "
+                           "from scratch")
+    if args.init_parts is None:
+        args.init_parts = "vae,text_encoder,unet"
     if args.init is not None:
         try:
             check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
