@@ -1043,3 +1043,26 @@ def test_overwrite_replaces_every_file_of_the_earlier_model_and_nothing_else(tmp
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert json.loads((out / "training.json").read_text())["family"] == "unet"
     assert iseg.load_model(str(out), device="cpu").family == "sd"
+
+
+@pytest.mark.parametrize("command", ["segment", "eval"])
+def test_results_are_never_written_into_the_shipped_models_folder(tmp_path, image, capsys, monkeypatch, command):
+    """``--out data/models/shapes`` wrote NAME.json, NAME.labels.png and NAME.overlay.png beside the
+    shipped model's weights; refused before the model loads (checked on a stand-in for the folder)."""
+    import re
+
+    from iseg import registry
+
+    models = tmp_path / "models"
+    (models / "shapes").mkdir(parents=True)
+    monkeypatch.setattr(registry, "MODEL_DIRS", (models,))
+    before = sorted(p.name for p in models.rglob("*"))
+    if command == "segment":
+        argv = ["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(models / "shapes")]
+    else:
+        argv = ["eval", *EVAL, "--out", str(models / "shapes" / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err, "iseg") if command == "segment" else _eval_error_line(err)
+    assert re.search(r"--out .* is in .*models, the folder of the models that ship with iseg", line), line
+    assert sorted(p.name for p in models.rglob("*")) == before
