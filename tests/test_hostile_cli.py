@@ -1064,5 +1064,25 @@ def test_results_are_never_written_into_the_shipped_models_folder(tmp_path, imag
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     line = _one_error_line(err, "iseg") if command == "segment" else _eval_error_line(err)
-    assert re.search(r"--out .* is in .*models, the folder of the models that ship with iseg", line), line
+    assert re.search(r"--out .* is inside .*models, the folder of the models that ship with iseg; .*Choose another --out", line), line
     assert sorted(p.name for p in models.rglob("*")) == before
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoint(tmp_path, capsys):
+    """A run killed during training leaves m.work/checkpoint.pt and no model; the same command again
+    without --resume started over and wrote over hours of training."""
+    work = tmp_path / "m.work"
+    work.mkdir()
+    (work / "checkpoint.pt").write_bytes(b"an earlier run")
+    (work / "loss.jsonl").write_text('{"step": 1}\n')
+    assert _train(tmp_path) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "holds an earlier run's checkpoint.pt and loss.jsonl; pass --resume to continue" in line, line
+    assert (work / "checkpoint.pt").read_bytes() == b"an earlier run"
+    assert (work / "loss.jsonl").read_text() == '{"step": 1}\n' and not (tmp_path / "m").exists()
+
+
+def test_the_work_folder_cannot_be_the_model_folder(tmp_path, capsys):
+    assert _train(tmp_path, "--workdir", str(tmp_path / "m")) == 2
+    assert "is the --out folder itself" in _one_error_line(capsys.readouterr().err, "iseg")
+    assert not (tmp_path / "m").exists()

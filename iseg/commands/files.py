@@ -123,8 +123,9 @@ def check_folder(folder: Path, what: str = "--out") -> Path:
     for shipped in registry.MODEL_DIRS:
         shipped = Path(shipped).resolve()
         if here == shipped or shipped in here.parents:
-            raise ValueError(f"{what} {folder} is in {shipped}, the folder of the models that ship with iseg; "
-                             "results written there would mix with a shipped model's files. Choose another folder")
+            where = "is" if here == shipped else "is inside"
+            raise ValueError(f"{what} {folder} {where} {shipped}, the folder of the models that ship with iseg; "
+                             f"files written there would mix with a shipped model's. Choose another {what}")
     for place in (folder, *folder.parents):
         if place.is_symlink() and not place.exists():
             target = os.readlink(place)

@@ -966,6 +966,10 @@ def _check_run(args) -> tuple[Path, Path, Path]:
         check_folder(workdir, "--workdir")
     except ValueError as err:
         raise CommandError(str(err)) from None
+    if Path(os.path.abspath(workdir)).resolve() == Path(os.path.abspath(args.out)).resolve():
+        raise CommandError(f"--workdir {workdir} is the --out folder itself: the model folder would carry the run's "
+                           "checkpoint (tens of MB) and loss log; leave --workdir out (default: OUT.work) or give "
+                           "another folder")
     holds_files = args.out.is_dir() and any(args.out.iterdir())
     check_out_folder(args.out, workdir, holds_files and (args.overwrite or args.resume))
     check_options(args)
@@ -975,6 +979,11 @@ def _check_run(args) -> tuple[Path, Path, Path]:
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
                            "--resume to continue its run, or choose another --out")
+    earlier = [p.name for p in (ckpt, log_path) if p.is_file()]
+    if earlier and not (args.resume or args.overwrite):
+        # a fresh run would replace them: an interrupted run's checkpoint is hours of training
+        raise CommandError(f"--workdir {workdir} holds an earlier run's {' and '.join(earlier)}; pass --resume to "
+                           "continue that run, --overwrite to start over and replace them, or give another --workdir")
     if holds_files and args.resume and not args.overwrite and not ckpt.is_file():
         # nothing to resume: the run would start over and write over the model in --out
         raise CommandError(f"--resume: {workdir} has no checkpoint.pt, so the run would start over and replace the "
