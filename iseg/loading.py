@@ -784,7 +784,17 @@ def _load_folder(name: str, path: Path, shipped: Mapping, device: torch.device, 
     """The model in the local folder ``path``: a shipped model's folder given by its path is that
     model (with its preset and vocabulary), a copy of a shapes-world folder gets the shapes entry."""
     if not (path / "model_index.json").is_file():
-        raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
+        parent = path.parent if (path.parent / "model_index.json").is_file() else None
+        if path.is_file():
+            why = f"{path} is a file, not a model folder; give the folder that holds model_index.json" + (
+                f" ({parent})" if parent else "")
+        elif (path / "model_index.json").exists():
+            why = f"{path / 'model_index.json'} is not a file (a folder?); it must be the model's JSON index"
+        elif parent:
+            why = f"{path} is the {path.name}/ part of the model folder {parent}; give that folder"
+        else:
+            why = f"{path} exists but has no model_index.json (not a diffusers folder)"
+        raise _unavailable(name, why)
     known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
     try:
         pipe = _from_pretrained(str(path), dtype, local_only=True)

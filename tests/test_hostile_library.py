@@ -856,3 +856,13 @@ def test_a_misspelt_shipped_name_is_refused_before_any_hub_lookup(tmp_path, monk
     monkeypatch.setattr(loading, "_load_hub", lambda *a, **k: pytest.fail("looked the name up on the hub"))
     with pytest.raises(iseg.ModelNotAvailableError, match=rf"did you mean {near!r}"):
         iseg.load_model(name, device="cpu", verbose=False)
+
+
+@pytest.mark.parametrize("inside, message", [
+    ("model_index.json", r"model_index.json is a file, not a model folder; give the folder that holds model_index.json \(.*shapes\)"),
+    ("unet", r"unet is the unet/ part of the model folder .*shapes; give that folder"),
+])
+def test_a_file_or_part_of_a_model_folder_names_the_folder_to_give(inside, message):
+    folder = iseg.shipped_models()["shapes"]
+    with pytest.raises(iseg.ModelNotAvailableError, match=message):
+        iseg.load_model(folder / inside, device="cpu", verbose=False)
