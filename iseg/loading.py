@@ -8,6 +8,7 @@ their parts are left out when loading (``Backbone.load_options``) and what ``"au
 
 from __future__ import annotations
 
+import difflib
 import enum
 import importlib
 import inspect
@@ -768,7 +769,12 @@ def _load_shipped(name: str, folder: Path, dtype: torch.dtype):
 def _refuse_near_names(name: str, path: Path, shipped: Mapping) -> None:
     """A name that is a model's name but for case or spaces (``"SHAPES"``), and no folder, is
     refused before any hub lookup: it is no hub id."""
-    close = next((n for n in sorted({*shipped, *registry.MODELS, "auto"}) if n.lower() == name.strip().lower()), None)
+    names = sorted({*shipped, *registry.MODELS, "auto"})
+    close = next((n for n in names if n.lower() == name.strip().lower()), None)
+    if close is None and "/" not in name and "\\" not in name:
+        # a one-word name one letter or so from a model's name ("shape") is a typo, not a hub id
+        # (hub ids of pipelines are owner/name): no lookup that retries for half a minute
+        close = next(iter(difflib.get_close_matches(name.strip().lower(), names, n=1, cutoff=0.8)), None)
     if close is not None and not path.exists():
         raise _unavailable(name, f"no model has that name; did you mean {close!r}? (model names are exact: lower "
                                  "case, no spaces)")
@@ -778,7 +784,17 @@ def _load_folder(name: str, path: Path, shipped: Mapping, device: torch.device, 
     """The model in the local folder ``path``: a shipped model's folder given by its path is that
     model (with its preset and vocabulary), a copy of a shapes-world folder gets the shapes entry."""
     if not (path / "model_index.json").is_file():
-        raise _unavailable(name, f"{path} exists but has no model_index.json (not a diffusers folder)")
+        parent = path.parent if (path.parent / "model_index.json").is_file() else None
+        if path.is_file():
+            why = f"{path} is a file, not a model folder; give the folder that holds model_index.json" + (
+                f" ({parent})" if parent else "")
+        elif (path / "model_index.json").exists():
+            why = f"{path / 'model_index.json'} is not a file (a folder?); it must be the model's JSON index"
+        elif parent:
+            why = f"{path} is the {path.name}/ part of the model folder {parent}; give that folder"
+        else:
+            why = f"{path} exists but has no model_index.json (not a diffusers folder)"
+        raise _unavailable(name, why)
     known = next((n for n, folder in shipped.items() if _same_folder(folder, path)), None)
     try:
         pipe = _from_pretrained(str(path), dtype, local_only=True)
@@ -955,6 +971,11 @@ def _check_text_encoders(pipe, name: str, fail) -> list:
         if isinstance(window, int) and window <= 0:
             raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json has model_max_length {window}; "
                                    "it must be a whole number > 0, the number of tokens prompts are padded to")
+        if isinstance(window, int) and window < 3:
+            raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json has model_max_length {window}, "
+                                   "too short for any prompt (a start token, one word and an end token need 3); "
+                                   "set it to the text encoder's positions (max_position_embeddings) or copy the "
+                                   "tokenizer folder that came with the model again")
         if positions is not None and isinstance(window, int) and window > positions:  # T5 has no such limit
             if window >= 10**18:  # transformers' stand-in for "no limit": tokenizer_config.json sets none
                 raise ModelFolderError(f"{name}: {tokenizer_name}/tokenizer_config.json sets no model_max_length, so "

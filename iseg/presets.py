@@ -212,6 +212,9 @@ def make_settings(preset: str | None = None, base: Settings | None = None, **ove
     string keys of ``cross_weights``/``cross_heads`` (as JSON writes them) become integers, and
     lists become tuples; nothing else is converted.
     """
+    if base is not None and not isinstance(base, Settings):
+        raise SettingsError(f"base must be a Settings (e.g. seg.settings or make_settings(...)), got "
+                            f"{type(base).__name__}; give single values as keyword arguments: make_settings(lam=0.1)")
     settings = base or Settings()
     if preset is not None:
         values = find_preset(preset) if isinstance(preset, str) else None

@@ -57,6 +57,8 @@ class ISeg:
     def __init__(self, model, preset: str | None = None, **overrides):
         if isinstance(model, (str, PathLike)):
             raise TypeError(f"ISeg takes a loaded model, not its name: ISeg(iseg.load_model({str(model)!r}))")
+        if model is None:
+            raise TypeError("ISeg takes a loaded model, got None: ISeg(iseg.load_model('shapes')) or another model")
         self.model = LoadedModel.of(model)
         self.backbone = backbone_for(self.model.pipe)
         self.preset = preset if preset is not None else self.model.preset

@@ -672,6 +672,7 @@ def _train(tmp_path, *extra):
     (["--lr", "0"], r"--lr is a learning rate"),
     (["--vae-lr", "inf"], r"--vae-lr is a learning rate"),
     (["--ema", "1"], r"--ema is a decay"),
+    (["--init-parts", "vae"], r"--init-parts vae chooses the parts --init loads, but no --init is given"),
     (["--time-limit", "-5"], r"--time-limit is a number of seconds"),
     # the second pass's probes: a batch of 10**9 hung (or failed after minutes on a 12 TB allocation), and so did
     # 10**8 transformer blocks
@@ -1042,3 +1043,46 @@ def test_overwrite_replaces_every_file_of_the_earlier_model_and_nothing_else(tmp
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert json.loads((out / "training.json").read_text())["family"] == "unet"
     assert iseg.load_model(str(out), device="cpu").family == "sd"
+
+
+@pytest.mark.parametrize("command", ["segment", "eval"])
+def test_results_are_never_written_into_the_shipped_models_folder(tmp_path, image, capsys, monkeypatch, command):
+    """``--out data/models/shapes`` wrote NAME.json, NAME.labels.png and NAME.overlay.png beside the
+    shipped model's weights; refused before the model loads (checked on a stand-in for the folder)."""
+    import re
+
+    from iseg import registry
+
+    models = tmp_path / "models"
+    (models / "shapes").mkdir(parents=True)
+    monkeypatch.setattr(registry, "MODEL_DIRS", (models,))
+    before = sorted(p.name for p in models.rglob("*"))
+    if command == "segment":
+        argv = ["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(models / "shapes")]
+    else:
+        argv = ["eval", *EVAL, "--out", str(models / "shapes" / "run")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err, "iseg") if command == "segment" else _eval_error_line(err)
+    assert re.search(r"--out .* is inside .*models, the folder of the models that ship with iseg; .*Choose another --out", line), line
+    assert sorted(p.name for p in models.rglob("*")) == before
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoint(tmp_path, capsys):
+    """A run killed during training leaves m.work/checkpoint.pt and no model; the same command again
+    without --resume started over and wrote over hours of training."""
+    work = tmp_path / "m.work"
+    work.mkdir()
+    (work / "checkpoint.pt").write_bytes(b"an earlier run")
+    (work / "loss.jsonl").write_text('{"step": 1}\n')
+    assert _train(tmp_path) == 2
+    line = _one_error_line(capsys.readouterr().err, "iseg")
+    assert "holds an earlier run's checkpoint.pt and loss.jsonl; pass --resume to continue" in line, line
+    assert (work / "checkpoint.pt").read_bytes() == b"an earlier run"
+    assert (work / "loss.jsonl").read_text() == '{"step": 1}\n' and not (tmp_path / "m").exists()
+
+
+def test_the_work_folder_cannot_be_the_model_folder(tmp_path, capsys):
+    assert _train(tmp_path, "--workdir", str(tmp_path / "m")) == 2
+    assert "is the --out folder itself" in _one_error_line(capsys.readouterr().err, "iseg")
+    assert not (tmp_path / "m").exists()

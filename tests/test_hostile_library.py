@@ -560,6 +560,8 @@ MODEL_FOLDERS = [
      r"tokenizer/tokenizer_config.json has model_max_length 0; it must be a whole number > 0"),
     (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=-5),
      r"tokenizer/tokenizer_config.json has model_max_length -5"),
+    (lambda f: _config(f, "tokenizer", "tokenizer_config.json", model_max_length=2),
+     r"tokenizer/tokenizer_config.json has model_max_length 2, too short for any prompt"),
     # what diffusers or transformers refuse while building a part: the part and its files named
     (lambda f: _config(f, "text_encoder", hidden_act="nope"),
      r"the text_encoder of the model folder .* could not be loaded: KeyError: 'nope'\. Check .*text_encoder's "
@@ -575,7 +577,7 @@ MODEL_FOLDERS = [
     "index-list", "class-name-list", "index-not-json", "component-not-pair", "no-tokenizer", "truncated-unet",
     "empty-text-encoder", "cut-header", "cross-attention-width", "latent-channels", "sample-size-0", "sample-size-null",
     "tokenizer-window", "vocabulary", "no-class-name", "index-bom", "config-list", "tokenizer-config-empty",
-    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative", "text-encoder-activation",
+    "swapped-weights", "tokenizer-length-0", "tokenizer-length-negative", "tokenizer-length-2", "text-encoder-activation",
     "scheduler-beta-schedule", "vae-config-latents"])
 def test_malformed_model_folders_get_a_clear_error_at_load_time(tiny_folder, tmp_path, edit, match):
     from iseg.loading import ModelFolderError
@@ -833,3 +835,34 @@ def test_dataset_lists_and_splits_that_cannot_be_meant_are_refused(tmp_path):
 def test_load_model_names_a_model_argument_that_is_no_model(model, error, match):
     with pytest.raises(error, match=match):
         iseg.load_model(model, device="cpu", verbose=False)
+
+
+def test_make_settings_refuses_a_base_that_is_not_settings():
+    with pytest.raises(iseg.SettingsError, match=r"base must be a Settings .* got dict; give single values as keyword"):
+        iseg.make_settings(base={"lam": 1})
+    assert iseg.make_settings(base=iseg.make_settings(lam=0.5), iterations=3).lam == 0.5
+
+
+def test_iseg_of_none_says_a_loaded_model_is_needed():
+    with pytest.raises(TypeError, match=r"ISeg takes a loaded model, got None"):
+        iseg.ISeg(None)
+
+
+@pytest.mark.parametrize("name, near", [("shape", "shapes"), ("shapes-mmdi", "shapes-mmdit"), ("shpaes", "shapes")])
+def test_a_misspelt_shipped_name_is_refused_before_any_hub_lookup(tmp_path, monkeypatch, name, near):
+    from iseg import loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loading, "_load_hub", lambda *a, **k: pytest.fail("looked the name up on the hub"))
+    with pytest.raises(iseg.ModelNotAvailableError, match=rf"did you mean {near!r}"):
+        iseg.load_model(name, device="cpu", verbose=False)
+
+
+@pytest.mark.parametrize("inside, message", [
+    ("model_index.json", r"model_index.json is a file, not a model folder; give the folder that holds model_index.json \(.*shapes\)"),
+    ("unet", r"unet is the unet/ part of the model folder .*shapes; give that folder"),
+])
+def test_a_file_or_part_of_a_model_folder_names_the_folder_to_give(inside, message):
+    folder = iseg.shipped_models()["shapes"]
+    with pytest.raises(iseg.ModelNotAvailableError, match=message):
+        iseg.load_model(folder / inside, device="cpu", verbose=False)

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .. import registry
+
 __all__ = ["write_atomic", "write_text", "write_json", "stale_temporaries", "name_limit", "check_names",
            "check_folder"]
 
@@ -114,8 +116,16 @@ def check_names(paths: Iterable[Path], what: str = "--out") -> None:
 
 def check_folder(folder: Path, what: str = "--out") -> Path:
     """``folder`` can hold new files: not a file, not a dangling link, and its nearest existing
-    folder writable; ``ValueError`` naming ``what`` otherwise. Nothing is created."""
+    folder writable, and not in the folder of iseg's shipped models; ``ValueError`` naming ``what``
+    otherwise. Nothing is created."""
     folder = Path(folder)
+    here = Path(os.path.abspath(folder)).resolve()
+    for shipped in registry.MODEL_DIRS:
+        shipped = Path(shipped).resolve()
+        if here == shipped or shipped in here.parents:
+            where = "is" if here == shipped else "is inside"
+            raise ValueError(f"{what} {folder} {where} {shipped}, the folder of the models that ship with iseg; "
+                             f"files written there would mix with a shipped model's. Choose another {what}")
     for place in (folder, *folder.parents):
         if place.is_symlink() and not place.exists():
             target = os.readlink(place)

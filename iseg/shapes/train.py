@@ -861,8 +861,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(the step counts, --lr and the loss weights may change)")
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights of an existing model folder (fine-tuning)")
-    p.add_argument("--init-parts", default="vae,text_encoder,unet",
-                   help="which parts --init loads, of " + ", ".join(INIT_PARTS) + " (e.g. 'vae' to train a new UNet "
+    p.add_argument("--init-parts", default=None,
+                   help="which parts --init loads (default: vae,text_encoder,unet), of " + ", ".join(INIT_PARTS) + " (e.g. 'vae' to train a new UNet "
                         "on the same autoencoder; 'text_encoder,unet-inner' to grow a latent-16 model into a "
                         "latent-32 one, with a new VAE)")
     p.add_argument("--latent-side", type=int, default=16, choices=LATENT_SIDES,
@@ -966,6 +966,10 @@ def _check_run(args) -> tuple[Path, Path, Path]:
         check_folder(workdir, "--workdir")
     except ValueError as err:
         raise CommandError(str(err)) from None
+    if Path(os.path.abspath(workdir)).resolve() == Path(os.path.abspath(args.out)).resolve():
+        raise CommandError(f"--workdir {workdir} is the --out folder itself: the model folder would carry the run's "
+                           "checkpoint (tens of MB) and loss log; leave --workdir out (default: OUT.work) or give "
+                           "another folder")
     holds_files = args.out.is_dir() and any(args.out.iterdir())
     check_out_folder(args.out, workdir, holds_files and (args.overwrite or args.resume))
     check_options(args)
@@ -975,6 +979,11 @@ def _check_run(args) -> tuple[Path, Path, Path]:
     if holds_files and not (args.overwrite or args.resume):
         raise CommandError(f"--out {args.out} already holds files; pass --overwrite to replace the model there, "
                            "--resume to continue its run, or choose another --out")
+    earlier = [p.name for p in (ckpt, log_path) if p.is_file()]
+    if earlier and not (args.resume or args.overwrite):
+        # a fresh run would replace them: an interrupted run's checkpoint is hours of training
+        raise CommandError(f"--workdir {workdir} holds an earlier run's {' and '.join(earlier)}; pass --resume to "
+                           "continue that run, --overwrite to start over and replace them, or give another --workdir")
     if holds_files and args.resume and not args.overwrite and not ckpt.is_file():
         # nothing to resume: the run would start over and write over the model in --out
         raise CommandError(f"--resume: {workdir} has no checkpoint.pt, so the run would start over and replace the "
@@ -994,6 +1003,12 @@ def _check_model_options(args) -> None:
             hint = (f"; did you mean the shipped model {close!r} (folder {shipped[close]})?" if close else
                     f"; give a model folder, or a shipped model's name ({', '.join(sorted(shipped))})")
             raise CommandError(f"--init {str(args.init)!r} is not a model folder{hint}")
+    if args.init is None and args.init_parts is not None:
+        raise CommandError(f"--init-parts {args.init_parts} chooses the parts --init loads, but no --init is given; "
+                           "add --init FOLDER (the model to start from), or leave --init-parts out to train every part "
+                           "from scratch")
+    if args.init_parts is None:
+        args.init_parts = "vae,text_encoder,unet"
     if args.init is not None:
         try:
             check_init_parts([p.strip() for p in args.init_parts.split(",")], args.family, args.init)
