@@ -269,10 +269,7 @@ def _open_run(out: Path, manifest: dict, ids: list[str], restart: bool, save_mas
         old = _read_run(previous)
         if old is None:
             raise RunMismatchError(f"{previous} is not the record of an iseg eval run; use another --out")
-        differ = _differences(old, manifest)
-        if differ:
-            raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
-                                   "options, or pass --restart to discard that run, or use another --out")
+        _refuse_other_run(out, manifest, old)
     out.mkdir(parents=True, exist_ok=True)
     (out / "records").mkdir(exist_ok=True)
     if save_masks:
@@ -441,6 +438,26 @@ def _differences(old: dict, new: dict) -> list[str]:
         else:
             out.append(f"{key} ({_short(old.get(key))} there, {_short(value)} now)")
     return out
+
+
+def _refuse_other_run(out: Path, manifest: dict, old: dict | None = None) -> None:
+    """Refuse to resume the run in ``out`` when its run.json differs from ``manifest`` (compared on
+    ``manifest``'s keys, so a partial manifest checks what is known before the model loads)."""
+    differ = _differences(old if old is not None else _read_run(out / "run.json") or {}, manifest)
+    if differ:
+        raise RunMismatchError(f"{out} holds a run with other {'; '.join(differ)}. Resume it with the same "
+                               "options, or pass --restart to discard that run, or use another --out")
+
+
+def _known_before_loading(args, dataset: SegmentationDataset, model: str, preset: str, overrides: dict) -> dict:
+    """The part of run.json that the options fix before any model is loaded."""
+    known = {"task": args.task, "dataset": dataset.name, "split": dataset.split,
+             "root": str(dataset.root) if dataset.root else None, "model": model, "preset": preset,
+             "settings": make_settings(preset, **overrides).as_dict(), "limit": args.limit,
+             "save_masks": bool(args.save_masks)}
+    if args.dtype:
+        known["dtype"] = args.dtype
+    return json.loads(json.dumps(known))
 
 
 def _check_restart(out: Path, manifest: dict, ids: list[str]) -> set[str]:
@@ -637,6 +654,8 @@ def run(args) -> int:
     dataset = open_dataset(args.dataset, args.root, split)
     if args.task == "wsss" or args.labels is not None or args.label_method in ("gt", "file"):
         _classes_source(args.task, dataset, args.labels, args.label_method)  # the labels file read now, not after loading
+    if previous.is_file() and not args.restart:  # another run's folder: refused before the model loads
+        _refuse_other_run(args.out, _known_before_loading(args, dataset, model, preset, overrides))
     if state.distributed_type.name != "NO" and args.device is None:
         device = state.device
     dtype = getattr(torch, args.dtype) if args.dtype else None
