@@ -260,7 +260,7 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, shapes_seg, cap
         ev.evaluate_dataset(other, ds, "wsss", out=tmp_path, progress=False)
     assert cli.main(["eval", "--dataset", "shapes", "--limit", "5", "--out", str(tmp_path), "--batch-size", "4",
                     "--no-progress", "--device", "cpu"]) == 2
-    assert "images (4 there, 5 now)" in capsys.readouterr().err
+    assert "limit (null there, 5 now)" in capsys.readouterr().err  # refused before the model loads
 
 
 def test_empty_image_lists_are_refused():
