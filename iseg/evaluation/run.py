@@ -236,12 +236,16 @@ def _image_ids(dataset: SegmentationDataset, task: str, limit, out, world: int) 
     return ids
 
 
+def _dataset_facts(dataset: SegmentationDataset) -> dict:
+    """Which images a run reads, as run.json records it."""
+    return {"dataset": dataset.name, "split": dataset.split, "root": str(dataset.root) if dataset.root else None}
+
+
 def _manifest(seg, dataset: SegmentationDataset, task: str, labels, source_name: str, clip, model_name, limit,
               ids: list[str], save_masks: bool) -> dict:
     """What ``run.json`` records: everything that changes the numbers, as it reads back from the file."""
     manifest = {
-        "task": task, "dataset": dataset.name, "split": dataset.split,
-        "root": str(dataset.root) if dataset.root else None,
+        "task": task, **_dataset_facts(dataset),
         "model": model_name or seg.model.name, "preset": seg.preset,
         "settings": seg.settings.as_dict(), "label_source": source_name,
         "labels_file": (hashlib.sha1(Path(labels).read_bytes()).hexdigest()[:16]
@@ -451,8 +455,7 @@ def _refuse_other_run(out: Path, manifest: dict, old: dict | None = None) -> Non
 
 def _known_before_loading(args, dataset: SegmentationDataset, model: str, preset: str, overrides: dict) -> dict:
     """The part of run.json that the options fix before any model is loaded."""
-    known = {"task": args.task, "dataset": dataset.name, "split": dataset.split,
-             "root": str(dataset.root) if dataset.root else None, "model": model, "preset": preset,
+    known = {"task": args.task, **_dataset_facts(dataset), "model": model, "preset": preset,
              "settings": make_settings(preset, **overrides).as_dict(), "limit": args.limit,
              "save_masks": bool(args.save_masks)}
     if args.dtype:
