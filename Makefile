@@ -19,8 +19,11 @@ browser:
 	  sudo apt-get update -q >/dev/null && sudo apt-get install -y -q --no-install-recommends chromium >/dev/null && echo "chromium installed"; \
 	else echo "note: the browser tests need Chromium (Debian/Ubuntu: sudo apt-get install chromium); without it they are skipped"; fi
 
-test:  ## unit tests, the browser tests, then every notebook (nbval)
-	$(PYTHON) -m pytest
+# two processes (pytest-xdist) on CI's two cores; each notebook's cells stay together in one (conftest.py)
+TEST_PROCESSES ?= 2
+
+test:  ## unit tests, the browser tests and every notebook (nbval), in TEST_PROCESSES processes
+	$(PYTHON) -m pytest -n $(TEST_PROCESSES) --no-loadscope-reorder
 
 lint:  ## ruff over the package, the tests, the tools and the notebooks
 	$(PYTHON) -m ruff check iseg tests tools notebooks

@@ -1,5 +1,6 @@
 """Settings for every test run, unit tests and notebooks (nbval) alike."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def pytest_runtest_makereport(item, call):
     if not hasattr(item, "test_outputs"):
         return
     state = _executed.setdefault(item.parent.path, {"failed": False, "seconds": 0.0, "peak_rss_mb": None})
-    state["seconds"] += call.duration  # every notebook's run time is printed at the end (below)
+    state["seconds"] += call.duration  # saved with the executed notebook (below)
     if not os.environ.get("ISEG_EXECUTED_NOTEBOOKS"):
         return
     if call.excinfo is not None and not call.excinfo.errisinstance(pytest.skip.Exception):
@@ -102,15 +103,68 @@ def pytest_runtest_teardown(item, nextitem):
     yield
 
 
+# `make test` runs the suite in two processes (pytest-xdist). Each notebook's cells share one kernel
+# and must run in order in one process, so a notebook is one unit of work; every other test is its
+# own. The longest tests go first (`--no-loadscope-reorder` keeps this order), so that no process is
+# left with a long one at the end while the other idles.
+_FIRST = ("tests/test_notebook_families.py::test_every_notebook_runs_on_every_family",
+          "tests/test_notebooks_in_browser.py::test_notebook_runs",
+          "tests/test_eval.py::test_shapes_evaluation_reproduces_the_model_card",
+          "tests/test_shapes_mmdit.py::test_what_the_mmdit_does_on_50_test_images",
+          "tests/test_eval.py::test_two_processes_give_exactly_the_numbers_of_one",
+          "tests/test_app.py", "tests/test_shapes.py::test_training_script_writes_a_loadable_folder")
+
+
+def _rank(item) -> int:
+    return next((i for i, prefix in enumerate(_FIRST) if item.nodeid.startswith(prefix)), len(_FIRST))
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_rank)  # stable: the order within each rank is kept, and so is each notebook's
+
+
+if importlib.util.find_spec("xdist") is not None:  # (a hook pytest only knows with xdist installed)
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class NotebookScheduling(LoadScopeScheduling):
+            """xdist's scope scheduling, where a scope is a notebook or else one test (xdist's own
+            `--dist loadgroup` cannot group nbval's cells under pytest 9, which ignores the ids it sets)."""
+
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::")[0]
+                return path if path.endswith(".ipynb") else nodeid
+
+        return NotebookScheduling(config, log)
+
+
 NOTEBOOK_SECONDS = 60  # the course's promise: every notebook runs in under a minute on a 2-core CPU
+_notebook_seconds = {}  # notebook file name -> nbval seconds, summed from the reports (also those of xdist's processes)
+_family_runs = []  # (notebook, model, seconds, errors) of tests/test_notebook_families.py
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        name = Path(path).name
+        _notebook_seconds[name] = _notebook_seconds.get(name, 0.0) + report.duration
+    for key, value in report.user_properties:
+        if key == "notebook_runs" and report.when == "call":
+            _family_runs.extend(value)
 
 
 def pytest_terminal_summary(terminalreporter):
     """Each notebook's Run All time under nbval (kernel start and every cell), and which exceed the
-    course's minute; the times are printed, not asserted, because a shared machine is noisy."""
-    if not _executed:
-        return
-    terminalreporter.section("notebook run times (nbval)")
-    for path, state in sorted(_executed.items()):
-        over = f"  OVER {NOTEBOOK_SECONDS} s" if state["seconds"] > NOTEBOOK_SECONDS else ""
-        terminalreporter.write_line(f"{Path(path).name}: {state['seconds']:.1f} s{over}")
+    course's minute; the times are printed, not asserted, because a shared machine is noisy. Then
+    the time of each notebook on each model of the family matrix."""
+    if _notebook_seconds:
+        terminalreporter.section("notebook run times (nbval)")
+        for name, seconds in sorted(_notebook_seconds.items()):
+            over = f"  OVER {NOTEBOOK_SECONDS} s" if seconds > NOTEBOOK_SECONDS else ""
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s{over}")
+    if _family_runs:
+        terminalreporter.section("every notebook on every model (tests/test_notebook_families.py), seconds")
+        for notebook, tag, seconds, errors in sorted(_family_runs):
+            shown = "-" if seconds is None else f"{seconds:.1f}"
+            terminalreporter.write_line(f"{notebook} [{tag}]: {shown}" + (f", {errors} error output(s)" if errors else ""))
+

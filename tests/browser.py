@@ -21,18 +21,27 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync"]
 
 
-def chromium_or_skip() -> str:
-    """The path of Debian's Chromium; skips (or fails under CI) with the reason when it is absent."""
+def _chromium() -> tuple[str | None, str | None]:
+    """The path of Debian's Chromium, and None; or None and why the browser tests cannot run."""
     path = os.environ.get("ISEG_CHROMIUM") or shutil.which("chromium") or (
         "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    reason = None
     if path is None:
-        reason = "no Chromium: install Debian's (sudo apt-get install chromium) or run `make setup` as root"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "playwright is not installed: pip install -e '.[test]'"
+        return None, "no Chromium: install Debian's (sudo apt-get install chromium) or run `make setup` as root"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None, "playwright is not installed: pip install -e '.[test]'"
+    return path, None
+
+
+def browser_tests_run() -> bool:
+    """Whether the browser tests run here (they are skipped without Chromium, except under CI, where they fail)."""
+    return _chromium()[0] is not None or os.environ.get("CI", "").lower() == "true"
+
+
+def chromium_or_skip() -> str:
+    """The path of Debian's Chromium; skips (or fails under CI) with the reason when it is absent."""
+    path, reason = _chromium()
     if reason is not None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"browser tests must run in CI: {reason}")

@@ -204,6 +204,33 @@ def test_a_notebook_that_failed_is_not_saved(tmp_path):
     assert not path.exists()  # the site's build then stops, naming the missing notebook
 
 
+def test_two_processes_keep_each_notebook_in_one_kernel_and_print_its_time(tmp_path):
+    """`make test` runs pytest in two xdist processes: every cell of a notebook must still run, in
+    order, in the one kernel of one process (conftest.py's scheduler), and the times are printed."""
+    import os
+    import subprocess
+
+    for name in ("a", "b", "c"):  # each later cell needs the earlier ones' names, in the same kernel
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                               "language": "python"}})
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in
+                    ("import os, time\nstart = [os.getpid()]", "time.sleep(0.5)\nstart.append(os.getpid())",
+                     "assert len(start) == 2 and len(set(start)) == 1\nstart.append(os.getpid())",
+                     "assert len(start) == 3")]
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    (tmp_path / "test_plain.py").write_text("import pytest\n\n@pytest.mark.parametrize('k', range(6))\n"
+                                            "def test_k(k):\n    assert k < 6\n")
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    env = {k: v for k, v in os.environ.items() if k != "ISEG_EXECUTED_NOTEBOOKS"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--no-loadscope-reorder", "-p", "no:cacheprovider",
+                          "--nbval-lax", "--nbval-current-env", "-c", "/dev/null", "--rootdir", str(tmp_path), str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "18 passed" in run.stdout and "2 workers" in run.stdout
+    times = run.stdout.split("notebook run times (nbval)")[1]
+    assert all(f"{name}.ipynb: " in times for name in "abc")
+
+
 def test_the_readme_links_to_the_site_and_says_how_to_build_it():
     owner, name = build_docs.repository_url().removeprefix("https://github.com/").split("/")
     readme = (ROOT / "README.md").read_text()

@@ -3,16 +3,19 @@
 MODEL is set to a folder of a tiny random-weight pipeline of each family (SD 1.x/2.x, SDXL, SD3,
 FLUX; built from ``tests/tiny.py`` and saved with ``save_pretrained``, loaded at the size they were
 built for: ``family_models.install_tiny_sizes``) and to the two shipped models, ``shapes`` (the
-UNet, what MODEL = "auto" gives here) and ``shapes-mmdit``; each notebook runs headless
-(``tests/notebook_runner.py``) in a kernel whose models behave as CUDA ones (``tests/fake_cuda.py``), and must end with no error output. Each
-notebook runs in one kernel for every model in turn (its namespace reset between them), two
-notebooks at a time; each run's time is printed. ``ISEG_EXECUTED_NOTEBOOKS=DIR`` keeps the
+UNet, what MODEL = "auto" gives here, where the browser tests do not run it) and ``shapes-mmdit``;
+each notebook runs headless (``tests/notebook_runner.py``) in a kernel whose models behave as CUDA ones
+(``tests/fake_cuda.py``), and must end with no error output. Each notebook runs in one kernel for
+every model in turn (its namespace reset between them); each notebook is one test, so that
+``make test``'s two processes share them; each run's time is printed at the end of the run.
+``ISEG_EXECUTED_NOTEBOOKS=DIR`` keeps the
 executed notebooks (``NAME--FAMILY.ipynb``); ``ISEG_FAMILIES=sd,flux`` and
 ``ISEG_NOTEBOOKS=00_quickstart,07_interactive`` run subsets.
 
 The shapes UNet also runs under nbval in the main suite: on the fake GPU too, except when
 ISEG_EXECUTED_NOTEBOOKS is set (``conftest.py``: the website's notebooks run on the plain CPU);
-this matrix proves it on the fake GPU either way.
+the browser tests run every notebook with it on the fake GPU either way, and where they cannot run
+(no Chromium, outside CI) this matrix does.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from browser import browser_tests_run
 from family_models import BUILDERS, install_tiny_sizes, save_family_models
 
 import iseg
@@ -36,9 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # ISEG_NOTEBOOKS=00_quickstart,07_interactive runs a subset
 NOTEBOOKS = [p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
              if not os.environ.get("ISEG_NOTEBOOKS") or p.stem in os.environ["ISEG_NOTEBOOKS"].split(",")]
-SHIPPED = ["shapes", "shapes-mmdit"]
+# The shapes UNet on the fake GPU: the browser tests Run All every notebook with it in JupyterLab, on
+# the fake GPU (tests/test_notebooks_in_browser.py), so this matrix runs it only where they do not run
+# (no Chromium, outside CI), or when ISEG_FAMILIES names it
+SHIPPED = ["shapes-mmdit"] if browser_tests_run() and "shapes" not in os.environ.get("ISEG_FAMILIES", "").split(",") \
+    else ["shapes", "shapes-mmdit"]
 FAMILIES = [*BUILDERS, *SHIPPED]
-WORKERS = int(os.environ.get("ISEG_NOTEBOOK_WORKERS", "2"))
 
 
 def test_the_runner_sets_the_model_knob_only():
@@ -79,7 +85,8 @@ def test_nbval_runs_on_the_plain_cpu_when_its_notebooks_become_the_website(monke
     monkeypatch.delenv("ISEG_EXECUTED_NOTEBOOKS")
     monkeypatch.setenv("ISEG_NOTEBOOK_FAKE_CUDA", "0")
     assert not settings.nbval_on_fake_cuda()
-    assert "shapes" in FAMILIES                          # ... and this matrix runs the shapes UNet on the fake GPU
+    # ... and the shapes UNet runs on the fake GPU in the browser tests, or else in this matrix
+    assert browser_tests_run() or "shapes" in FAMILIES
 
 
 def _selected():
@@ -107,19 +114,17 @@ def _run(notebook: Path, models: dict[str, str]) -> list[dict]:
                       for tag in models if tag not in done]
 
 
-def test_every_notebook_runs_on_every_family(model_folders):
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_runs_on_every_family(model_folders, notebook, record_property):
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(WORKERS) as pool:
-        per_notebook = list(pool.map(lambda nb: _run(nb, model_folders), NOTEBOOKS))
-    reports = [r for group in per_notebook for r in group]
-    print(f"\n{len(reports)} notebook runs ({len(NOTEBOOKS)} notebooks x {len(model_folders)} models) in "
-          f"{time.perf_counter() - t0:.0f} s with {WORKERS} workers")
+    reports = _run(notebook, model_folders)
+    print(f"\n{notebook.stem} on {len(model_folders)} models in {time.perf_counter() - t0:.0f} s")
     for r in reports:
-        print(f"  {r['notebook']} [{r['tag']}]: {r['seconds']} s, {len(r['errors'])} error output(s)")
-    missing = sorted({r["notebook"] for r in reports if r.get("has_model_knob") is False})
-    failed = {f"{r['notebook']} [{r['tag']}]": [(e["cell"], e["ename"], e["evalue"][:300]) for e in r["errors"]]
-              for r in reports if r["errors"]}
-    red = {f"{r['notebook']} [{r['tag']}]": r["first_cell_stderr"] for r in reports if r.get("first_cell_stderr")}
-    assert not missing, f"notebooks without a MODEL knob: {missing}"
-    assert not failed, f"error outputs: {json.dumps(failed, indent=1)}"
-    assert not red, f"the first cell writes to stderr (a red box in JupyterLab): {red}"
+        print(f"  [{r['tag']}]: {r['seconds']} s, {len(r['errors'])} error output(s)")
+    # printed at the end of the run by conftest.py, also from xdist's processes
+    record_property("notebook_runs", [(r["notebook"], r["tag"], r["seconds"], len(r["errors"])) for r in reports])
+    failed = {r["tag"]: [(e["cell"], e["ename"], e["evalue"][:300]) for e in r["errors"]] for r in reports if r["errors"]}
+    red = {r["tag"]: r["first_cell_stderr"] for r in reports if r.get("first_cell_stderr")}
+    assert all(r.get("has_model_knob") is not False for r in reports), f"{notebook.stem} has no MODEL knob"
+    assert not failed, f"{notebook.stem}, error outputs: {json.dumps(failed, indent=1)}"
+    assert not red, f"{notebook.stem}: the first cell writes to stderr (a red box in JupyterLab): {red}"

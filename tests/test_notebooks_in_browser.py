@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import notebook_runner
 import pytest
 from browser import FLAGS, chromium_or_skip, free_port, stop, wait_for
 
@@ -26,6 +27,9 @@ TOKEN = "iseg-browser-test"
 # what to do with each notebook's widget (its controls and figure are one output of the last
 # widget cell): press the first slider's handle to the right, optionally press a button after
 # that, or click the figure at a point given in image fractions
+# the notebooks whose model line names the device: on the fake GPU it is cuda:0
+DEVICE_LINE = {p.stem for p in NOTEBOOKS.glob("*.ipynb") if '\\"| device:\\", model.device' in p.read_text()}
+
 ACTIONS = {
     "00_quickstart": dict(slider=True),
     "01_pipeline_by_hand": None,
@@ -60,10 +64,20 @@ def lab(tmp_path_factory):
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
     (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         '{"fetchNews": "false", "checkForUpdates": false}')
+    # the kernels (only they: not JupyterLab's server) run the models as if on a GPU (tests/fake_cuda.py):
+    # this Run All of every notebook is also the proof that the shapes UNet's course runs on one
+    spec = root / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    kernel_env = notebook_runner.kernel_env(fake_cuda=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)", "language": "python", "metadata": {"debugger": True},
+        "env": {"PYTHONPATH": kernel_env["PYTHONPATH"], "ISEG_FAKE_CUDA": "1"}}))
     port = free_port()
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTER_RUNTIME_DIR=str(root / "runtime"),
-               JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"),
+               JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"), JUPYTER_PATH=str(root / "jupyter"),
                MPLBACKEND="module://ipympl.backend_nbagg")
+    env.pop("ISEG_FAKE_CUDA", None)
     env.pop("CI", None)  # the kernels run notebooks as a user would
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
@@ -189,6 +203,8 @@ def test_notebook_runs_and_its_widget_redraws_in_jupyterlab(lab, name):
         panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
         errors = panel.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']")
         assert errors.count() == 0, f"{name} shows an error: {errors.first.inner_text()[:2000]}"
+        if name in DEVICE_LINE:   # the kernel's model is on the (fake) GPU
+            assert panel.get_by_text("| device: cuda:0").count() >= 1, f"{name}: the model is not on the fake GPU"
         _open_file_browser(page)
         time.sleep(1.0)  # the notebook's outputs take the narrower width
         page.screenshot(path=str(lab["shots"] / f"{name}.png"), full_page=True)
