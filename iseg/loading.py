@@ -894,12 +894,15 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
     with a ``training.json`` whose pipeline is of that family), with ``path`` as its folder, when ``path`` holds a shapes-world
     model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
     ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
-    folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
+    folder gets the shapes preset and vocabulary; ``None`` for any other folder. A copy that lost its
+    ``training.json`` is known by its tokenizer, whose vocabulary is the shapes world's: read as any
+    other model, it would get a preset whose prompt has words that vocabulary lacks."""
     try:
         info = json.loads((path / "training.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
+        info = None
+    marked = isinstance(info, dict) and {"unet_steps", "latent_side"} <= info.keys()
+    if not marked and not _has_shapes_vocabulary(path):
         return None
     family = family_of(pipe)
     for name, folder in shipped_models().items():
@@ -910,6 +913,20 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
         if (folder / "training.json").is_file() and PIPELINES.get(shipped_class) == family:
             return replace(registry.MODELS[name], folder=path)
     return None
+
+
+def _tokenizer_vocabulary(folder: Path) -> dict | None:
+    try:
+        vocab = json.loads((folder / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return vocab if isinstance(vocab, dict) else None
+
+
+def _has_shapes_vocabulary(path: Path) -> bool:
+    """Whether the folder's tokenizer knows exactly the words of a shipped shapes model's tokenizer."""
+    vocab = _tokenizer_vocabulary(path)
+    return vocab is not None and any(vocab == _tokenizer_vocabulary(folder) for folder in shipped_models().values())
 
 
 def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:

@@ -474,7 +474,15 @@ def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
     assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
     from iseg.prompts import UnknownWordError
 
-    (folder / "training.json").unlink()  # no longer recognisably a shapes model: the SD preset's words fail
+    (folder / "training.json").unlink()  # a copy that lost it: still known by its tokenizer's vocabulary
+    model = iseg.load_model(folder, device="cpu", verbose=False)
+    assert (model.name, model.preset) == (str(folder), shipped)
+    assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
+    tokenizer = json.loads((folder / "tokenizer" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = "circle</w>", "square</w>"   # another vocabulary (two words' ids swapped): no longer the shapes world's,
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer))   # so the SD preset's words fail
     with pytest.raises(UnknownWordError, match=r"preset=.*--preset"):
         iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
 
