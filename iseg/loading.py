@@ -396,12 +396,31 @@ def _check_part_files(sub: Path, part: str, kind: str) -> None:
         why = (f"; it holds {', '.join(others)}, which is not read under that name (a variant such as .fp16, or a "
                f"renamed file): rename the weights to {names[0]}" if others else "; copy it from the model's source again")
         raise ModelFolderError(f"{sub / names[0]} is missing: the weights of the {part}{why}")
+    if found[0].endswith(".bin"):
+        _check_pickled_weights(sub / found[0], part)
     if found[0].endswith(".index.json"):
         shards = json.loads((sub / found[0]).read_text(encoding="utf-8")).get("weight_map", {})
         missing = sorted({f for f in shards.values() if isinstance(f, str) and not (sub / f).is_file()})
         if missing or not isinstance(shards, dict):
             raise ModelFolderError(f"{sub / found[0]} lists the shard(s) {', '.join(missing) or '(none)'}, which are "
                                    f"not in {sub}; copy the whole {part}/ folder again")
+
+
+def _check_pickled_weights(path: Path, part: str) -> None:
+    """A ``.bin`` weights file is a PyTorch file (a zip archive, or an older bare pickle): anything else,
+    such as a safetensors file given a .bin name, fails deep inside torch.load with an unpickling error."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return
+    size = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if head[8:9] == b"{" and 0 < size < path.stat().st_size:
+        raise ModelFolderError(f"{path} is a safetensors file with a .bin name: the weights of the {part} are read by "
+                               f"their name, and a .bin is taken for a PyTorch pickle. Rename it to "
+                               f"{path.with_suffix('.safetensors').name}")
+    raise ModelFolderError(f"{path} is not a PyTorch weights file (it starts with {head[:8]!r}, not a zip archive or "
+                           f"a pickle): the weights of the {part} are damaged or of another format; copy them from "
+                           f"the model's source again")
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
@@ -875,12 +894,15 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
     with a ``training.json`` whose pipeline is of that family), with ``path`` as its folder, when ``path`` holds a shapes-world
     model: ``iseg train-shapes --out`` writes its ``training.json`` (the training's settings, with
     ``unet_steps`` and ``latent_side``), which a copy of a shipped shapes folder carries too. Such a
-    folder gets the shapes preset and vocabulary; ``None`` for any other folder."""
+    folder gets the shapes preset and vocabulary; ``None`` for any other folder. A copy that lost its
+    ``training.json`` is known by its tokenizer, whose vocabulary is the shapes world's: read as any
+    other model, it would get a preset whose prompt has words that vocabulary lacks."""
     try:
         info = json.loads((path / "training.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    if not isinstance(info, dict) or not {"unet_steps", "latent_side"} <= info.keys():
+        info = None
+    marked = isinstance(info, dict) and {"unet_steps", "latent_side"} <= info.keys()
+    if not marked and not _has_shapes_vocabulary(path):
         return None
     family = family_of(pipe)
     for name, folder in shipped_models().items():
@@ -891,6 +913,20 @@ def _shapes_entry(path: Path, pipe) -> ModelEntry | None:
         if (folder / "training.json").is_file() and PIPELINES.get(shipped_class) == family:
             return replace(registry.MODELS[name], folder=path)
     return None
+
+
+def _tokenizer_vocabulary(folder: Path) -> dict | None:
+    try:
+        vocab = json.loads((folder / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return vocab if isinstance(vocab, dict) else None
+
+
+def _has_shapes_vocabulary(path: Path) -> bool:
+    """Whether the folder's tokenizer knows exactly the words of a shipped shapes model's tokenizer."""
+    vocab = _tokenizer_vocabulary(path)
+    return vocab is not None and any(vocab == _tokenizer_vocabulary(folder) for folder in shipped_models().values())
 
 
 def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:

@@ -474,7 +474,15 @@ def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
     assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
     from iseg.prompts import UnknownWordError
 
-    (folder / "training.json").unlink()  # no longer recognisably a shapes model: the SD preset's words fail
+    (folder / "training.json").unlink()  # a copy that lost it: still known by its tokenizer's vocabulary
+    model = iseg.load_model(folder, device="cpu", verbose=False)
+    assert (model.name, model.preset) == (str(folder), shipped)
+    assert iseg.ISeg(model).segment(s.image, list(s.classes)).labels.shape == (64, 64)
+    tokenizer = json.loads((folder / "tokenizer" / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = "circle</w>", "square</w>"   # another vocabulary (two words' ids swapped): no longer the shapes world's,
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps(tokenizer))   # so the SD preset's words fail
     with pytest.raises(UnknownWordError, match=r"preset=.*--preset"):
         iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
 
@@ -677,6 +685,13 @@ MODEL_PARTS = [
     (lambda f: ((f / "unet" / "diffusion_pytorch_model.safetensors").unlink(),
                 (f / "unet" / "diffusion_pytorch_model.safetensors").mkdir()),
      r"unet/diffusion_pytorch_model.safetensors is a folder, not the weights file of the unet"),
+    (lambda f: (f / "unet" / "diffusion_pytorch_model.safetensors").rename(f / "unet" / "diffusion_pytorch_model.bin"),
+     r"unet/diffusion_pytorch_model.bin is a safetensors file with a .bin name: .*Rename it to "
+     r"diffusion_pytorch_model.safetensors"),
+    (lambda f: ((f / "text_encoder" / "model.safetensors").unlink(),
+                (f / "text_encoder" / "pytorch_model.bin").write_bytes(b"<html>not found</html>")),
+     r"text_encoder/pytorch_model.bin is not a PyTorch weights file \(it starts with b'<html>no', not a zip archive or "
+     r"a pickle\): the weights of the text_encoder are damaged"),
 ]
 
 
@@ -687,7 +702,8 @@ MODEL_PARTS = [
     "vae-weights-as-variant", "text-encoder-weights-missing", "missing-shard", "vae-config-missing",
     "text-encoder-config-missing", "scheduler-config-missing", "tokenizer-config-missing", "no-vocabulary",
     "no-model-max-length", "config-positions-16", "config-positions-200", "config-width", "encoder-of-16-positions",
-    "timesteps-1e9", "layers-1e6", "sample-size-huge", "scaling-negative", "weights-dangling-link", "weights-folder"])
+    "timesteps-1e9", "layers-1e6", "sample-size-huge", "scaling-negative", "weights-dangling-link", "weights-folder",
+    "safetensors-named-bin", "bin-not-pytorch"])
 def test_model_parts_are_checked_at_load_time_naming_file_problem_and_fix(tiny_folder, tmp_path, edit, match,
                                                                           monkeypatch):
     import diffusers

@@ -88,6 +88,17 @@ def test_nan_weights_are_an_error_naming_their_stage(pipe):
     assert np.isfinite(seg.segment(_image(), ["cat"]).maps).all()  # everything restored
 
 
+def test_a_trace_with_nan_attention_names_the_layer(pipe):
+    seg = iseg.ISeg(pipe)
+    attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with _poisoned(attn.to_q.weight):  # every map of that self-attention layer (and the layers after it) is NaN
+        with pytest.raises(NonFiniteError, match=r"the attention captured in layer down_blocks\.0\.attentions\.0\."
+                                                 r"transformer_blocks\.0\.attn1 has NaN .*denoiser"):
+            seg.trace(_image(), ["cat"])
+    trace = seg.trace(_image(), ["cat"])  # restored: every captured map is finite
+    assert all(np.isfinite(trace.store.mean(n).cpu().numpy()).all() for n in trace.store.names())
+
+
 @pytest.mark.parametrize("factor", [0.0, math.nan, math.inf])
 def test_a_vae_scaling_factor_of_zero_or_nan_is_refused(pipe, factor):
     seg = iseg.ISeg(pipe, iterations=1)
