@@ -112,7 +112,7 @@ _FIRST = ("tests/test_notebook_families.py::test_every_notebook_runs_on_every_fa
           "tests/test_eval.py::test_shapes_evaluation_reproduces_the_model_card",
           "tests/test_shapes_mmdit.py::test_what_the_mmdit_does_on_50_test_images",
           "tests/test_eval.py::test_two_processes_give_exactly_the_numbers_of_one",
-          "tests/test_app.py", "notebooks/", "tests/test_shapes.py::test_training_script_writes_a_loadable_folder")
+          "tests/test_app.py", "tests/test_shapes.py::test_training_script_writes_a_loadable_folder")
 
 
 def _rank(item) -> int:
