@@ -421,8 +421,8 @@ class NoisyForward:
                 self.backbone.denoise(z_t, t, embedding)
             # the trace's views plot these maps as they are: a NaN would draw an empty picture
             hint = "the weights of the denoiser and the dtype (float16 overflows above 65504; try float32 or bfloat16)"
-            check_finite([(f"the attention captured in layer {name}", {**store.sums, **store.per_head}[name], hint)
-                          for name in store.names()])
+            captured = {**store.sums, **store.per_head}
+            check_finite([(f"the attention captured in layer {name}", captured[name], hint) for name in store.names()])
         return store, z0.shape[-1]
 
 
