@@ -269,12 +269,14 @@ def test_empty_image_lists_are_refused():
 
 
 def test_shapes_evaluation_reproduces_the_model_card(tmp_path):
-    """The model card's headline: preset ``shapes``, test split, first 500 images (data/models/shapes/README.md)."""
+    """The model card's figure for the first 200 test images, preset ``shapes`` (data/models/shapes/README.md;
+    its 500-image headline, 90.26, is the same command with ``--limit 500``, 2.5 times as long)."""
     m = ev.evaluate_dataset(iseg.ISeg(iseg.loading.load_pipeline("shapes", device="cpu", verbose=False)),
-                            ShapesDataset(split="test", count=500), "wsss", progress=False)
-    # bench/cpu-spread.json: 90.246-90.260 over 1-2 threads and AVX-512 / AVX2 / scalar kernels, every difference
-    # one knife-edge image (~0.015 mIoU); the tolerance allows three such images on a CPU not measured
-    assert m["miou"] == pytest.approx(90.25, abs=0.05)
+                            ShapesDataset(split="test", count=200), "wsss", progress=False)
+    # bench/cpu-spread.json: over 1-2 threads and AVX-512 / AVX2 / scalar kernels the 500-image figure moved by
+    # 0.014, all of it one knife-edge image (seed 2,000,245) that lies outside these 200; the tolerance allows one
+    # such image here on a CPU not measured
+    assert m["miou"] == pytest.approx(90.38, abs=0.05)
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(
