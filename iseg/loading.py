@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import hashlib
 import importlib
 import inspect
 import json
@@ -337,6 +338,7 @@ def _check_folder_files(folder: Path, index: dict, classes: Mapping | None = Non
                                        "Copy or download the model again")
         if kind == "text encoder":
             _check_text_encoder_weights(sub)
+    _check_recorded_weights(folder)
     listed = _components(index)
     for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         if encoder in listed and tokenizer in listed and (folder / encoder / "config.json").is_file() \
@@ -404,6 +406,44 @@ def _check_part_files(sub: Path, part: str, kind: str) -> None:
         if missing or not isinstance(shards, dict):
             raise ModelFolderError(f"{sub / found[0]} lists the shard(s) {', '.join(missing) or '(none)'}, which are "
                                    f"not in {sub}; copy the whole {part}/ folder again")
+
+
+#: the key of ``training.json`` under which ``iseg train-shapes`` records each weights file's SHA-256
+WEIGHTS_SHA256 = "weights_sha256"
+
+
+def weights_sha256(folder: Path) -> dict[str, str]:
+    """``{"part/file.safetensors": sha256 hex}`` for every weights file in the parts' folders."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.glob("*/*.safetensors"))}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_recorded_weights(folder: Path) -> None:
+    """A model trained here (``training.json`` records its weights' SHA-256) still has its own weights.
+    A part copied in from another shapes model (the MM-DiT's text encoder over the UNet model's) has the
+    same configuration and loads without a complaint, then gives masks that mean nothing."""
+    try:
+        recorded = json.loads((folder / "training.json").read_text(encoding="utf-8")).get(WEIGHTS_SHA256)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(recorded, dict):
+        return
+    changed = sorted(name for name, digest in recorded.items() if isinstance(name, str)
+                     and (folder / name).is_file() and _sha256(folder / name) != digest)
+    if changed:
+        raise ModelFolderError(
+            f"{folder}: {', '.join(changed)} {'is not the file' if len(changed) == 1 else 'are not the files'} this "
+            f"model was trained with (training.json records each weights file's SHA-256); a part of another model "
+            f"was copied over it? Copy the model folder again. If you changed the part on purpose, delete "
+            f"\"{WEIGHTS_SHA256}\" from training.json")
 
 
 def _check_pickled_weights(path: Path, part: str) -> None:

@@ -487,6 +487,49 @@ def test_a_copied_shapes_folder_gets_the_shapes_preset(tmp_path, shipped):
         iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
 
 
+def test_a_text_encoder_copied_from_the_other_shapes_model_is_named_before_loading(tmp_path, monkeypatch):
+    """The MM-DiT's text encoder has the UNet model's sizes: copied over it, it loads without a word and the
+    class words' embeddings mean nothing to the UNet. training.json's SHA-256 of each weights file names it."""
+    import shutil
+
+    from iseg import loading
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(iseg.shipped_models()["shapes"], folder)
+    shutil.copy(iseg.shipped_models()["shapes-mmdit"] / "text_encoder" / "model.safetensors",
+                folder / "text_encoder" / "model.safetensors")
+    built = []
+    import diffusers
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", lambda *a, **k: built.append(a))
+    with pytest.raises(loading.ModelFolderError, match=r"text_encoder/model\.safetensors is not the file this model was "
+                                                    r"trained with .*Copy the model folder again.*weights_sha256"):
+        iseg.load_model(folder, device="cpu", verbose=False)
+    assert built == []   # named before anything was built
+    monkeypatch.undo()
+    # what the record prevents: without it the mixed folder loads, and the masks are another model's
+    info = json.loads((folder / "training.json").read_text())
+    del info["weights_sha256"]
+    (folder / "training.json").write_text(json.dumps(info))
+    s = sample(5)
+    mixed = iseg.ISeg(iseg.load_model(folder, device="cpu", verbose=False)).segment(s.image, list(s.classes))
+    own = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False)).segment(s.image, list(s.classes))
+    assert not np.allclose(mixed.initial, own.initial, atol=1e-3)
+
+
+def test_train_shapes_records_the_sha256_of_every_weights_file():
+    """The shipped models carry the record the loader checks (``iseg train-shapes`` writes it), and it is right."""
+    import hashlib
+
+    for name in ("shapes", "shapes-mmdit"):
+        folder = iseg.shipped_models()[name]
+        recorded = json.loads((folder / "training.json").read_text())["weights_sha256"]
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("*/*.safetensors"))
+        assert sorted(recorded) == files and len(files) >= 3
+        for f in files:
+            assert recorded[f] == hashlib.sha256((folder / f).read_bytes()).hexdigest(), f
+
+
 @pytest.mark.parametrize("given, close", [("SHAPES", "shapes"), (" shapes", "shapes"), ("Shapes-MMDiT ", "shapes-mmdit"),
                                           ("AUTO", "auto")])
 def test_a_shipped_name_in_another_case_or_with_spaces_is_suggested_before_any_hub_lookup(monkeypatch, given, close):

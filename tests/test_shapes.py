@@ -122,6 +122,8 @@ def test_training_script_writes_a_loadable_folder(tmp_path, family, latent_side)
     assert getattr(model.pipe, denoiser).config.sample_size == latent_side
     info = json.loads((out / "training.json").read_text())
     assert info["latent_side"] == latent_side and info["family"] == family and denoiser in info["parameters"]
+    # the record the loader checks against parts copied in from another model
+    assert sorted(info["weights_sha256"]) == sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.safetensors"))
     preset = "shapes-mmdit" if family == "sd3" else "shapes"
     # one pass (the MM-DiT's preset takes its self-attention from a second, larger one)
     r = iseg.ISeg(model, preset=preset, iterations=2, self_image_size=None, cross_layers="auto").segment(sample(5).image, list(sample(5).classes))

@@ -53,6 +53,7 @@ from ..backbones.base import flow_matching_noise
 from ..capture import attention_layers, capture_attention
 from ..commands.files import check_folder, write_atomic, write_text
 from ..commands.options import CommandError, device_option, overwrite_option
+from ..loading import WEIGHTS_SHA256, weights_sha256
 from ..registry import shipped_models
 from .model import (
     FAMILIES,
@@ -1127,6 +1128,8 @@ def run(args) -> int:
     clear_own_files(args.out)
     write_pipeline(args.out, vae.cpu(), [e.cpu() for e in text_encoders], tokenizer, denoiser.cpu())
     info_out = _training_info(args, init_parts, state["elapsed"], device, scale, vae, text_encoders, denoiser)
+    # the loader checks them: a part copied in from another shapes model loads silently otherwise
+    info_out[WEIGHTS_SHA256] = weights_sha256(args.out)
     write_text(args.out / "training.json", json.dumps(info_out, indent=2))
     plot_loss(log_path, args.out / "loss.png")
     print(json.dumps(info_out, indent=2))
