@@ -40,12 +40,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import registry
 from .backbones import Backbone
 from .capture import AttentionLayer, AttentionStore, capture_attention, install_capture, pick_layers
 from .numerics import check_finite
-from .presets import FrozenMap, Settings
+from .presets import FrozenMap, Settings, SettingsError
 
-__all__ = ["LayerPlan", "make_plan", "plan_passes", "image_sizes", "check_timestep", "NoisyForward", "Cache",
+__all__ = ["LayerPlan", "make_plan", "plan_passes", "image_sizes", "check_timestep", "check_plan", "NoisyForward", "Cache",
            "GraphedForward", "CompiledForward", "make_launcher", "require_cuda", "METHODS", "SIZE_RANGE"]
 
 # Image sizes the method accepts, as multiples of the model's native size: a model trained at one
@@ -178,6 +179,49 @@ def plan_passes(backbone: Backbone, s: Settings, model: str = "this") -> LayerPl
     second = make_plan(backbone, self_size // scale, replace(s, cross_weights=base.cross_weights,
                                                             cross_layers=base.cross_layers, cross_heads=base.cross_heads))
     return replace(cross, self_layers=(), self_pass=replace(second, weights=FrozenMap(), cross=FrozenMap()))
+
+
+#: the settings that choose which attention layers a pass reads
+LAYER_FIELDS = ("image_size", "self_image_size", "cross_weights", "cross_layers", "self_resolution", "self_layers",
+                "cross_heads", "self_heads")
+
+
+def check_plan(backbone: Backbone, s: Settings, model, preset: str | None, overrides: Mapping) -> Settings:
+    """The layers ``s`` reads exist in ``model`` (a ``LoadedModel``) at its image size, checked when
+    ``ISeg`` is made or given overrides, before any image is read or file written: a preset of another
+    model (the shapes UNet's resolutions on the MM-DiT) or an ``image_size`` whose grids lack the
+    preset's ``cross_weights`` would fail at the first image, in the middle of a run, naming neither.
+    Returns ``s``; a ``SettingsError`` names the preset or the settings given and what to do."""
+    image_sizes(backbone, s, model.name)  # a size the model cannot mean: its own error
+    try:
+        plan_passes(backbone, s, model.name)
+    except SettingsError:
+        raise
+    except ValueError as err:
+        owner = next((name for name, entry in registry.MODELS.items() if entry.plugin and preset in
+                      getattr(registry.plugin(name), "PRESETS", {})), None)
+        if owner is not None and owner != model.preset and preset != model.preset:
+            own = f" (its own preset, {model.preset!r}, is used then)" if model.preset else ""
+            raise SettingsError(f"preset {preset!r} was chosen for the {owner!r} model, and this is the {model.name!r} "
+                                f"model ({model.family}): leave preset out{own}. (The layers it names: {err})") from None
+        asked = {k: v for k, v in overrides.items() if k in LAYER_FIELDS}
+        if not asked and preset in (None, model.preset):
+            return s  # the model's own defaults: a tiny test model may need an image_size per call
+        fits = [size for size in range(8, 4 * backbone.native_size + 1, 8) if _plan_fits(backbone, s, size)]
+        what = ", ".join(f"{k}={v!r}" for k, v in asked.items()) or f"preset {preset!r}"
+        sizes = (f"the sizes that work are image_size={' or '.join(map(str, fits))}" if fits else
+                 "no image_size works")
+        raise SettingsError(f"{what} asks for attention layers this model does not have: {err}. With these settings "
+                            f"{sizes}; give cross_weights (and self_resolution) for the grids listed") from None
+    return s
+
+
+def _plan_fits(backbone: Backbone, s: Settings, size: int) -> bool:
+    try:
+        plan_passes(backbone, replace(s, image_size=size, self_image_size=None))
+        return True
+    except ValueError:
+        return False
 
 
 def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:

@@ -138,6 +138,12 @@ class LoadedModel:
         make = self._plugin("example")
         return None if make is None else make(index)
 
+    def example_truth(self, index: int = 0):
+        """The exact mask of ``example(index)`` where the model's plug-in has one (the shapes models'
+        test images): ``(H, W)`` int64, 0 background, ``k`` the example's ``classes[k - 1]``; else ``None``."""
+        make = self._plugin("example_truth")
+        return None if make is None else make(index)
+
     # the pipeline's parts, for code written against a diffusers pipeline
     unet = property(lambda self: self.pipe.unet)
 

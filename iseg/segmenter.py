@@ -25,7 +25,17 @@ from tqdm.auto import tqdm
 
 from . import decode as D
 from .backbones import backbone_for
-from .forward import SIZE_RANGE, Cache, LayerPlan, NoisyForward, check_timestep, image_sizes, make_plan, plan_passes
+from .forward import (
+    SIZE_RANGE,
+    Cache,
+    LayerPlan,
+    NoisyForward,
+    check_plan,
+    check_timestep,
+    image_sizes,
+    make_plan,
+    plan_passes,
+)
 from .images import as_image_list, image_name, load_image, prepare, read_pixels, to_uint8
 from .interactive import PromptResult, PromptSession
 from .labels import predict_labels
@@ -70,13 +80,14 @@ class ISeg:
         lock = self.forward.lock
         # plans are cheap, so a few are enough; a dataset run has one prompt per class set
         self._plans, self._embeddings, self._sessions = Cache(64, lock), Cache(256, lock), Cache(self._SESSIONS, lock)
-        image_sizes(self.backbone, self.settings, self.model.name)  # sizes this model cannot mean fail now
-        check_timestep(self.backbone, self.settings, self.model.name)
+        # sizes, a preset or layer settings this model cannot follow fail now, not at the first image
+        check_plan(self.backbone, check_timestep(self.backbone, self.settings, self.model.name), self.model, self.preset, overrides)
 
     def with_settings(self, **overrides) -> Settings:
         """``settings`` with ``overrides`` (any ``Settings`` field), checked."""
         s = make_settings(None, base=self.settings, **overrides) if overrides else self.settings
-        return check_timestep(self.backbone, s, self.model.name)
+        s = check_timestep(self.backbone, s, self.model.name)
+        return check_plan(self.backbone, s, self.model, self.preset, overrides) if overrides else s
 
     @property
     def raw_bg_power(self) -> float:

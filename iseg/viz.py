@@ -63,7 +63,7 @@ def layer_grid(trace, classes: Sequence[str] | None = None, kind: str = "cross",
     per_row = min(len(layers), max_columns or fit)
     blocks = -(-len(layers) // per_row)  # rows of layers; each holds a row per class
     rows = blocks * len(classes)
-    width, height = fit_figsize(panel * (per_row + 1) + 1.2, panel * rows + 0.4)
+    width, height = fit_figsize(panel * (per_row + 1) + 1.2, panel * rows + (0.7 if rows == 1 else 0.4))
     with plt.ioff():
         fig, axes = plt.subplots(rows, per_row + 1, figsize=(width, height), squeeze=False, layout="constrained")
     top = max(float(m.max()) for m in maps.values())
@@ -85,7 +85,8 @@ def layer_grid(trace, classes: Sequence[str] | None = None, kind: str = "cross",
         ax.set_xticks([])
         ax.set_yticks([])
     label = "attention to the word" if shared_scale else "each panel: its own scale (0 to its max)"
-    fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), fraction=0.02, label=label)
+    # small type: with one class the bar is one panel high, and a 10 pt label would run past its ends
+    fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), fraction=0.02).set_label(label, fontsize=7 if rows == 1 else 8)
     return fig
 
 

@@ -76,6 +76,8 @@ def run(path: Path, model: str | None = None, fake_cuda: bool = False, timeout: 
         client.execute(env=kernel_env(fake_cuda, pythonpath), cwd=str(work))
     finally:
         seconds = time.perf_counter() - t0
+        if km.has_kernel:  # nbclient leaves a kernel it was given running: each would keep its model's memory
+            km.shutdown_kernel(now=True)
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     errors, first_stderr = [], []

@@ -96,3 +96,28 @@ def test_loading_prints_no_stderr_and_the_version_matches_pyproject():
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", out.stderr  # a notebook shows anything here in a red box
     assert out.stdout.startswith("iseg: model 'auto' -> shapes")
+
+
+def test_example_truth_is_the_exact_mask_in_the_examples_class_order(shapes_pipe, mmdit, tiny_pipe):
+    from iseg.course.examples import example, example_ious, example_truth
+    from iseg.shapes import CLASSES, SPLITS, sample
+
+    s = sample(SPLITS["test"].start + 8)
+    for model in (shapes_pipe, mmdit):
+        image, classes = example(model, 8)
+        truth = example_truth(model, 8)
+        assert truth.shape == s.mask.shape and sorted(np.unique(truth)) == list(range(len(classes) + 1))
+        for k, name in enumerate(classes, start=1):   # label k is the k-th class, as in a result's labels
+            np.testing.assert_array_equal(truth == k, s.mask == CLASSES.index(name) + 1)
+    assert example_truth(tiny_pipe, 8) is None   # a photo: no exact mask
+
+
+def test_example_ious_by_hand():
+    from iseg.course.examples import example_ious
+
+    truth = np.array([[0, 1, 1], [0, 2, 2], [0, 0, 2]])
+    labels = np.array([[1, 1, 0], [0, 2, 2], [2, 2, 2]])
+    # class 1: overlap 1 ({(0,1)}), union 3; class 2: overlap 3, union 5
+    assert example_ious(labels, truth) == pytest.approx({1: 1 / 3, 2: 3 / 5})
+    with pytest.raises(ValueError, match=r"differ in size"):
+        example_ious(labels[:2], truth)

@@ -339,9 +339,11 @@ def test_compiled_forward_gives_the_plain_maps_and_gives_the_processors_back(flu
 
 
 def test_a_resolution_off_the_packed_grid_is_refused(flux_pipe):
-    seg = iseg.ISeg(flux_pipe, cross_weights={4: 0.7, 8: 0.3})
+    with pytest.raises(ValueError, match=r"cross_weights=\{4: 0.7, 8: 0.3\} asks for attention layers .*no cross-attention "
+                                         r"at resolution\(s\) \[4\].*available: \[8\]"):
+        iseg.ISeg(flux_pipe, cross_weights={4: 0.7, 8: 0.3})   # refused when made, not at the first image
     with pytest.raises(ValueError, match=r"no cross-attention at resolution\(s\) \[4\].*available: \[8\]"):
-        seg.plan(16)
+        iseg.ISeg(flux_pipe).plan(16, iseg.presets.make_settings(None, cross_weights={4: 0.7, 8: 0.3}))
 
 
 def test_layers_given_by_name(flux_pipe):

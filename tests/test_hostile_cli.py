@@ -225,6 +225,9 @@ SEGMENT_REFUSALS = [
     (["--classes", "square,,circle"], r"--classes 'square,,circle': empty class name"),
     (["--classes", "square,Square"], r"--classes 'square,Square': duplicate class name"),
     (["{image}"], r"image .*x.png is given twice"),
+    (["--set", "image_size=128"], r"image_size=128 asks for attention layers this model does not have: .*the "
+                                  r"sizes that work are image_size=32 or 64"),
+    (["--preset", "shapes-mmdit"], r"preset 'shapes-mmdit' was chosen for the 'shapes-mmdit' model"),
     (["{tmp}/missing.png"], r"image not found: .*missing.png"),
 ]
 
@@ -334,6 +337,27 @@ def test_segment_keeps_every_result_and_replaces_only_when_asked(tmp_path, capsy
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_a_word_the_model_lacks_for_the_second_image_is_refused_before_the_first_result(tmp_path, capsys):
+    """The classes of every image are checked when the model is loaded, not while segmenting: the first image's
+    results were written, and the fixed command was then refused as "already holds results"."""
+    from iseg.shapes import sample
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray(np.asarray(sample(3).image)).save(a)
+    Image.fromarray(np.asarray(sample(4).image)).save(b)
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"a.png": ["circle"], "b.png": ["dog"]}))
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(a), str(b), "--classes-file", str(classes), "--model", "shapes", "--out", str(out),
+                     "--device", "cpu", "--no-gif"]) == 2
+    assert "'dog'" in _one_error_line(capsys.readouterr().err, "iseg")
+    assert not out.exists()
+    classes.write_text(json.dumps({"a.png": ["circle"], "b.png": ["square"]}))   # the fixed command runs
+    assert cli.main(["segment", str(a), str(b), "--classes-file", str(classes), "--model", "shapes", "--out", str(out),
+                     "--device", "cpu", "--no-gif"]) == 0
+    assert sorted(p.name for p in out.glob("*.labels.png")) == ["a.labels.png", "b.labels.png"]
+
+
 # -- iseg eval ---------------------------------------------------------------------------------------
 EVAL = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
@@ -356,6 +380,12 @@ EVAL_REFUSALS = [
     (["--out", "{file}"], r"--out .*notes.txt is a file, not a folder"),
     (["--task", "ovs", "--labels", "{tmp}/none.json"], r"--labels .*none.json does not exist"),
     (["--compile", "cuda-graph"], r"--compile: CUDA graphs need"),
+    # settings the model cannot follow: refused before the run's folder is made (it held run.json, and the fixed
+    # command was then refused as "other settings")
+    (["--image-size", "96"], r"image_size=96 asks for attention layers this model does not have: .*\[16\] for a "
+                             r"48x48 latent.* the sizes that work are image_size=32 or 64"),
+    (["--preset", "shapes-mmdit"], r"preset 'shapes-mmdit' was chosen for the 'shapes-mmdit' model, and this is the "
+                                   r"'shapes' model \(sd\): leave preset out"),
 ]
 
 

@@ -517,6 +517,30 @@ def test_a_text_encoder_copied_from_the_other_shapes_model_is_named_before_loadi
     assert not np.allclose(mixed.initial, own.initial, atol=1e-3)
 
 
+@pytest.mark.parametrize("model, kwargs, message", [
+    ("shapes", dict(preset="shapes-mmdit"), r"preset 'shapes-mmdit' was chosen for the 'shapes-mmdit' model, and this is "
+                                            r"the 'shapes' model \(sd\): leave preset out \(its own preset, 'shapes'"),
+    ("shapes", dict(preset="shapes-mmdit-interactive"), r"preset 'shapes-mmdit-interactive' was chosen for the "
+                                                        r"'shapes-mmdit' model"),
+    ("shapes-mmdit", dict(preset="shapes"), r"preset 'shapes' was chosen for the 'shapes' model, and this is the "
+                                            r"'shapes-mmdit' model \(sd3\)"),
+    ("shapes", dict(image_size=96), r"image_size=96 asks for attention layers this model does not have: .*\[16\] for a "
+                                    r"48x48 latent; available: \[12, 24, 48\]\. With these settings the sizes that work "
+                                    r"are image_size=32 or 64"),
+])
+def test_a_preset_or_size_the_model_cannot_follow_is_refused_when_the_segmenter_is_made(model, kwargs, message):
+    """Before, these were accepted and failed at the first image with a layer message naming neither."""
+    with pytest.raises(iseg.presets.SettingsError, match=message):
+        iseg.ISeg(iseg.load_model(model, device="cpu", verbose=False), **kwargs)
+
+
+def test_a_size_given_per_call_is_checked_before_the_image_is_read():
+    seg = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False))
+    with pytest.raises(iseg.presets.SettingsError, match=r"image_size=48 asks for .* image_size=32 or 64"):
+        seg.segment("no such file.png", ["circle"], image_size=48)   # the settings fail first, not the missing file
+    assert seg.segment(sample(3).image, ["circle"], image_size=32).labels.shape == (64, 64)
+
+
 def test_train_shapes_records_the_sha256_of_every_weights_file():
     """The shipped models carry the record the loader checks (``iseg train-shapes`` writes it), and it is right."""
     import hashlib

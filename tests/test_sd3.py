@@ -283,9 +283,13 @@ def test_a_text_the_two_clip_tokenizers_split_differently_is_refused(sd3_pipe, m
 
 
 def test_a_resolution_off_the_patch_grid_is_refused(sd3_pipe):
-    seg = iseg.ISeg(sd3_pipe, cross_weights={4: 0.7, 8: 0.3})
+    with pytest.raises(ValueError, match=r"cross_weights=\{4: 0.7, 8: 0.3\} asks for attention layers this model does "
+                                         r"not have: .*no cross-attention at resolution\(s\) \[4\].*available: \[8\].*"
+                                         r"no image_size works"):
+        iseg.ISeg(sd3_pipe, cross_weights={4: 0.7, 8: 0.3})   # refused when made, not at the first image
+    seg = iseg.ISeg(sd3_pipe)
     with pytest.raises(ValueError, match=r"no cross-attention at resolution\(s\) \[4\].*available: \[8\]"):
-        seg.plan(16)
+        seg.plan(16, iseg.presets.make_settings(None, cross_weights={4: 0.7, 8: 0.3}))
 
 
 def test_layers_given_by_name(sd3_pipe):

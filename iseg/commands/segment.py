@@ -291,6 +291,8 @@ def run(args) -> int:
 
     pipe = load_model(args.model, device=device)
     seg = ISeg(pipe, preset=args.preset, **overrides)
+    for names in dict.fromkeys(tuple(n) for n in per_image):  # words the model lacks, a prompt too long: every
+        seg.prompt_for(names)  # image's classes are checked before the first result is written
     print(f"iseg: {seg}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     for path, names, files in tqdm(list(zip(images, per_image, targets)), desc="segment", unit="img"):

@@ -179,7 +179,8 @@ class CrossAttentionView(_View):
         heads = max(layer.heads for layer in self._trace(self.timestep).layers("cross"))
         return dict(token=w.Dropdown(options=self.tokens, value=self.state["token"]),
                     resolution=w.Dropdown(options=self.resolutions, value=self.state["resolution"]),
-                    head=w.IntSlider(min=-1, max=heads - 1, value=-1, description="head (-1 mean)"),
+                    head=w.IntSlider(min=-1, max=heads - 1, value=-1, description="head (-1 mean)",
+                                     style={"description_width": "initial"}),  # the whole label, not "head (-1 ..."
                     timestep=w.IntSlider(min=0, max=950, step=50, value=self.timestep))
 
 
@@ -366,8 +367,8 @@ class ExampleView(_View):
 
 
 class CompareView(_View):
-    """Several models on the same example image: per model (``segs``: name -> ``ISeg``), the labels
-    and the first class's map after N iterations. N = 0 is labelled at each model's raw rule.
+    """Several models on the same example image (the first model's ``example``): per model (``segs``:
+    name -> ``ISeg``), the labels and the first class's map after N iterations. N = 0 is labelled at each model's raw rule.
     Moving N re-decodes only; a new image runs each model's forward pass once (cached)."""
 
     def __init__(self, segs, index: int = 0, max_iterations: int = 10):
@@ -394,9 +395,9 @@ class CompareView(_View):
     def result(self, name: str, index: int):
         key = (name, index)
         if key not in self._results:
-            seg = self.segs[name]
-            image, classes = example(seg, index)
-            self._results[key] = seg.segment(image, classes, iterations=self.max_iterations)
+            # one image for every row: the first model's example (its own classes), as the docstring promises
+            image, classes = example(next(iter(self.segs.values())), index)
+            self._results[key] = self.segs[name].segment(image, classes, iterations=self.max_iterations)
         return self._results[key]
 
     def update(self, index: int | None = None, iterations: int | None = None):

@@ -3,12 +3,14 @@ example images. Imported when the shapes model is first used, not when ``iseg`` 
 
 from __future__ import annotations
 
+import numpy as np
+
 from .dataset import ShapesDataset
 from .model import EXTRA_WORDS
 from .preset import LABEL_THRESHOLDS, RAW_BG_POWER, SHAPES_INTERACTIVE, SHAPES_PRESET
-from .world import SPLITS, sample, vocabulary
+from .world import CLASSES, SPLITS, sample, vocabulary
 
-__all__ = ["PRESETS", "KNOWN_WORDS", "LABEL_THRESHOLDS", "RAW_BG_POWER", "DATASETS", "example"]
+__all__ = ["PRESETS", "KNOWN_WORDS", "LABEL_THRESHOLDS", "RAW_BG_POWER", "DATASETS", "example", "example_truth"]
 
 PRESETS = {"shapes": SHAPES_PRESET, "shapes-interactive": SHAPES_INTERACTIVE}
 
@@ -22,3 +24,13 @@ def example(index: int = 0):
     """``(image, classes)`` of a test-split shapes image."""
     s = sample(SPLITS["test"].start + index)
     return s.image, list(s.classes)
+
+
+def example_truth(index: int = 0):
+    """The exact mask of ``example(index)``: ``(H, W)`` int64, 0 background, ``k`` its ``classes[k - 1]``
+    (the convention of a ``SegmentationResult``'s ``labels``)."""
+    s = sample(SPLITS["test"].start + index)
+    truth = np.zeros(s.mask.shape, dtype=np.int64)
+    for k, name in enumerate(s.classes, start=1):
+        truth[s.mask == CLASSES.index(name) + 1] = k
+    return truth
