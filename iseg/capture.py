@@ -190,7 +190,7 @@ class AttentionStore:
         if name in self.per_head:
             return self.per_head[name].mean(1)
         if name not in self.sums:
-            raise KeyError(f"layer {name!r} was not captured; captured: {sorted(self)}")
+            raise KeyError(f"layer {name!r} was not captured; captured: {self.names()}")
         return self.sums[name] / self.counts[name]
 
     def heads(self, name: str) -> torch.Tensor:

@@ -263,13 +263,12 @@ def to_original(maps: torch.Tensor, geometry: Geometry, size: int) -> torch.Tens
 
 
 def as_image_list(images) -> tuple[list, bool]:
-    """``(items, many)``: a list, a tuple, a ``(B, H, W, 3)`` array or a batch tensor gives its
-    images and ``many=True``; anything else is one image (``many=False``)."""
+    """``(items, many)``: a list, a tuple, a ``(B, H, W, 3)`` array or a ``(B, 3, H, W)`` tensor gives
+    its images and ``many=True``, for every ``B`` (a loader's last batch of one still gives a list);
+    anything else is one image (``many=False``)."""
     if isinstance(images, (list, tuple)):
         return list(images), True
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images), True
-    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[0] > 1:
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         return list(images), True
     return [images], False
 

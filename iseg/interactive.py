@@ -172,6 +172,8 @@ def box_cells(box, geometry: Geometry, side: int) -> np.ndarray:
         x0, y0, x1, y1 = (_coordinate(v) for v in box)
     except (TypeError, ValueError):
         raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError(f"box {box!r} has a coordinate that is not a finite number; give pixel positions")
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"degenerate box {box!r}: needs x1 > x0 and y1 > y0")
     _check_xy((x0, y0), geometry, "box corner")

@@ -978,7 +978,8 @@ def _has_shapes_vocabulary(path: Path) -> bool:
 def _finish(pipe, device, name: str, entry: ModelEntry | None = None) -> LoadedModel:
     check_components(pipe, name)
     _check_weights_filled(pipe, name)
-    pipe = pipe.to(device)
+    with quiet_libraries():  # diffusers warns that float16 "cannot run" on a CPU; iseg's pass does (numerics.py)
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = _LOADED[pipe] = LoadedModel(pipe, name, entry or registry.MODELS.get(name))
     return model

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
 __all__ = ["BACKGROUND_RULES", "minmax", "maps_to_labels", "power_rule_threshold", "pool_labels"]
@@ -49,6 +52,11 @@ def maps_to_labels(
         raise ValueError(f"background must be one of {BACKGROUND_RULES}, got {background!r}")
     if maps.ndim < 3:
         raise ValueError(f"maps_to_labels needs (..., C, H, W) maps, got shape {tuple(maps.shape)}")
+    # the settings' own ranges (``make_settings``): outside them every pixel would silently be background
+    if background == "power" and not (isinstance(power, Real) and math.isfinite(power) and power > 0):
+        raise ValueError(f"power (bg_power) must be a finite number > 0, got {power!r}; the presets use 1 to 32")
+    if background == "threshold" and not (isinstance(threshold, Real) and 0 < threshold < 1):
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}; the COCO presets use 0.45 to 0.5")
     if background == "power":
         bg = (1 - maps.amax(dim=-3, keepdim=True)).clamp_min(0) ** power
         return torch.cat([bg, maps], dim=-3).argmax(dim=-3)

@@ -65,6 +65,10 @@ class SegmentationResult:
 
     def scores(self, iteration: int = -1) -> np.ndarray:
         """``(C, H, W)`` class maps of one iteration at the original size, min-max normalised."""
+        last = len(self.maps) - 1
+        if not isinstance(iteration, (int, np.integer)) or not -last - 1 <= iteration <= last:
+            raise IndexError(f"iteration must be 0..{last} (this result ran {last} refinement iterations; -1 is the "
+                             f"last), got {iteration!r}")
         maps = torch.from_numpy(self.maps[iteration])
         return minmax(to_original(maps, self.geometry, self.size)).numpy()
 
@@ -112,11 +116,26 @@ class Trace:
 
     def token_map(self, name: str, token: int, head: int | None = None) -> np.ndarray:
         """``(r, r)`` cross-attention of one layer to one token position (head mean or one head)."""
-        a = self.store.mean(name) if head is None else self.store.heads(name)[:, head]
+        cross = self.store.names("cross")
+        if name not in cross:
+            kind = "a self-attention layer" if name in self.store.names("self") else "not a captured layer"
+            raise KeyError(f"{name!r} is {kind}; token maps are read from the cross-attention layers: {cross}"
+                           + ("" if cross else " (none: trace with kind='cross' or None)"))
+        a = self.store.mean(name) if head is None else self.store.heads(name)
+        if head is not None:
+            if not isinstance(head, (int, np.integer)) or not -1 <= head < a.shape[1]:
+                raise IndexError(f"head must be one of 0..{a.shape[1] - 1} of layer {name!r} (or None for their "
+                                 f"mean), got {head!r}")
+            a = a[:, head] if head >= 0 else a.mean(1)
+        if not isinstance(token, (int, np.integer)) or not 0 <= token < a.shape[-1]:
+            raise IndexError(f"token must be a position 0..{a.shape[-1] - 1} of the prompt (its {a.shape[-1]} tokens; "
+                             f"the classes' are {dict(zip(self.prompt.classes, self.prompt.spans))}), got {token!r}")
         r = math.isqrt(a.shape[-2])
         return a[0, :, token].reshape(r, r).cpu().numpy()
 
     def class_map(self, name: str, cls: str, head: int | None = None) -> np.ndarray:
         """Mean over a class's tokens of ``token_map``."""
+        if cls not in self.prompt.classes:
+            raise ValueError(f"class {cls!r} is not in this trace's prompt; its classes: {list(self.prompt.classes)}")
         span = self.prompt.spans[self.prompt.classes.index(cls)]
         return np.mean([self.token_map(name, i, head) for i in span], axis=0)

@@ -99,7 +99,7 @@ def test_loading_prints_no_stderr_and_the_version_matches_pyproject():
 
 
 def test_example_truth_is_the_exact_mask_in_the_examples_class_order(shapes_pipe, mmdit, tiny_pipe):
-    from iseg.course.examples import example, example_ious, example_truth
+    from iseg.course.examples import example, example_truth
     from iseg.shapes import CLASSES, SPLITS, sample
 
     s = sample(SPLITS["test"].start + 8)

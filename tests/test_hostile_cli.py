@@ -358,6 +358,28 @@ def test_a_word_the_model_lacks_for_the_second_image_is_refused_before_the_first
     assert sorted(p.name for p in out.glob("*.labels.png")) == ["a.labels.png", "b.labels.png"]
 
 
+def test_overwrite_replaces_only_iseg_results_and_keeps_a_users_files_of_the_same_names(tmp_path, image, capsys):
+    """--overwrite replaced (or, with --no-gif, deleted) any file named like a result: the user's notes in x.json,
+    a PNG saved as x.iterations.gif."""
+    out = tmp_path / "out"
+    out.mkdir()
+    notes, fake_gif = out / "x.json", out / "x.iterations.gif"
+    for mine, content in ((notes, b'{"my": "tax records"}'), (fake_gif, b"\x89PNG\r\n\x1a\nnot a gif")):
+        mine.write_bytes(content)
+        others = [p for p in (notes, fake_gif) if p != mine]
+        for p in others:
+            p.unlink(missing_ok=True)
+        rc = cli.main(["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(out),
+                       "--overwrite", "--no-gif", "--device", "cpu"])
+        assert rc == 2
+        line = _one_error_line(capsys.readouterr().err, "iseg")
+        assert f"--overwrite replaces only earlier iseg results, and {mine} is not one" in line, line
+        assert mine.read_bytes() == content and sorted(p.name for p in out.iterdir()) == [mine.name]
+    fake_gif.unlink()
+    args = ["segment", str(image), "--classes", "square", "--model", "shapes", "--out", str(out), "--device", "cpu"]
+    assert cli.main(args) == 0 and cli.main([*args, "--overwrite"]) == 0   # its own results are replaced
+
+
 # -- iseg eval ---------------------------------------------------------------------------------------
 EVAL = ["--dataset", "shapes", "--limit", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 

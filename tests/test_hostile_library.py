@@ -949,3 +949,67 @@ def test_a_file_or_part_of_a_model_folder_names_the_folder_to_give(inside, messa
     folder = iseg.shipped_models()["shapes"]
     with pytest.raises(iseg.ModelNotAvailableError, match=message):
         iseg.load_model(folder / inside, device="cpu", verbose=False)
+
+
+def test_trace_reads_name_the_layer_class_token_or_head_that_is_not_there():
+    """Before: a TypeError from the error message itself ('AttentionStore' object is not iterable), a bare
+    tuple.index ValueError and a bare IndexError from inside torch."""
+    seg = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False))
+    s = sample(3)
+    trace = seg.trace(s.image, list(s.classes), kind="cross")
+    name = trace.layers("cross")[0].name
+    with pytest.raises(KeyError, match=r"'nope' is not a captured layer; token maps are read from the cross-attention "
+                                       r"layers: \['down_blocks"):
+        trace.token_map("nope", 0)
+    with pytest.raises(KeyError, match=r"'nope' was not captured; captured: \['down_blocks"):
+        trace.store.mean("nope")
+    with pytest.raises(IndexError, match=r"token must be a position 0\.\.23 of the prompt .*got 99"):
+        trace.token_map(name, 99)
+    with pytest.raises(IndexError, match=r"head must be one of 0\.\.3 of layer .*got 7"):
+        trace.token_map(name, 2, head=7)
+    with pytest.raises(ValueError, match=r"class 'dog' is not in this trace's prompt; its classes: \['circle'"):
+        trace.class_map(name, "dog")
+    both = seg.trace(s.image, list(s.classes))
+    self_layer = both.layers("self")[0].name
+    with pytest.raises(KeyError, match=r"is a self-attention layer; token maps are read from the cross-attention"):
+        both.token_map(self_layer, 2)
+    assert trace.token_map(name, 2, head=-1) == pytest.approx(trace.token_map(name, 2))   # -1: the heads' mean
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda r: r.labels_at(2, bg_power=-1), ValueError, r"power \(bg_power\) must be a finite number > 0, got -1"),
+    (lambda r: r.labels_at(2, bg_power=0), ValueError, r"must be a finite number > 0, got 0"),
+    (lambda r: r.labels_at(2, bg_power=float("nan")), ValueError, r"must be a finite number > 0, got nan"),
+    (lambda r: r.labels_at(99), IndexError, r"iteration must be 0\.\.5 \(this result ran 5 refinement iterations"),
+    (lambda r: r.scores(-7), IndexError, r"iteration must be 0\.\.5"),
+    (lambda r: r.overlay(alpha=5), ValueError, r"alpha must be a number from 0 .* to 1 .*got 5"),
+    (lambda r: r.overlay(alpha=-1), ValueError, r"alpha must be .*got -1"),
+    (lambda r: iseg.maps_to_labels(torch.rand(2, 8, 8), "threshold", threshold=1.5), ValueError,
+     r"threshold must be a number in \(0, 1\), got 1\.5"),
+])
+def test_label_rules_and_views_refuse_values_that_would_silently_give_background_or_garbage(call, error, message):
+    """Every pixel background (bg_power <= 0 or NaN, a threshold above 1) or wrapped uint8 colours (alpha 5)."""
+    r = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False)).segment(sample(3).image, list(sample(3).classes))
+    with pytest.raises(error, match=message):
+        call(r)
+
+
+def test_a_tensor_batch_of_one_gives_a_list_as_an_array_batch_of_one_does(tiny_pipe):
+    seg = iseg.ISeg(tiny_pipe)
+    size = seg.plan().image_size
+    batch = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    tensors = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    for one in (batch[:1], tensors[:1]):
+        got = seg.segment(one, ["cat"])
+        assert isinstance(got, list) and len(got) == 1   # a loader's last batch of one loops like any other
+    a, b = seg.segment(batch[:1], ["cat"])[0], seg.segment(tensors[:1], ["cat"])[0]
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_a_nan_box_is_named_as_not_a_number_and_float16_on_a_cpu_loads_without_diffusers_false_warning(capfd):
+    model = iseg.load_model("shapes", device="cpu", dtype="float16", verbose=False)
+    err = capfd.readouterr().err
+    assert "cannot run with `cpu` device" not in err, err   # it runs: finite maps, as float32's (test_numerics)
+    seg = iseg.ISeg(model)
+    with pytest.raises(ValueError, match=r"box \(0, 0, nan, 10\) has a coordinate that is not a finite number"):
+        seg.segment_prompt(sample(3).image, box=(0, 0, float("nan"), 10))

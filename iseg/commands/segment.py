@@ -246,10 +246,43 @@ def _result_files(images: list[Path], out: Path, overwrite: bool) -> list[list[P
         listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         raise CommandError(f"--out {out} already holds results of these images ({listed}); pass --overwrite to "
                            "replace them, or choose another --out")
+    foreign = [t for t in earlier if not _made_by_iseg(t)]
+    if foreign:  # --overwrite replaces iseg's results; a file of the user's that bears such a name stays
+        raise CommandError(f"--overwrite replaces only earlier iseg results, and {foreign[0]} is not one "
+                           f"({_not_ours(foreign[0])}); move it out of --out {out}, or choose another --out")
     if earlier:
         print(f"iseg: --overwrite: replacing {len(earlier)} earlier file(s) in {out}: "
               + ", ".join(t.name for t in earlier), file=sys.stderr)
     return targets
+
+
+#: how each kind of result file begins
+_SIGNATURES = {".png": (b"\x89PNG\r\n\x1a\n",), ".gif": (b"GIF87a", b"GIF89a")}
+#: keys every record ``_write_results`` writes holds
+_RECORD_KEYS = {"image", "model", "classes", "labels", "settings"}
+
+
+def _not_ours(path: Path) -> str:
+    """Why ``path`` is not a result iseg wrote (empty when it may be one)."""
+    if path.is_symlink():
+        return ""  # the link is replaced, never written through: what it points at stays as it is
+    if path.is_dir():
+        return "a folder"
+    try:
+        head = path.open("rb").read(16)
+    except OSError as err:
+        return f"it cannot be read: {err.strerror}"
+    if path.suffix in _SIGNATURES:
+        return "" if head.startswith(_SIGNATURES[path.suffix]) else f"not a {path.suffix[1:].upper()} image"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "not JSON"
+    return "" if isinstance(record, dict) and _RECORD_KEYS <= record.keys() else "not an iseg record"
+
+
+def _made_by_iseg(path: Path) -> bool:
+    return not _not_ours(path)
 
 
 def _write_results(seg, path: Path, result, files: list[Path], gif: bool, started: float) -> None:
