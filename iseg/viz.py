@@ -186,7 +186,8 @@ def iteration_frames(result, alpha: float = OVERLAY_ALPHA, iterations: Sequence[
     frames = []
     for i in steps:
         frame = result.overlay(alpha=alpha, iteration=i)
-        ImageDraw.Draw(frame).text((2, 1), f"iter {i}", fill=(255, 255, 255))
+        # white with a dark edge: readable on light and dark images alike, and clear of the left border
+        ImageDraw.Draw(frame).text((3, 2), f"iter {i}", fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
         frames.append(frame)
     return frames
 
