@@ -53,6 +53,9 @@ def _reduced(img: Image.Image, name: str, size: tuple[int, int] | None = None) -
 
     ``size`` is the size the file declares (before a JPEG draft), for the warning.
     """
+    if getattr(img, "n_frames", 1) > 1:  # an animated GIF, WebP or PNG, a multi-page TIFF
+        warnings.warn(f"{name} has {img.n_frames} frames; iSeg segments the first one only (split the file to "
+                      "segment the others)", stacklevel=4)
     img = _upright(img)
     factor = _reduce_factor(*img.size)
     before = img.size

@@ -1013,3 +1013,14 @@ def test_a_nan_box_is_named_as_not_a_number_and_float16_on_a_cpu_loads_without_d
     seg = iseg.ISeg(model)
     with pytest.raises(ValueError, match=r"box \(0, 0, nan, 10\) has a coordinate that is not a finite number"):
         seg.segment_prompt(sample(3).image, box=(0, 0, float("nan"), 10))
+
+
+def test_an_animated_gif_warns_that_only_its_first_frame_is_segmented(tmp_path):
+    from iseg.images import load_image
+
+    frames = [Image.new("RGB", (64, 64), c) for c in ((200, 0, 0), (0, 0, 200))]
+    path = tmp_path / "two.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r"two\.gif has 2 frames; iSeg segments the first one only"):
+        arr = load_image(path)
+    assert arr[0, 0, 0] > 0.5 and arr[0, 0, 2] < 0.5   # the first, red frame
