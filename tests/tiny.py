@@ -152,9 +152,10 @@ def flow_vae(latent_channels: int):
     )
 
 
-def tiny_sd3_pipeline(seed: int = 0):
+def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = False):
     """An SD3-shaped pipeline (MM-DiT): two CLIP text encoders with projections (hidden 32 each),
-    no T5 (``text_encoder_3=None``: diffusers then appends zeros for its tokens), a 16-channel VAE
+    no T5 (``text_encoder_3=None``: diffusers then appends zeros for its tokens; ``with_t5``: a tiny
+    T5 encoder of width 64 and a 64-token window, as SD3.5 ships with its T5-XXL), a 16-channel VAE
     (x2 down, with a shift factor) and a 2-layer ``SD3Transformer2DModel`` with patch 2 on a 16x16
     latent (32x32 images, an 8x8 token grid), under a flow-matching Euler scheduler."""
     from diffusers import (
@@ -182,6 +183,12 @@ def tiny_sd3_pipeline(seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)), tokenizer_2=clip_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
     )
+    if with_t5:  # its width is joint_attention_dim, so its features enter the joint attention unpadded
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer_3 = t5_tokenizer()
+        pipe.register_modules(tokenizer_3=tokenizer_3, text_encoder_3=T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=64, d_ff=37, d_kv=8, num_layers=2, num_heads=2)).eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
 
