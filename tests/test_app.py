@@ -35,7 +35,7 @@ def test_click_on_an_object_changes_the_mask(tmp_path):
             page.goto(url, timeout=180_000)
             canvas = page.locator("div.jupyter-matplotlib-figure canvas").last
             canvas.wait_for(timeout=180_000)
-            page.get_by_text("prompts cleared").wait_for(timeout=60_000)
+            page.get_by_text("click the image, or type and press Segment").wait_for(timeout=60_000)
             box = canvas.bounding_box()
             before = canvas.screenshot()
             # example 8 of the shapes test split has a circle centred near (47, 47) of 64x64;

@@ -96,3 +96,13 @@ def test_upload_replaces_the_image(widget):
 def test_sliders_start_at_hand_set_values_outside_their_usual_range(shapes_pipe):
     w = PromptWidget(iseg.ISeg(shapes_pipe, iterations=200, threshold=0.99, lam=1000.0), sample(8).image)
     assert (w.iterations.value, w.threshold.value, w.lam.value) == (200, 0.99, 1000.0)
+
+
+def test_the_text_placeholder_names_words_of_the_models_world(shapes_pipe, tiny_pipe):
+    from iseg.course.examples import example
+
+    for pipe in (shapes_pipe, tiny_pipe):
+        w = PromptWidget(iseg.ISeg(pipe))
+        assert w.text.placeholder == "; ".join(f"a {c}" for c in example(pipe, 0)[1][:2])
+        assert w.status.value == "click the image, or type and press Segment"   # not "prompts cleared" before any
+    assert all(word in CLASSES for word in PromptWidget(iseg.ISeg(shapes_pipe)).text.placeholder.replace("a ", "").split("; "))

@@ -40,7 +40,8 @@ class PromptWidget:
         self.result = None
         preset = interactive_defaults(seg)
         self.mode = w.ToggleButtons(options=list(MODES), value=mode, description="mode")
-        self.text = w.Text(placeholder="a circle; a star", description="text")
+        # words of the model's world: the shapes models know only theirs, and a photo model's example names others
+        self.text = w.Text(placeholder="; ".join(f"a {c}" for c in example(seg, 0)[1][:2]), description="text")
         self.segment_button = w.Button(description="Segment")
         self.clear_button = w.Button(description="Clear")
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="Your image")
@@ -80,14 +81,14 @@ class PromptWidget:
         _set_picture(self.mask_artist, np.zeros((h, w, 4)))
         self.ax.set_xlim(-0.5, w - 0.5)
         self.ax.set_ylim(h - 0.5, -0.5)
-        self.clear()
+        self.clear("click the image, or type and press Segment")
 
-    def clear(self):
+    def clear(self, status: str = "prompts cleared"):
         self.points, self.stroke, self.box_start, self.result = [], [], None, None
         h, w = self.array.shape[:2]
         self.mask_artist.set_data(np.zeros((h, w, 4)))
         self.marks.set_data([], [])
-        self.status.value = "prompts cleared"
+        self.status.value = status
         redraw(self.fig)
 
     def _on_upload(self, change):
