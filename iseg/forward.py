@@ -198,30 +198,39 @@ def check_plan(backbone: Backbone, s: Settings, model, preset: str | None, overr
     except SettingsError:
         raise
     except ValueError as err:
+        asked = {k: v for k, v in overrides.items() if k in LAYER_FIELDS}
         owner = next((name for name, entry in registry.MODELS.items() if entry.plugin and preset in
                       getattr(registry.plugin(name), "PRESETS", {})), None)
-        if owner is not None and owner != model.preset and preset != model.preset:
+        if not asked and owner is not None and registry.MODELS[owner].preset != model.preset:
             own = f" (its own preset, {model.preset!r}, is used then)" if model.preset else ""
             raise SettingsError(f"preset {preset!r} was chosen for the {owner!r} model, and this is the {model.name!r} "
                                 f"model ({model.family}): leave preset out{own}. (The layers it names: {err})") from None
-        asked = {k: v for k, v in overrides.items() if k in LAYER_FIELDS}
         if not asked and preset in (None, model.preset):
             return s  # the model's own defaults: a tiny test model may need an image_size per call
-        fits = [size for size in range(8, 4 * backbone.native_size + 1, 8) if _plan_fits(backbone, s, size)]
         what = ", ".join(f"{k}={v!r}" for k, v in asked.items()) or f"preset {preset!r}"
-        sizes = (f"the sizes that work are image_size={' or '.join(map(str, fits))}" if fits else
-                 "no image_size works")
-        raise SettingsError(f"{what} asks for attention layers this model does not have: {err}. With these settings "
-                            f"{sizes}; give cross_weights (and self_resolution) for the grids listed") from None
+        raise SettingsError(f"{what} asks for attention layers this model does not have: {err}. "
+                            f"{_what_works(backbone, s, model.name, err)}") from None
     return s
 
 
-def _plan_fits(backbone: Backbone, s: Settings, size: int) -> bool:
-    try:
-        plan_passes(backbone, replace(s, image_size=size, self_image_size=None))
-        return True
-    except ValueError:
-        return False
+def _what_works(backbone: Backbone, s: Settings, model: str, err: Exception) -> str:
+    """The sizes at which ``s`` would find its layers (``image_size``, else ``self_image_size`` for a
+    second pass), or what else to change."""
+    if "head" in str(err):
+        return "No image size changes a model's heads: give heads it has"
+    step, native = backbone.size_step(), backbone.native_size
+    sizes = range(step, 4 * native + 1, step)
+    for field in ("image_size", "self_image_size") if s.self_image_size is not None else ("image_size",):
+        fits = []
+        for size in sizes:
+            try:
+                plan_passes(backbone, replace(s, **{field: size}), model)
+                fits.append(size)
+            except ValueError:
+                pass
+        if fits:
+            return f"With these settings the sizes that work are {field}={' or '.join(map(str, fits))}"
+    return "No image size fits these settings: give cross_weights (and self_resolution) for the grids listed"
 
 
 def make_plan(backbone: Backbone, latent_side: int, s: Settings) -> LayerPlan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from numbers import Real
 
+import numpy as np
 import torch
 
 __all__ = ["BACKGROUND_RULES", "minmax", "maps_to_labels", "power_rule_threshold", "pool_labels"]
@@ -32,6 +33,17 @@ def power_rule_threshold(power: float = 2.0) -> float:
     return 0.5 * (lo + hi)
 
 
+def _number(value) -> float | None:
+    """``value`` as a float where it is one number (a 0-d tensor or array too), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Real):
+        return float(value)
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and not value.dtype == bool:
+        return float(value)
+    return None
+
+
 def maps_to_labels(
     maps: torch.Tensor,
     background: str = "power",
@@ -53,9 +65,9 @@ def maps_to_labels(
     if maps.ndim < 3:
         raise ValueError(f"maps_to_labels needs (..., C, H, W) maps, got shape {tuple(maps.shape)}")
     # the settings' own ranges (``make_settings``): outside them every pixel would silently be background
-    if background == "power" and not (isinstance(power, Real) and math.isfinite(power) and power > 0):
+    if background == "power" and not (_number(power) is not None and math.isfinite(_number(power)) and _number(power) > 0):
         raise ValueError(f"power (bg_power) must be a finite number > 0, got {power!r}; the presets use 1 to 32")
-    if background == "threshold" and not (isinstance(threshold, Real) and 0 < threshold < 1):
+    if background == "threshold" and not (_number(threshold) is not None and 0 < _number(threshold) < 1):
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}; the COCO presets use 0.45 to 0.5")
     if background == "power":
         bg = (1 - maps.amax(dim=-3, keepdim=True)).clamp_min(0) ** power

@@ -66,7 +66,7 @@ class SegmentationResult:
     def scores(self, iteration: int = -1) -> np.ndarray:
         """``(C, H, W)`` class maps of one iteration at the original size, min-max normalised."""
         last = len(self.maps) - 1
-        if not isinstance(iteration, (int, np.integer)) or not -last - 1 <= iteration <= last:
+        if isinstance(iteration, bool) or not isinstance(iteration, (int, np.integer)) or not -last - 1 <= iteration <= last:
             raise IndexError(f"iteration must be 0..{last} (this result ran {last} refinement iterations; -1 is the "
                              f"last), got {iteration!r}")
         maps = torch.from_numpy(self.maps[iteration])
@@ -115,7 +115,8 @@ class Trace:
         return [self.store.layers[n] for n in self.store.names(kind)]
 
     def token_map(self, name: str, token: int, head: int | None = None) -> np.ndarray:
-        """``(r, r)`` cross-attention of one layer to one token position (head mean or one head)."""
+        """``(r, r)`` cross-attention of one layer to one token position: ``head`` None or -1 for the mean
+        of the heads (the explore views' "-1 mean"), else one head ``0..heads-1``."""
         cross = self.store.names("cross")
         if name not in cross:
             kind = "a self-attention layer" if name in self.store.names("self") else "not a captured layer"

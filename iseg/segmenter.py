@@ -150,7 +150,7 @@ class ISeg:
         ``image_size`` (for a second pass's self-attention, trace with ``image_size`` set to its size)."""
         if kind not in (None, "cross", "self"):
             raise ValueError(f"kind must be 'cross', 'self' or None (every layer), got {kind!r}")
-        s = self.with_settings(**overrides)
+        s = check_timestep(self.backbone, make_settings(None, base=self.settings, **overrides), self.model.name)
         size = image_sizes(self.backbone, s, self.model.name)[0]
         prompt = self.prompt_for(classes, s)
         arr = load_image(image)
@@ -182,7 +182,7 @@ class ISeg:
         ``classes``, give a ``vocabulary``: the classes of every image are first predicted from it
         with ``iseg.labels.predict_labels(method=label_method)`` (``attention`` or ``clip``), which
         is open-vocabulary segmentation. Returns a ``SegmentationResult`` for one image, a list of
-        them for a list of images. ``overrides`` change any setting for this call only.
+        them for a list of images or a batch (a 4-D array or tensor, even of one image). ``overrides`` change any setting for this call only.
         """
         items, many = as_image_list(images)
         if classes is None:

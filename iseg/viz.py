@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ OVERLAY_ALPHA = 0.8
 def overlay(image, labels: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
     """The image with coloured labels blended over every non-background pixel; each class reads as
     its legend colour (``label_legend``) at the default ``alpha``; background pixels are the image."""
-    if not (isinstance(alpha, (int, float, np.floating)) and 0 <= alpha <= 1):
+    if isinstance(alpha, bool) or not (isinstance(alpha, Real) and 0 <= alpha <= 1):
         raise ValueError(f"alpha must be a number from 0 (the image alone) to 1 (the label colours alone), got {alpha!r}")
     base = _rgb_uint8(image).astype(np.float32)
     labels = np.asarray(labels)

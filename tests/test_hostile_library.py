@@ -1024,3 +1024,33 @@ def test_an_animated_gif_warns_that_only_its_first_frame_is_segmented(tmp_path):
     with pytest.warns(UserWarning, match=r"two\.gif has 2 frames; iSeg segments the first one only"):
         arr = load_image(path)
     assert arr[0, 0, 0] > 0.5 and arr[0, 0, 2] < 0.5   # the first, red frame
+
+
+def test_the_plan_check_blames_what_was_given_and_leaves_trace_free():
+    """Review findings on the check of the plan: trace reads every layer, so any size the model means is
+    fine there; a preset that fits is not blamed for a size given with it; a two-pass setting is told which
+    pass's size to change; the sizes listed follow the model's size step (4 for the MM-DiT)."""
+    import diffusers
+
+    shapes, mmdit = (iseg.load_model(n, device="cpu", verbose=False) for n in ("shapes", "shapes-mmdit"))
+    s = sample(3)
+    trace = iseg.ISeg(shapes).trace(s.image, list(s.classes), kind="self", image_size=128)   # as its docstring says
+    assert trace.latent_side == 64
+    bare = diffusers.StableDiffusionPipeline.from_pretrained(iseg.shipped_models()["shapes"])   # no registry entry
+    with pytest.raises(iseg.presets.SettingsError, match=r"^image_size=128 asks for .* sizes that work are image_size=32 or 64$"):
+        iseg.ISeg(bare, preset="shapes", image_size=128)
+    assert iseg.ISeg(bare, preset="shapes").settings.cross_weights is not None
+    with pytest.raises(iseg.presets.SettingsError, match=r"self_resolution=16, image_size=64 asks for .* no self-attention "
+                                                         r"at resolution\(s\) \[16\].* sizes that work are self_image_size=64$"):
+        iseg.ISeg(mmdit, self_resolution=16, image_size=64)
+    with pytest.raises(iseg.presets.SettingsError, match=r"sizes that work are image_size=36$"):
+        iseg.ISeg(mmdit, cross_weights={9: 1.0}, self_image_size=None, self_resolution=9)
+
+
+def test_compare_view_gives_a_model_its_own_example_when_it_lacks_the_first_models_words(tiny_pipe):
+    from iseg.course.explore import CompareView
+
+    shapes = iseg.ISeg(iseg.load_model("shapes", device="cpu", verbose=False))
+    view = CompareView({"photo model": iseg.ISeg(tiny_pipe), "shapes": shapes}, index=8, max_iterations=2)
+    assert view.result("shapes", 8).classes == ("circle", "square", "cross")   # not the photo's words
+    assert view.result("photo model", 8).classes != view.result("shapes", 8).classes

@@ -285,7 +285,7 @@ def test_a_text_the_two_clip_tokenizers_split_differently_is_refused(sd3_pipe, m
 def test_a_resolution_off_the_patch_grid_is_refused(sd3_pipe):
     with pytest.raises(ValueError, match=r"cross_weights=\{4: 0.7, 8: 0.3\} asks for attention layers this model does "
                                          r"not have: .*no cross-attention at resolution\(s\) \[4\].*available: \[8\].*"
-                                         r"no image_size works"):
+                                         r"No image size fits these settings"):
         iseg.ISeg(sd3_pipe, cross_weights={4: 0.7, 8: 0.3})   # refused when made, not at the first image
     seg = iseg.ISeg(sd3_pipe)
     with pytest.raises(ValueError, match=r"no cross-attention at resolution\(s\) \[4\].*available: \[8\]"):

@@ -266,10 +266,11 @@ def _not_ours(path: Path) -> str:
     """Why ``path`` is not a result iseg wrote (empty when it may be one)."""
     if path.is_symlink():
         return ""  # the link is replaced, never written through: what it points at stays as it is
-    if path.is_dir():
-        return "a folder"
+    if not path.is_file():
+        return "a folder" if path.is_dir() else "not a regular file"
     try:
-        head = path.open("rb").read(16)
+        with path.open("rb") as f:
+            head = f.read(16)
     except OSError as err:
         return f"it cannot be read: {err.strerror}"
     if path.suffix in _SIGNATURES:

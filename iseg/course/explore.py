@@ -367,8 +367,9 @@ class ExampleView(_View):
 
 
 class CompareView(_View):
-    """Several models on the same example image (the first model's ``example``): per model (``segs``:
-    name -> ``ISeg``), the labels and the first class's map after N iterations. N = 0 is labelled at each model's raw rule.
+    """Several models on the same example image (the first model's ``example``; a model that does not
+    know its class words gets its own): per model (``segs``: name -> ``ISeg``), the labels and the first
+    class's map after N iterations. N = 0 is labelled at each model's raw rule.
     Moving N re-decodes only; a new image runs each model's forward pass once (cached)."""
 
     def __init__(self, segs, index: int = 0, max_iterations: int = 10):
@@ -395,9 +396,14 @@ class CompareView(_View):
     def result(self, name: str, index: int):
         key = (name, index)
         if key not in self._results:
-            # one image for every row: the first model's example (its own classes), as the docstring promises
+            # one image for every row: the first model's example, as the docstring promises, unless its class
+            # names are words this model never learned (a photo's "cup" for a shapes model): then its own
+            seg = self.segs[name]
             image, classes = example(next(iter(self.segs.values())), index)
-            self._results[key] = self.segs[name].segment(image, classes, iterations=self.max_iterations)
+            known = seg.model.known_words
+            if known is not None and not {c.lower() for c in classes} <= known:
+                image, classes = example(seg, index)
+            self._results[key] = seg.segment(image, classes, iterations=self.max_iterations)
         return self._results[key]
 
     def update(self, index: int | None = None, iterations: int | None = None):
