@@ -121,3 +121,15 @@ def test_example_ious_by_hand():
     assert example_ious(labels, truth) == pytest.approx({1: 1 / 3, 2: 3 / 5})
     with pytest.raises(ValueError, match=r"differ in size"):
         example_ious(labels[:2], truth)
+
+
+def test_the_prompt_widget_placeholder_names_a_photo_models_own_classes(tiny_pipe):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from iseg.course.examples import example
+    from iseg.course.widgets import PromptWidget
+
+    w = PromptWidget(iseg.ISeg(tiny_pipe))
+    assert w.text.placeholder == "; ".join(f"a {c}" for c in example(tiny_pipe, 0)[1][:2])
+    assert "circle" not in w.text.placeholder
