@@ -65,9 +65,10 @@ def maps_to_labels(
     if maps.ndim < 3:
         raise ValueError(f"maps_to_labels needs (..., C, H, W) maps, got shape {tuple(maps.shape)}")
     # the settings' own ranges (``make_settings``): outside them every pixel would silently be background
-    if background == "power" and not (_number(power) is not None and math.isfinite(_number(power)) and _number(power) > 0):
+    given = _number(power if background == "power" else threshold)
+    if background == "power" and not (given is not None and math.isfinite(given) and given > 0):
         raise ValueError(f"power (bg_power) must be a finite number > 0, got {power!r}; the presets use 1 to 32")
-    if background == "threshold" and not (_number(threshold) is not None and 0 < _number(threshold) < 1):
+    if background == "threshold" and not (given is not None and 0 < given < 1):
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}; the COCO presets use 0.45 to 0.5")
     if background == "power":
         bg = (1 - maps.amax(dim=-3, keepdim=True)).clamp_min(0) ** power

@@ -246,7 +246,7 @@ def _result_files(images: list[Path], out: Path, overwrite: bool) -> list[list[P
         listed = ", ".join(t.name for t in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         raise CommandError(f"--out {out} already holds results of these images ({listed}); pass --overwrite to "
                            "replace them, or choose another --out")
-    foreign = [t for t in earlier if not _made_by_iseg(t)]
+    foreign = [t for t in earlier if _not_ours(t)]
     if foreign:  # --overwrite replaces iseg's results; a file of the user's that bears such a name stays
         raise CommandError(f"--overwrite replaces only earlier iseg results, and {foreign[0]} is not one "
                            f"({_not_ours(foreign[0])}); move it out of --out {out}, or choose another --out")
@@ -280,10 +280,6 @@ def _not_ours(path: Path) -> str:
     except (OSError, ValueError):
         return "not JSON"
     return "" if isinstance(record, dict) and _RECORD_KEYS <= record.keys() else "not an iseg record"
-
-
-def _made_by_iseg(path: Path) -> bool:
-    return not _not_ours(path)
 
 
 def _write_results(seg, path: Path, result, files: list[Path], gif: bool, started: float) -> None:
